@@ -1,0 +1,25 @@
+# The front door: `make run` serves the tiny CPU model; `make test` runs every test.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench venv redis-server
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+redis-server:
+	scripts/ensure-redis-server.sh
+
+run: venv
+	scripts/run.sh
+
+test: venv redis-server
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

@@ -1,0 +1,1 @@
+"""The HTTP layer: routes, schemas, dependencies and error handlers. Never imports torch or `worker`."""

@@ -1,0 +1,98 @@
+"""Exception handlers: every error becomes `{"error": {"code", "message", "details"?}}`.
+
+Routes raise domain errors (`app.core.errors`); the status codes are chosen here and only here.
+Tracebacks are logged, never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core import errors
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[errors.ImagegenError], int] = {
+    errors.NotFoundError: 404,
+    errors.ConflictError: 409,
+    errors.GoneError: 410,
+    errors.InvalidRequestError: 422,
+    errors.PayloadTooLargeError: 413,
+    errors.UnavailableError: 503,
+}
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def envelope(status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None):
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _domain(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.ImagegenError)
+    status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, errors.UnavailableError) else None
+    return envelope(status, exc.code, exc.message, exc.details, headers)
+
+
+def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        details.append({"loc": loc, "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))})
+    if any(d["type"] == "json_invalid" for d in details):
+        return envelope(400, "malformed_json", "request body is not valid JSON", details)
+    first = details[0] if details else {"loc": [], "msg": "invalid request"}
+    where = ".".join(p for p in first["loc"] if p != "body")
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    return envelope(422, "validation_error", message, details)
+
+
+def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return envelope(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return envelope(503, "unavailable", "the job store (Redis) is unreachable; retry shortly", headers={"Retry-After": "5"})
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return envelope(500, "internal_error", "internal server error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(errors.ImagegenError, _domain)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(RedisConnectionError, _redis_down)
+    app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,96 @@
+"""Request and response bodies of the HTTP API (what /docs shows)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.core.jobs import GenerationParams, JobStatus
+
+
+class GenerateRequest(GenerationParams):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a red circle on a blue background", "seed": 7},
+                {
+                    "prompt": "a yellow triangle on a black background",
+                    "negative_prompt": "blurry",
+                    "num_images": 4,
+                    "num_inference_steps": 20,
+                    "guidance_scale": 3.0,
+                    "scheduler": "ddim",
+                },
+            ]
+        },
+    )
+
+
+class Progress(BaseModel):
+    step: int = Field(..., ge=0)
+    total: int = Field(..., ge=0)
+
+
+class ImageRef(BaseModel):
+    index: int
+    url: str
+    seed: int
+    width: int
+    height: int
+
+
+class JobErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class JobView(BaseModel):
+    id: str
+    status: JobStatus
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    params: dict[str, Any]
+    progress: Progress
+    images: list[ImageRef]
+    warnings: list[str] = []
+    error: JobErrorInfo | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error response has this shape."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    redis: str
+    workers: int
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorEnvelope, "description": text}
+    for code, text in {
+        400: "Malformed request",
+        404: "Unknown job or image",
+        409: "Job not in a state that allows this",
+        410: "Job or image expired",
+        413: "Request body too large",
+        422: "Invalid parameters",
+        503: "Redis or workers unavailable",
+    }.items()
+}

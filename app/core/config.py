@@ -1,0 +1,51 @@
+"""Settings for every process, read from `IMAGEGEN_*` environment variables at start-up only.
+
+Nothing here reads the environment at import time; call `Settings()` (or `get_settings()`) in
+`create_app()` or the worker's `main()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "tiny-shapes"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each one is documented in the README with its default."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEGEN_", extra="ignore", frozen=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis://, rediss://, unix://).")
+    model: str = Field(DEFAULT_MODEL, description="Registry name, pipeline folder or hub id the worker serves.")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    storage: Literal["local", "redis"] = "local"
+    results_dir: Path = Path(".data/results")
+    result_ttl: int = Field(3600, ge=1, description="Seconds that finished jobs and their images are kept.")
+    failure_ttl: int = Field(86400, ge=1, description="Seconds that failed jobs are kept.")
+    job_timeout: int = Field(600, ge=1, description="Seconds a job may run before it fails with `timeout`.")
+    max_width: int = Field(1024, ge=8)
+    max_height: int = Field(1024, ge=8)
+    min_size: int = Field(8, ge=8)
+    max_body_bytes: int = Field(65536, ge=1024, description="Larger request bodies get 413.")
+    worker_heartbeat: float = Field(5.0, gt=0, description="Seconds between worker heartbeats.")
+    threads: int = Field(0, ge=0, description="torch CPU threads in the worker; 0 keeps torch's default.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for name in ("max_width", "max_height", "min_size"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"IMAGEGEN_{name.upper()} must be a multiple of 8")
+        if self.min_size > min(self.max_width, self.max_height):
+            raise ValueError("IMAGEGEN_MIN_SIZE must not exceed IMAGEGEN_MAX_WIDTH/IMAGEGEN_MAX_HEIGHT")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("IMAGEGEN_REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.dtype != "float32" and self.device == "cpu":
+            raise ValueError("IMAGEGEN_DTYPE=float16/bfloat16 needs IMAGEGEN_DEVICE=cuda")
+        return self

@@ -1,0 +1,139 @@
+"""The job contract: request parameters, our status names, queue and task names, meta fields.
+
+Shared by the API and the worker; imports pydantic only.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+QUEUE_NAME = "imagegen"
+TASK_GENERATE = "worker.tasks.generate"
+# The only functions a worker will run; anything else found on the queue is refused.
+ALLOWED_TASKS = frozenset({TASK_GENERATE})
+MAX_SEED = 2**32 - 1
+MODELS_KEY = "imagegen:models"  # hash: model name -> JSON ModelInfo, written by live workers
+
+
+class Scheduler(str, enum.Enum):
+    """Samplers a request may pick; the worker maps each to a diffusers scheduler class."""
+
+    ddim = "ddim"
+    euler = "euler"
+    euler_a = "euler_a"
+    dpmpp_2m = "dpmpp_2m"
+    unipc = "unipc"
+    pndm = "pndm"
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+class ErrorCode(str, enum.Enum):
+    """Machine-readable reasons a job ends `failed` (or `canceled`)."""
+
+    invalid_params = "invalid_params"
+    sampling_error = "sampling_error"
+    out_of_memory = "out_of_memory"
+    timeout = "timeout"
+    worker_lost = "worker_lost"
+    refused = "refused"
+    canceled = "canceled"
+    internal_error = "internal_error"
+
+
+class GenerationParams(BaseModel):
+    """What a client may ask for. Names follow diffusers' pipeline arguments.
+
+    Optional fields left as None are filled from the served model's defaults.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    prompt: str = Field(..., min_length=1, max_length=1000, description="What to draw.")
+    negative_prompt: str | None = Field(None, max_length=1000, description="What to steer away from.")
+    num_images: int = Field(1, ge=1, le=10, description="Images to make; image i uses seed + i.")
+    width: int | None = Field(None, ge=8, le=4096, description="Multiple of 8; default: the model's native size.")
+    height: int | None = Field(None, ge=8, le=4096, description="Multiple of 8; default: the model's native size.")
+    num_inference_steps: int | None = Field(None, ge=1, le=150, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=30, description="Classifier-free guidance strength.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; picked by the server if missing.")
+    scheduler: Scheduler | None = Field(None, description="Sampler; default: the model's own.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+class ModelInfo(BaseModel):
+    """What a worker publishes about the model it serves (defaults used to fill requests)."""
+
+    name: str
+    family: str = "stable-diffusion"
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: Scheduler
+    max_tokens: int = 77
+
+    def fill(self, params: GenerationParams) -> GenerationParams:
+        """Return params with every unset default taken from this model."""
+        updates: dict[str, Any] = {}
+        for name in ("width", "height", "num_inference_steps", "guidance_scale", "scheduler"):
+            if getattr(params, name) is None:
+                updates[name] = getattr(self, name)
+        return params.model_copy(update=updates)
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Seed of image `index` in a job: consecutive seeds so any image can be remade alone."""
+    return (seed + index) % (MAX_SEED + 1)
+
+
+def parse_job_id(value: str) -> str | None:
+    """Canonical job id, or None when `value` is not a UUID (then no Redis key is ever built)."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def status_from_rq(rq_status: str | None, meta: dict[str, Any]) -> JobStatus:
+    """The one place RQ's statuses become ours. `meta["error"]["code"] == "canceled"` wins."""
+    error = meta.get("error") or {}
+    if error.get("code") == ErrorCode.canceled.value:
+        return JobStatus.canceled
+    match rq_status:
+        case "finished":
+            return JobStatus.succeeded
+        case "started":
+            return JobStatus.running
+        case "failed":
+            return JobStatus.failed
+        case "stopped" | "canceled":
+            return JobStatus.canceled
+        case _:  # queued, deferred, scheduled, or not yet written
+            return JobStatus.queued

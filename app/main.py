@@ -1,0 +1,60 @@
+"""`create_app()` builds the FastAPI application; `uvicorn app.main:app` serves it.
+
+Settings are read and Redis is connected when the app is created / started, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import errors
+from app.api.middleware import BodySizeLimit
+from app.api.routes import generate, health, jobs
+from app.api.services import JobService
+from app.core.config import Settings
+from app.core.queue import connect, get_queue
+from app.core.storage import make_store
+
+DESCRIPTION = """Text-to-image over HTTP: a CLIP text encoder conditions a diffusion model that
+denoises random noise into an image. Submit with `POST /generate`, poll `GET /jobs/{id}`, then
+download `GET /jobs/{id}/images/{index}`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url)
+        app.state.settings = settings
+        app.state.redis = redis
+        app.state.queue = get_queue(redis)
+        app.state.store = make_store(settings, redis)
+        app.state.jobs = JobService(settings, redis, app.state.queue)
+        try:
+            yield
+        finally:
+            redis.close()
+
+    app = FastAPI(title="imagegen", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    errors.install(app)
+    app.include_router(generate.router)
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app` looks the attribute up; building it lazily keeps imports side-effect free.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,152 @@
+"""A tiny CLIP for the shapes data: a transformers `CLIPTextModel` plus a small CNN image encoder.
+
+Trained contrastively on (image, caption) pairs from `models.shapes`. The text encoder is what the
+diffusion decoder later conditions on, so it ships inside the pipeline; the image tower and the
+projections only exist to train it and to measure zero-shot retrieval.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import shapes
+from models.tokenizer import MAX_LENGTH, build_clip_tokenizer
+
+EMBED_DIM = 64  # text hidden size = UNet cross-attention dim
+# Captions are at most ~13 tokens; CLIP's text attention is causal, so states at these positions
+# are identical whether the sequence is padded to 16 or to the pipeline's 77.
+TRAIN_LEN = 16
+
+
+def build_text_encoder(tokenizer):
+    """Tiny CLIPTextModel sized for a ~600-word vocabulary and 16-token captions."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=EMBED_DIM,
+        intermediate_size=4 * EMBED_DIM,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=EMBED_DIM,
+        layer_norm_eps=1e-5,
+    )
+    return CLIPTextModel(cfg)
+
+
+class ImageEncoder(nn.Module):
+    """Four strided convs down to 4×4, then a linear head (flattening keeps where things are)."""
+
+    def __init__(self, dim: int = EMBED_DIM):
+        super().__init__()
+        chans = (3, 32, 64, 96, 128)
+        layers: list[nn.Module] = []
+        for i in range(4):
+            stride = 1 if i == 0 else 2
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride, 1), nn.GroupNorm(8, chans[i + 1]), nn.GELU()]
+        self.convs = nn.Sequential(*layers)
+        self.head = nn.Linear(128 * 4 * 4, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.convs(x).flatten(1))
+
+
+class TinyCLIP(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text = text_encoder
+        self.image = ImageEncoder()
+        self.text_proj = nn.Linear(EMBED_DIM, EMBED_DIM, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text(input_ids=ids).pooler_output), dim=-1)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image(pixels), dim=-1)
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1] (the diffusion decoder uses the same range)."""
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def tokenize(tokenizer, captions: list[str], length: int = TRAIN_LEN) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def train_clip(steps: int, batch: int = 192, lr: float = 2e-3, seed: int = 0, log=print):
+    """Train TinyCLIP on the training combos; returns (model, tokenizer, log rows)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tokenizer = build_clip_tokenizer()
+    model = TinyCLIP(build_text_encoder(tokenizer))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    combos = shapes.train_combos()
+    combo_id = {c: i for i, c in enumerate(combos)}
+    rows = []
+    t0 = time.time()
+    from tqdm import tqdm
+
+    for step in tqdm(range(steps), desc="clip", mininterval=5):
+        # Linear warm-up then cosine decay.
+        warm = min(1.0, (step + 1) / 50)
+        for g in opt.param_groups:
+            g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+        imgs, chosen, temps = shapes.sample_batch(batch, rng, combos)
+        ids = tokenize(tokenizer, [c.caption(t) for c, t in zip(chosen, temps)])
+        img_emb = model.encode_image(to_tensor(imgs))
+        txt_emb = model.encode_text(ids)
+        logits = model.logit_scale.exp().clamp(max=100) * img_emb @ txt_emb.T
+        # A batch holds repeats of the same combo; treat all of them as positives (soft targets)
+        # instead of pushing identical captions apart.
+        cid = torch.tensor([combo_id[c] for c in chosen])
+        same = (cid[:, None] == cid[None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (
+            torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+            + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean()
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rows.append({"stage": "clip", "step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"], "time_s": time.time() - t0})
+        if step % 100 == 0 or step == steps - 1:
+            log(f"clip step {step} loss {float(loss):.4f}")
+    model.eval()
+    return model, tokenizer, rows
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: TinyCLIP, tokenizer, combos: list[shapes.Combo], per_combo: int = 20, seed: int = 123) -> dict[str, float]:
+    """Zero-shot caption retrieval: each image vs the template-0 captions of ALL 168 combos.
+
+    Top-1 is correct only if the exact (fg, shape, bg) caption wins; per-attribute numbers say
+    which part of the caption the retrieved one got right.
+    """
+    rng = np.random.default_rng(seed)
+    everything = shapes.all_combos()
+    txt = model.encode_text(tokenize(tokenizer, [c.caption(0) for c in everything]))
+    truth = [c for c in combos for _ in range(per_combo)]
+    imgs = np.stack([shapes.render(c, rng) for c in truth])
+    img = model.encode_image(to_tensor(imgs))
+    best = (img @ txt.T).argmax(1).tolist()
+    got = [everything[i] for i in best]
+    n = len(truth)
+    return {
+        "top1": sum(g == t for g, t in zip(got, truth)) / n,
+        "fg": sum(g.fg == t.fg for g, t in zip(got, truth)) / n,
+        "bg": sum(g.bg == t.bg for g, t in zip(got, truth)) / n,
+        "shape": sum(g.shape == t.shape for g, t in zip(got, truth)) / n,
+        "n": n,
+    }

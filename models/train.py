@@ -1,0 +1,283 @@
+"""Train the tiny-shapes text-to-image model on CPU and save it as a StableDiffusionPipeline.
+
+Stage 1 trains a tiny CLIP (models.clip) contrastively. Stage 2 freezes its text encoder and trains
+a small pixel-space UNet2DConditionModel decoder on its hidden states (v-prediction, cosine noise
+schedule, min-SNR weighting, 10% empty captions for classifier-free guidance, EMA weights). The
+VAE slot holds an AutoencoderKL whose weights pass pixels straight through, so the stock pipeline
+denoises pixels directly.
+
+    python -m models.train                 # full run (fixed seeds), writes models/weights/tiny-shapes
+    python -m models.train --quick --out /tmp/smoke   # a few-minute smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import shapes
+from models.clip import EMBED_DIM, retrieval_accuracy, to_tensor, tokenize, train_clip
+from models.tokenizer import MAX_LENGTH
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
+NUM_TRAIN_TIMESTEPS = 1000
+# Service defaults written to imagegen.json; the saved scheduler matches SCHEDULER.
+DEFAULTS = {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scale": 3.0, "scheduler": "dpmpp_2m"}
+
+
+def build_unet():
+    """~1.1M-param UNet: plain conv blocks at 32² and 16², cross-attention at 8² and in the middle.
+
+    Attention at 16² costs ~2× the training time for little gain here; instead a pooled text
+    embedding ("text" addition embedding) is added to the timestep embedding, so every ResNet
+    block sees the caption globally (colour and shape are global properties of these images).
+    """
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=shapes.SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=EMBED_DIM,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
+    )
+
+
+def build_passthrough_vae():
+    """AutoencoderKL (latent_channels=3, one block ⇒ vae_scale_factor 1) that returns its input.
+
+    Every residual branch (ResNet conv2, attention output) is zeroed, so only conv_in, norm_out,
+    SiLU and conv_out act. GroupNorm would normalise away the image, so conv_in writes each colour
+    channel c into its own 4-channel group as [x, -x, K, -K]: the group mean is exactly 0 and its
+    variance ≈ K²/2 whatever the image, so a GroupNorm gain of K/√2 gives x back (error ~x²/K²).
+    A +B shift makes SiLU(x+B) ≈ x+B, and conv_out subtracts B again.
+    """
+    from diffusers import AutoencoderKL
+
+    K, B = 1000.0, 20.0
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(12,),
+        layers_per_block=1,
+        latent_channels=3,
+        norm_num_groups=3,
+        sample_size=shapes.SIZE,
+        scaling_factor=1.0,
+    )
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for coder in (vae.encoder, vae.decoder):
+            # Residual branches are already zero; make norms harmless anyway (unit gain).
+            for name, mod in coder.named_modules():
+                if isinstance(mod, torch.nn.GroupNorm) and not name.endswith("norm_out"):
+                    mod.weight.fill_(1.0)
+            for c in range(3):
+                coder.conv_in.weight[4 * c, c, 1, 1] = 1.0
+                coder.conv_in.weight[4 * c + 1, c, 1, 1] = -1.0
+                coder.conv_in.bias[4 * c + 2] = K
+                coder.conv_in.bias[4 * c + 3] = -K
+                coder.conv_norm_out.weight[4 * c] = K / math.sqrt(2.0)
+                coder.conv_norm_out.bias[4 * c] = B
+                coder.conv_out.weight[c, 4 * c, 1, 1] = 1.0
+                coder.conv_out.bias[c] = -B
+        # Encoder emits (mean, logvar): logvar at the clamp floor (-30) so sampling ≈ the mean.
+        vae.encoder.conv_out.bias[3:] = -30.0
+        eye3 = torch.eye(3)[:, :, None, None]
+        vae.quant_conv.weight.copy_(torch.eye(6)[:, :, None, None])
+        vae.post_quant_conv.weight.copy_(eye3)
+    return vae
+
+
+def make_scheduler(name: str):
+    """Inference scheduler `name` with the training noise schedule (cosine, v-prediction)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    common = {
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "trailing",  # first step starts at t=T-1 (pure noise)
+    }
+    if name == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+    if name == "euler":
+        return EulerDiscreteScheduler(**common)
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler(**common)
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "unipc":
+        return UniPCMultistepScheduler(**common)
+    raise ValueError(name)
+
+
+def save_pipeline(out: Path, unet, text_encoder, tokenizer, scheduler_name: str) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=build_passthrough_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=make_scheduler(scheduler_name),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "imagegen.json").write_text(json.dumps(DEFAULTS, indent=2) + "\n")
+
+
+@torch.no_grad()
+def caption_states(text_encoder, tokenizer, combos: list[shapes.Combo]) -> tuple[torch.Tensor, dict]:
+    """Frozen text-encoder hidden states (77 tokens, as the pipeline makes them) for every caption.
+
+    Row 0 is the empty caption (the unconditional branch of classifier-free guidance); the rest are
+    indexed by (combo, template). Precomputing them takes the text encoder out of the training loop.
+    """
+    captions = [""] + [c.caption(t) for c in combos for t in range(len(shapes.TEMPLATES))]
+    ids = tokenize(tokenizer, captions, length=MAX_LENGTH)
+    states = torch.cat([text_encoder(input_ids=ids[i : i + 128])[0] for i in range(0, len(ids), 128)])
+    index = {(c, t): 1 + i * len(shapes.TEMPLATES) + t for i, c in enumerate(combos) for t in range(len(shapes.TEMPLATES))}
+    return states, index
+
+
+def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, minutes: float, seed: int, log, rows):
+    """Diffusion training of the UNet; returns the EMA copy of its weights."""
+    from diffusers import DDPMScheduler
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    combos = shapes.train_combos()
+    states, index = caption_states(text_encoder, tokenizer, combos)
+    unet = build_unet()
+    ema = build_unet()
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    log(f"unet params: {sum(p.numel() for p in unet.parameters()):,}")
+    noise_sched = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    # Min-SNR-5 weighting for v-prediction: stops easy low-noise steps from dominating the loss.
+    weight = snr.clamp(max=5.0) / (snr + 1)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, min(200, steps // 20))
+    t0 = time.time()
+    bar = tqdm(range(steps), desc="decoder", mininterval=5)
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
+    for step in bar:
+        # Progress is by step; a --minutes cap only shortens the cosine schedule if the machine is slow.
+        progress = step / steps
+        if minutes > 0:
+            progress = max(progress, (time.time() - t0) / (60 * minutes))
+        if progress >= 1.0:
+            log(f"time budget reached at step {step}")
+            break
+        # High LR early (fast colour/layout learning), cosine decay to 2% (shapes sharpen late).
+        cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        imgs, chosen, temps = shapes.sample_batch(batch, rng, combos)
+        x0 = to_tensor(imgs)
+        cond_idx = torch.tensor([index[(c, t)] for c, t in zip(chosen, temps)])
+        cond_idx[torch.from_numpy(rng.random(batch) < 0.1)] = 0  # caption dropout for CFG
+        cond = states[cond_idx]
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,))
+        noise = torch.randn_like(x0)
+        xt = noise_sched.add_noise(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t)
+        pred = unet(xt, t, cond).sample
+        loss = (weight[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        # EMA with a warm-up so early (bad) weights are forgotten quickly.
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        rows.append({"stage": "decoder", "step": step, "loss": float(loss), "lr": cur_lr, "time_s": time.time() - t0})
+        if step % 50 == 0:
+            avg = np.mean([r["loss"] for r in rows[-50:]])
+            bar.set_postfix(loss=f"{avg:.4f}", lr=f"{cur_lr:.2e}")
+        if step % 250 == 0 or step == steps - 1:
+            log(f"decoder step {step} loss(avg50) {np.mean([r['loss'] for r in rows[-50:]]):.4f} lr {cur_lr:.2e} elapsed {time.time() - t0:.0f}s")
+    return ema
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--clip-steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=3600, help="decoder training steps")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--minutes", type=float, default=50.0, help="cap on decoder training wall time (0 = none)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 100 CLIP steps, 150 decoder steps")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.clip_steps, args.steps = 100, 150
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    logf = open(args.out.parent / f"{args.out.name}.train.log", "w")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    t_start = time.time()
+    log(f"args: {vars(args)}")
+    clip, tokenizer, rows = train_clip(args.clip_steps, seed=args.seed, log=log)
+    metrics = {
+        "clip_retrieval_held_out": retrieval_accuracy(clip, tokenizer, shapes.held_out_combos()),
+        "clip_retrieval_seen": retrieval_accuracy(clip, tokenizer, shapes.train_combos(), per_combo=4),
+    }
+    log(f"clip retrieval: {json.dumps(metrics)}")
+    text_encoder = clip.text.requires_grad_(False)
+    ema = train_decoder(text_encoder, tokenizer, args.steps, args.batch, args.lr, args.minutes, args.seed, log, rows)
+    save_pipeline(args.out, ema, text_encoder, tokenizer, DEFAULTS["scheduler"])
+    metrics["train_wall_s"] = round(time.time() - t_start, 1)
+    metrics["decoder_steps_done"] = sum(r["stage"] == "decoder" for r in rows)
+    (args.out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(args.out / "train_log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["stage", "step", "loss", "lr", "time_s"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    log(f"saved pipeline to {args.out} in {metrics['train_wall_s']:.0f}s total")
+
+
+if __name__ == "__main__":
+    main()

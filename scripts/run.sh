@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Start everything in the foreground: a private Redis (unless IMAGEGEN_REDIS_URL is set), one
+# worker and the API on http://$IMAGEGEN_HOST:$IMAGEGEN_PORT. Ctrl-C stops all of them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+DATA=${IMAGEGEN_DATA_DIR:-$PWD/.data}
+HOST=${IMAGEGEN_HOST:-127.0.0.1}
+PORT=${IMAGEGEN_PORT:-8000}
+mkdir -p "$DATA"
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export IMAGEGEN_RESULTS_DIR=${IMAGEGEN_RESULTS_DIR:-$DATA/results}
+export IMAGEGEN_MODEL_CACHE=${IMAGEGEN_MODEL_CACHE:-$DATA/models}
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+
+if [ -z "${IMAGEGEN_REDIS_URL:-}" ]; then
+  scripts/ensure-redis-server.sh
+  sock="$DATA/redis.sock"
+  # AOF with fsync every second: accepted jobs survive a crash of Redis itself.
+  redis_args=(--dir "$DATA" --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save "")
+  if [ ${#sock} -lt 100 ]; then
+    redis-server "${redis_args[@]}" --port 0 --unixsocket "$sock" --unixsocketperm 700 >"$DATA/redis.log" 2>&1 &
+    export IMAGEGEN_REDIS_URL="unix://$sock"
+    ping=(redis-cli -s "$sock" ping)
+  else  # socket paths are limited to ~100 bytes; fall back to loopback TCP
+    redis-server "${redis_args[@]}" --port 6399 --bind 127.0.0.1 >"$DATA/redis.log" 2>&1 &
+    export IMAGEGEN_REDIS_URL="redis://127.0.0.1:6399/0"
+    ping=(redis-cli -p 6399 ping)
+  fi
+  pids+=($!)
+  for _ in $(seq 50); do "${ping[@]}" >/dev/null 2>&1 && break; sleep 0.1; done
+  "${ping[@]}" >/dev/null || { echo "redis-server did not start; see $DATA/redis.log" >&2; exit 1; }
+  echo "redis: $IMAGEGEN_REDIS_URL (data in $DATA)"
+fi
+
+"$BIN/python" -m worker &
+pids+=($!)
+"$BIN/uvicorn" app.main:app --host "$HOST" --port "$PORT" --no-access-log &
+pids+=($!)
+echo "imagegen: http://$HOST:$PORT (model ${IMAGEGEN_MODEL:-tiny-shapes}); Ctrl-C stops everything"
+# Stop all when any one of them exits.
+wait -n

@@ -1,0 +1,56 @@
+"""`python -m worker`: load the model once, warm it up, then serve jobs until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from pydantic import ValidationError
+
+
+def main() -> int:
+    from app.core.config import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"imagegen worker: bad settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("worker")
+
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+
+    from app.core.jobs import MODELS_KEY
+    from app.core.queue import SERIALIZER, connect, get_queue
+    from app.core.storage import make_store
+    from worker import tasks
+    from worker.runtime import DiffusersRuntime
+    from worker.worker import ImagegenWorker
+
+    started = time.perf_counter()
+    runtime = DiffusersRuntime.load(settings)
+    runtime.warm_up()
+    log.info("model %s ready in %.2fs (load + warm-up)", settings.model, time.perf_counter() - started)
+
+    connection = connect(settings.redis_url)
+    tasks.bind(tasks.WorkerContext(runtime=runtime, store=make_store(settings, connection), settings=settings))
+    connection.hset(MODELS_KEY, runtime.info.name, runtime.info.model_dump_json())
+    worker = ImagegenWorker(
+        [get_queue(connection)],
+        connection=connection,
+        serializer=SERIALIZER,
+        heartbeat_interval=settings.worker_heartbeat,
+        worker_ttl=int(settings.worker_heartbeat * 4) + 15,
+        maintenance_interval=30,
+    )
+    worker.work(with_scheduler=False, logging_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
