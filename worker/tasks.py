@@ -86,9 +86,7 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
             f"prompt is {tokens} tokens; the text encoder reads only the first {ctx.runtime.info.max_tokens}"
         )
     total = request.num_inference_steps or 0
-    job.meta.update(
-        params=request.model_dump(mode="json"), warnings=warnings, progress={"step": 0, "total": total}
-    )
+    job.meta.update(params=request.model_dump(mode="json"), warnings=warnings, progress={"step": 0, "total": total})
     job.save_meta()
 
     # 3. Sample, writing progress at most every PROGRESS_INTERVAL seconds.

@@ -60,15 +60,15 @@ def _domain(request: Request, exc: Exception) -> JSONResponse:
 
 def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    details = []
+    details: list[dict[str, Any]] = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
         details.append({"loc": loc, "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))})
     if any(d["type"] == "json_invalid" for d in details):
         return envelope(400, "malformed_json", "request body is not valid JSON", details)
-    first = details[0] if details else {"loc": [], "msg": "invalid request"}
+    first: dict[str, Any] = details[0] if details else {"loc": [], "msg": "invalid request"}
     where = ".".join(p for p in first["loc"] if p != "body")
-    message = f"{where}: {first['msg']}" if where else first["msg"]
+    message = f"{where}: {first['msg']}" if where else str(first["msg"])
     return envelope(422, "validation_error", message, details)
 
 
@@ -81,7 +81,9 @@ def _http(request: Request, exc: Exception) -> JSONResponse:
 
 def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
-    return envelope(503, "unavailable", "the job store (Redis) is unreachable; retry shortly", headers={"Retry-After": "5"})
+    return envelope(
+        503, "unavailable", "the job store (Redis) is unreachable; retry shortly", headers={"Retry-After": "5"}
+    )
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -19,7 +19,7 @@ MAX_SEED = 2**32 - 1
 MODELS_KEY = "imagegen:models"  # hash: model name -> JSON ModelInfo, written by live workers
 
 
-class Scheduler(str, enum.Enum):
+class Scheduler(enum.StrEnum):
     """Samplers a request may pick; the worker maps each to a diffusers scheduler class."""
 
     ddim = "ddim"
@@ -30,7 +30,7 @@ class Scheduler(str, enum.Enum):
     pndm = "pndm"
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -41,7 +41,7 @@ class JobStatus(str, enum.Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """Machine-readable reasons a job ends `failed` (or `canceled`)."""
 
     invalid_params = "invalid_params"

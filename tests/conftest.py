@@ -1,0 +1,53 @@
+"""Shared fixtures. Integration fixtures start real processes once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import RedisServer, Stack, service_env, start_api, start_redis, start_worker
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.proc.stop()
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer):
+    """A flushed database 15 of the session's real redis-server (for unit tests of Redis code)."""
+    client = redis_server.client(db=15)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def _stack(tmp: Path, server: RedisServer, db: int, **settings: str) -> Stack:
+    url = f"redis://127.0.0.1:{server.port}/{db}"
+    env = service_env(url, tmp, **settings)
+    worker = start_worker(env, tmp / "worker.log", ready=server.client(db))
+    api, base = start_api(env, tmp / "api.log")
+    return Stack(redis=server, base_url=base, api=api, workers=[worker], env=env)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Stack]:
+    """Redis + one worker (tiny random model, local image store) + the API over HTTP."""
+    s = _stack(tmp_path_factory.mktemp("stack"), redis_server, 1)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def redis_store_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Stack]:
+    """Like `stack` but the PNGs live in Redis (no shared disk between API and worker)."""
+    s = _stack(tmp_path_factory.mktemp("stack-redis"), redis_server, 2, storage="redis")
+    yield s
+    s.close()

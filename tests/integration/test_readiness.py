@@ -1,0 +1,56 @@
+"""/readyz and the API's behaviour while its dependencies are gone (own Redis and worker)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.procs import service_env, start_api, start_redis, start_worker, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_readyz_follows_worker_and_redis(tmp_path) -> None:
+    server = start_redis(tmp_path / "redis")
+    env = service_env(server.url, tmp_path)
+    worker = start_worker(env, tmp_path / "worker.log", ready=server.client())
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            r = http.get("/readyz")
+            assert r.status_code == 200 and r.json() == {"status": "ready", "redis": "ok", "workers": 1}
+
+            # The worker stops (SIGTERM: it unregisters): not ready, and the reason says so.
+            assert worker.stop(signal.SIGTERM) is not None
+            r = http.get("/readyz")
+            assert r.status_code == 503 and "worker" in r.json()["error"]["message"]
+            assert http.get("/healthz").status_code == 200
+
+            # Jobs are still accepted while no worker runs; they wait in Redis.
+            job = http.post("/generate", json={"prompt": "waits for a worker", "num_inference_steps": 2}).json()
+            worker = start_worker(env, tmp_path / "worker2.log", ready=server.client())
+            wait_for(lambda: http.get("/readyz").status_code == 200, 20, "ready again")
+            wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "succeeded", 60, "queued job done")
+
+            # Redis dies: 503 with Retry-After, never a 500 or a hang.
+            server.proc.stop(signal.SIGKILL)
+            started = time.monotonic()
+            for path in ("/readyz", f"/jobs/{job['id']}"):
+                r = http.get(path)
+                assert r.status_code == 503 and r.headers["retry-after"], (path, r.text)
+                assert "redis" in r.json()["error"]["message"].lower()
+            r = http.post("/generate", json={"prompt": "while redis is down"})
+            assert r.status_code == 503 and r.headers["retry-after"]
+            assert time.monotonic() - started < 30
+
+            # Redis comes back (same data dir, AOF): the API recovers by itself and the job is still there.
+            server.restart()
+            wait_for(lambda: http.get(f"/jobs/{job['id']}").status_code == 200, 30, "API reconnects")
+            assert http.get(f"/jobs/{job['id']}").json()["status"] == "succeeded"
+    finally:
+        api.stop()
+        worker.stop()
+        server.proc.stop()

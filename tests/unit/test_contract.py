@@ -1,0 +1,108 @@
+"""The job contract shared by API and worker, and the import-time rules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from app.core.config import Settings
+from app.core.jobs import GenerationParams, JobStatus, ModelInfo, Scheduler, image_seed, parse_job_id, status_from_rq
+from tests.procs import ROOT
+
+
+@pytest.mark.parametrize(
+    ("rq", "meta", "ours"),
+    [
+        ("queued", {}, JobStatus.queued),
+        ("deferred", {}, JobStatus.queued),
+        ("scheduled", {}, JobStatus.queued),
+        (None, {}, JobStatus.queued),
+        ("started", {}, JobStatus.running),
+        ("finished", {}, JobStatus.succeeded),
+        ("failed", {}, JobStatus.failed),
+        ("failed", {"error": {"code": "canceled", "message": "x"}}, JobStatus.canceled),
+        ("stopped", {}, JobStatus.canceled),
+        ("canceled", {}, JobStatus.canceled),
+    ],
+)
+def test_status_mapping(rq, meta, ours) -> None:
+    assert status_from_rq(rq, meta) is ours
+
+
+def test_terminal_statuses() -> None:
+    assert {s for s in JobStatus if s.is_terminal()} == {JobStatus.succeeded, JobStatus.failed, JobStatus.canceled}
+
+
+def test_params_validation() -> None:
+    ok = GenerationParams(prompt="a red circle", width=64, height=32, seed=2**32 - 1, scheduler="euler_a")
+    assert ok.scheduler is Scheduler.euler_a
+    for bad in (
+        {"prompt": ""},
+        {"prompt": "   "},
+        {"prompt": "x" * 1001},
+        {"prompt": "x", "width": 60},
+        {"prompt": "x", "seed": -1},
+        {"prompt": "x", "num_images": 0},
+        {"prompt": "x", "extra": 1},
+    ):
+        with pytest.raises(ValidationError):
+            GenerationParams(**bad)
+    assert GenerationParams(prompt="مرحبا 👋 \x07 bell").prompt.startswith("مرحبا")
+
+
+def test_model_defaults_fill_only_missing_fields() -> None:
+    info = ModelInfo(name="m", width=32, height=32, num_inference_steps=20, guidance_scale=3.0, scheduler="ddim")
+    filled = info.fill(GenerationParams(prompt="x", width=64, guidance_scale=0))
+    assert (filled.width, filled.height, filled.num_inference_steps, filled.guidance_scale) == (64, 32, 20, 0)
+    assert filled.scheduler is Scheduler.ddim
+
+
+def test_seeds_and_ids() -> None:
+    assert [image_seed(2**32 - 2, i) for i in range(3)] == [2**32 - 2, 2**32 - 1, 0]
+    assert parse_job_id("../../etc/passwd") is None
+    assert parse_job_id("rq:job:*") is None
+    assert parse_job_id("6F9619FF-8B86-D011-B42D-00C04FC964FF") == "6f9619ff-8b86-d011-b42d-00c04fc964ff"
+
+
+def test_settings_fail_fast_on_nonsense(monkeypatch) -> None:
+    for key, value in [
+        ("IMAGEGEN_MAX_WIDTH", "1004"),
+        ("IMAGEGEN_REDIS_URL", "http://x"),
+        ("IMAGEGEN_DTYPE", "float16"),
+        ("IMAGEGEN_STORAGE", "s3"),
+        ("IMAGEGEN_RESULT_TTL", "0"),
+    ]:
+        monkeypatch.setenv(key, value)
+        with pytest.raises(ValidationError):
+            Settings()
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("IMAGEGEN_DEVICE", "cuda")
+    monkeypatch.setenv("IMAGEGEN_DTYPE", "float16")
+    assert Settings().dtype == "float16"
+
+
+def _imports_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"IMAGEGEN_DTYPE": "nonsense"},
+    )
+    return set(out.stdout.split())
+
+
+def test_core_imports_neither_fastapi_nor_torch() -> None:
+    mods = _imports_after("import app.core.config, app.core.jobs, app.core.queue, app.core.storage, app.core.errors")
+    assert not {m for m in mods if m.split(".")[0] in {"fastapi", "torch", "diffusers", "worker", "starlette"}}
+
+
+def test_api_imports_no_torch_and_reads_no_env_at_import() -> None:
+    # IMAGEGEN_DTYPE=nonsense would fail Settings(): importing must not read it.
+    mods = _imports_after("import app.main, app.api.routes.generate, app.api.routes.jobs")
+    assert "fastapi" in mods
+    assert not {m for m in mods if m.split(".")[0] in {"torch", "diffusers", "transformers", "worker"}}

@@ -1,0 +1,138 @@
+"""The worker's task and worker class with a deterministic fake runtime (no torch) on a real Redis."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app.core.config import Settings
+from app.core.jobs import QUEUE_NAME, TASK_GENERATE, GenerationParams, ModelInfo, image_seed
+from app.core.storage import LocalImageStore
+from worker import tasks
+from worker.worker import ImagegenWorker
+
+
+class FakeRuntime:
+    """Solid-colour images whose colour comes from the seed; can fail or go slowly on request."""
+
+    info = ModelInfo(name="fake", width=16, height=8, num_inference_steps=3, guidance_scale=1.0, scheduler="ddim")
+
+    def __init__(self) -> None:
+        self.calls: list[GenerationParams] = []
+        self.step_delay = 0.0
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(prompt.split()) + 2
+
+    def generate(self, params: GenerationParams, on_step) -> list[Image.Image]:
+        self.calls.append(params)
+        if params.prompt == "explode":
+            raise RuntimeError("the UNet fell over")
+        steps = params.num_inference_steps or 0
+        for step in range(1, steps + 1):
+            time.sleep(self.step_delay)
+            on_step(step, steps)
+        assert params.seed is not None
+        return [
+            Image.new("RGB", (params.width or 0, params.height or 0), (image_seed(params.seed, i) % 256, 0, 0))
+            for i in range(params.num_images)
+        ]
+
+
+@pytest.fixture
+def env(redis_db, tmp_path):
+    runtime = FakeRuntime()
+    store = LocalImageStore(tmp_path)
+    tasks.bind(tasks.WorkerContext(runtime=runtime, store=store, settings=Settings(results_dir=tmp_path)))
+    queue = Queue(QUEUE_NAME, connection=redis_db, serializer=JSONSerializer)
+    worker = ImagegenWorker([queue], connection=redis_db, serializer=JSONSerializer, heartbeat_interval=0.2)
+    yield runtime, store, queue, worker
+    tasks._context = None
+
+
+def enqueue(queue: Queue, func: str = TASK_GENERATE, *args, **params) -> Job:
+    kwargs = {"params": params} if func == TASK_GENERATE else {}
+    return queue.enqueue(func, args=args, kwargs=kwargs, job_id=str(uuid.uuid4()))
+
+
+def test_success_fills_defaults_stores_pngs_and_records_progress(env) -> None:
+    runtime, store, queue, worker = env
+    job = enqueue(queue, prompt="a red circle", num_images=2, seed=9)
+    worker.work(burst=True)
+    job.refresh()
+    assert job.get_status() == "finished"
+    assert job.return_value() == {
+        "images": [
+            {"index": 0, "seed": 9, "width": 16, "height": 8},
+            {"index": 1, "seed": 10, "width": 16, "height": 8},
+        ]
+    }
+    assert job.meta["progress"] == {"step": 3, "total": 3}
+    assert job.meta["params"]["scheduler"] == "ddim" and job.meta["warnings"] == []
+    image = Image.open(io.BytesIO(store.get(job.id, 1)))
+    assert image.getpixel((0, 0)) == (10, 0, 0) and image.text["seed"] == "10"
+
+
+def test_sampling_error_fails_only_that_job(env) -> None:
+    runtime, store, queue, worker = env
+    bad = enqueue(queue, prompt="explode", seed=1)
+    good = enqueue(queue, prompt="fine", seed=2)
+    worker.work(burst=True)
+    bad.refresh()
+    good.refresh()
+    assert bad.get_status() == "failed"
+    assert bad.meta["error"] == {"code": "sampling_error", "message": "RuntimeError: the UNet fell over"}
+    assert good.get_status() == "finished"
+
+
+def test_invalid_params_from_a_rogue_producer(env) -> None:
+    runtime, store, queue, worker = env
+    job = enqueue(queue, prompt="x", num_images=99)
+    worker.work(burst=True)
+    job.refresh()
+    assert job.get_status() == "failed" and job.meta["error"]["code"] == "invalid_params"
+    assert runtime.calls == []
+
+
+def test_jobs_naming_other_functions_are_refused_and_never_run(env, tmp_path: Path) -> None:
+    runtime, store, queue, worker = env
+    marker = tmp_path / "pwned"
+    planted = enqueue(queue, "os.system", f"touch {marker}")
+    after = enqueue(queue, prompt="still serving", seed=3)
+    worker.work(burst=True)
+    planted.refresh()
+    after.refresh()
+    assert not marker.exists()
+    assert planted.get_status() == "failed" and planted.meta["error"]["code"] == "refused"
+    assert after.get_status() == "finished"
+
+
+def test_heartbeats_continue_while_a_job_samples(env) -> None:
+    runtime, store, queue, worker = env
+    runtime.step_delay = 0.4
+    job = enqueue(queue, prompt="slow", num_inference_steps=4)
+    beats: list[float] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(set(beats)) < 3:
+            hb = Job.fetch(job.id, connection=queue.connection, serializer=JSONSerializer).last_heartbeat
+            if hb is not None:
+                beats.append(hb.timestamp())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    worker.work(burst=True)
+    watcher.join()
+    # Without the heartbeat thread the job's heartbeat is written once, when it starts.
+    assert len(set(beats)) >= 3
