@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = connect(settings.redis_url)
         app.state.settings = settings
         app.state.redis = redis
-        app.state.queue = get_queue(redis)
+        app.state.queue = get_queue(redis, settings.model)
         app.state.store = make_store(settings, redis)
         app.state.jobs = JobService(settings, redis, app.state.queue)
         try:

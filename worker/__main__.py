@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -20,6 +21,8 @@ def main() -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("worker")
 
+    # transformers warns at import about optional image backends this text-to-image worker never uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
     if settings.threads:
@@ -41,7 +44,7 @@ def main() -> int:
     tasks.bind(tasks.WorkerContext(runtime=runtime, store=make_store(settings, connection), settings=settings))
     connection.hset(MODELS_KEY, runtime.info.name, runtime.info.model_dump_json())
     worker = ImagegenWorker(
-        [get_queue(connection)],
+        [get_queue(connection, settings.model)],
         connection=connection,
         serializer=SERIALIZER,
         heartbeat_interval=settings.worker_heartbeat,

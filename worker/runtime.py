@@ -68,9 +68,9 @@ class DiffusersRuntime:
         source = resolve(settings.model)
         dtype = getattr(torch, settings.dtype)
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype)
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
         except ValueError:  # a pipeline class AutoPipeline does not map
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
         pipe = pipe.to(settings.device)
         pipe.set_progress_bar_config(disable=True)
         info = _model_info(settings.model, source, pipe)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-QUEUE_NAME = "imagegen"
+QUEUE_PREFIX = "imagegen:"  # one queue per served model: a job only reaches workers of its model
 TASK_GENERATE = "worker.tasks.generate"
 # The only functions a worker will run; anything else found on the queue is refused.
 ALLOWED_TASKS = frozenset({TASK_GENERATE})
@@ -106,6 +106,11 @@ class ModelInfo(BaseModel):
             if getattr(params, name) is None:
                 updates[name] = getattr(self, name)
         return params.model_copy(update=updates)
+
+
+def queue_name(model: str) -> str:
+    """The RQ queue of a model (the `IMAGEGEN_MODEL` string that API and worker share)."""
+    return QUEUE_PREFIX + model
 
 
 def image_seed(seed: int, index: int) -> int:

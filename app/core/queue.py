@@ -10,7 +10,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.core.jobs import QUEUE_NAME, TASK_GENERATE, GenerationParams
+from app.core.jobs import TASK_GENERATE, GenerationParams, queue_name
 
 if TYPE_CHECKING:
     from app.core.config import Settings
@@ -28,8 +28,9 @@ def connect(url: str, *, timeout: float = 5.0) -> Redis:
     )
 
 
-def get_queue(connection: Redis, name: str = QUEUE_NAME) -> Queue:
-    return Queue(name, connection=connection, serializer=SERIALIZER)
+def get_queue(connection: Redis, model: str) -> Queue:
+    """The queue that workers serving `model` listen on."""
+    return Queue(queue_name(model), connection=connection, serializer=SERIALIZER)
 
 
 def enqueue_generate(queue: Queue, params: GenerationParams, settings: Settings) -> Job:

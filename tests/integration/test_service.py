@@ -12,7 +12,7 @@ from PIL import Image
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from app.core.jobs import QUEUE_NAME, TASK_GENERATE
+from app.core.jobs import TASK_GENERATE, queue_name
 from tests.procs import Stack
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_long_prompt_is_truncated_with_a_warning(stack: Stack) -> None:
 
 def test_failed_job_has_a_readable_error_and_worker_keeps_serving(stack: Stack) -> None:
     # A producer that bypasses the API's validation (another client, an older API version).
-    queue = Queue(QUEUE_NAME, connection=stack.redis.client(1), serializer=JSONSerializer)
+    queue = Queue(queue_name("tiny-random"), connection=stack.redis.client(1), serializer=JSONSerializer)
     bad = queue.enqueue(
         TASK_GENERATE, kwargs={"params": {"prompt": "x", "width": 12, "seed": 1}}, job_id=str(uuid.uuid4())
     )

@@ -15,7 +15,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from app.core.config import Settings
-from app.core.jobs import QUEUE_NAME, TASK_GENERATE, GenerationParams, ModelInfo, image_seed
+from app.core.jobs import TASK_GENERATE, GenerationParams, ModelInfo, image_seed
 from app.core.storage import LocalImageStore
 from worker import tasks
 from worker.worker import ImagegenWorker
@@ -53,7 +53,7 @@ def env(redis_db, tmp_path):
     runtime = FakeRuntime()
     store = LocalImageStore(tmp_path)
     tasks.bind(tasks.WorkerContext(runtime=runtime, store=store, settings=Settings(results_dir=tmp_path)))
-    queue = Queue(QUEUE_NAME, connection=redis_db, serializer=JSONSerializer)
+    queue = Queue("imagegen:fake", connection=redis_db, serializer=JSONSerializer)
     worker = ImagegenWorker([queue], connection=redis_db, serializer=JSONSerializer, heartbeat_interval=0.2)
     yield runtime, store, queue, worker
     tasks._context = None

@@ -1,0 +1,59 @@
+"""What a new user does: `make run`, then `scripts/generate.sh`, then Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.procs import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    env.update(IMAGEGEN_PORT=str(port), IMAGEGEN_DATA_DIR=str(tmp_path / "data"), IMAGEGEN_MODEL="tiny-random",
+               IMAGEGEN_THREADS="1")
+    log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(["make", "-s", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(base + "/readyz", timeout=2).status_code == 200, 120, "make run to be ready")
+        # A private Redis with AOF under the data dir, reached through a unix socket.
+        assert (tmp_path / "data" / "redis.sock").exists()
+        out = tmp_path / "out.png"
+        done = subprocess.run([str(ROOT / "scripts" / "generate.sh"), "a red circle on a blue background", str(out),
+                               '"seed":7,"num_inference_steps":5'],
+                              env=env | {"IMAGEGEN_URL": base}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        image = Image.open(out)
+        assert image.format == "PNG" and image.text["seed"] == "7"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log.close()
+    assert not _group_alive(proc.pid), "Ctrl-C left processes running"
+    assert list((tmp_path / "data").glob("appendonlydir/*.aof")) or (tmp_path / "data" / "appendonly.aof").exists()

@@ -1,0 +1,85 @@
+"""Docker cannot run here, so check that the compose file and Dockerfile agree with the code."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import yaml
+
+from app.core.config import Settings
+from models.registry import REGISTRY
+from tests.procs import ROOT
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+SERVICES = COMPOSE["services"]
+SETTINGS = {f"IMAGEGEN_{name.upper()}" for name in Settings.model_fields}
+# Read by scripts/run.sh or the model registry rather than by Settings.
+EXTRA_ENV = {"IMAGEGEN_MODEL_CACHE", "IMAGEGEN_PORT", "IMAGEGEN_HOST", "IMAGEGEN_DATA_DIR"}
+
+
+def _env_names(text: str) -> set[str]:
+    return set(re.findall(r"\bIMAGEGEN_[A-Z_]+\b", text))
+
+
+def test_every_imagegen_variable_is_a_real_setting() -> None:
+    used = _env_names((ROOT / "docker-compose.yml").read_text()) | _env_names(DOCKERFILE)
+    assert used, "the files name no settings at all?"
+    assert used - SETTINGS - EXTRA_ENV == set()
+    readme = _env_names((ROOT / "README.md").read_text())
+    assert SETTINGS - readme == set(), "every setting is documented in the README"
+
+
+def test_default_services_run_the_tiny_model_on_cpu() -> None:
+    default = {name for name, svc in SERVICES.items() if not svc.get("profiles")}
+    assert default == {"redis", "api", "worker"}
+    worker = SERVICES["worker"]
+    assert worker["environment"]["IMAGEGEN_MODEL"] in REGISTRY
+    assert worker["environment"]["IMAGEGEN_DEVICE"] == "cpu"
+    assert "${IMAGEGEN_MODEL:-tiny-shapes}" == SERVICES["api"]["environment"]["IMAGEGEN_MODEL"]
+
+
+def test_commands_and_ports_match_the_entry_points() -> None:
+    api = SERVICES["api"]
+    cmd = api["command"]
+    assert cmd[:2] == ["uvicorn", "app.main:app"]
+    port = cmd[cmd.index("--port") + 1]
+    assert any(str(p).endswith(f":{port}") for p in api["ports"])
+    for name in ("worker", "worker-gpu"):
+        assert SERVICES[name]["command"] == ["python", "-m", "worker"]
+    assert (ROOT / "worker" / "__main__.py").exists()
+    import app.main
+
+    assert callable(app.main.create_app)
+    targets = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", DOCKERFILE, flags=re.M))
+    for name in ("api", "worker", "worker-gpu"):
+        assert SERVICES[name]["build"]["target"] in targets
+    assert 'CMD ["uvicorn", "app.main:app"' in DOCKERFILE and 'CMD ["python", "-m", "worker"]' in DOCKERFILE
+
+
+def test_redis_is_durable_and_healthchecked() -> None:
+    redis = SERVICES["redis"]
+    args = redis["command"] if isinstance(redis["command"], list) else shlex.split(redis["command"])
+    pairs = dict(zip(args[1::2], args[2::2], strict=False))
+    assert pairs["--appendonly"] == "yes"
+    assert pairs["--appendfsync"] == "everysec"
+    assert pairs["--maxmemory-policy"] == "noeviction"
+    assert "--requirepass" in pairs
+    assert "ping" in str(redis["healthcheck"]["test"])
+    for name in ("api", "worker", "worker-gpu"):
+        assert SERVICES[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        url = SERVICES[name]["environment"]["IMAGEGEN_REDIS_URL"]
+        assert url.startswith("redis://:") and "@redis:6379" in url
+
+
+def test_gpu_worker_reserves_a_gpu_and_shares_volumes() -> None:
+    gpu = SERVICES["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert gpu["environment"]["IMAGEGEN_DEVICE"] == "cuda"
+    assert any(v.endswith(":/cache") for v in gpu["volumes"])
+    for name in ("api", "worker", "worker-gpu"):
+        assert "results:/results" in SERVICES[name]["volumes"]
+        assert SERVICES[name]["environment"]["IMAGEGEN_RESULTS_DIR"] == "/results"
