@@ -14,10 +14,10 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import errors
 from app.api.middleware import BodySizeLimit
-from app.api.routes import generate, health, jobs
+from app.api.routes import generate, health, jobs, openai, web
 from app.api.services import JobService
 from app.core.config import Settings
-from app.core.queue import connect, get_queue
+from app.core.queue import connect, connect_async
 from app.core.storage import make_store
 
 DESCRIPTION = """Text-to-image over HTTP: a CLIP text encoder conditions a diffusion model that
@@ -32,21 +32,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = connect(settings.redis_url)
+        aredis = connect_async(settings.redis_url)
         app.state.settings = settings
         app.state.redis = redis
-        app.state.queue = get_queue(redis, settings.model)
         app.state.store = make_store(settings, redis)
-        app.state.jobs = JobService(settings, redis, app.state.queue)
+        app.state.jobs = JobService(settings, redis, aredis)
+        app.state.queue = app.state.jobs.queues[1]
         try:
             yield
         finally:
             redis.close()
+            await aredis.aclose()
 
     app = FastAPI(title="imagegen", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(openai.router)
+    app.include_router(web.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 

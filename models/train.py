@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         args.clip_steps, args.steps = 100, 150
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    # Tiny weights/Adam moments can go subnormal late in training, which is very slow on CPU.
+    torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
     logf = open(args.out.parent / f"{args.out.name}.train.log", "w")
 

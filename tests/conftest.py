@@ -46,8 +46,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
 
 
 @pytest.fixture(scope="session")
+def short_ttl_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Stack]:
+    """Local image store with results kept 4 s and swept every second (expiry tests)."""
+    s = _stack(tmp_path_factory.mktemp("stack-ttl"), redis_server, 3, result_ttl="4", sweep_interval="1")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
 def redis_store_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Stack]:
-    """Like `stack` but the PNGs live in Redis (no shared disk between API and worker)."""
-    s = _stack(tmp_path_factory.mktemp("stack-redis"), redis_server, 2, storage="redis")
+    """Like `stack` but the PNGs live in Redis (no shared disk between API and worker); results kept 6 s."""
+    s = _stack(tmp_path_factory.mktemp("stack-redis"), redis_server, 2, storage="redis", result_ttl="6")
     yield s
     s.close()

@@ -18,6 +18,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+WEBHOOK_SECRET = "test-webhook-secret"
 
 
 def free_port() -> int:
@@ -118,6 +119,8 @@ def service_env(redis_url: str, tmp: Path, **settings: str) -> dict[str, str]:
         IMAGEGEN_RESULTS_DIR=str(tmp / "results"),
         IMAGEGEN_THREADS="1",
         IMAGEGEN_WORKER_HEARTBEAT="1",
+        IMAGEGEN_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        IMAGEGEN_WEBHOOK_ALLOW_PRIVATE="true",  # the tests' receivers listen on loopback
     )
     env.update({f"IMAGEGEN_{k.upper()}": v for k, v in settings.items()})
     return env

@@ -29,10 +29,12 @@ def main() -> int:
         torch.set_num_threads(settings.threads)
 
     from app.core.jobs import MODELS_KEY
-    from app.core.queue import SERIALIZER, connect, get_queue
-    from app.core.storage import make_store
+    from app.core.queue import SERIALIZER, connect, get_queues
+    from app.core.storage import LocalImageStore, make_store
     from worker import tasks
+    from worker.events import EventSink, WebhookSender
     from worker.runtime import DiffusersRuntime
+    from worker.sweeper import start_sweeper
     from worker.worker import ImagegenWorker
 
     started = time.perf_counter()
@@ -41,17 +43,27 @@ def main() -> int:
     log.info("model %s ready in %.2fs (load + warm-up)", settings.model, time.perf_counter() - started)
 
     connection = connect(settings.redis_url)
-    tasks.bind(tasks.WorkerContext(runtime=runtime, store=make_store(settings, connection), settings=settings))
+    store = make_store(settings, connection)
+    sender = WebhookSender(settings) if settings.webhook_secret else None
+    sink = EventSink(connection, settings, sender)
+    tasks.bind(tasks.WorkerContext(runtime, store, settings, connection, sink))
+    if isinstance(store, LocalImageStore):
+        start_sweeper(store, connection, settings.sweep_interval)
     connection.hset(MODELS_KEY, runtime.info.name, runtime.info.model_dump_json())
     worker = ImagegenWorker(
-        [get_queue(connection, settings.model)],
+        get_queues(connection, settings.model),
+        events=sink,
         connection=connection,
         serializer=SERIALIZER,
         heartbeat_interval=settings.worker_heartbeat,
         worker_ttl=int(settings.worker_heartbeat * 4) + 15,
         maintenance_interval=30,
     )
-    worker.work(with_scheduler=False, logging_level=settings.log_level)
+    try:
+        worker.work(with_scheduler=False, logging_level=settings.log_level)
+    finally:
+        if sender is not None:
+            sender.close()  # deliver what is pending before exiting
     return 0
 
 

@@ -1,7 +1,8 @@
 """The RQ task the API enqueues by dotted path (`worker.tasks.generate`).
 
-The worker binds its loaded runtime and image store here once at start-up (`bind`); the task then
-resolves parameters, samples with progress written to `job.meta`, and stores the PNGs.
+The worker binds its loaded runtime, image store and event sink here once at start-up (`bind`);
+the task then resolves parameters, samples with progress and cancel checks at every step, and
+stores the PNGs. Terminal events are written by the worker class once RQ has recorded the outcome.
 """
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ from pydantic import ValidationError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from app.core.jobs import MAX_SEED, ErrorCode, GenerationParams, image_seed
+from app.core.events import EventType
+from app.core.jobs import MAX_SEED, ErrorCode, GenerationParams, cancel_key, image_seed, steptime_key
 from worker.png import encode_png
 
 if TYPE_CHECKING:
+    from redis import Redis
     from rq.job import Job
 
     from app.core.config import Settings
     from app.core.storage import ImageStore
+    from worker.events import EventSink
     from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
-PROGRESS_INTERVAL = 0.2  # seconds between progress writes; the last step is always written
+PROGRESS_INTERVAL = 0.1  # seconds between progress writes/events (≤ 10/s); the last step always goes out
+STEPTIME_WEIGHT = 0.3  # weight of the newest measurement in the moving average used for ETAs
 
 
 @dataclass
@@ -35,6 +40,8 @@ class WorkerContext:
     runtime: Runtime
     store: ImageStore
     settings: Settings
+    connection: Redis
+    events: EventSink
 
 
 _context: WorkerContext | None = None
@@ -47,7 +54,7 @@ def bind(context: WorkerContext) -> None:
 
 
 class JobFailedError(Exception):
-    """Ends a job as `failed` with a code and a message that clients may read."""
+    """Ends a job as `failed` (or `canceled`) with a code and a message that clients may read."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code.value}: {message}")
@@ -55,8 +62,16 @@ class JobFailedError(Exception):
         self.message = message
 
 
-def _fail(job: Job, code: ErrorCode, message: str) -> JobFailedError:
+class CanceledError(Exception):
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"canceled at step {step} of {total}")
+        self.step = step
+        self.total = total
+
+
+def _fail(job: Job, code: ErrorCode, message: str, **extra: Any) -> JobFailedError:
     job.meta["error"] = {"code": code.value, "message": message}
+    job.meta.update(extra)
     job.save_meta()
     return JobFailedError(code, message)
 
@@ -77,32 +92,42 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
     if request.seed is None:
         request = request.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
     assert request.seed is not None
+    total = request.num_inference_steps or 0
+    flag = cancel_key(job.id)
+    if ctx.connection.exists(flag):  # canceled between dequeue and start
+        raise _fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)
 
-    # 2. Record the resolved parameters and any warnings before sampling starts.
+    # 2. Record the resolved parameters and any warnings, then announce the start.
     warnings = []
     tokens = ctx.runtime.count_tokens(request.prompt)
     if tokens > ctx.runtime.info.max_tokens:
         warnings.append(
             f"prompt is {tokens} tokens; the text encoder reads only the first {ctx.runtime.info.max_tokens}"
         )
-    total = request.num_inference_steps or 0
     job.meta.update(params=request.model_dump(mode="json"), warnings=warnings, progress={"step": 0, "total": total})
     job.save_meta()
+    ctx.events.emit(job, EventType.started, "running", progress={"step": 0, "total": total})
 
-    # 3. Sample, writing progress at most every PROGRESS_INTERVAL seconds.
-    last_write = time.monotonic()
+    # 3. Sample. Every step checks the cancel flag (one EXISTS); progress goes out at most 10/s.
+    last_write = 0.0
 
     def on_step(step: int, steps: int) -> None:
         nonlocal last_write
+        if ctx.connection.exists(flag):
+            raise CanceledError(step, steps)
         now = time.monotonic()
         if step == steps or now - last_write >= PROGRESS_INTERVAL:
             last_write = now
             job.meta["progress"] = {"step": step, "total": steps}
             job.save_meta()
+            ctx.events.emit(job, EventType.progress, "running", progress={"step": step, "total": steps})
 
     started = time.perf_counter()
     try:
         images = ctx.runtime.generate(request, on_step)
+    except CanceledError as exc:
+        log.info("job %s: canceled at step %d/%d", job.id, exc.step, exc.total)
+        raise _fail(job, ErrorCode.canceled, str(exc), canceled_at_step=exc.step) from None
     except JobTimeoutException:
         raise _fail(job, ErrorCode.timeout, f"job ran past its {job.timeout} s limit") from None
     except MemoryError:
@@ -113,6 +138,7 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
         log.exception("job %s: sampling failed", job.id)
         raise _fail(job, ErrorCode.sampling_error, f"{type(exc).__name__}: {exc}") from None
     sampling_s = time.perf_counter() - started
+    _record_steptime(ctx, request, sampling_s)
 
     # 4. Encode and store every image; the job's result lists them.
     results = []
@@ -122,6 +148,21 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
         results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
     log.info("job %s: %d image(s) in %.3fs", job.id, len(results), sampling_s)
     return {"images": results}
+
+
+def _record_steptime(ctx: WorkerContext, request: GenerationParams, seconds: float) -> None:
+    """Keep a moving average of seconds per image per step for this size (shared ETAs)."""
+    work = (request.num_inference_steps or 1) * request.num_images
+    field = f"{request.width}x{request.height}"
+    key = steptime_key(ctx.runtime.info.name)
+    try:
+        old = ctx.connection.hget(key, field)
+        value = seconds / work
+        if old is not None:
+            value = STEPTIME_WEIGHT * value + (1 - STEPTIME_WEIGHT) * float(old)  # type: ignore[arg-type]
+        ctx.connection.hset(key, field, f"{value:.6f}")
+    except Exception:
+        log.warning("could not record step time", exc_info=True)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -8,19 +8,24 @@ import logging
 import threading
 from typing import Any
 
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
-from app.core.jobs import ALLOWED_TASKS, ErrorCode
+from app.core.events import EventType
+from app.core.jobs import ALLOWED_TASKS, ErrorCode, status_from_rq
+from worker.events import EventSink
 
 log = logging.getLogger(__name__)
 
 
 class ImagegenWorker(SimpleWorker):
-    def __init__(self, *args: Any, heartbeat_interval: float = 5.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, heartbeat_interval: float = 5.0, events: EventSink | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.heartbeat_interval = heartbeat_interval
+        self.events = events
 
     def refusal_reason(self, job: Job) -> str | None:
         """Why a job must not run, or None. Checked before anything of the job is imported."""
@@ -50,6 +55,28 @@ class ImagegenWorker(SimpleWorker):
             stop.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)
+
+    # Terminal events go out only after RQ has stored the outcome, so a client that reacts to
+    # `succeeded` by downloading the image never races the job's own status.
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        super().handle_job_success(job, queue, started_job_registry, execution)
+        if self.events is not None:
+            result = job._result or {}
+            images = [dict(img, url=f"/jobs/{job.id}/images/{img['index']}") for img in result.get("images", [])]
+            total = (job.meta.get("progress") or {}).get("total", 0)
+            self.events.emit(
+                job, EventType.succeeded, "succeeded", images=images, progress={"step": total, "total": total}
+            )
+
+    def handle_job_failure(
+        self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "", execution: Any = None
+    ) -> None:
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        if self.events is None or job.get_status(refresh=True) != JobStatus.FAILED:
+            return  # a retry re-queued it: not terminal
+        status = status_from_rq("failed", job.meta)
+        error = job.meta.get("error") or {"code": ErrorCode.internal_error.value, "message": "the job failed"}
+        self.events.emit(job, EventType(status.value), status.value, error=error, progress=job.meta.get("progress"))
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         # A SimpleWorker runs the job on its main thread and would send no heartbeat until it ends,

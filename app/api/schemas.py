@@ -7,10 +7,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.core.jobs import GenerationParams, JobStatus
+from app.core.jobs import GenerationParams, JobStatus, Priority, WebhookEvents
 
 
 class GenerateRequest(GenerationParams):
+    """Generation parameters plus how the job is queued and reported."""
+
+    priority: Priority = Field(Priority.normal, description="Queue: high, normal or low (strictly ordered).")
+    webhook: str | None = Field(None, max_length=2000, description="URL that receives signed event POSTs.")
+    webhook_events: list[WebhookEvents] = Field(
+        default_factory=lambda: [WebhookEvents.completed], description="Which events to send to the webhook."
+    )
+
+    def generation_params(self) -> GenerationParams:
+        return GenerationParams.model_validate(self.model_dump(include=set(GenerationParams.model_fields)))
+
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -50,14 +61,22 @@ class JobErrorInfo(BaseModel):
 class JobView(BaseModel):
     id: str
     status: JobStatus
+    priority: Priority = Priority.normal
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
     params: dict[str, Any]
     progress: Progress
+    queue_position: int | None = Field(None, description="0 = next to run; null once running or finished.")
+    eta_seconds: float | None = Field(None, description="Estimated seconds until done, from measured step times.")
     images: list[ImageRef]
     warnings: list[str] = []
     error: JobErrorInfo | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")
 
 
 class ErrorDetail(BaseModel):

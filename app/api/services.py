@@ -1,34 +1,64 @@
-"""The job service: submit, look up and present jobs. Routes stay thin; this owns the logic."""
+"""The job service: submit, look up, cancel, wait for and present jobs. Routes stay thin."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import secrets
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
-from rq import Queue
+from redis.asyncio import Redis as AsyncRedis
+from rq import Worker
+from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
-from app.api.schemas import ImageRef, JobErrorInfo, JobView, Progress
+from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress
+from app.core import events
 from app.core.config import Settings
-from app.core.errors import GoneError, InvalidRequestError, NotFoundError
-from app.core.jobs import MAX_SEED, MODELS_KEY, ErrorCode, GenerationParams, JobStatus, ModelInfo, status_from_rq
-from app.core.jobs import parse_job_id as _parse
-from app.core.queue import enqueue_generate, fetch_job
+from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError, UnavailableError
+from app.core.events import EventType, JobEvent
+from app.core.jobs import (
+    MAX_SEED,
+    MODELS_KEY,
+    ErrorCode,
+    GenerationParams,
+    JobStatus,
+    ModelInfo,
+    Priority,
+    cancel_key,
+    parse_job_id,
+    status_from_rq,
+    steptime_key,
+)
+from app.core.queue import SERIALIZER, enqueue_generate, fetch_job, get_queue, get_queues
 
 SEEN_PREFIX = "imagegen:seen:"  # marks ids we issued, so an expired job answers 410, not 404
 SEEN_GRACE = 7 * 86400
+INDEX_KEY = "imagegen:index"  # sorted set: job id -> created time (for listing)
+IDEMPOTENCY_PREFIX = "imagegen:idem:"
+IDEMPOTENCY_TTL = 86400
 MODEL_INFO_TTL = 5.0  # seconds the API trusts its copy of the workers' model defaults
+BLOCK_MS = 2000  # one blocking stream read; below the Redis client's socket timeout
+ETA_LOOKAHEAD = 100  # jobs ahead whose parameters are read for an ETA; the rest are extrapolated
+
+ImageUrl = Callable[[str, int], str]
 
 
 class JobService:
-    def __init__(self, settings: Settings, redis: Redis, queue: Queue) -> None:
+    def __init__(self, settings: Settings, redis: Redis, aredis: AsyncRedis | None = None) -> None:
         self.settings = settings
         self.redis = redis
-        self.queue = queue
+        self.aredis = aredis
+        self.queues = get_queues(redis, settings.model)
         self._model: tuple[float, ModelInfo | None] = (0.0, None)
+
+    @property
+    def event_ttl(self) -> int:
+        return max(self.settings.result_ttl, self.settings.failure_ttl)
 
     # -- submit ---------------------------------------------------------------------------
     def model_info(self) -> ModelInfo | None:
@@ -40,7 +70,15 @@ class JobService:
             self._model = (time.monotonic(), info)
         return info
 
-    def submit(self, params: GenerationParams) -> Job:
+    def submit(
+        self,
+        params: GenerationParams,
+        *,
+        priority: Priority = Priority.normal,
+        webhook: dict[str, Any] | None = None,
+        job_id: str | None = None,
+    ) -> Job:
+        """Queue a job (under `job_id` when an idempotency key reserved one)."""
         s = self.settings
         for name, limit in (("width", s.max_width), ("height", s.max_height)):
             value = getattr(params, name)
@@ -50,18 +88,47 @@ class JobService:
                     code="validation_error",
                     details=[{"loc": ["body", name], "msg": f"must be between {s.min_size} and {limit}"}],
                 )
+        job_id = job_id or str(uuid.uuid4())
         if params.seed is None:
             params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
         info = self.model_info()
         if info is not None:
             params = info.fill(params)
-        job = enqueue_generate(self.queue, params, s)
-        self.redis.set(SEEN_PREFIX + job.id, 1, ex=max(s.result_ttl, s.failure_ttl) + SEEN_GRACE)
+        meta: dict[str, Any] = {"webhook": webhook} if webhook else {}
+        job = enqueue_generate(get_queue(self.redis, s.model, priority), params, s, job_id=job_id, meta=meta)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(SEEN_PREFIX + job.id, 1, ex=max(s.result_ttl, s.failure_ttl) + SEEN_GRACE)
+            pipe.zadd(INDEX_KEY, {job.id: time.time()})
+            total = params.num_inference_steps or 0
+            queued = events.make_event(EventType.queued, job.id, "queued", progress={"step": 0, "total": total})
+            events.publish(pipe, queued, self.event_ttl)
+            pipe.execute()
         return job
+
+    def claim_idempotency_key(self, key: str, body_hash: str) -> tuple[str, Job | None]:
+        """Reserve a job id for `key`. Returns (id, None) when this request owns the key and should
+        submit under that id, or (id, job) with the job an earlier identical request made."""
+        job_id = str(uuid.uuid4())
+        redis_key = IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+        if self.redis.set(redis_key, f"{body_hash}:{job_id}", nx=True, ex=IDEMPOTENCY_TTL):
+            return job_id, None
+        stored = (self.redis.get(redis_key) or b"").decode()  # type: ignore[union-attr]
+        stored_hash, _, stored_id = stored.partition(":")
+        if stored_hash != body_hash:
+            raise ConflictError(
+                "this Idempotency-Key was already used with a different request body", code="idempotency_conflict"
+            )
+        deadline = time.monotonic() + 2.0  # the first request may still be enqueueing
+        while time.monotonic() < deadline:
+            job = fetch_job(self.redis, stored_id)
+            if job is not None:
+                return stored_id, job
+            time.sleep(0.01)
+        raise UnavailableError("the original request with this Idempotency-Key is still being processed", retry_after=1)
 
     # -- look up --------------------------------------------------------------------------
     def get(self, raw_id: str) -> Job:
-        job_id = _parse(raw_id)
+        job_id = parse_job_id(raw_id)
         if job_id is None:  # never build a Redis key from arbitrary text
             raise NotFoundError(f"no job {raw_id!r}")
         job = fetch_job(self.redis, job_id)
@@ -71,8 +138,137 @@ class JobService:
             raise NotFoundError(f"no job {job_id}")
         return job
 
+    def status(self, job: Job) -> JobStatus:
+        return status_from_rq(job.get_status(refresh=False), job.meta or {})
+
+    # -- cancel ---------------------------------------------------------------------------
+    def cancel(self, job: Job) -> tuple[Job, JobEvent | None]:
+        """Cancel a job. Returns the job and, when it never started, the `canceled` event."""
+        status = self.status(job)
+        if status.is_terminal():
+            raise ConflictError(f"job {job.id} already ended {status.value}", code="job_finished")
+        # The flag reaches a running job at its next step, and a job a worker is just picking up.
+        self.redis.set(cancel_key(job.id), 1, ex=self.event_ttl)
+        if status is JobStatus.running:
+            return job, None
+        try:
+            job.cancel()
+        except InvalidJobOperation:  # a worker took it meanwhile; the flag stops it
+            return job, None
+        job.meta["error"] = {"code": ErrorCode.canceled.value, "message": "canceled before it started"}
+        job.save_meta()
+        self.redis.expire(job.key, self.settings.failure_ttl)
+        event = events.make_event(EventType.canceled, job.id, "canceled", error=job.meta["error"])
+        events.publish(self.redis, event, self.event_ttl)
+        return fetch_job(self.redis, job.id) or job, event
+
+    # -- wait -----------------------------------------------------------------------------
+    def wait(self, job_id: str, timeout: float) -> Job:
+        """Block (on the job's event stream, not by polling) until terminal or `timeout`."""
+        deadline = time.monotonic() + timeout
+        after = "0"
+        while True:
+            job = self.get(job_id)
+            if self.status(job).is_terminal():
+                return job
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return job
+            got = events.read(self.redis, job.id, after, block_ms=max(1, int(min(remaining, BLOCK_MS / 1000) * 1000)))
+            if got:
+                after = got[-1][0]
+
+    async def wait_async(self, job_id: str, timeout: float) -> None:
+        """Like `wait` for async routes: returns when terminal or after `timeout` seconds."""
+        assert self.aredis is not None
+        deadline = time.monotonic() + timeout
+        after = "0"
+        key = events.stream_key(job_id)
+        while (remaining := deadline - time.monotonic()) > 0:
+            status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
+            if status is None or status_from_rq(status.decode(), {}).is_terminal():
+                return
+            result: Any = await self.aredis.xread({key: after}, count=500, block=max(1, int(min(remaining, 2.0) * 1000)))
+            for _, entries in result or []:
+                decoded = events.decode(entries)
+                after = decoded[-1][0]
+                if any(ev.type.is_terminal() for _, ev in decoded):
+                    return
+
+    async def stream(self, job_id: str, after: str = "0"):
+        """Yield (stream id, event) from `after` until a terminal event (synthesised if RQ ended the
+        job without one, e.g. a lost worker), for Server-Sent Events."""
+        assert self.aredis is not None
+        key = events.stream_key(job_id)
+        while True:
+            result: Any = await self.aredis.xread({key: after}, count=100, block=BLOCK_MS)
+            if result:
+                for ident, event in events.decode(result[0][1]):
+                    after = ident
+                    yield ident, event
+                    if event.type.is_terminal():
+                        return
+                continue
+            status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
+            if status is None:
+                return  # expired while we watched
+            if status_from_rq(status.decode(), {}).is_terminal():
+                job = await asyncio.to_thread(self.get, job_id)
+                view = await asyncio.to_thread(self.view, job, lambda i, n: f"/jobs/{i}/images/{n}")
+                yield (
+                    after,
+                    events.make_event(
+                        EventType(view.status.value),
+                        job_id,
+                        view.status.value,
+                        progress=view.progress.model_dump(),
+                        error=view.error.model_dump() if view.error else None,
+                        images=[img.model_dump() for img in view.images] or None,
+                    ),
+                )
+                return
+
+    # -- list -----------------------------------------------------------------------------
+    def list_jobs(self, image_url: ImageUrl, status: JobStatus | None, limit: int, cursor: str | None) -> JobList:
+        """Newest first; `cursor` is the opaque `next_cursor` of the previous page."""
+        upper: str = "+inf"
+        if cursor is not None:
+            try:
+                upper = f"({float(cursor)!r}"
+            except ValueError:
+                raise InvalidRequestError(
+                    "cursor: not a cursor returned by this endpoint", code="validation_error"
+                ) from None
+        found: list[JobView] = []
+        next_cursor: str | None = None
+        scanned = 0
+        while len(found) < limit and scanned < limit * 20:
+            batch: list[tuple[bytes, float]] = self.redis.zrevrangebyscore(  # type: ignore[assignment]
+                INDEX_KEY, upper, "-inf", start=0, num=limit, withscores=True
+            )
+            if not batch:
+                next_cursor = None
+                break
+            ids = [member.decode() for member, _ in batch]
+            jobs = Job.fetch_many(ids, connection=self.redis, serializer=SERIALIZER)
+            for (member, score), job in zip(batch, jobs, strict=True):
+                scanned += 1
+                upper = f"({score!r}"
+                next_cursor = repr(score)
+                if job is None:
+                    self.redis.zrem(INDEX_KEY, member)  # expired
+                    continue
+                view = self.view(job, image_url)
+                if status is None or view.status is status:
+                    found.append(view)
+                    if len(found) == limit:
+                        break
+        if next_cursor is not None and not self.redis.zrevrangebyscore(INDEX_KEY, upper, "-inf", start=0, num=1):
+            next_cursor = None  # nothing older: this was the last page
+        return JobList(jobs=found, next_cursor=next_cursor)
+
     # -- present --------------------------------------------------------------------------
-    def view(self, job: Job, image_url: Callable[[str, int], str]) -> JobView:
+    def view(self, job: Job, image_url: ImageUrl) -> JobView:
         meta = job.meta or {}
         status = status_from_rq(job.get_status(refresh=False), meta)
         params: dict[str, Any] = meta.get("params") or (job.kwargs or {}).get("params") or {}
@@ -80,24 +276,93 @@ class JobService:
         progress = meta.get("progress") or {"step": 0, "total": total}
         images: list[ImageRef] = []
         error = None
+        position = eta = None
         if status is JobStatus.succeeded:
             result = job.return_value(refresh=False) or {}
             images = [ImageRef(url=image_url(job.id, img["index"]), **img) for img in result.get("images", [])]
             progress = {"step": progress.get("total", total), "total": progress.get("total", total)}
         elif status in (JobStatus.failed, JobStatus.canceled):
             error = JobErrorInfo(**meta["error"]) if meta.get("error") else self._rq_failure(job)
+        elif status is JobStatus.queued:
+            position = self.queue_position(job)
+            eta = self._eta_queued(job, params, position)
+        else:
+            eta = self._remaining(params, progress.get("step", 0))
         return JobView(
             id=job.id,
             status=status,
+            priority=self._priority(job),
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.ended_at,
             params=params,
             progress=Progress(**progress),
+            queue_position=position,
+            eta_seconds=None if eta is None else round(eta, 3),
             images=images,
             warnings=meta.get("warnings") or [],
             error=error,
         )
+
+    def _priority(self, job: Job) -> Priority:
+        return next((p for p, q in zip(Priority, self.queues, strict=True) if q.name == job.origin), Priority.normal)
+
+    def queue_position(self, job: Job) -> int | None:
+        """0 = next to run: every job in higher-priority queues, then those ahead in its own."""
+        ahead = 0
+        for queue in self.queues:
+            if queue.name == job.origin:
+                index = self.redis.lpos(queue.key, job.id)
+                return None if index is None else ahead + int(index)  # type: ignore[arg-type]
+            ahead += int(self.redis.llen(queue.key))  # type: ignore[arg-type]
+        return None
+
+    def _steptimes(self) -> dict[str, float]:
+        raw = self.redis.hgetall(steptime_key(self.settings.model)) or {}
+        return {k.decode(): float(v) for k, v in raw.items()}  # type: ignore[union-attr]
+
+    def _work(self, params: dict[str, Any], steps_left: int, times: dict[str, float]) -> float | None:
+        """Seconds of sampling for `steps_left` steps of a job, from measured per-step times."""
+        if not times:
+            return None
+        w, h = int(params.get("width") or 0), int(params.get("height") or 0)
+        per_step = times.get(f"{w}x{h}")
+        if per_step is None:  # scale the nearest measured size by pixel count
+            size, value = min(times.items(), key=lambda kv: abs(_pixels(kv[0]) - w * h))
+            per_step = value * (w * h) / max(1, _pixels(size))
+        return per_step * steps_left * int(params.get("num_images") or 1)
+
+    def _remaining(self, params: dict[str, Any], step: int) -> float | None:
+        total = int(params.get("num_inference_steps") or 0)
+        return self._work(params, max(0, total - step), self._steptimes())
+
+    def _eta_queued(self, job: Job, params: dict[str, Any], position: int | None) -> float | None:
+        times = self._steptimes()
+        own = self._work(params, int(params.get("num_inference_steps") or 0), times)
+        if own is None or position is None:
+            return None
+        ahead_ids: list[str] = []
+        for queue in self.queues:
+            ids = [i.decode() for i in self.redis.lrange(queue.key, 0, ETA_LOOKAHEAD)]  # type: ignore[union-attr]
+            if queue.name == job.origin:
+                ahead_ids += ids[: ids.index(job.id)] if job.id in ids else ids
+                break
+            ahead_ids += ids
+        ahead_ids = ahead_ids[:ETA_LOOKAHEAD]
+        running = [jid for q in self.queues for jid in q.started_job_registry.get_job_ids(cleanup=False)]
+        total = own
+        seen = 0
+        for other in Job.fetch_many(ahead_ids + running, connection=self.redis, serializer=SERIALIZER):
+            if other is None:
+                continue
+            meta = other.meta or {}
+            p = meta.get("params") or (other.kwargs or {}).get("params") or {}
+            step = (meta.get("progress") or {}).get("step", 0)
+            total += self._work(p, int(p.get("num_inference_steps") or 0) - step, times) or 0.0
+            seen += 1
+        if position > seen and seen:  # more waiting than we read: extrapolate their average
+            total += (total - own) / seen * (position - seen)
+        return total / max(1, Worker.count(connection=self.redis, queue=self.queues[0]))
 
     @staticmethod
     def _rq_failure(job: Job) -> JobErrorInfo:
@@ -109,3 +374,8 @@ class JobService:
         if "JobTimeoutException" in text:
             return JobErrorInfo(code=ErrorCode.timeout.value, message="the job ran past its time limit")
         return JobErrorInfo(code=ErrorCode.internal_error.value, message="the job failed in the worker")
+
+
+def _pixels(size: str) -> int:
+    w, _, h = size.partition("x")
+    return int(w) * int(h)

@@ -108,9 +108,35 @@ class ModelInfo(BaseModel):
         return params.model_copy(update=updates)
 
 
-def queue_name(model: str) -> str:
-    """The RQ queue of a model (the `IMAGEGEN_MODEL` string that API and worker share)."""
-    return QUEUE_PREFIX + model
+class Priority(enum.StrEnum):
+    """Workers drain the queues of a model strictly in this order."""
+
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
+class WebhookEvents(enum.StrEnum):
+    """What a webhook subscribes to: `completed` covers succeeded, failed and canceled."""
+
+    start = "start"
+    progress = "progress"
+    completed = "completed"
+
+
+def queue_name(model: str, priority: Priority = Priority.normal) -> str:
+    """The RQ queue of a model and priority (`IMAGEGEN_MODEL` names it for API and worker alike)."""
+    return f"{QUEUE_PREFIX}{model}:{Priority(priority).value}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by `DELETE /jobs/{id}`; the worker checks it before every denoising step."""
+    return f"imagegen:cancel:{job_id}"
+
+
+def steptime_key(model: str) -> str:
+    """Hash `WxH` -> measured seconds per image per denoising step (for ETAs)."""
+    return f"imagegen:steptime:{model}"
 
 
 def image_seed(seed: int, index: int) -> int:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.core.jobs import TASK_GENERATE, GenerationParams, queue_name
+from app.core.jobs import TASK_GENERATE, GenerationParams, Priority, queue_name
 
 if TYPE_CHECKING:
     from app.core.config import Settings
@@ -28,17 +29,35 @@ def connect(url: str, *, timeout: float = 5.0) -> Redis:
     )
 
 
-def get_queue(connection: Redis, model: str) -> Queue:
-    """The queue that workers serving `model` listen on."""
-    return Queue(queue_name(model), connection=connection, serializer=SERIALIZER)
+def connect_async(url: str, *, timeout: float = 5.0) -> AsyncRedis:
+    """The asyncio twin of `connect`, for blocking reads in async routes (SSE, long-poll)."""
+    return AsyncRedis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout, health_check_interval=30)
 
 
-def enqueue_generate(queue: Queue, params: GenerationParams, settings: Settings) -> Job:
+def get_queue(connection: Redis, model: str, priority: Priority = Priority.normal) -> Queue:
+    """The queue that workers serving `model` take `priority` jobs from."""
+    return Queue(queue_name(model, priority), connection=connection, serializer=SERIALIZER)
+
+
+def get_queues(connection: Redis, model: str) -> list[Queue]:
+    """All queues of a model, highest priority first (the order a worker drains them)."""
+    return [get_queue(connection, model, p) for p in Priority]
+
+
+def enqueue_generate(
+    queue: Queue,
+    params: GenerationParams,
+    settings: Settings,
+    *,
+    job_id: str | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Job:
     """Put one generation job on the queue: JSON arguments, a random UUID, explicit TTLs."""
     return queue.enqueue(
         TASK_GENERATE,
         kwargs={"params": params.model_dump(mode="json")},
-        job_id=str(uuid.uuid4()),
+        job_id=job_id or str(uuid.uuid4()),
+        meta=meta or {},
         job_timeout=settings.job_timeout,
         result_ttl=settings.result_ttl,
         failure_ttl=settings.failure_ttl,

@@ -15,9 +15,10 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from app.core.config import Settings
-from app.core.jobs import TASK_GENERATE, GenerationParams, ModelInfo, image_seed
+from app.core.jobs import TASK_GENERATE, GenerationParams, ModelInfo, cancel_key, image_seed
 from app.core.storage import LocalImageStore
 from worker import tasks
+from worker.events import EventSink
 from worker.worker import ImagegenWorker
 
 
@@ -52,9 +53,13 @@ class FakeRuntime:
 def env(redis_db, tmp_path):
     runtime = FakeRuntime()
     store = LocalImageStore(tmp_path)
-    tasks.bind(tasks.WorkerContext(runtime=runtime, store=store, settings=Settings(results_dir=tmp_path)))
+    settings = Settings(results_dir=tmp_path)
+    sink = EventSink(redis_db, settings, sender=None)
+    tasks.bind(tasks.WorkerContext(runtime, store, settings, redis_db, sink))
     queue = Queue("imagegen:fake", connection=redis_db, serializer=JSONSerializer)
-    worker = ImagegenWorker([queue], connection=redis_db, serializer=JSONSerializer, heartbeat_interval=0.2)
+    worker = ImagegenWorker(
+        [queue], connection=redis_db, serializer=JSONSerializer, heartbeat_interval=0.2, events=sink
+    )
     yield runtime, store, queue, worker
     tasks._context = None
 
@@ -136,3 +141,48 @@ def test_heartbeats_continue_while_a_job_samples(env) -> None:
     watcher.join()
     # Without the heartbeat thread the job's heartbeat is written once, when it starts.
     assert len(set(beats)) >= 3
+
+
+def _events(redis_db, job_id: str) -> list[str]:
+    from app.core import events
+
+    return [e.type.value for _, e in events.read(redis_db, job_id)]
+
+
+def test_cancel_flag_stops_sampling_at_the_next_step(env, redis_db) -> None:
+    runtime, store, queue, worker = env
+    job = enqueue(queue, prompt="to cancel", num_inference_steps=50, seed=1)
+    original = runtime.generate
+
+    def generate_and_cancel_at_step_3(params, on_step):
+        def step(i: int, n: int) -> None:
+            if i == 3:
+                redis_db.set(cancel_key(job.id), 1)
+            on_step(i, n)
+
+        return original(params, step)
+
+    runtime.generate = generate_and_cancel_at_step_3
+    after = enqueue(queue, prompt="next", seed=2)
+    worker.work(burst=True)
+    job.refresh()
+    assert job.meta["error"]["code"] == "canceled" and job.meta["canceled_at_step"] == 3
+    assert store.get(job.id, 0) is None  # nothing stored for a canceled job
+    assert _events(redis_db, job.id)[0] == "started" and _events(redis_db, job.id)[-1] == "canceled"
+    after.refresh()
+    assert after.get_status() == "finished"
+
+
+def test_events_are_written_in_order_and_terminal_last(env, redis_db) -> None:
+    runtime, store, queue, worker = env
+    ok = enqueue(queue, prompt="fine", num_inference_steps=3)
+    bad = enqueue(queue, prompt="explode")
+    worker.work(burst=True)
+    kinds = _events(redis_db, ok.id)
+    assert kinds[0] == "started" and kinds[-1] == "succeeded" and set(kinds[1:-1]) == {"progress"}
+    assert _events(redis_db, bad.id) == ["started", "failed"]
+    from app.core import events
+
+    last = events.read(redis_db, ok.id)[-1][1]
+    assert last.images and last.images[0]["url"] == f"/jobs/{ok.id}/images/0"
+    assert last.progress == {"step": 3, "total": 3}

@@ -2,23 +2,65 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response, status
+import hashlib
+from typing import Annotated
 
-from app.api.deps import JobsDep
+from fastapi import APIRouter, Header, Request, Response, status
+
+from app.api.deps import JobsDep, SettingsDep
 from app.api.schemas import ERROR_RESPONSES, GenerateRequest, JobView
+from app.core.errors import InvalidRequestError
+from app.core.webhooks import WebhookTargetError, check_target
 
 router = APIRouter(tags=["generate"])
+
+
+def image_url(request: Request):
+    return lambda job_id, i: str(request.url_for("get_image", job_id=job_id, index=str(i)))
 
 
 @router.post(
     "/generate",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobView,
-    responses=ERROR_RESPONSES,
+    responses={
+        200: {"model": JobView, "description": "Repeat of an Idempotency-Key: the original job"},
+        **ERROR_RESPONSES,
+    },
     summary="Submit a text-to-image job",
 )
-def generate(body: GenerateRequest, request: Request, response: Response, jobs: JobsDep) -> JobView:
-    """Queue a job and answer at once with 202, a `Location` to poll and the job as JSON."""
-    job = jobs.submit(body)
+def generate(
+    body: GenerateRequest,
+    request: Request,
+    response: Response,
+    jobs: JobsDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobView:
+    """Queue a job and answer at once with 202, a `Location` to poll and the job as JSON.
+
+    With an `Idempotency-Key` header, repeating the same body returns the original job (200)
+    for 24 h; the same key with a different body is a 409.
+    """
+    webhook = None
+    if body.webhook is not None:
+        if not settings.webhook_secret:
+            raise InvalidRequestError(
+                "webhooks are disabled on this server (no IMAGEGEN_WEBHOOK_SECRET)", code="validation_error"
+            )
+        try:
+            check_target(body.webhook, allow_private=settings.webhook_allow_private)
+        except WebhookTargetError as exc:
+            raise InvalidRequestError(f"webhook: {exc}", code="validation_error") from None
+        webhook = {"url": body.webhook, "events": [e.value for e in body.webhook_events]}
+    body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    job_id, existing = None, None
+    if idempotency_key is not None:
+        job_id, existing = jobs.claim_idempotency_key(idempotency_key, body_hash)
+    if existing is not None:
+        job = existing
+        response.status_code = status.HTTP_200_OK
+    else:
+        job = jobs.submit(body.generation_params(), priority=body.priority, webhook=webhook, job_id=job_id)
     response.headers["Location"] = f"/jobs/{job.id}"
-    return jobs.view(job, lambda job_id, i: str(request.url_for("get_image", job_id=job_id, index=str(i))))
+    return jobs.view(job, image_url(request))

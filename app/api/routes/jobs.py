@@ -1,24 +1,115 @@
-"""GET /jobs/{id} and GET /jobs/{id}/images/{index}."""
+"""Jobs: list, status (with long-poll), cancel, live events (SSE) and images."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
 
-from app.api.deps import JobsDep, StoreDep
-from app.api.schemas import ERROR_RESPONSES, JobView
-from app.core.errors import ConflictError, GoneError, NotFoundError
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette import EventSourceResponse
+
+from app.api.deps import JobsDep, SettingsDep, StoreDep
+from app.api.routes.generate import image_url
+from app.api.schemas import ERROR_RESPONSES, JobList, JobView
+from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError
+from app.core.events import JobEvent
 from app.core.jobs import JobStatus
+from app.core.webhooks import deliver
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+MAX_WAIT = 60.0
 
 
-def _image_url(request: Request):
-    return lambda job_id, i: str(request.url_for("get_image", job_id=job_id, index=str(i)))
+@router.get("", response_model=JobList, responses=ERROR_RESPONSES, summary="Recent jobs, newest first")
+def list_jobs(
+    request: Request,
+    jobs: JobsDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> JobList:
+    return jobs.list_jobs(image_url(request), status_filter, limit, cursor)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="Job status and results")
-def get_job(job_id: str, request: Request, jobs: JobsDep) -> JobView:
-    return jobs.view(jobs.get(job_id), _image_url(request))
+async def get_job(
+    job_id: str,
+    request: Request,
+    jobs: JobsDep,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="Long-poll: wait up to N s for the end")] = 0,
+) -> JobView:
+    job = await run_in_threadpool(jobs.get, job_id)
+    if wait > 0 and not jobs.status(job).is_terminal():
+        await jobs.wait_async(job.id, wait)
+        job = await run_in_threadpool(jobs.get, job.id)
+    return await run_in_threadpool(jobs.view, job, image_url(request))
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobView,
+    responses={202: {"model": JobView, "description": "Running: it stops at its next step"}, **ERROR_RESPONSES},
+    summary="Cancel a job",
+)
+def cancel_job(
+    job_id: str, request: Request, response: Response, jobs: JobsDep, settings: SettingsDep, tasks: BackgroundTasks
+) -> JobView:
+    """A queued job never starts (200); a running one stops at its next denoising step (202)."""
+    job, event = jobs.cancel(jobs.get(job_id))
+    if event is None:
+        response.status_code = status.HTTP_202_ACCEPTED
+    else:
+        _webhook_after_cancel(job.meta or {}, event, settings, tasks)
+    return jobs.view(job, image_url(request))
+
+
+def _webhook_after_cancel(meta: dict, event: JobEvent, settings, tasks: BackgroundTasks) -> None:
+    # A job canceled before it started never reaches a worker, so its webhook is sent from here.
+    hook = meta.get("webhook") or {}
+    if hook.get("url") and "completed" in hook.get("events", ()) and settings.webhook_secret:
+        tasks.add_task(
+            deliver,
+            hook["url"],
+            event.model_dump_json(exclude_none=True).encode(),
+            secret=settings.webhook_secret,
+            max_attempts=settings.webhook_max_attempts,
+            allow_private=settings.webhook_allow_private,
+        )
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "queued, started, progress, then "
+            "succeeded|failed|canceled; the stream closes after the terminal event",
+        },
+        **ERROR_RESPONSES,
+    },
+    summary="Live job events (Server-Sent Events)",
+)
+async def job_events(
+    job_id: str,
+    jobs: JobsDep,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> EventSourceResponse:
+    job = await run_in_threadpool(jobs.get, job_id)
+    after = last_event_id or "0"
+    if not _valid_stream_id(after):
+        raise InvalidRequestError("Last-Event-ID: not an id sent by this stream", code="validation_error")
+
+    async def messages():
+        async for ident, event in jobs.stream(job.id, after):
+            yield {"event": event.type.value, "id": ident, "data": event.model_dump_json(exclude_none=True)}
+
+    return EventSourceResponse(messages(), ping=10, send_timeout=30)
+
+
+def _valid_stream_id(value: str) -> bool:
+    head, _, tail = value.partition("-")
+    return head.isdigit() and (tail == "" or tail.isdigit())
 
 
 @router.get(
@@ -30,7 +121,7 @@ def get_job(job_id: str, request: Request, jobs: JobsDep) -> JobView:
 )
 def get_image(job_id: str, index: str, request: Request, jobs: JobsDep, store: StoreDep) -> Response:
     job = jobs.get(job_id)
-    view = jobs.view(job, _image_url(request))
+    view = jobs.view(job, image_url(request))
     if view.status is not JobStatus.succeeded:
         if view.status.is_terminal():
             raise ConflictError(f"job {job.id} ended {view.status.value}; it has no images", code="job_not_succeeded")

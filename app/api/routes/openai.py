@@ -1,0 +1,243 @@
+"""OpenAI-compatible `/v1`: `POST /v1/images/generations` (synchronous) and `GET /v1/models`.
+
+The request is queued like any other job through `JobService.submit`, then this route waits for
+the job (bounded by the `openai_timeout` setting) and answers in OpenAI's shape. Every error on
+these routes, request validation included, is OpenAI's `{"error": {"message", "type", "param",
+"code"}}`; the rest of the API keeps its own envelope. Imports neither torch nor `worker`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq.job import Job
+
+from app.api.deps import JobsDep, SettingsDep, StoreDep
+from app.api.errors import STATUS
+from app.api.openai_schemas import (
+    ImageDatum,
+    ImagesGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    OpenAIErrorEnvelope,
+    SizeError,
+    parse_size,
+    to_params,
+)
+from app.api.services import JobService
+from app.core import errors
+from app.core.jobs import ErrorCode, JobStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 120.0  # seconds, until Settings carries `openai_timeout`
+# Without an async Redis client each waiting request holds a thread; a limiter of its own keeps them
+# from starving the default pool that every other (sync) route of the API runs on.
+_WAITERS = anyio.CapacityLimiter(64)
+
+
+class OpenAIError(Exception):
+    """An error to answer in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _from_validation(exc: RequestValidationError) -> OpenAIError:
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        return OpenAIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
+    if not errs:
+        return OpenAIError(400, "invalid request", code="invalid_value")
+    first = errs[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_param")
+    if first.get("type") == "missing":
+        return OpenAIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_param")
+    message = f"Invalid '{param}': {first.get('msg', 'invalid value')}." if param else str(first.get("msg"))
+    return OpenAIError(400, message, param=param, code="invalid_value")
+
+
+def _from_domain(exc: errors.ImagegenError) -> OpenAIError:
+    status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
+    if status == 422:  # OpenAI answers bad parameters with 400
+        status = 400
+    param = None
+    if isinstance(exc.details, list) and exc.details and isinstance(exc.details[0], dict):
+        loc = [str(p) for p in exc.details[0].get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, errors.UnavailableError) else None
+    return OpenAIError(status, exc.message, param=param, code=exc.code, headers=headers)
+
+
+class OpenAIRoute(APIRoute):
+    """Turns every error raised while handling a `/v1` request into OpenAI's error shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpenAIError as exc:
+                return exc.response()
+            except RequestValidationError as exc:
+                return _from_validation(exc).response()
+            except errors.ImagegenError as exc:
+                return _from_domain(exc).response()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+                message = "the job store (Redis) is unreachable; retry shortly"
+                return OpenAIError(503, message, code="unavailable", headers={"Retry-After": "5"}).response()
+            except Exception as exc:
+                log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+                return OpenAIError(500, "internal server error", code="internal_error").response()
+
+        return handle
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorEnvelope, "description": text}
+    for code, text in {
+        400: "Invalid request (OpenAI's error shape)",
+        409: "The job was canceled",
+        500: "The job failed",
+        503: "Redis or workers unavailable",
+        504: "The job did not finish within the server's time limit; it keeps running",
+    }.items()
+}
+
+# How a failed job's error code maps to an HTTP status for a synchronous caller.
+_FAILURE_STATUS = {
+    ErrorCode.invalid_params.value: 400,
+    ErrorCode.refused.value: 400,
+    ErrorCode.canceled.value: 409,
+    ErrorCode.timeout.value: 504,
+}
+
+
+async def _wait(jobs: JobService, job_id: str, timeout: float) -> Job:
+    """The job once terminal, or as it stands when `timeout` runs out."""
+    if getattr(jobs, "aredis", None) is not None:  # blocks on the event stream without a thread
+        await jobs.wait_async(job_id, timeout)
+        return await run_in_threadpool(jobs.get, job_id)
+    return await anyio.to_thread.run_sync(jobs.wait, job_id, timeout, limiter=_WAITERS)
+
+
+def _created(job: Job) -> int:
+    created = job.created_at
+    if created is None:
+        return int(time.time())
+    return int((created if created.tzinfo else created.replace(tzinfo=UTC)).timestamp())
+
+
+@router.post(
+    "/images/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=OPENAI_ERRORS,
+    summary="OpenAI-compatible image generation (waits for the result)",
+)
+async def create_images(
+    body: ImagesGenerationRequest,
+    request: Request,
+    response: Response,
+    jobs: JobsDep,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> ImagesResponse:
+    """Queue a job, wait for it and answer with URLs of the PNGs or the PNGs themselves (base64).
+
+    Works with OpenAI's SDKs: point `base_url` at `<server>/v1`; any API key is accepted. Our own
+    parameters (`seed`, `negative_prompt`, `num_inference_steps`, `guidance_scale`, `scheduler`)
+    go in the SDK's `extra_body`.
+    """
+    if body.model is not None and body.model != settings.model:
+        message = f"The model `{body.model}` does not exist; this server serves `{settings.model}`."
+        raise OpenAIError(400, message, param="model", code="model_not_found")
+    width = height = None
+    if body.size is not None:
+        try:
+            width, height = parse_size(
+                body.size, min_size=settings.min_size, max_width=settings.max_width, max_height=settings.max_height
+            )
+        except SizeError as exc:
+            raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
+    job = await run_in_threadpool(jobs.submit, to_params(body, width, height))
+    job_header = {"X-Imagegen-Job-Id": job.id}
+    timeout = float(getattr(settings, "openai_timeout", DEFAULT_TIMEOUT))
+    job = await _wait(jobs, job.id, timeout)
+
+    def image_url(job_id: str, i: int) -> str:
+        return str(request.url_for("get_image", job_id=job_id, index=str(i)))
+
+    view = jobs.view(job, image_url)
+    if not view.status.is_terminal():
+        message = f"job {job.id} did not finish within {timeout:g} s; it keeps running: poll GET /jobs/{job.id} for it"
+        raise OpenAIError(504, message, code="timeout", headers=job_header)
+    if view.status is not JobStatus.succeeded:
+        code = view.error.code if view.error else ErrorCode.internal_error.value
+        message = view.error.message if view.error else f"job {job.id} ended {view.status.value}"
+        raise OpenAIError(_FAILURE_STATUS.get(code, 500), message, code=code, headers=job_header)
+
+    data: list[ImageDatum] = []
+    for ref in sorted(view.images, key=lambda r: r.index):
+        if body.response_format == "b64_json":
+            png = await run_in_threadpool(store.get, job.id, ref.index)
+            if png is None:
+                raise OpenAIError(410, f"image {ref.index} of job {job.id} has expired", code="gone")
+            data.append(ImageDatum(b64_json=base64.b64encode(png).decode("ascii")))
+        else:
+            data.append(ImageDatum(url=ref.url))
+    response.headers.update(job_header)
+    return ImagesResponse(created=_created(job), data=data)
+
+
+@router.get("/models", response_model=ModelList, summary="The served model (OpenAI-compatible list)")
+def list_models(settings: SettingsDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=settings.model)])
+
+
+@router.api_route(
+    "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False, name="openai_unknown"
+)
+def unknown(path: str, request: Request) -> Response:
+    # Unknown /v1 paths answer in OpenAI's shape too, so SDK users see a readable error.
+    raise OpenAIError(404, f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")

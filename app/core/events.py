@@ -1,0 +1,80 @@
+"""Job events: one schema for SSE, long-polling and webhooks, kept in a Redis stream per job.
+
+The API writes `queued` (and `canceled` for jobs that never started); the worker writes `started`,
+`progress` and the terminal event after RQ has recorded the outcome.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from redis.client import Pipeline
+
+STREAM_MAXLEN = 1000
+
+
+class EventType(enum.StrEnum):
+    queued = "queued"
+    started = "started"
+    progress = "progress"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in (EventType.succeeded, EventType.failed, EventType.canceled)
+
+
+class JobEvent(BaseModel):
+    type: EventType
+    job_id: str
+    status: str
+    progress: dict[str, int] | None = None
+    timestamp: float
+    images: list[dict[str, Any]] | None = None
+    error: dict[str, str] | None = None
+
+
+def stream_key(job_id: str) -> str:
+    return f"imagegen:events:{job_id}"
+
+
+def make_event(type_: EventType, job_id: str, status: str, **fields: Any) -> JobEvent:
+    return JobEvent(type=type_, job_id=job_id, status=status, timestamp=time.time(), **fields)
+
+
+def publish(conn: Redis | Pipeline, event: JobEvent, ttl: int) -> None:
+    """Append to the job's stream (bounded) and keep the stream as long as the job."""
+    key = stream_key(event.job_id)
+    conn.xadd(key, {"data": event.model_dump_json(exclude_none=True)}, maxlen=STREAM_MAXLEN, approximate=True)
+    conn.expire(key, ttl)
+
+
+def decode(entries: list[Any]) -> list[tuple[str, JobEvent]]:
+    out = []
+    for entry_id, fields in entries:
+        raw = fields.get(b"data") or fields.get("data")
+        ident = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        out.append((ident, JobEvent.model_validate(json.loads(raw))))
+    return out
+
+
+def read(conn: Redis, job_id: str, after: str = "0", block_ms: int | None = None) -> list[tuple[str, JobEvent]]:
+    """Events after stream id `after`; with `block_ms`, wait up to that long for the first one."""
+    result: Any = conn.xread({stream_key(job_id): after}, count=500, block=block_ms)
+    if not result:
+        return []
+    _, entries = result[0]
+    return decode(entries)
+
+
+def last_id(conn: Redis, job_id: str) -> str:
+    entries = conn.xrevrange(stream_key(job_id), count=1)
+    return decode(entries)[0][0] if entries else "0"

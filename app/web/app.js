@@ -1,0 +1,252 @@
+// The imagegen page: submit a job, follow it live (Server-Sent Events, else polling), show the images.
+"use strict";
+
+const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+const EVENT_TYPES = ["queued", "started", "progress", "succeeded", "failed", "canceled"];
+const POLL_MS = 400;
+
+const $ = (id) => document.getElementById(id);
+const form = $("form");
+const ui = {
+  generate: $("generate"),
+  cancel: $("cancel"),
+  job: $("job"),
+  status: $("status"),
+  link: $("job-link"),
+  bar: $("bar-fill"),
+  error: $("error"),
+  gallery: $("gallery"),
+  server: $("server"),
+};
+
+let active = null; // {id, prompt, source, timer, done}
+
+async function api(method, path, body) {
+  const init = { method, headers: { accept: "application/json" } };
+  if (body !== undefined) {
+    init.headers["content-type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, init);
+  let data = null;
+  try {
+    data = await res.json();
+  } catch (_) {
+    // not JSON (e.g. a proxy's error page): the status says enough
+  }
+  if (!res.ok) {
+    const err = new Error((data && data.error && data.error.message) || `HTTP ${res.status}`);
+    err.status = res.status;
+    throw err;
+  }
+  return { status: res.status, data };
+}
+
+function readParams() {
+  const params = { prompt: form.prompt.value.trim() };
+  const negative = form.negative_prompt.value.trim();
+  if (negative) params.negative_prompt = negative;
+  for (const name of ["num_images", "num_inference_steps", "seed", "width", "height"]) {
+    const value = form[name].value.trim();
+    if (value !== "") params[name] = Number.parseInt(value, 10);
+  }
+  const guidance = form.guidance_scale.value.trim();
+  if (guidance !== "") params.guidance_scale = Number.parseFloat(guidance);
+  return params;
+}
+
+function showStatus(status, progress) {
+  ui.job.hidden = false;
+  ui.status.dataset.status = status;
+  let text = status;
+  const total = progress ? progress.total : 0;
+  const step = progress ? progress.step : 0;
+  if (status === "running" && total) text = `running — step ${step} of ${total}`;
+  ui.status.textContent = text;
+  const pct = status === "succeeded" ? 100 : total ? Math.round((100 * step) / total) : 0;
+  ui.bar.style.width = `${pct}%`;
+  ui.bar.parentElement.setAttribute("aria-valuenow", String(pct));
+}
+
+function showError(message) {
+  ui.job.hidden = false;
+  ui.error.hidden = !message;
+  ui.error.textContent = message || "";
+}
+
+function setBusy(busy) {
+  ui.generate.disabled = busy;
+  ui.cancel.disabled = !busy;
+}
+
+function stopFollowing(job) {
+  if (job.source) job.source.close();
+  if (job.timer) clearTimeout(job.timer);
+  job.source = null;
+  job.timer = null;
+}
+
+// Live updates over SSE; if the server has no event stream (or it fails before saying anything),
+// fall back to polling GET /jobs/{id}.
+function follow(job) {
+  if (!window.EventSource) return poll(job);
+  const source = new EventSource(`/jobs/${encodeURIComponent(job.id)}/events`);
+  job.source = source;
+  let heard = false;
+  const onEvent = (message) => {
+    heard = true;
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch (_) {
+      return;
+    }
+    showStatus(event.status, event.progress);
+    if (TERMINAL.has(event.status)) finish(job);
+  };
+  for (const type of EVENT_TYPES) source.addEventListener(type, onEvent);
+  source.onmessage = onEvent;
+  source.onerror = () => {
+    if (job.done) return;
+    // CLOSED: refused (404, wrong type); CONNECTING before any event: likely no SSE route at all.
+    // After events, a drop reconnects by itself and resumes with Last-Event-ID.
+    if (source.readyState === EventSource.CLOSED || !heard) {
+      source.close();
+      job.source = null;
+      poll(job);
+    }
+  };
+}
+
+async function poll(job) {
+  if (job.done) return;
+  try {
+    const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}`);
+    showStatus(data.status, data.progress);
+    if (TERMINAL.has(data.status)) return render(job, data);
+  } catch (err) {
+    if (err.status === 404 || err.status === 410) return end(job, err.message);
+  }
+  job.timer = setTimeout(() => poll(job), POLL_MS);
+}
+
+async function finish(job) {
+  stopFollowing(job);
+  try {
+    const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}`);
+    render(job, data);
+  } catch (err) {
+    end(job, err.message);
+  }
+}
+
+function end(job, message) {
+  job.done = true;
+  stopFollowing(job);
+  if (active === job) active = null;
+  setBusy(false);
+  showError(message);
+}
+
+function render(job, view) {
+  showStatus(view.status, view.progress);
+  if (view.status !== "succeeded") {
+    const reason = view.error ? view.error.message : view.status;
+    return end(job, view.status === "canceled" ? `canceled: ${reason}` : reason);
+  }
+  const seconds = view.started_at && view.finished_at
+    ? (Date.parse(view.finished_at) - Date.parse(view.started_at)) / 1000
+    : null;
+  ui.status.textContent = seconds === null ? "succeeded" : `succeeded in ${seconds.toFixed(1)} s`;
+  for (const image of [...view.images].sort((a, b) => b.index - a.index)) {
+    ui.gallery.prepend(card(job.prompt, image));
+  }
+  end(job, view.warnings && view.warnings.length ? view.warnings.join("; ") : "");
+}
+
+function card(prompt, image) {
+  const figure = document.createElement("figure");
+  figure.className = "card";
+  const img = document.createElement("img");
+  img.src = image.url;
+  img.alt = prompt;
+  img.width = image.width;
+  img.height = image.height;
+  const caption = document.createElement("figcaption");
+  const text = document.createElement("span");
+  text.className = "prompt";
+  text.title = prompt;
+  text.textContent = prompt;
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  const seed = document.createElement("span");
+  seed.className = "seed";
+  seed.textContent = `seed ${image.seed}`;
+  const size = document.createElement("span");
+  size.textContent = `${image.width}×${image.height}`;
+  const save = document.createElement("a");
+  save.href = image.url;
+  save.download = `imagegen-${image.seed}.png`;
+  save.textContent = "download";
+  meta.append(seed, size, save);
+  caption.append(text, meta);
+  figure.append(img, caption);
+  return figure;
+}
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (active) return;
+  const params = readParams();
+  showError("");
+  setBusy(true);
+  try {
+    const { data } = await api("POST", "/generate", params);
+    const job = { id: data.id, prompt: params.prompt, source: null, timer: null, done: false };
+    active = job;
+    ui.link.textContent = data.id.slice(0, 8);
+    ui.link.href = `/jobs/${data.id}`;
+    showStatus(data.status, data.progress);
+    follow(job);
+  } catch (err) {
+    setBusy(false);
+    showStatus("failed", null);
+    showError(err.message);
+  }
+});
+
+ui.cancel.addEventListener("click", async () => {
+  const job = active;
+  if (!job) return;
+  ui.cancel.disabled = true;
+  try {
+    const { status, data } = await api("DELETE", `/jobs/${encodeURIComponent(job.id)}`);
+    if (status === 202) {
+      ui.status.textContent = "cancel requested — stopping at the next step";
+    } else if (data && TERMINAL.has(data.status)) {
+      render(job, data);
+    }
+  } catch (err) {
+    ui.cancel.disabled = job.done;
+    showError(err.status === 409 ? "the job had already finished" : `cancel failed: ${err.message}`);
+  }
+});
+
+// Enter submits; Shift+Enter adds a line.
+form.prompt.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    form.requestSubmit();
+  }
+});
+
+async function checkServer() {
+  try {
+    const { data } = await api("GET", "/readyz");
+    ui.server.textContent = `ready · ${data.workers} worker${data.workers === 1 ? "" : "s"}`;
+  } catch (err) {
+    ui.server.textContent = `not ready: ${err.message}`;
+  }
+}
+
+checkServer();

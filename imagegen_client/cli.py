@@ -1,0 +1,156 @@
+"""The `imagegen` command: generate images, show a job, cancel a job. Built on `imagegen_client.Client`.
+
+Every failure prints one line to stderr and exits non-zero; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tqdm import tqdm
+
+from imagegen_client.client import DEFAULT_URL, URL_ENV, Client, ImagegenError, JobEvent
+
+PROG = "imagegen"
+EXIT_FAILED = 1  # the server refused, the job failed, or the files could not be written
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _size(value: str) -> tuple[int, int]:
+    width, sep, height = value.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not WIDTHxHEIGHT, e.g. 512x512")
+    return int(width), int(height)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Generate images with an imagegen server.")
+    url_help = f"server URL (default: ${URL_ENV} or {DEFAULT_URL})"
+    parser.add_argument("--url", help=url_help)
+    # Also accepted after the subcommand; SUPPRESS keeps it from overwriting the one given before.
+    common = _Parser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, help=url_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", parents=[common], help="make images and save them as PNGs")
+    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument("-n", "--num-images", type=int, default=1, metavar="N", help="images to make (1-10)")
+    gen.add_argument("--seed", type=int, help="random seed (image i uses seed + i); random if missing")
+    gen.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from")
+    gen.add_argument("--steps", type=int, dest="num_inference_steps", metavar="N", help="denoising steps")
+    gen.add_argument("--guidance", type=float, dest="guidance_scale", metavar="G", help="guidance scale")
+    gen.add_argument("--size", type=_size, metavar="WxH", help="image size, multiples of 8 (default: native)")
+    gen.add_argument("--scheduler", help="sampler: ddim, euler, euler_a, dpmpp_2m, unipc, pndm")
+    gen.add_argument("--priority", choices=["high", "normal", "low"], help="queue priority")
+    gen.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR", help="folder for the PNGs")
+    gen.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up waiting after S seconds")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    status = sub.add_parser("status", parents=[common], help="print a job as JSON")
+    status.add_argument("job_id")
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    return parser
+
+
+class _Bar:
+    """A tqdm bar that follows a job's events: total = steps, postfix = status."""
+
+    def __init__(self, job_id: str, total: int, enabled: bool) -> None:
+        self.bar = tqdm(
+            total=total or None, desc=job_id[:8], unit="step", file=sys.stderr, disable=not enabled, leave=True
+        )
+
+    def __call__(self, event: JobEvent) -> None:
+        if event.progress.total and self.bar.total != event.progress.total:
+            self.bar.total = event.progress.total
+        self.bar.n = event.progress.step
+        self.bar.set_postfix_str(event.status, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    width, height = args.size if args.size else (None, None)
+    job = client.submit(
+        args.prompt,
+        num_images=args.num_images,
+        seed=args.seed,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        width=width,
+        height=height,
+        scheduler=args.scheduler,
+        priority=args.priority,
+    )
+    bar = _Bar(job.id, job.progress.total, enabled=not args.quiet)
+    try:
+        done = client.wait(job.id, timeout=args.timeout, on_progress=bar)
+    except KeyboardInterrupt:
+        bar.close()
+        # Nobody is waiting for the result any more: free the worker.
+        try:
+            client.cancel(job.id)
+            print(f"{PROG}: interrupted; canceled job {job.id}", file=sys.stderr)
+        except ImagegenError:
+            print(f"{PROG}: interrupted; job {job.id} goes on running", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        bar.close()
+    done.raise_for_status()
+    args.output.mkdir(parents=True, exist_ok=True)
+    for image in done.images:
+        path = args.output / f"{done.id}-{image.index}.png"
+        path.write_bytes(client.download(done.id, image.index))
+        print(path)
+    return 0
+
+
+def _status(client: Client, args: argparse.Namespace) -> int:
+    print(json.dumps(client.get(args.job_id).raw, indent=2))
+    return 0
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    job = client.cancel(args.job_id)
+    if job.status == "canceled":
+        print(f"{job.id}: canceled")
+    else:
+        print(f"{job.id}: cancel requested ({job.status}; it stops at its next step)")
+    return 0
+
+
+COMMANDS: dict[str, Any] = {"generate": _generate, "status": _status, "cancel": _cancel}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.url) as client:
+            return int(COMMANDS[args.command](client, args))
+    except ImagegenError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # the output folder or a file could not be written
+        print(f"{PROG}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug or an odd answer: still one line, never a traceback
+        print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_FAILED

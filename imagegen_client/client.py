@@ -1,0 +1,603 @@
+"""HTTP clients for the imagegen API: `Client` (sync) and `AsyncClient` (asyncio), on httpx.
+
+Owns the wire format as a client sees it (job views, events, error envelopes) and how to wait for
+a job: Server-Sent Events from `GET /jobs/{id}/events`, else long-polling `GET /jobs/{id}?wait=N`,
+else plain polling, chosen by what the server answers. Must not import the server (`app`,
+`worker`): it is installed and used on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import quote
+
+import httpx
+from httpx_sse import aconnect_sse, connect_sse
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+URL_ENV = "IMAGEGEN_URL"
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+REQUEST_TIMEOUT = 30.0  # seconds for one ordinary request
+SSE_READ_TIMEOUT = 30.0  # the server pings idle streams well within this; silence longer means a dead link
+LONGPOLL_MAX = 25.0  # seconds per long-poll request (the server allows up to 60)
+LONGPOLL_PROGRESS = 1.0  # shorter long-polls when a progress callback wants to see each step
+POLL_INTERVAL = 0.25  # seconds between plain polls
+RETRY_PAUSE = 0.2  # after a dropped event stream, before reconnecting
+
+WaitMode = Literal["sse", "longpoll", "poll"]
+
+
+class ImagegenError(Exception):
+    """An error answer from the server (`status` is its HTTP status) or a transport failure
+    (`status` is None). `code` and `message` come from the API's error envelope."""
+
+    def __init__(self, status: int | None, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status}, " if self.status is not None else ""
+        return f"{self.message} ({where}{self.code})"
+
+    def __repr__(self) -> str:
+        return f"ImagegenError(status={self.status!r}, code={self.code!r}, message={self.message!r})"
+
+
+class WaitTimeout(ImagegenError, TimeoutError):
+    """`wait` ran out of time; the job goes on running on the server."""
+
+    def __init__(self, job_id: str, timeout: float, job: Job | None = None) -> None:
+        status = job.status if job else "unfinished"
+        super().__init__(None, "wait_timeout", f"job {job_id} still {status} after {timeout:g} s")
+        self.job_id = job_id
+        self.job = job
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    step: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    index: int
+    url: str
+    seed: int
+    width: int
+    height: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ImageRef:
+        return cls(
+            int(data["index"]), str(data.get("url", "")), int(data["seed"]), int(data["width"]), int(data["height"])
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobErrorInfo:
+    code: str
+    message: str
+
+
+def _progress(data: Mapping[str, Any] | None) -> Progress:
+    data = data or {}
+    return Progress(int(data.get("step") or 0), int(data.get("total") or 0))
+
+
+def _error_info(data: Mapping[str, Any] | None) -> JobErrorInfo | None:
+    return JobErrorInfo(str(data.get("code", "error")), str(data.get("message", ""))) if data else None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job as `GET /jobs/{id}` shows it; `raw` is the JSON as received."""
+
+    id: str
+    status: str
+    params: dict[str, Any]
+    progress: Progress
+    images: list[ImageRef]
+    warnings: list[str]
+    error: JobErrorInfo | None
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Job:
+        return cls(
+            id=str(data["id"]),
+            status=str(data["status"]),
+            params=dict(data.get("params") or {}),
+            progress=_progress(data.get("progress")),
+            images=[ImageRef.from_json(i) for i in data.get("images") or []],
+            warnings=list(data.get("warnings") or []),
+            error=_error_info(data.get("error")),
+            created_at=data.get("created_at"),
+            started_at=data.get("started_at"),
+            finished_at=data.get("finished_at"),
+            raw=dict(data),
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+    def raise_for_status(self) -> Job:
+        """This job if it succeeded; else an `ImagegenError` carrying the job's error code and message."""
+        if self.succeeded:
+            return self
+        if self.error is not None:
+            raise ImagegenError(None, self.error.code, f"job {self.id} {self.status}: {self.error.message}")
+        raise ImagegenError(None, self.status, f"job {self.id} is {self.status}")
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One update about a job, as `GET /jobs/{id}/events` sends it (or as made up from polling)."""
+
+    type: str  # queued, started, progress, succeeded, failed, canceled
+    job_id: str
+    status: str
+    progress: Progress
+    timestamp: float
+    images: list[ImageRef] = field(default_factory=list)
+    error: JobErrorInfo | None = None
+    id: str | None = None  # the stream id (resumes with Last-Event-ID); None when polled
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], event: str = "", ident: str | None = None) -> JobEvent:
+        return cls(
+            type=str(data.get("type") or event or "progress"),
+            job_id=str(data.get("job_id", "")),
+            status=str(data.get("status", "")),
+            progress=_progress(data.get("progress")),
+            timestamp=float(data.get("timestamp") or time.time()),
+            images=[ImageRef.from_json(i) for i in data.get("images") or []],
+            error=_error_info(data.get("error")),
+            id=ident or None,
+        )
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobEvent:
+        kind = {"running": "progress"}.get(job.status, job.status)
+        return cls(kind, job.id, job.status, job.progress, time.time(), job.images, job.error)
+
+
+ProgressCallback = Callable[[JobEvent], None]
+
+
+class _Reporter:
+    """Calls the user's callback once per change of status or step (polling repeats itself)."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self.callback = callback
+        self.last: tuple[str, int, int] | None = None
+
+    def __call__(self, event: JobEvent) -> None:
+        key = (event.status, event.progress.step, event.progress.total)
+        if self.callback is not None and key != self.last:
+            self.last = key
+            self.callback(event)
+
+
+# -- wire helpers shared by both clients ----------------------------------------------------------
+def resolve_url(base_url: str | None) -> str:
+    return (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+
+
+def _job_path(job_id: str) -> str:
+    # Ids are UUIDs; quoting keeps anything else from walking to another route.
+    return f"/jobs/{quote(str(job_id), safe='')}"
+
+
+def _submit_body(prompt: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    return {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
+
+
+def error_from_response(response: httpx.Response) -> ImagegenError:
+    """Our envelope `{"error": {"code", "message", "details"?}}` (or OpenAI's) as an exception."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict) and err.get("message"):
+        code = err.get("code") or err.get("type") or f"http_{response.status_code}"
+        return ImagegenError(response.status_code, str(code), str(err["message"]), err.get("details"))
+    text = response.text.strip().splitlines()[0][:200] if response.text.strip() else response.reason_phrase
+    return ImagegenError(response.status_code, f"http_{response.status_code}", text or "request failed")
+
+
+def _transport_error(base_url: str, exc: httpx.TransportError) -> ImagegenError:
+    if isinstance(exc, httpx.ConnectError):
+        return ImagegenError(None, "connection_error", f"cannot connect to {base_url}: {exc}")
+    if isinstance(exc, httpx.TimeoutException):
+        return ImagegenError(None, "timeout", f"{base_url} did not answer in time ({type(exc).__name__})")
+    return ImagegenError(None, "transport_error", f"talking to {base_url} failed: {exc}")
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        raise error_from_response(response)
+    return response
+
+
+def _job_from(response: httpx.Response) -> Job:
+    return Job.from_json(_checked(response).json())
+
+
+def _is_event_stream(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").partition(";")[0].strip() == "text/event-stream"
+
+
+def _remaining(deadline: float | None) -> float:
+    return float("inf") if deadline is None else deadline - time.monotonic()
+
+
+def _longpoll_seconds(deadline: float | None, callback: ProgressCallback | None) -> float:
+    cap = LONGPOLL_PROGRESS if callback is not None else LONGPOLL_MAX
+    return max(0.1, min(cap, _remaining(deadline)))
+
+
+# -- sync -----------------------------------------------------------------------------------------
+class Client:
+    """Blocking client. Use as a context manager, or call `close()`.
+
+    >>> with Client("http://127.0.0.1:8000") as c:
+    ...     job = c.wait(c.submit("a red circle on a blue background", seed=7).id, timeout=120)
+    ...     png = c.download(job.id, 0)
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        timeout: float = REQUEST_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = resolve_url(base_url)
+        self.mode: WaitMode = "sse"  # lowered for good the first time the server lacks a way to wait
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _transport_error(self.base_url, exc) from None
+
+    # -- the API --------------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        num_images: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        priority: str | None = None,
+        **extra: Any,
+    ) -> Job:
+        """Queue a job (`POST /generate`); returns it as queued, with its seed filled in."""
+        params = dict(
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+            width=width,
+            height=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            scheduler=scheduler,
+            priority=priority,
+            **extra,
+        )
+        return _job_from(self._request("POST", "/generate", json=_submit_body(prompt, params)))
+
+    def get(self, job_id: str) -> Job:
+        return _job_from(self._request("GET", _job_path(job_id)))
+
+    def download(self, job_id: str, index: int = 0) -> bytes:
+        """The PNG bytes of image `index` of a succeeded job."""
+        return _checked(self._request("GET", f"{_job_path(job_id)}/images/{int(index)}")).content
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel (`DELETE /jobs/{id}`): a queued job ends at once, a running one at its next step."""
+        response = _checked(self._request("DELETE", _job_path(job_id)))
+        body = response.json() if response.content else None
+        return Job.from_json(body) if isinstance(body, dict) and "id" in body else self.get(job_id)
+
+    def generate(
+        self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any
+    ) -> Job:
+        """Submit, wait, and return the succeeded job (raises `ImagegenError` if it failed)."""
+        job = self.submit(prompt, **params)
+        return self.wait(job.id, timeout=timeout, on_progress=on_progress).raise_for_status()
+
+    def wait(self, job_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Job:
+        """Block until the job ends (any terminal status) and return it.
+
+        `on_progress(event)` is called on every change of status or step. Raises `WaitTimeout`
+        after `timeout` seconds (None: no limit); the job keeps running on the server.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        report = _Reporter(on_progress)
+        if self.mode == "sse":
+            job = self._wait_sse(job_id, deadline, timeout, report)
+            if job is not None:
+                return job
+        if self.mode == "longpoll":
+            job = self._wait_longpoll(job_id, deadline, timeout, report)
+            if job is not None:
+                return job
+        return self._wait_poll(job_id, deadline, report, timeout)
+
+    # -- ways to wait ---------------------------------------------------------------------------
+    def _timed_out(self, job_id: str, deadline: float | None, timeout: float | None) -> None:
+        if _remaining(deadline) <= 0:
+            raise WaitTimeout(job_id, timeout or 0, self.get(job_id))
+
+    def _wait_sse(self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter) -> Job | None:
+        """None when the server has no event stream (the mode is lowered and the caller goes on)."""
+        last_id: str | None = None
+        while True:
+            self._timed_out(job_id, deadline, timeout)
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            limits = httpx.Timeout(REQUEST_TIMEOUT, read=min(SSE_READ_TIMEOUT, max(0.1, _remaining(deadline))))
+            try:
+                with connect_sse(
+                    self._http, "GET", f"{_job_path(job_id)}/events", headers=headers, timeout=limits
+                ) as source:
+                    response = source.response
+                    if response.status_code in (404, 405) or (response.is_success and not _is_event_stream(response)):
+                        response.read()
+                        self._no_stream(job_id, response, "longpoll")
+                        return None
+                    if response.status_code >= 400:
+                        response.read()
+                        raise error_from_response(response)
+                    for sse in source.iter_sse():
+                        last_id = sse.id or last_id
+                        if not sse.data:
+                            continue
+                        event = JobEvent.from_json(json.loads(sse.data), sse.event, sse.id)
+                        report(event)
+                        if event.status in TERMINAL:
+                            return self.get(job_id)
+                        self._timed_out(job_id, deadline, timeout)  # events keep coming; the clock still runs
+            except httpx.ConnectError as exc:
+                raise _transport_error(self.base_url, exc) from None
+            except httpx.TransportError:
+                pass  # read timeout or a dropped stream: reconnect below, resuming after `last_id`
+            time.sleep(min(RETRY_PAUSE, max(0.0, _remaining(deadline))))
+
+    def _no_stream(self, job_id: str, response: httpx.Response, mode: WaitMode) -> None:
+        """The route answered 404/405: tell an unknown job (raise) from a server without the route."""
+        if response.status_code == 404:
+            self.get(job_id)  # raises for an unknown or expired job
+        self.mode = mode
+
+    def _wait_longpoll(
+        self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter
+    ) -> Job | None:
+        while True:
+            self._timed_out(job_id, deadline, timeout)
+            seconds = _longpoll_seconds(deadline, report.callback)
+            started = time.monotonic()
+            response = self._request(
+                "GET", _job_path(job_id), params={"wait": f"{seconds:.3g}"}, timeout=seconds + REQUEST_TIMEOUT
+            )
+            if response.status_code in (400, 405, 422):
+                self._no_stream(job_id, response, "poll")
+                return None
+            job = _job_from(response)
+            report(JobEvent.from_job(job))
+            if job.done:
+                return job
+            # A server that ignores `wait` answers at once: pace it like plain polling.
+            time.sleep(max(0.0, min(POLL_INTERVAL - (time.monotonic() - started), _remaining(deadline))))
+
+    def _wait_poll(self, job_id: str, deadline: float | None, report: _Reporter, timeout: float | None) -> Job:
+        while True:
+            job = self.get(job_id)
+            report(JobEvent.from_job(job))
+            if job.done:
+                return job
+            if _remaining(deadline) <= 0:
+                raise WaitTimeout(job_id, timeout or 0, job)
+            time.sleep(max(0.0, min(POLL_INTERVAL, _remaining(deadline))))
+
+
+# -- async ----------------------------------------------------------------------------------------
+class AsyncClient:
+    """The same API as `Client`, for asyncio: `async with AsyncClient() as c: await c.submit(...)`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        timeout: float = REQUEST_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = resolve_url(base_url)
+        self.mode: WaitMode = "sse"
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise _transport_error(self.base_url, exc) from None
+
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        num_images: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        priority: str | None = None,
+        **extra: Any,
+    ) -> Job:
+        params = dict(
+            negative_prompt=negative_prompt,
+            num_images=num_images,
+            width=width,
+            height=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            scheduler=scheduler,
+            priority=priority,
+            **extra,
+        )
+        return _job_from(await self._request("POST", "/generate", json=_submit_body(prompt, params)))
+
+    async def get(self, job_id: str) -> Job:
+        return _job_from(await self._request("GET", _job_path(job_id)))
+
+    async def download(self, job_id: str, index: int = 0) -> bytes:
+        return _checked(await self._request("GET", f"{_job_path(job_id)}/images/{int(index)}")).content
+
+    async def cancel(self, job_id: str) -> Job:
+        response = _checked(await self._request("DELETE", _job_path(job_id)))
+        body = response.json() if response.content else None
+        return Job.from_json(body) if isinstance(body, dict) and "id" in body else await self.get(job_id)
+
+    async def generate(
+        self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any
+    ) -> Job:
+        job = await self.submit(prompt, **params)
+        return (await self.wait(job.id, timeout=timeout, on_progress=on_progress)).raise_for_status()
+
+    async def wait(self, job_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Job:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        report = _Reporter(on_progress)
+        if self.mode == "sse":
+            job = await self._wait_sse(job_id, deadline, timeout, report)
+            if job is not None:
+                return job
+        if self.mode == "longpoll":
+            job = await self._wait_longpoll(job_id, deadline, timeout, report)
+            if job is not None:
+                return job
+        return await self._wait_poll(job_id, deadline, report, timeout)
+
+    async def _timed_out(self, job_id: str, deadline: float | None, timeout: float | None) -> None:
+        if _remaining(deadline) <= 0:
+            raise WaitTimeout(job_id, timeout or 0, await self.get(job_id))
+
+    async def _wait_sse(
+        self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter
+    ) -> Job | None:
+        last_id: str | None = None
+        while True:
+            await self._timed_out(job_id, deadline, timeout)
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            limits = httpx.Timeout(REQUEST_TIMEOUT, read=min(SSE_READ_TIMEOUT, max(0.1, _remaining(deadline))))
+            try:
+                async with aconnect_sse(
+                    self._http, "GET", f"{_job_path(job_id)}/events", headers=headers, timeout=limits
+                ) as source:
+                    response = source.response
+                    if response.status_code in (404, 405) or (response.is_success and not _is_event_stream(response)):
+                        await response.aread()
+                        await self._no_stream(job_id, response, "longpoll")
+                        return None
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise error_from_response(response)
+                    async for sse in source.aiter_sse():
+                        last_id = sse.id or last_id
+                        if not sse.data:
+                            continue
+                        event = JobEvent.from_json(json.loads(sse.data), sse.event, sse.id)
+                        report(event)
+                        if event.status in TERMINAL:
+                            return await self.get(job_id)
+                        await self._timed_out(job_id, deadline, timeout)
+            except httpx.ConnectError as exc:
+                raise _transport_error(self.base_url, exc) from None
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(min(RETRY_PAUSE, max(0.0, _remaining(deadline))))
+
+    async def _no_stream(self, job_id: str, response: httpx.Response, mode: WaitMode) -> None:
+        if response.status_code == 404:
+            await self.get(job_id)
+        self.mode = mode
+
+    async def _wait_longpoll(
+        self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter
+    ) -> Job | None:
+        while True:
+            await self._timed_out(job_id, deadline, timeout)
+            seconds = _longpoll_seconds(deadline, report.callback)
+            started = time.monotonic()
+            response = await self._request(
+                "GET", _job_path(job_id), params={"wait": f"{seconds:.3g}"}, timeout=seconds + REQUEST_TIMEOUT
+            )
+            if response.status_code in (400, 405, 422):
+                await self._no_stream(job_id, response, "poll")
+                return None
+            job = _job_from(response)
+            report(JobEvent.from_job(job))
+            if job.done:
+                return job
+            await asyncio.sleep(max(0.0, min(POLL_INTERVAL - (time.monotonic() - started), _remaining(deadline))))
+
+    async def _wait_poll(self, job_id: str, deadline: float | None, report: _Reporter, timeout: float | None) -> Job:
+        while True:
+            job = await self.get(job_id)
+            report(JobEvent.from_job(job))
+            if job.done:
+                return job
+            if _remaining(deadline) <= 0:
+                raise WaitTimeout(job_id, timeout or 0, job)
+            await asyncio.sleep(max(0.0, min(POLL_INTERVAL, _remaining(deadline))))

@@ -1,0 +1,156 @@
+"""Prompt-following accuracy of the tiny-shapes pipeline, scored by the procedural checker.
+
+First checks the checker itself on ground-truth renders, then generates images for held-out
+(colour, shape, background) combos and for seen combos with the pipeline's defaults
+(imagegen.json), reads each back with `models.shapes.check`, and prints fg/bg/shape accuracy,
+seconds per image on one CPU thread, and writes a small sample grid.
+
+    python -m models.evaluate [--model models/weights/tiny-shapes] [--per-held 6] [--per-seen 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from models import shapes
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
+
+
+def checker_accuracy(n: int = 1000, seed: int = 7) -> dict[str, float]:
+    """The checker on ground-truth renders of all 168 combos (should be ~100%)."""
+    rng = np.random.default_rng(seed)
+    imgs, combos, _ = shapes.sample_batch(n, rng, shapes.all_combos())
+    return shapes.score([shapes.check(i) for i in imgs], combos)
+
+
+def load_pipeline(model: Path, scheduler: str | None = None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        from models.train import make_scheduler
+
+        pipe.scheduler = make_scheduler(scheduler)
+    return pipe
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 48) -> np.ndarray:
+    """uint8 N×32×32×3 images, one generator per image so results don't depend on batching."""
+    import torch
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
+        res = pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np")
+        out.append((res.images * 255).round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def seconds_per_image(pipe, steps: int, guidance: float, repeats: int = 5) -> float:
+    """Median wall time of one 32×32 image at the given settings on ONE CPU thread."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generate(pipe, ["a red circle on a blue background"], [0], steps, guidance)  # warm-up
+        times = []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            generate(pipe, ["a red circle on a blue background"], [r], steps, guidance)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return float(np.median(times))
+
+
+def save_grid(path: Path, imgs: np.ndarray, cols: int = 8, scale: int = 2) -> None:
+    from PIL import Image
+
+    rows = int(np.ceil(len(imgs) / cols))
+    s = shapes.SIZE * scale + 2
+    grid = np.full((rows * s, cols * s, 3), 128, dtype=np.uint8)
+    for k, img in enumerate(imgs):
+        r, c = divmod(k, cols)
+        big = img.repeat(scale, 0).repeat(scale, 1)
+        grid[r * s + 1 : r * s + 1 + big.shape[0], c * s + 1 : c * s + 1 + big.shape[1]] = big
+    Image.fromarray(grid).save(path, optimize=True)
+
+
+def evaluate(model: Path, per_held: int, per_seen: int, steps: int | None, guidance: float | None, scheduler: str | None,
+             threads: int, speed: bool, grid: Path | None, seed: int = 1000) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    defaults = json.loads((model / "imagegen.json").read_text())
+    steps = steps or defaults["num_inference_steps"]
+    guidance = defaults["guidance_scale"] if guidance is None else guidance
+    pipe = load_pipeline(model, scheduler)
+    result: dict = {"settings": {"num_inference_steps": steps, "guidance_scale": guidance,
+                                 "scheduler": scheduler or defaults["scheduler"]}}
+    result["checker_on_ground_truth"] = checker_accuracy()
+    print(f"checker on 1000 ground-truth images: {result['checker_on_ground_truth']}")
+
+    # Prompts cycle through the caption templates so every phrasing is exercised.
+    sets = {
+        "held_out": [(c, k % len(shapes.TEMPLATES)) for c in shapes.held_out_combos() for k in range(per_held)],
+        "seen": [(c, (k + i) % len(shapes.TEMPLATES)) for i, c in enumerate(shapes.train_combos()) for k in range(per_seen)],
+    }
+    samples = []
+    for name, items in sets.items():
+        prompts = [c.caption(t) for c, t in items]
+        seeds = [seed + i for i in range(len(items))]
+        t0 = time.time()
+        imgs = generate(pipe, prompts, seeds, steps, guidance)
+        readings = [shapes.check(i) for i in imgs]
+        acc = shapes.score(readings, [c for c, _ in items])
+        acc["n"] = len(items)
+        acc["gen_s"] = round(time.time() - t0, 1)
+        # Which shapes the checker saw for each requested shape: shows what the model confuses.
+        acc["shape_confusion"] = {s: dict(Counter(str(r.shape) for r, (c, _) in zip(readings, items) if c.shape == s)) for s in shapes.SHAPES}
+        result[name] = acc
+        print(f"{name:9s} n={acc['n']:3d}  fg {acc['fg']:.3f}  bg {acc['bg']:.3f}  shape {acc['shape']:.3f}  all {acc['all']:.3f}  ({acc['gen_s']}s)")
+        print(f"          shape confusion (requested -> read): {acc['shape_confusion']}")
+        samples.append(imgs[:: max(1, len(imgs) // 16)][:16])
+    if speed:
+        result["seconds_per_image_1_thread"] = round(seconds_per_image(pipe, steps, guidance), 3)
+        print(f"seconds per image (1 thread, {steps} steps, cfg {guidance}): {result['seconds_per_image_1_thread']}")
+    if grid:
+        save_grid(grid, np.concatenate(samples))
+        print(f"wrote {grid} (top: held-out combos, bottom: seen combos)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--per-held", type=int, default=6, help="images per held-out combo (24 combos)")
+    ap.add_argument("--per-seen", type=int, default=1, help="images per seen combo (144 combos)")
+    ap.add_argument("--steps", type=int, default=None, help="override imagegen.json")
+    ap.add_argument("--guidance", type=float, default=None, help="override imagegen.json")
+    ap.add_argument("--scheduler", default=None, help="override: ddim, euler, euler_a, dpmpp_2m, unipc")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-speed", action="store_true", help="skip the 1-thread timing")
+    ap.add_argument("--grid", type=Path, default=None, help="sample grid path (default MODEL/samples.png)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the metrics here")
+    args = ap.parse_args(argv)
+    grid = args.grid or args.model / "samples.png"
+    res = evaluate(args.model, args.per_held, args.per_seen, args.steps, args.guidance, args.scheduler, args.threads,
+                   not args.no_speed, grid)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""`imagegen_client` (sync and async) and the `imagegen` CLI against the real stack; the wait
+fallbacks (no event stream, no long-poll) against a scripted server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from imagegen_client import AsyncClient, Client, ImagegenError, JobEvent, WaitTimeout
+from tests.procs import ROOT, Stack
+
+pytestmark = pytest.mark.integration
+FAST = {"num_inference_steps": 4, "width": 32, "height": 32}
+CONSOLE_SCRIPT = Path(sys.executable).parent / "imagegen"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
+
+
+def test_submit_wait_download_with_progress(stack: Stack) -> None:
+    events: list[JobEvent] = []
+    with Client(stack.base_url) as client:
+        job = client.submit("a red circle on a blue background", seed=7, num_images=2, **FAST)
+        assert job.status in ("queued", "running") and job.params["seed"] == 7
+        done = client.wait(job.id, timeout=120, on_progress=events.append)
+        assert client.mode == "sse"  # the server streams events; no fallback was needed
+        assert done.succeeded and done.progress.step == done.progress.total == 4
+        assert [(i.index, i.seed) for i in done.images] == [(0, 7), (1, 8)]
+        assert events and events[-1].status == "succeeded" and events[-1].job_id == job.id
+        assert any(e.status == "running" and e.progress.step > 0 for e in events), events
+        assert [png_size(client.download(job.id, i)) for i in (0, 1)] == [(32, 32), (32, 32)]
+        assert client.get(job.id).raw["id"] == job.id
+
+
+def test_errors_are_typed_from_the_envelope(stack: Stack) -> None:
+    with Client(stack.base_url) as client:
+        with pytest.raises(ImagegenError) as info:
+            client.submit("x", num_images=11)
+        assert (info.value.status, info.value.code) == (422, "validation_error")
+        assert "num_images" in info.value.message
+        for missing in (str(uuid.uuid4()), "not-a-job"):
+            with pytest.raises(ImagegenError) as info:
+                client.get(missing)
+            assert (info.value.status, info.value.code) == (404, "not_found")
+        with pytest.raises(ImagegenError) as info:
+            client.wait(str(uuid.uuid4()), timeout=10)
+        assert info.value.status == 404
+        done = client.generate("done already", **FAST)
+        with pytest.raises(ImagegenError) as info:
+            client.cancel(done.id)
+        assert info.value.status == 409
+        with pytest.raises(ImagegenError) as info:
+            client.download(done.id, 5)
+        assert info.value.status == 404
+
+
+def test_wait_timeout_then_cancel(stack: Stack) -> None:
+    with Client(stack.base_url) as client:
+        job = client.submit("slow", num_inference_steps=150, width=64, height=64)
+        with pytest.raises(WaitTimeout) as info:
+            client.wait(job.id, timeout=0.5)
+        assert info.value.job is not None and not info.value.job.done
+        canceled = client.cancel(job.id)
+        assert canceled.id == job.id
+        assert client.wait(job.id, timeout=120).status == "canceled"
+
+
+def test_async_client(stack: Stack) -> None:
+    async def run() -> None:
+        events: list[JobEvent] = []
+        async with AsyncClient(stack.base_url) as client:
+            job = await client.submit("a green square", seed=3, **FAST)
+            done = await client.wait(job.id, timeout=120, on_progress=events.append)
+            assert done.succeeded and events[-1].status == "succeeded"
+            assert png_size(await client.download(job.id)) == (32, 32)
+            with pytest.raises(ImagegenError) as info:
+                await client.get(str(uuid.uuid4()))
+            assert info.value.status == 404
+
+    asyncio.run(run())
+
+
+class ScriptedServer:
+    """A server without `/events` (404) and, optionally, without long-poll (422 on `wait`)."""
+
+    def __init__(self, longpoll: bool) -> None:
+        self.longpoll = longpoll
+        self.job_id = str(uuid.uuid4())
+        self.views = ["queued", "running", "running", "succeeded"]
+        self.calls: list[str] = []
+
+    def view(self, status: str) -> dict:
+        step = {"queued": 0, "running": 1, "succeeded": 2}[status]
+        return {"id": self.job_id, "status": status, "params": {}, "progress": {"step": step, "total": 2}}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append(f"{request.method} {request.url.path}?{request.url.query.decode()}")
+        not_found = {"error": {"code": "not_found", "message": "Not Found"}}
+        if not request.url.path.startswith(f"/jobs/{self.job_id}"):
+            return httpx.Response(404, json={"error": {"code": "not_found", "message": "no job"}})
+        if request.url.path.endswith("/events"):
+            return httpx.Response(404, json=not_found)
+        if "wait" in request.url.params and not self.longpoll:
+            return httpx.Response(422, json={"error": {"code": "validation_error", "message": "wait: unknown"}})
+        status = self.views.pop(0) if len(self.views) > 1 else self.views[0]
+        return httpx.Response(200, json=self.view(status))
+
+
+@pytest.mark.parametrize(("longpoll", "mode"), [(True, "longpoll"), (False, "poll")])
+def test_wait_falls_back_when_the_server_lacks_events(longpoll: bool, mode: str) -> None:
+    server = ScriptedServer(longpoll)
+    events: list[JobEvent] = []
+    with Client("http://scripted", transport=httpx.MockTransport(server)) as client:
+        job = client.wait(server.job_id, timeout=10, on_progress=events.append)
+        assert job.succeeded and client.mode == mode
+        assert [e.status for e in events] == ["running", "succeeded"], events
+        with pytest.raises(ImagegenError) as info:  # an unknown job is still an error, not a fallback
+            client.wait(str(uuid.uuid4()), timeout=10)
+        assert info.value.status == 404
+    assert any("wait=" in call for call in server.calls)
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+def cli(args: list[str], base_url: str | None, *, script: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    if base_url:
+        env["IMAGEGEN_URL"] = base_url
+    argv = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "imagegen_client"]
+    return subprocess.run(argv + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_cli_generate_writes_pngs_and_shows_progress(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["generate", "a red circle on a blue background", "-n", "2", "--seed", "7"]
+    args += ["--steps", "3", "--size", "32x32", "-o", str(out), "--url", stack.base_url]
+    r = cli(args, None)
+    assert r.returncode == 0, r.stderr
+    paths = [Path(p) for p in r.stdout.split()]
+    assert len(paths) == 2 and all(p.parent == out and p.exists() for p in paths)
+    job_id = paths[0].name.rsplit("-", 1)[0]
+    assert sorted(p.name for p in paths) == [f"{job_id}-0.png", f"{job_id}-1.png"]
+    assert png_size(paths[0].read_bytes()) == (32, 32)
+    assert "3/3" in r.stderr and "succeeded" in r.stderr  # the progress bar reached the end
+
+
+def test_console_script_generate_status_cancel(stack: Stack, tmp_path: Path) -> None:
+    assert CONSOLE_SCRIPT.exists(), "the `imagegen` console script is missing: run `make venv` (pip install -e .)"
+    args = ["generate", "a blue square", "--steps", "2", "--size", "32x32", "-q", "-o", str(tmp_path)]
+    r = cli(args, stack.base_url, script=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    [path] = r.stdout.split()
+    job_id = Path(path).name.rsplit("-", 1)[0]
+    r = cli(["status", job_id], stack.base_url, script=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "succeeded"
+    r = cli(["cancel", job_id], stack.base_url, script=True)  # already finished: 409
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "409" in r.stderr and r.stderr.startswith("imagegen: error: ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "x", "-n", "0"],  # the server refuses it (422)
+        ["generate", "x", "-n", "lots"],  # argparse refuses it
+        ["generate", "x", "--size", "big"],
+        ["status", "not-a-job"],
+        ["frobnicate"],
+        ["--url", "http://127.0.0.1:9", "status", str(uuid.uuid4())],  # nothing listens there
+    ],
+)
+def test_cli_errors_are_one_line(stack: Stack, args: list[str]) -> None:
+    r = cli(args, stack.base_url)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("imagegen"), r.stderr
+    assert "Traceback" not in r.stderr

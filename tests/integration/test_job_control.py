@@ -1,0 +1,226 @@
+"""Job control against real processes: queue position/ETA, priorities, cancel, long-poll, SSE,
+webhooks, idempotency, listing and expiry."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from app.core.webhooks import verify
+from tests.procs import WEBHOOK_SECRET, Stack, service_env, start_api, wait_for
+
+pytestmark = pytest.mark.integration
+FAST = {"num_inference_steps": 3, "width": 32, "height": 32}
+# Long enough to keep the single worker busy for a while, small enough to cancel quickly.
+BLOCKER = {"prompt": "blocker", "num_inference_steps": 150, "width": 128, "height": 128}
+
+
+def wait_running(stack: Stack, http: httpx.Client, job_id: str, min_step: int = 1) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        job = http.get(f"/jobs/{job_id}").json()
+        if job["status"] == "running" and job["progress"]["step"] >= min_step:
+            return job
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.02)
+
+
+def test_queue_positions_priorities_eta_and_cancel(stack: Stack) -> None:
+    with stack.client() as http:
+        # Measure step times for the blocker's size first, so ETAs have data.
+        stack.wait(http, stack.submit(http, **(BLOCKER | {"num_inference_steps": 5}))["id"])
+        blocker = stack.submit(http, **BLOCKER)
+        running = wait_running(stack, http, blocker["id"], min_step=2)
+        assert running["queue_position"] is None and running["eta_seconds"] > 0
+
+        waiting = [stack.submit(http, prompt=f"w{i}", **FAST) for i in range(5)]
+        views = [http.get(f"/jobs/{j['id']}").json() for j in waiting]
+        assert [v["queue_position"] for v in views] == [0, 1, 2, 3, 4]
+        etas = [v["eta_seconds"] for v in views]
+        assert all(e is not None for e in etas) and etas == sorted(etas)
+        assert etas[0] > 0
+
+        urgent = stack.submit(http, prompt="urgent", priority="high", **FAST)
+        assert http.get(f"/jobs/{urgent['id']}").json()["queue_position"] == 0
+        assert [http.get(f"/jobs/{j['id']}").json()["queue_position"] for j in waiting] == [1, 2, 3, 4, 5]
+
+        # The running job's ETA falls as it progresses.
+        first = http.get(f"/jobs/{blocker['id']}").json()
+        time.sleep(0.5)
+        later = http.get(f"/jobs/{blocker['id']}").json()
+        assert later["progress"]["step"] > first["progress"]["step"]
+        assert later["eta_seconds"] < first["eta_seconds"]
+
+        # Cancel a queued job: 200, it never starts.
+        r = http.delete(f"/jobs/{waiting[4]['id']}")
+        assert r.status_code == 200 and r.json()["status"] == "canceled"
+        # Cancel the running job: 202, it stops at its next step; the worker moves on at once.
+        r = http.delete(f"/jobs/{blocker['id']}")
+        assert r.status_code == 202
+        done = stack.wait(http, blocker["id"])
+        assert done["status"] == "canceled" and done["error"]["code"] == "canceled"
+        step = int(done["error"]["message"].split("step ")[1].split(" ")[0])
+        assert r.json()["progress"]["step"] <= step < 150
+        assert http.get(f"/jobs/{blocker['id']}/images/0").status_code == 409
+
+        # Priority order held: the urgent job finished before every normal one started.
+        finished = {j["id"]: stack.wait(http, j["id"]) for j in [urgent, *waiting[:4]]}
+        assert all(j["status"] == "succeeded" for j in finished.values())
+        assert all(finished[urgent["id"]]["started_at"] <= finished[j["id"]]["started_at"] for j in waiting[:4])
+        canceled = http.get(f"/jobs/{waiting[4]['id']}").json()
+        assert canceled["status"] == "canceled" and canceled["started_at"] is None
+
+        assert http.delete(f"/jobs/{urgent['id']}").status_code == 409
+        assert http.delete("/jobs/00000000-0000-4000-8000-000000000000").status_code == 404
+
+
+def test_long_poll_returns_at_the_end_or_the_deadline(stack: Stack) -> None:
+    with stack.client() as http:
+        blocker = stack.submit(http, **BLOCKER)
+        queued = stack.submit(http, prompt="behind the blocker", **FAST)
+        started = time.monotonic()
+        r = http.get(f"/jobs/{queued['id']}", params={"wait": 1})
+        assert r.status_code == 200 and r.json()["status"] == "queued"
+        assert 0.9 <= time.monotonic() - started < 10
+        http.delete(f"/jobs/{blocker['id']}")
+        started = time.monotonic()
+        r = http.get(f"/jobs/{queued['id']}", params={"wait": 60}, timeout=70)
+        assert r.json()["status"] == "succeeded"
+        assert time.monotonic() - started < 30  # returned at the end, not after 60 s
+        assert http.get(f"/jobs/{queued['id']}", params={"wait": 61}).status_code == 422
+
+
+def test_sse_stream_and_resume(stack: Stack) -> None:
+    with stack.client() as http:
+        job = stack.submit(http, prompt="stream me", num_inference_steps=20, width=64, height=64)
+        with connect_sse(http, "GET", f"/jobs/{job['id']}/events") as source:
+            events = [(e.event, e.id, json.loads(e.data)) for e in source.iter_sse()]
+        kinds = [k for k, _, _ in events]
+        assert kinds[0] == "queued" and kinds[1] == "started" and kinds[-1] == "succeeded"
+        assert set(kinds[2:-1]) <= {"progress"}
+        last = events[-1][2]
+        assert last["job_id"] == job["id"] and last["status"] == "succeeded"
+        assert last["images"][0]["url"] == f"/jobs/{job['id']}/images/0"
+        assert all(e["job_id"] == job["id"] and "timestamp" in e for _, _, e in events)
+
+        # Resume after the second event: the rest comes again, the terminal event included.
+        second_id = events[1][1]
+        headers = {"Last-Event-ID": second_id}
+        with connect_sse(http, "GET", f"/jobs/{job['id']}/events", headers=headers) as source:
+            rest = [(e.event, e.id) for e in source.iter_sse()]
+        assert rest == [(k, i) for k, i, _ in events[2:]]
+        r = http.get(f"/jobs/{job['id']}/events", headers={"Last-Event-ID": "bogus"})
+        assert r.status_code == 422
+
+
+class Receiver:
+    """A webhook receiver on loopback that fails its first `fail` deliveries with 503."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.attempts = 0
+        self.accepted: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.attempts += 1
+                if outer.attempts <= outer.fail:
+                    self.send_response(503)
+                else:
+                    outer.accepted.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+
+def test_webhooks_signed_retried_and_in_order(stack: Stack) -> None:
+    receiver = Receiver(fail=2)
+    try:
+        with stack.client() as http:
+            job = stack.submit(http, prompt="call me back", num_inference_steps=10, width=64, height=64,
+                               webhook=receiver.url, webhook_events=["start", "progress", "completed"])
+            stack.wait(http, job["id"])
+        wait_for(lambda: any(json.loads(b)["type"] == "succeeded" for _, b in receiver.accepted), 60, "completion")
+    finally:
+        receiver.server.shutdown()
+    kinds = [json.loads(body)["type"] for _, body in receiver.accepted]
+    assert kinds[0] == "started" and kinds[-1] == "succeeded" and set(kinds[1:-1]) <= {"progress"}
+    assert receiver.attempts == len(receiver.accepted) + 2  # two 503s, then every event delivered
+    for headers, body in receiver.accepted:
+        assert verify(WEBHOOK_SECRET, headers["x-imagegen-timestamp"], body, headers["x-imagegen-signature"])
+        assert json.loads(body)["job_id"] == job["id"]
+
+
+def test_webhooks_to_internal_addresses_are_refused_by_default(stack: Stack, tmp_path: Path) -> None:
+    env = service_env(stack.env["IMAGEGEN_REDIS_URL"], tmp_path) | {"IMAGEGEN_WEBHOOK_ALLOW_PRIVATE": "false"}
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        for target in ("http://127.0.0.1:9/x", "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/",
+                       "http://localhost/hook", "file:///etc/passwd"):
+            r = httpx.post(base + "/generate", json={"prompt": "x", "webhook": target})
+            assert r.status_code == 422 and "webhook" in r.json()["error"]["message"], (target, r.text)
+    finally:
+        api.stop()
+
+
+def test_idempotency_key(stack: Stack) -> None:
+    body = {"prompt": "only once", **FAST}
+    with stack.client() as http, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: http.post("/generate", json=body, headers={"Idempotency-Key": "k-1"}),
+                                range(2)))
+        assert sorted(r.status_code for r in answers) == [200, 202]
+        assert answers[0].json()["id"] == answers[1].json()["id"]
+        again = http.post("/generate", json=body, headers={"Idempotency-Key": "k-1"})
+        assert again.status_code == 200 and again.json()["id"] == answers[0].json()["id"]
+        r = http.post("/generate", json=body | {"seed": 5}, headers={"Idempotency-Key": "k-1"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_conflict"
+        other = http.post("/generate", json=body, headers={"Idempotency-Key": "k-2"})
+        assert other.status_code == 202 and other.json()["id"] != answers[0].json()["id"]
+
+
+def test_listing_is_newest_first_paginated_and_filtered(stack: Stack) -> None:
+    with stack.client() as http:
+        mine = [stack.submit(http, prompt=f"list {i}", **FAST)["id"] for i in range(3)]
+        for job_id in mine:
+            stack.wait(http, job_id)
+        page1 = http.get("/jobs", params={"limit": 2}).json()
+        assert [j["id"] for j in page1["jobs"]] == mine[::-1][:2] and page1["next_cursor"]
+        page2 = http.get("/jobs", params={"limit": 2, "cursor": page1["next_cursor"]}).json()
+        assert page2["jobs"][0]["id"] == mine[0]
+        ok = http.get("/jobs", params={"status": "succeeded", "limit": 100}).json()["jobs"]
+        assert all(j["status"] == "succeeded" for j in ok) and set(mine) <= {j["id"] for j in ok}
+        assert http.get("/jobs", params={"status": "nope"}).status_code == 422
+        assert http.get("/jobs", params={"cursor": "x"}).status_code == 422
+
+
+@pytest.mark.parametrize("which", ["short_ttl_stack", "redis_store_stack"])
+def test_results_expire_with_410_and_images_are_deleted(which: str, request) -> None:
+    s: Stack = request.getfixturevalue(which)
+    db = int(s.env["IMAGEGEN_REDIS_URL"].rsplit("/", 1)[1])
+    with s.client() as http:
+        job = s.wait(http, s.submit(http, prompt="ephemeral", **FAST)["id"])
+        assert http.get(job["images"][0]["url"]).status_code == 200
+        wait_for(lambda: http.get(f"/jobs/{job['id']}").status_code == 410, 30, "job expiry", interval=0.5)
+        r = http.get(f"/jobs/{job['id']}/images/0")
+        assert r.status_code == 410 and "expired" in r.json()["error"]["message"]
+    if which == "short_ttl_stack":
+        folder = Path(s.env["IMAGEGEN_RESULTS_DIR"]) / job["id"]
+        wait_for(lambda: not folder.exists(), 15, "sweeper to delete the images")
+    else:
+        assert s.redis.client(db).exists(f"imagegen:image:{job['id']}:0") == 0

@@ -1,0 +1,153 @@
+"""`/v1/images/generations` driven by the official `openai` SDK against the real stack."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from app.core.config import Settings
+from tests.procs import Stack, service_env, start_api
+
+pytestmark = pytest.mark.integration
+FAST = {"num_inference_steps": 2}
+
+
+def sdk(base_url: str, timeout: float = 120) -> openai.OpenAI:
+    # Any key works; no retries so a failure shows as itself, not as a re-submitted job.
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="sk-test", max_retries=0, timeout=timeout)
+
+
+def png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def test_b64_json_two_images(stack: Stack) -> None:
+    result = sdk(stack.base_url).images.generate(
+        prompt="a red circle on a blue background",
+        n=2,
+        size="32x32",
+        response_format="b64_json",
+        user="tester",
+        extra_body={"seed": 7, "negative_prompt": "blurry", "guidance_scale": 2.0, **FAST},
+    )
+    assert isinstance(result.created, int) and abs(result.created - time.time()) < 300
+    assert result.data is not None and len(result.data) == 2
+    images = [png(base64.b64decode(d.b64_json or "")) for d in result.data]
+    assert [i.size for i in images] == [(32, 32), (32, 32)]
+    assert [i.text["seed"] for i in images] == ["7", "8"]  # image i uses seed + i
+    assert all(d.url is None for d in result.data)
+
+
+def test_url_format_points_at_our_image_endpoint(stack: Stack) -> None:
+    raw = sdk(stack.base_url).images.with_raw_response.generate(
+        model="tiny-random", prompt="a yellow triangle", n=1, size="32x32", response_format="url", extra_body=FAST
+    )
+    job_id = raw.headers["x-imagegen-job-id"]
+    result = raw.parse()
+    assert result.data is not None
+    [datum] = result.data
+    assert datum.url == f"{stack.base_url}/jobs/{job_id}/images/0" and datum.b64_json is None
+    r = httpx.get(datum.url, timeout=10)
+    assert r.status_code == 200 and png(r.content).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"size": "33x33"}, "size"),  # not a multiple of 8
+        ({"size": "4096x4096"}, "size"),  # over the server's bounds
+        ({"size": "big"}, "size"),
+        ({"n": 11}, "n"),
+        ({"model": "dall-e-3"}, "model"),
+        ({"extra_body": {"num_inference_steps": 0}}, "num_inference_steps"),
+        ({"extra_body": {"surprise": 1}}, "surprise"),
+    ],
+)
+def test_bad_requests_raise_bad_request_error(stack: Stack, kwargs: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(stack.base_url).images.generate(prompt="x", **kwargs)
+    assert info.value.status_code == 400
+    error = info.value.response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_error_shapes_on_v1_and_elsewhere(stack: Stack) -> None:
+    with stack.client() as http:
+        r = http.post("/v1/images/generations", content=b"{nope", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        r = http.post("/v1/images/generations", json={"n": 1})
+        assert r.status_code == 400
+        assert r.json()["error"] == {
+            "message": "Missing required parameter: 'prompt'.",
+            "type": "invalid_request_error",
+            "param": "prompt",
+            "code": "missing_required_param",
+        }
+        r = http.get("/v1/nowhere")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+        # The rest of the API keeps its own envelope.
+        r = http.post("/generate", json={"prompt": "x", "n": 2})
+        assert r.status_code == 422 and set(r.json()["error"]) >= {"code", "message"}
+        assert "type" not in r.json()["error"]
+        models = http.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["tiny-random"]
+
+
+def test_canceled_job_is_a_conflict(stack: Stack) -> None:
+    outcome: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            sdk(stack.base_url).images.generate(
+                prompt="to be canceled", size="64x64", extra_body={"num_inference_steps": 150}
+            )
+        except openai.APIStatusError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    with stack.client() as http:
+        job_id = None
+        deadline = time.monotonic() + 60
+        while job_id is None and time.monotonic() < deadline:
+            for job in http.get("/jobs", params={"limit": 20}).json()["jobs"]:
+                if job["params"].get("prompt") == "to be canceled" and job["status"] in ("queued", "running"):
+                    job_id = job["id"]
+            time.sleep(0.05)
+        assert job_id, "the /v1 request never queued a job"
+        assert http.delete(f"/jobs/{job_id}").status_code in (200, 202)
+    thread.join(120)
+    assert not thread.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, openai.ConflictError), outcome
+    assert error.response.json()["error"]["code"] == "canceled"
+
+
+@pytest.mark.skipif("openai_timeout" not in Settings.model_fields, reason="Settings has no openai_timeout yet")
+def test_timeout_is_a_504_and_the_job_goes_on(stack: Stack, tmp_path: Path) -> None:
+    # An API on a database no worker serves: the job stays queued past the 1 s limit.
+    env = service_env(f"redis://127.0.0.1:{stack.redis.port}/3", tmp_path, openai_timeout="1")
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as info:
+            sdk(base).images.generate(prompt="nobody will draw this", size="32x32")
+        assert time.monotonic() - started < 30
+        assert info.value.status_code == 504
+        error = info.value.response.json()["error"]
+        assert error["code"] == "timeout" and error["type"] == "server_error"
+        job_id = info.value.response.headers["x-imagegen-job-id"]
+        assert httpx.get(f"{base}/jobs/{job_id}", timeout=10).json()["status"] == "queued"
+    finally:
+        api.stop()

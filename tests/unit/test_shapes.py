@@ -1,0 +1,72 @@
+"""Unit tests for the synthetic shapes data, the procedural checker and the held-out split."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models import shapes
+
+
+def test_generator_is_deterministic_for_a_seed():
+    a_imgs, a_combos, a_t = shapes.sample_batch(32, np.random.default_rng(5))
+    b_imgs, b_combos, b_t = shapes.sample_batch(32, np.random.default_rng(5))
+    assert np.array_equal(a_imgs, b_imgs)
+    assert a_combos == b_combos and a_t == b_t
+    c_imgs, _, _ = shapes.sample_batch(32, np.random.default_rng(6))
+    assert not np.array_equal(a_imgs, c_imgs)
+
+
+def test_render_uses_exact_palette_colours():
+    rng = np.random.default_rng(0)
+    for combo in shapes.all_combos()[::7]:
+        img = shapes.render(combo, rng)
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        colours = {tuple(int(v) for v in p) for p in img.reshape(-1, 3)}
+        assert colours == {shapes.PALETTE[combo.fg], shapes.PALETTE[combo.bg]}
+        # The shape never touches the 2-pixel border, so the border is pure background.
+        assert (img[:2] == shapes.PALETTE[combo.bg]).all() and (img[:, -2:] == shapes.PALETTE[combo.bg]).all()
+
+
+def test_captions_name_the_right_things():
+    c = shapes.Combo("red", "circle", "blue")
+    assert c.caption(0) == "a red circle on a blue background"
+    assert c.caption(1) == "blue background with a red circle"
+    for t in range(len(shapes.TEMPLATES)):
+        words = c.caption(t).split()
+        assert {"red", "circle", "blue"} <= set(words)
+
+
+def test_checker_is_accurate_on_ground_truth():
+    rng = np.random.default_rng(42)
+    imgs, combos, _ = shapes.sample_batch(200, rng, shapes.all_combos())
+    acc = shapes.score([shapes.check(i) for i in imgs], combos)
+    assert acc["fg"] == 1.0 and acc["bg"] == 1.0
+    assert acc["shape"] >= 0.98
+
+
+def test_checker_tolerates_noise():
+    # Generated images are not exact palette colours: add noise and it must still read them.
+    rng = np.random.default_rng(3)
+    imgs, combos, _ = shapes.sample_batch(100, rng, shapes.all_combos())
+    noisy = np.clip(imgs.astype(int) + rng.integers(-60, 61, imgs.shape), 0, 255).astype(np.uint8)
+    acc = shapes.score([shapes.check(i) for i in noisy], combos)
+    assert acc["fg"] >= 0.98 and acc["bg"] >= 0.98 and acc["shape"] >= 0.9
+
+
+def test_checker_reports_missing_foreground():
+    img = np.zeros((32, 32, 3), dtype=np.uint8)
+    reading = shapes.check(img)
+    assert reading.bg == "black" and reading.fg is None and reading.shape is None
+
+
+def test_held_out_split():
+    held, train = shapes.held_out_combos(), shapes.train_combos()
+    assert len(held) + len(train) == len(shapes.all_combos()) == 168
+    assert 15 <= len(held) <= 40 and not set(held) & set(train)
+    # Every colour pair and every colour-shape pairing still appears in training.
+    assert {(c.fg, c.bg) for c in train} == {(c.fg, c.bg) for c in shapes.all_combos()}
+    assert {(c.fg, c.shape) for c in train} == {(c.fg, c.shape) for c in shapes.all_combos()}
+    assert {(c.bg, c.shape) for c in train} == {(c.bg, c.shape) for c in shapes.all_combos()}
+    # The default (training) sampler never draws a held-out combo.
+    _, drawn, _ = shapes.sample_batch(2000, np.random.default_rng(0))
+    assert not set(drawn) & set(held)

@@ -1,0 +1,88 @@
+"""Publishing job events from the worker, and delivering webhooks off the sampling thread.
+
+One `WebhookSender` thread per worker delivers in order (so a receiver sees start → progress →
+completed), retrying with backoff without ever holding up the denoising loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import TYPE_CHECKING, Any
+
+from app.core import events, webhooks
+from app.core.events import EventType, JobEvent
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from rq.job import Job
+
+    from app.core.config import Settings
+
+log = logging.getLogger(__name__)
+SUBSCRIPTION = {
+    EventType.started: "start",
+    EventType.progress: "progress",
+    EventType.succeeded: "completed",
+    EventType.failed: "completed",
+    EventType.canceled: "completed",
+}
+
+
+def wants(job_meta: dict[str, Any], event: JobEvent) -> str | None:
+    """The webhook URL that subscribed to this event, if any."""
+    hook = job_meta.get("webhook") or {}
+    if hook.get("url") and SUBSCRIPTION.get(event.type) in hook.get("events", ()):
+        return str(hook["url"])
+    return None
+
+
+class WebhookSender:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
+        self._thread.start()
+
+    def submit(self, url: str, event: JobEvent) -> None:
+        self._queue.put((url, event.model_dump_json(exclude_none=True).encode()))
+
+    def close(self, timeout: float = 10) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            url, body = item
+            try:
+                webhooks.deliver(
+                    url,
+                    body,
+                    secret=self.settings.webhook_secret,
+                    max_attempts=self.settings.webhook_max_attempts,
+                    allow_private=self.settings.webhook_allow_private,
+                )
+            except Exception:
+                log.exception("webhook delivery to %s crashed", url)
+
+
+class EventSink:
+    """Writes an event to the job's stream and hands it to the webhook sender if subscribed."""
+
+    def __init__(self, connection: Redis, settings: Settings, sender: WebhookSender | None) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.sender = sender
+
+    def emit(self, job: Job, type_: EventType, status: str, **fields: Any) -> JobEvent:
+        event = events.make_event(type_, job.id, status, **fields)
+        ttl = max(self.settings.result_ttl, self.settings.failure_ttl)
+        try:
+            events.publish(self.connection, event, ttl)
+        except Exception:  # losing one event must not fail the job; status still lives in RQ
+            log.warning("job %s: could not publish %s event", job.id, type_, exc_info=True)
+        url = wants(job.meta or {}, event)
+        if url and self.sender is not None:
+            self.sender.submit(url, event)
+        return event
