@@ -44,6 +44,11 @@ def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
         assert done.returncode == 0, done.stderr
         image = Image.open(out)
         assert image.format == "PNG" and image.text["seed"] == "7"
+        followed = subprocess.run([str(ROOT / "scripts" / "follow.sh"), "a green square", '"num_inference_steps":5'],
+                                  env=env | {"IMAGEGEN_URL": base}, capture_output=True, text=True, timeout=120)
+        assert followed.returncode == 0, followed.stderr
+        kinds = [line.split(":", 1)[1].strip() for line in followed.stdout.splitlines() if line.startswith("event:")]
+        assert kinds[0] == "queued" and kinds[-1] == "succeeded", followed.stdout
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         try:
