@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench venv redis-server
+.PHONY: run test lint bench venv redis-server browser
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -15,10 +15,14 @@ $(VENV)/.installed: pyproject.toml
 redis-server:
 	scripts/ensure-redis-server.sh
 
+# Debian's chromium for tests/e2e (installed when root; those tests skip without it).
+browser:
+	scripts/ensure-browser.sh
+
 run: venv
 	scripts/run.sh
 
-test: venv redis-server
+test: venv redis-server browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: venv

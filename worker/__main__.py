@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -28,6 +29,9 @@ def main() -> int:
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
+    from redis.exceptions import RedisError
+    from rq.exceptions import StopRequested
+
     from app.core.jobs import MODELS_KEY
     from app.core.queue import SERIALIZER, connect, get_queues
     from app.core.storage import LocalImageStore, make_store
@@ -46,25 +50,60 @@ def main() -> int:
     store = make_store(settings, connection)
     sender = WebhookSender(settings) if settings.webhook_secret else None
     sink = EventSink(connection, settings, sender)
-    tasks.bind(tasks.WorkerContext(runtime, store, settings, connection, sink))
     if isinstance(store, LocalImageStore):
         start_sweeper(store, connection, settings.sweep_interval)
-    connection.hset(MODELS_KEY, runtime.info.name, runtime.info.model_dump_json())
-    worker = ImagegenWorker(
-        get_queues(connection, settings.model),
-        events=sink,
-        connection=connection,
-        serializer=SERIALIZER,
-        heartbeat_interval=settings.worker_heartbeat,
-        worker_ttl=int(settings.worker_heartbeat * 4) + 15,
-        maintenance_interval=30,
-    )
+
+    def new_worker() -> ImagegenWorker:
+        worker = ImagegenWorker(
+            get_queues(connection, settings.model),
+            events=sink,
+            connection=connection,
+            serializer=SERIALIZER,
+            heartbeat_interval=settings.worker_heartbeat,
+            shutdown_grace=settings.shutdown_grace,
+            worker_ttl=int(settings.worker_heartbeat * 4) + 15,
+            maintenance_interval=settings.maintenance_interval,
+        )
+        tasks.bind(tasks.WorkerContext(runtime, store, settings, connection, sink, worker.requeue_requested.is_set))
+        return worker
+
+    # RQ's loop quits on some Redis errors (an outage mid-job, a restart); the model stays loaded
+    # and a fresh registration resumes serving once Redis answers again.
+    stopping = False
     try:
-        worker.work(with_scheduler=False, logging_level=settings.log_level)
+        while True:
+            worker = new_worker()
+            try:
+                wait_for_redis(connection, log)
+                connection.hset(MODELS_KEY, runtime.info.name, runtime.info.model_dump_json())
+                worker.work(with_scheduler=False, logging_level=settings.log_level)
+            except RedisError as exc:
+                log.warning("lost Redis (%s); reconnecting", exc)
+            except StopRequested:
+                pass
+            stopping = worker._shutdown_requested_date is not None
+            if stopping:
+                break
+            log.warning("worker loop ended without a stop request; restarting it")
+            time.sleep(1)
     finally:
         if sender is not None:
             sender.close()  # deliver what is pending before exiting
     return 0
+
+
+def wait_for_redis(connection: Any, log: logging.Logger) -> None:
+    from redis.exceptions import RedisError
+
+    delay = 0.5
+    while True:
+        try:
+            connection.ping()
+            return
+        except RedisError as exc:
+            log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
@@ -42,6 +44,7 @@ class WorkerContext:
     settings: Settings
     connection: Redis
     events: EventSink
+    should_requeue: Callable[[], bool] = lambda: False
 
 
 _context: WorkerContext | None = None
@@ -60,6 +63,10 @@ class JobFailedError(Exception):
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
+
+
+class RequeueError(Exception):
+    """The worker is shutting down past its grace period: give the job back to the queue."""
 
 
 class CanceledError(Exception):
@@ -113,18 +120,29 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
 
     def on_step(step: int, steps: int) -> None:
         nonlocal last_write
-        if ctx.connection.exists(flag):
-            raise CanceledError(step, steps)
+        if ctx.should_requeue():
+            raise RequeueError
         now = time.monotonic()
-        if step == steps or now - last_write >= PROGRESS_INTERVAL:
-            last_write = now
-            job.meta["progress"] = {"step": step, "total": steps}
-            job.save_meta()
-            ctx.events.emit(job, EventType.progress, "running", progress={"step": step, "total": steps})
+        try:
+            if ctx.connection.exists(flag):
+                raise CanceledError(step, steps)
+            if step == steps or now - last_write >= PROGRESS_INTERVAL:
+                last_write = now
+                job.meta["progress"] = {"step": step, "total": steps}
+                job.save_meta()
+                ctx.events.emit(job, EventType.progress, "running", progress={"step": step, "total": steps})
+        except RedisError:
+            # Redis is away: keep sampling; the result is stored when it returns, or the job is
+            # re-run once the worker is found to have lost it.
+            log.warning("job %s: progress not recorded (Redis unavailable)", job.id)
 
     started = time.perf_counter()
     try:
         images = ctx.runtime.generate(request, on_step)
+    except RequeueError:
+        log.info("job %s: shutting down, handing the job back to the queue", job.id)
+        job.meta["requeue"] = True
+        raise
     except CanceledError as exc:
         log.info("job %s: canceled at step %d/%d", job.id, exc.step, exc.total)
         raise _fail(job, ErrorCode.canceled, str(exc), canceled_at_step=exc.step) from None

@@ -8,8 +8,11 @@ import logging
 import threading
 from typing import Any
 
+from rq import worker_registration
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.registry import clean_registries
+from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, WorkerStatus
 
 from app.core.events import EventType
@@ -21,11 +24,28 @@ log = logging.getLogger(__name__)
 
 class ImagegenWorker(SimpleWorker):
     def __init__(
-        self, *args: Any, heartbeat_interval: float = 5.0, events: EventSink | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        heartbeat_interval: float = 5.0,
+        events: EventSink | None = None,
+        shutdown_grace: float = 30.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.heartbeat_interval = heartbeat_interval
         self.events = events
+        self.shutdown_grace = shutdown_grace
+        # Set `shutdown_grace` seconds after a warm shutdown began with a job still running; the
+        # task checks it at every step and hands the job back to the queue.
+        self.requeue_requested = threading.Event()
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        busy = self.get_state() == WorkerStatus.BUSY
+        super().request_stop(signum, frame)  # raises StopRequested when idle
+        if busy:
+            timer = threading.Timer(self.shutdown_grace, self.requeue_requested.set)
+            timer.daemon = True
+            timer.start()
 
     def refusal_reason(self, job: Job) -> str | None:
         """Why a job must not run, or None. Checked before anything of the job is imported."""
@@ -71,12 +91,42 @@ class ImagegenWorker(SimpleWorker):
     def handle_job_failure(
         self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "", execution: Any = None
     ) -> None:
+        if job.meta.pop("requeue", False):
+            # Handed back during shutdown: run it again from the start, ahead of newer jobs.
+            job.retries_left = (job.retries_left or 0) + 1
+            job.retry_intervals = [0]
+            job.enqueue_at_front_on_retry = True
+        elif job.meta.get("error"):
+            job.retries_left = 0  # a failure the task reported itself: retrying cannot help
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
         if self.events is None or job.get_status(refresh=True) != JobStatus.FAILED:
             return  # a retry re-queued it: not terminal
         status = status_from_rq("failed", job.meta)
         error = job.meta.get("error") or {"code": ErrorCode.internal_error.value, "message": "the job failed"}
         self.events.emit(job, EventType(status.value), status.value, error=error, progress=job.meta.get("progress"))
+
+    def clean_registries(self) -> None:
+        """RQ's registry maintenance, plus recovery of jobs a dead worker had dequeued but not yet
+        started: RQ skips those (their status is still `queued`) and they would sit in no queue."""
+        for queue in self.queues:
+            if queue.acquire_maintenance_lock():
+                try:
+                    self._recover_orphans(queue)
+                    clean_registries(queue, self._exc_handlers)
+                    worker_registration.clean_worker_registry(queue)
+                    queue.intermediate_queue.cleanup(self, queue)
+                finally:
+                    queue.release_maintenance_lock()
+        self.last_cleaned_at = utcnow()  # type: ignore[assignment]
+
+    def _recover_orphans(self, queue: Queue) -> None:
+        for job_id in queue.started_job_registry.get_expired_job_ids():
+            job = Job.fetch_many([job_id], connection=self.connection, serializer=self.serializer)[0]
+            if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+                continue
+            if self.connection.lpos(queue.key, job_id) is None:
+                log.warning("job %s was taken by a worker that died before starting it; requeued", job_id)
+                queue._enqueue_job(job, at_front=True)
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         # A SimpleWorker runs the job on its main thread and would send no heartbeat until it ends,

@@ -27,6 +27,7 @@ STATUS: dict[type[errors.ImagegenError], int] = {
     errors.InvalidRequestError: 422,
     errors.PayloadTooLargeError: 413,
     errors.UnavailableError: 503,
+    errors.RateLimitedError: 429,
 }
 HTTP_CODES = {
     400: "bad_request",
@@ -54,7 +55,8 @@ def envelope(status: int, code: str, message: str, details: Any = None, headers:
 def _domain(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.ImagegenError)
     status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, errors.UnavailableError) else None
+    retry_after = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return envelope(status, exc.code, exc.message, exc.details, headers)
 
 

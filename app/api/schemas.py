@@ -109,6 +109,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "Job not in a state that allows this",
         410: "Job or image expired",
         413: "Request body too large",
+        429: "Queue full or rate limited; see Retry-After",
         422: "Invalid parameters",
         503: "Redis or workers unavailable",
     }.items()

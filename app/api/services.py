@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import secrets
 import time
 import uuid
@@ -19,7 +20,14 @@ from rq.job import Job
 from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress
 from app.core import events
 from app.core.config import Settings
-from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError, UnavailableError
+from app.core.errors import (
+    ConflictError,
+    GoneError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitedError,
+    UnavailableError,
+)
 from app.core.events import EventType, JobEvent
 from app.core.jobs import (
     MAX_SEED,
@@ -88,6 +96,7 @@ class JobService:
                     code="validation_error",
                     details=[{"loc": ["body", name], "msg": f"must be between {s.min_size} and {limit}"}],
                 )
+        self._check_capacity()
         job_id = job_id or str(uuid.uuid4())
         if params.seed is None:
             params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
@@ -104,6 +113,22 @@ class JobService:
             events.publish(pipe, queued, self.event_ttl)
             pipe.execute()
         return job
+
+    def _check_capacity(self) -> None:
+        """A bounded queue: past `max_queue` waiting jobs, ask clients to come back later."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in self.queues:
+                pipe.llen(queue.key)
+            waiting = sum(pipe.execute())
+        if waiting < self.settings.max_queue:
+            return
+        times = self._steptimes()
+        info = self.model_info()
+        per_job = (sum(times.values()) / len(times)) * (info.num_inference_steps if info else 25) if times else 1.0
+        workers = max(1, Worker.count(connection=self.redis, queue=self.queues[0]))
+        # Roughly when a tenth of the backlog has drained.
+        retry_after = max(1, math.ceil(waiting * per_job / workers / 10))
+        raise RateLimitedError(f"the queue is full ({waiting} jobs waiting); retry later", retry_after=retry_after)
 
     def claim_idempotency_key(self, key: str, body_hash: str) -> tuple[str, Job | None]:
         """Reserve a job id for `key`. Returns (id, None) when this request owns the key and should
@@ -188,7 +213,9 @@ class JobService:
             status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
             if status is None or status_from_rq(status.decode(), {}).is_terminal():
                 return
-            result: Any = await self.aredis.xread({key: after}, count=500, block=max(1, int(min(remaining, 2.0) * 1000)))
+            result: Any = await self.aredis.xread(
+                {key: after}, count=500, block=max(1, int(min(remaining, 2.0) * 1000))
+            )
             for _, entries in result or []:
                 decoded = events.decode(entries)
                 after = decoded[-1][0]

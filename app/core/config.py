@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(False, description="Allow webhooks to loopback/private/link-local hosts.")
     webhook_max_attempts: int = Field(6, ge=1, le=20, description="Deliveries tried per event before giving up.")
     sweep_interval: float = Field(60.0, gt=0, description="Seconds between sweeps of expired local images.")
+    max_retries: int = Field(2, ge=0, le=10, description="Re-runs of a job whose worker died mid-job.")
+    maintenance_interval: int = Field(15, ge=1, description="Seconds between a worker's registry clean-ups.")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="Seconds a stopping worker gives its job before requeueing it."
+    )
+    max_queue: int = Field(1000, ge=1, description="Waiting jobs per model before POST /generate answers 429.")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -38,6 +38,16 @@ class PayloadTooLargeError(ImagegenError):
     code = "payload_too_large"
 
 
+class RateLimitedError(ImagegenError):
+    """Too many requests or a full queue; retry after `retry_after` seconds."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int = 1, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+
 class UnavailableError(ImagegenError):
     """A dependency (Redis, workers) is down; clients should retry after `retry_after` seconds."""
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
-from rq import Queue
+from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -55,6 +55,8 @@ def enqueue_generate(
     """Put one generation job on the queue: JSON arguments, a random UUID, explicit TTLs."""
     return queue.enqueue(
         TASK_GENERATE,
+        # Retries are for lost workers only: the worker turns them off for failures it reports itself.
+        retry=Retry(max=settings.max_retries) if settings.max_retries else None,
         kwargs={"params": params.model_dump(mode="json")},
         job_id=job_id or str(uuid.uuid4()),
         meta=meta or {},

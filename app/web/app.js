@@ -152,7 +152,7 @@ function render(job, view) {
   showStatus(view.status, view.progress);
   if (view.status !== "succeeded") {
     const reason = view.error ? view.error.message : view.status;
-    return end(job, view.status === "canceled" ? `canceled: ${reason}` : reason);
+    return end(job, reason);
   }
   const seconds = view.started_at && view.finished_at
     ? (Date.parse(view.finished_at) - Date.parse(view.started_at)) / 1000

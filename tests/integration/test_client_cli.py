@@ -131,6 +131,13 @@ def test_wait_falls_back_when_the_server_lacks_events(longpoll: bool, mode: str)
     assert any("wait=" in call for call in server.calls)
 
 
+def test_client_stands_alone() -> None:
+    # The package ships to users without the server: importing it must not pull in app/ or worker/.
+    code = "import sys, imagegen_client.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'app', 'worker'}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 # -- the CLI ----------------------------------------------------------------------------------
 def cli(args: list[str], base_url: str | None, *, script: bool = False) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}

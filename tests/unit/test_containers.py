@@ -37,7 +37,7 @@ def test_default_services_run_the_tiny_model_on_cpu() -> None:
     worker = SERVICES["worker"]
     assert worker["environment"]["IMAGEGEN_MODEL"] in REGISTRY
     assert worker["environment"]["IMAGEGEN_DEVICE"] == "cpu"
-    assert "${IMAGEGEN_MODEL:-tiny-shapes}" == SERVICES["api"]["environment"]["IMAGEGEN_MODEL"]
+    assert SERVICES["api"]["environment"]["IMAGEGEN_MODEL"] == "${IMAGEGEN_MODEL:-tiny-shapes}"
 
 
 def test_commands_and_ports_match_the_entry_points() -> None:

@@ -186,3 +186,17 @@ def test_events_are_written_in_order_and_terminal_last(env, redis_db) -> None:
     last = events.read(redis_db, ok.id)[-1][1]
     assert last.images and last.images[0]["url"] == f"/jobs/{ok.id}/images/0"
     assert last.progress == {"step": 3, "total": 3}
+
+
+def test_a_job_dequeued_by_a_worker_that_died_before_starting_it_is_requeued(env, redis_db) -> None:
+    runtime, store, queue, worker = env
+    job = enqueue(queue, prompt="orphan")
+    # What a worker killed between taking the job and starting it leaves behind: the job in no
+    # queue, status still `queued`, an expired entry in the started registry.
+    redis_db.lrem(queue.key, 0, job.id)
+    redis_db.zadd(queue.started_job_registry.key, {f"{job.id}:dead-execution": 1})
+    worker.clean_registries()
+    assert redis_db.lrange(queue.key, 0, -1) == [job.id.encode()]
+    worker.work(burst=True)
+    job.refresh()
+    assert job.get_status() == "finished"

@@ -133,15 +133,17 @@ class OpenAIRoute(APIRoute):
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
+# "default" also keeps FastAPI from documenting its own 422, which these routes never answer.
+_ERROR_TEXT: dict[int | str, str] = {
+    400: "Invalid request, including validation errors and malformed JSON",
+    409: "The job was canceled",
+    500: "The job failed",
+    503: "Redis or workers unavailable",
+    504: "The job did not finish within the server's time limit; it keeps running",
+    "default": "Any other error, in OpenAI's shape",
+}
 OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIErrorEnvelope, "description": text}
-    for code, text in {
-        400: "Invalid request (OpenAI's error shape)",
-        409: "The job was canceled",
-        500: "The job failed",
-        503: "Redis or workers unavailable",
-        504: "The job did not finish within the server's time limit; it keeps running",
-    }.items()
+    code: {"model": OpenAIErrorEnvelope, "description": text} for code, text in _ERROR_TEXT.items()
 }
 
 # How a failed job's error code maps to an HTTP status for a synchronous caller.
@@ -155,7 +157,7 @@ _FAILURE_STATUS = {
 
 async def _wait(jobs: JobService, job_id: str, timeout: float) -> Job:
     """The job once terminal, or as it stands when `timeout` runs out."""
-    if getattr(jobs, "aredis", None) is not None:  # blocks on the event stream without a thread
+    if jobs.aredis is not None:  # blocks on the event stream without holding a thread
         await jobs.wait_async(job_id, timeout)
         return await run_in_threadpool(jobs.get, job_id)
     return await anyio.to_thread.run_sync(jobs.wait, job_id, timeout, limiter=_WAITERS)
@@ -208,9 +210,9 @@ async def create_images(
     def image_url(job_id: str, i: int) -> str:
         return str(request.url_for("get_image", job_id=job_id, index=str(i)))
 
-    view = jobs.view(job, image_url)
+    view = await run_in_threadpool(jobs.view, job, image_url)
     if not view.status.is_terminal():
-        message = f"job {job.id} did not finish within {timeout:g} s; it keeps running: poll GET /jobs/{job.id} for it"
+        message = f"job {job.id} did not finish within {timeout:g} s and keeps going; follow it at GET /jobs/{job.id}"
         raise OpenAIError(504, message, code="timeout", headers=job_header)
     if view.status is not JobStatus.succeeded:
         code = view.error.code if view.error else ErrorCode.internal_error.value

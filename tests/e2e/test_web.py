@@ -1,0 +1,122 @@
+"""The web page at `/` in a real headless browser: Debian's chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.procs import ROOT, Stack
+
+pytestmark = pytest.mark.integration
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = "/tmp/imagegen-web.png"
+
+
+def _chromium() -> str | None:
+    """Debian's chromium, installed on the spot when missing and we are root (as `make test` does)."""
+    if not os.path.exists(CHROMIUM) and hasattr(os, "geteuid") and os.geteuid() == 0:
+        subprocess.run([str(ROOT / "scripts" / "ensure-browser.sh")], check=False, timeout=900)
+    return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright missing: pip install -e '.[dev]'")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no chromium and it cannot be installed here (not root, or apt failed): apt-get install chromium")
+    with sync_api.sync_playwright() as p:
+        # Never `playwright install`: the distribution's chromium is the browser.
+        b = p.chromium.launch(executable_path=exe, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, stack: Stack) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1100, "height": 760}, base_url=stack.base_url)
+    pg = context.new_page()
+    pg.errors = []  # uncaught exceptions in the page's JavaScript
+    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
+    yield pg
+    context.close()
+
+
+def fill(page: Any, **fields: object) -> None:
+    for name, value in fields.items():
+        page.fill(f"#{name}", str(value))
+
+
+def test_generate_shows_images_with_their_seeds(page: Any) -> None:
+    streams: list[str] = []
+    page.on("request", lambda req: streams.append(req.url) if req.url.endswith("/events") else None)
+    page.goto("/")
+    page.wait_for_function("document.querySelector('#server').textContent.startsWith('ready')", timeout=30_000)
+    fill(page, prompt="a red circle on a blue background", num_images=2, seed=7, num_inference_steps=4)
+    fill(page, width=32, height=32)
+    page.click("#generate")
+    page.wait_for_function(
+        """() => {
+            const imgs = [...document.querySelectorAll('#gallery img')];
+            return imgs.length === 2 && imgs.every((i) => i.complete && i.naturalWidth > 0);
+        }""",
+        timeout=90_000,
+    )
+    widths = page.eval_on_selector_all("#gallery img", "imgs => imgs.map((i) => i.naturalWidth)")
+    assert widths == [32, 32]
+    assert page.locator("#gallery .seed").all_inner_texts() == ["seed 7", "seed 8"]
+    assert page.inner_text("#status").startswith("succeeded")
+    assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
+    assert streams, "the page should follow the job over /jobs/{id}/events"
+    page.screenshot(path=SCREENSHOT, full_page=True)
+    assert page.errors == []
+
+
+def test_cancel_a_running_job(page: Any) -> None:
+    page.goto("/")
+    fill(page, prompt="this one gets canceled", num_inference_steps=150, width=64, height=64)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('running')", timeout=60_000)
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#status').dataset.status === 'canceled'", timeout=60_000)
+    assert "cancel" in page.inner_text("#error")
+    assert page.locator("#gallery img").count() == 0
+    assert page.is_enabled("#generate")
+    assert page.errors == []
+
+
+def test_server_errors_are_shown(page: Any) -> None:
+    page.goto("/")
+    fill(page, prompt="too big", width=4096, height=32)
+    page.click("#generate")
+    page.wait_for_function("!document.querySelector('#error').hidden", timeout=10_000)
+    assert "width" in page.inner_text("#error")
+    assert page.is_enabled("#generate")
+
+
+def test_polls_when_the_server_has_no_event_stream(page: Any) -> None:
+    # An older server (or a proxy that drops SSE) answers 404 for /events: the page polls instead.
+    page.route("**/events", lambda route: route.fulfill(status=404, json={"error": {"code": "not_found"}}))
+    page.goto("/")
+    fill(page, prompt="polled", seed=11, num_inference_steps=3, width=32, height=32)
+    page.click("#generate")
+    page.wait_for_function(
+        "(() => { const i = document.querySelector('#gallery img'); return i && i.complete && i.naturalWidth > 0; })()",
+        timeout=90_000,
+    )
+    assert page.locator("#gallery .seed").all_inner_texts() == ["seed 11"]
+    assert page.errors == []

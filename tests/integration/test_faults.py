@@ -1,0 +1,187 @@
+"""Faults survived, with real processes: kill -9 of workers and Redis, restarts, SIGTERM, timeouts,
+a full queue."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from rq import Worker
+
+from tests.procs import Proc, service_env, start_api, start_redis, start_worker, wait_for
+
+pytestmark = pytest.mark.integration
+LONG = {"prompt": "long", "num_inference_steps": 150, "width": 128, "height": 128}
+TINY = {"prompt": "tiny", "num_inference_steps": 1, "width": 8, "height": 8}
+
+
+@pytest.fixture
+def env(tmp_path):
+    server = start_redis(tmp_path / "redis")
+    env = service_env(server.url, tmp_path, maintenance_interval="1", max_retries="1")
+    procs: list[Proc] = []
+    yield server, env, procs, tmp_path
+    for p in procs:
+        p.stop(signal.SIGKILL)
+    server.proc.stop(signal.SIGKILL)
+
+
+def _worker(server, env, procs, tmp_path, name: str, **extra: str) -> Proc:
+    proc = start_worker(env | {f"IMAGEGEN_{k.upper()}": v for k, v in extra.items()}, tmp_path / f"{name}.log",
+                        ready=server.client())
+    procs.append(proc)
+    return proc
+
+
+def _api(env, procs, tmp_path, name: str = "api", **extra: str) -> str:
+    proc, base = start_api(env | {f"IMAGEGEN_{k.upper()}": v for k, v in extra.items()}, tmp_path / f"{name}.log")
+    procs.append(proc)
+    return base
+
+
+def _running_on(server, job_id: str, timeout: float = 60) -> int:
+    """PID of the worker running the job (from RQ's worker registry), once sampling has begun."""
+    found: list[int] = []
+    connection = server.client()
+
+    def check() -> bool:
+        if connection.hget(f"rq:job:{job_id}", "status") != b"started":
+            return False
+        for w in Worker.all(connection=connection):
+            if w.get_current_job_id() == job_id:
+                found.append(w.pid)
+                return True
+        return False
+
+    wait_for(check, timeout, f"a worker to start {job_id}")
+    return found[0]
+
+
+def _wait(http: httpx.Client, job_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = http.get(f"/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def test_worker_killed_mid_job_is_rerun_then_fails_as_worker_lost(env) -> None:
+    server, env, procs, tmp = env
+    workers = [_worker(server, env, procs, tmp, f"w{i}") for i in range(2)]
+    base = _api(env, procs, tmp)  # IMAGEGEN_MAX_RETRIES=1
+    no_retry = _api(env, procs, tmp, "api-no-retry", max_retries="0")
+    with httpx.Client(base_url=base, timeout=10) as http:
+        job = http.post("/generate", json=LONG).json()
+        victim = _running_on(server, job["id"])
+        killed_at = time.monotonic()
+        next(w for w in workers if w.pid == victim).stop(signal.SIGKILL)
+        # Re-run on the surviving worker: started again after the kill, then succeeded.
+        done = _wait(http, job["id"], 90)
+        assert done["status"] == "succeeded", done
+        print(f"re-run finished {time.monotonic() - killed_at:.1f}s after kill -9")
+
+        # Without retries left, a lost worker ends the job as failed/worker_lost.
+        _worker(server, env, procs, tmp, "w2")  # someone must be alive to notice
+        lost = httpx.post(no_retry + "/generate", json=LONG).json()
+        victim = _running_on(server, lost["id"])
+        next(p for p in procs if p.pid == victim).stop(signal.SIGKILL)
+        done = _wait(http, lost["id"], 90)
+        assert done["status"] == "failed" and done["error"]["code"] == "worker_lost", done
+
+
+def test_redis_kill9_loses_no_accepted_job(env) -> None:
+    server, env, procs, tmp = env
+    _worker(server, env, procs, tmp, "w")
+    base = _api(env, procs, tmp)
+    with httpx.Client(base_url=base, timeout=30) as http, ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: http.post("/generate", json=TINY | {"seed": i}), range(500)))
+        assert {r.status_code for r in answers} == {202}
+        ids = [r.json()["id"] for r in answers]
+        time.sleep(1.5)  # AOF fsyncs every second: what was accepted before this is on disk
+        server.restart()  # kill -9, then start on the same data directory
+        finals = {}
+        deadline = time.monotonic() + 240
+        pending = set(ids)
+        while pending and time.monotonic() < deadline:
+            for job_id in list(pending):
+                r = http.get(f"/jobs/{job_id}")
+                if r.status_code == 404:
+                    finals[job_id] = "lost"
+                    pending.discard(job_id)
+                elif r.status_code == 200 and r.json()["status"] in ("succeeded", "failed", "canceled"):
+                    finals[job_id] = r.json()["status"]
+                    pending.discard(job_id)
+            time.sleep(0.5)
+    lost = [j for j, s in finals.items() if s == "lost"]
+    print(f"500 jobs: {sum(s == 'succeeded' for s in finals.values())} succeeded, {len(lost)} lost, "
+          f"{len(pending)} unfinished")
+    assert not pending and not lost
+    assert set(finals.values()) == {"succeeded"}
+
+
+def test_api_restart_and_sigterm_drain(env) -> None:
+    server, env, procs, tmp = env
+    api, base = start_api(env, tmp / "api1.log")
+    job = httpx.post(base + "/generate", json=TINY).json()
+    api.stop(signal.SIGKILL)  # nothing in flight lives in the API
+    api, base = start_api(env, tmp / "api2.log")
+    procs.append(api)
+    assert httpx.get(f"{base}/jobs/{job['id']}").json()["status"] == "queued"
+
+    # SIGTERM while a long-poll is open: uvicorn stops accepting but answers the open request.
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.get, f"{base}/jobs/{job['id']}", params={"wait": 3}, timeout=30)
+        time.sleep(0.5)
+        api.popen.send_signal(signal.SIGTERM)
+        r = pending.result()
+    assert r.status_code == 200 and r.json()["id"] == job["id"]
+    api.popen.wait(30)
+
+    _worker(server, env, procs, tmp, "w")
+    base = _api(env, procs, tmp, "api3")
+    assert _wait(httpx.Client(base_url=base), job["id"], 60)["status"] == "succeeded"
+
+
+def test_worker_sigterm_finishes_its_job_or_requeues_it_after_the_grace(env) -> None:
+    server, env, procs, tmp = env
+    patient = _worker(server, env, procs, tmp, "patient", shutdown_grace="120")
+    base = _api(env, procs, tmp)
+    with httpx.Client(base_url=base, timeout=10) as http:
+        first = http.post("/generate", json=LONG | {"num_inference_steps": 60}).json()
+        _running_on(server, first["id"])
+        second = http.post("/generate", json=TINY).json()
+        patient.popen.send_signal(signal.SIGTERM)
+        assert patient.popen.wait(120) == 0
+        assert http.get(f"/jobs/{first['id']}").json()["status"] == "succeeded"  # finished, not dropped
+        assert http.get(f"/jobs/{second['id']}").json()["status"] == "queued"  # and took no new job
+
+        hasty = _worker(server, env, procs, tmp, "hasty", shutdown_grace="0.5")
+        assert _wait(http, second["id"], 60)["status"] == "succeeded"
+        long_job = http.post("/generate", json=LONG | {"num_inference_steps": 150, "width": 256, "height": 256}).json()
+        _running_on(server, long_job["id"])
+        hasty.popen.send_signal(signal.SIGTERM)
+        assert hasty.popen.wait(60) == 0
+        requeued = http.get(f"/jobs/{long_job['id']}").json()
+        assert requeued["status"] == "queued" and requeued["queue_position"] == 0, requeued
+        _worker(server, env, procs, tmp, "finisher")
+        assert _wait(http, long_job["id"], 120)["status"] == "succeeded"
+
+
+def test_job_timeout_and_full_queue(env) -> None:
+    server, env, procs, tmp = env
+    _worker(server, env, procs, tmp, "w")
+    base = _api(env, procs, tmp, job_timeout="1", max_queue="3")
+    with httpx.Client(base_url=base, timeout=10) as http:
+        slow = http.post("/generate", json=LONG | {"width": 256, "height": 256}).json()
+        done = _wait(http, slow["id"], 60)
+        assert done["status"] == "failed" and done["error"]["code"] == "timeout", done
+
+        _running_on(server, http.post("/generate", json=LONG | {"num_inference_steps": 40}).json()["id"])
+        answers = [http.post("/generate", json=TINY) for _ in range(5)]
+        assert [r.status_code for r in answers] == [202, 202, 202, 429, 429]
+        full = answers[-1]
+        assert full.json()["error"]["code"] == "rate_limited" and int(full.headers["retry-after"]) >= 1
