@@ -15,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY models ./models
+COPY imagegen_client ./imagegen_client
 RUN pip install .
 USER imagegen
 EXPOSE 8000
@@ -27,6 +28,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY models ./models
+COPY imagegen_client ./imagegen_client
 RUN pip install '.[worker]'
 ENV HF_HOME=/cache/huggingface IMAGEGEN_MODEL_CACHE=/cache/models
 USER imagegen
@@ -40,6 +42,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY models ./models
+COPY imagegen_client ./imagegen_client
 # torch is already in the image; pip keeps it because it satisfies `torch>=2.4`.
 RUN pip install '.[worker]'
 ENV HF_HOME=/cache/huggingface IMAGEGEN_MODEL_CACHE=/cache/models IMAGEGEN_DEVICE=cuda IMAGEGEN_DTYPE=float16

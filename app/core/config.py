@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         30.0, ge=0, description="Seconds a stopping worker gives its job before requeueing it."
     )
+    openai_timeout: float = Field(
+        120.0, gt=0, description="Seconds POST /v1/images/generations waits for its job before answering 504."
+    )
     max_queue: int = Field(1000, ge=1, description="Waiting jobs per model before POST /generate answers 429.")
 
     @model_validator(mode="after")
