@@ -9,10 +9,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import errors
+from app.api.deps import get_principal
 from app.api.middleware import BodySizeLimit
 from app.api.routes import generate, health, jobs, openai, web
 from app.api.services import JobService
@@ -46,11 +48,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="imagegen", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
-    app.include_router(generate.router)
-    app.include_router(jobs.router)
+    authenticated = [Depends(get_principal)]  # every route but health, docs and the static page
+    app.include_router(generate.router, dependencies=authenticated)
+    app.include_router(jobs.router, dependencies=authenticated)
     app.include_router(health.router)
-    app.include_router(openai.router)
+    app.include_router(openai.router, dependencies=authenticated)
     app.include_router(web.router)
+    if settings.cors_origins.strip():
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+        )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
 

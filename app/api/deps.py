@@ -9,6 +9,7 @@ from redis import Redis
 from rq import Queue
 
 from app.api.services import JobService
+from app.core.auth import Principal, authenticate, charge
 from app.core.config import Settings
 from app.core.storage import ImageStore
 
@@ -33,7 +34,16 @@ def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
+def get_principal(request: Request) -> Principal:
+    """The caller's API key (when keys are required), charged one request against its rate limit."""
+    settings: Settings = request.app.state.settings
+    principal = authenticate(request.headers.get("authorization"), settings, request.app.state.redis)
+    charge(request.app.state.redis, principal, "requests", 1, settings.rate_limit_requests)
+    return principal
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
 StoreDep = Annotated[ImageStore, Depends(get_store)]

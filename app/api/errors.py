@@ -21,6 +21,7 @@ from app.core import errors
 log = logging.getLogger(__name__)
 
 STATUS: dict[type[errors.ImagegenError], int] = {
+    errors.UnauthorizedError: 401,
     errors.NotFoundError: 404,
     errors.ConflictError: 409,
     errors.GoneError: 410,
@@ -57,6 +58,8 @@ def _domain(request: Request, exc: Exception) -> JSONResponse:
     status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
     retry_after = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    if isinstance(exc, errors.UnauthorizedError):
+        headers = {"WWW-Authenticate": "Bearer"}
     return envelope(status, exc.code, exc.message, exc.details, headers)
 
 

@@ -85,6 +85,7 @@ class JobService:
         priority: Priority = Priority.normal,
         webhook: dict[str, Any] | None = None,
         job_id: str | None = None,
+        owner: str | None = None,
     ) -> Job:
         """Queue a job (under `job_id` when an idempotency key reserved one)."""
         s = self.settings
@@ -104,10 +105,12 @@ class JobService:
         if info is not None:
             params = info.fill(params)
         meta: dict[str, Any] = {"webhook": webhook} if webhook else {}
+        if owner is not None:
+            meta["owner"] = owner
         job = enqueue_generate(get_queue(self.redis, s.model, priority), params, s, job_id=job_id, meta=meta)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(SEEN_PREFIX + job.id, 1, ex=max(s.result_ttl, s.failure_ttl) + SEEN_GRACE)
-            pipe.zadd(INDEX_KEY, {job.id: time.time()})
+            pipe.zadd(index_key(owner), {job.id: time.time()})
             total = params.num_inference_steps or 0
             queued = events.make_event(EventType.queued, job.id, "queued", progress={"step": 0, "total": total})
             events.publish(pipe, queued, self.event_ttl)
@@ -130,11 +133,12 @@ class JobService:
         retry_after = max(1, math.ceil(waiting * per_job / workers / 10))
         raise RateLimitedError(f"the queue is full ({waiting} jobs waiting); retry later", retry_after=retry_after)
 
-    def claim_idempotency_key(self, key: str, body_hash: str) -> tuple[str, Job | None]:
+    def claim_idempotency_key(self, key: str, body_hash: str, owner: str | None = None) -> tuple[str, Job | None]:
         """Reserve a job id for `key`. Returns (id, None) when this request owns the key and should
         submit under that id, or (id, job) with the job an earlier identical request made."""
         job_id = str(uuid.uuid4())
-        redis_key = IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+        # Scoped per API key: one client's key can never return another client's job.
+        redis_key = IDEMPOTENCY_PREFIX + hashlib.sha256(f"{owner}:{key}".encode()).hexdigest()
         if self.redis.set(redis_key, f"{body_hash}:{job_id}", nx=True, ex=IDEMPOTENCY_TTL):
             return job_id, None
         stored = (self.redis.get(redis_key) or b"").decode()  # type: ignore[union-attr]
@@ -152,11 +156,14 @@ class JobService:
         raise UnavailableError("the original request with this Idempotency-Key is still being processed", retry_after=1)
 
     # -- look up --------------------------------------------------------------------------
-    def get(self, raw_id: str) -> Job:
+    def get(self, raw_id: str, owner: str | None = None) -> Job:
+        """The job, if it exists and (with API keys on) belongs to `owner`; another key's job is a 404."""
         job_id = parse_job_id(raw_id)
         if job_id is None:  # never build a Redis key from arbitrary text
             raise NotFoundError(f"no job {raw_id!r}")
         job = fetch_job(self.redis, job_id)
+        if job is not None and owner is not None and (job.meta or {}).get("owner") != owner:
+            raise NotFoundError(f"no job {job_id}")
         if job is None:
             if self.redis.exists(SEEN_PREFIX + job_id):
                 raise GoneError(f"job {job_id} has expired and its results were deleted")
@@ -256,7 +263,9 @@ class JobService:
                 return
 
     # -- list -----------------------------------------------------------------------------
-    def list_jobs(self, image_url: ImageUrl, status: JobStatus | None, limit: int, cursor: str | None) -> JobList:
+    def list_jobs(
+        self, image_url: ImageUrl, status: JobStatus | None, limit: int, cursor: str | None, owner: str | None = None
+    ) -> JobList:
         """Newest first; `cursor` is the opaque `next_cursor` of the previous page."""
         upper: str = "+inf"
         if cursor is not None:
@@ -271,7 +280,7 @@ class JobService:
         scanned = 0
         while len(found) < limit and scanned < limit * 20:
             batch: list[tuple[bytes, float]] = self.redis.zrevrangebyscore(  # type: ignore[assignment]
-                INDEX_KEY, upper, "-inf", start=0, num=limit, withscores=True
+                index_key(owner), upper, "-inf", start=0, num=limit, withscores=True
             )
             if not batch:
                 next_cursor = None
@@ -283,14 +292,14 @@ class JobService:
                 upper = f"({score!r}"
                 next_cursor = repr(score)
                 if job is None:
-                    self.redis.zrem(INDEX_KEY, member)  # expired
+                    self.redis.zrem(index_key(owner), member)  # expired
                     continue
                 view = self.view(job, image_url)
                 if status is None or view.status is status:
                     found.append(view)
                     if len(found) == limit:
                         break
-        if next_cursor is not None and not self.redis.zrevrangebyscore(INDEX_KEY, upper, "-inf", start=0, num=1):
+        if next_cursor is not None and not self.redis.zrevrangebyscore(index_key(owner), upper, "-inf", start=0, num=1):
             next_cursor = None  # nothing older: this was the last page
         return JobList(jobs=found, next_cursor=next_cursor)
 
@@ -401,6 +410,11 @@ class JobService:
         if "JobTimeoutException" in text:
             return JobErrorInfo(code=ErrorCode.timeout.value, message="the job ran past its time limit")
         return JobErrorInfo(code=ErrorCode.internal_error.value, message="the job failed in the worker")
+
+
+def index_key(owner: str | None) -> str:
+    """Sorted set of job ids by creation time: one for everyone, one per API key."""
+    return INDEX_KEY if owner is None else f"{INDEX_KEY}:{owner}"
 
 
 def _pixels(size: str) -> int:

@@ -48,7 +48,20 @@ class Settings(BaseSettings):
     openai_timeout: float = Field(
         120.0, gt=0, description="Seconds POST /v1/images/generations waits for its job before answering 504."
     )
+    auth: bool = Field(False, description="Require API keys (on by itself when IMAGEGEN_API_KEYS is set).")
+    api_keys: str = Field("", description="Comma-separated API keys; more can be stored hashed in Redis.")
+    rate_limit_requests: int = Field(0, ge=0, description="Requests per minute per API key (0: unlimited).")
+    rate_limit_images: int = Field(0, ge=0, description="Images per minute per API key (0: unlimited).")
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty: CORS off.")
     max_queue: int = Field(1000, ge=1, description="Waiting jobs per model before POST /generate answers 429.")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth or bool(self.api_keys.strip())
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -59,6 +72,8 @@ class Settings(BaseSettings):
             raise ValueError("IMAGEGEN_MIN_SIZE must not exceed IMAGEGEN_MAX_WIDTH/IMAGEGEN_MAX_HEIGHT")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("IMAGEGEN_REDIS_URL must start with redis://, rediss:// or unix://")
+        if any(len(k) < 16 for k in self.api_key_list):
+            raise ValueError("IMAGEGEN_API_KEYS: every key must be at least 16 characters")
         if self.dtype != "float32" and self.device == "cpu":
             raise ValueError("IMAGEGEN_DTYPE=float16/bfloat16 needs IMAGEGEN_DEVICE=cuda")
         return self

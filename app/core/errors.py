@@ -18,6 +18,10 @@ class ImagegenError(Exception):
             self.code = code
 
 
+class UnauthorizedError(ImagegenError):
+    code = "unauthorized"
+
+
 class NotFoundError(ImagegenError):
     code = "not_found"
 

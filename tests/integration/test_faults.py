@@ -30,8 +30,9 @@ def env(tmp_path):
 
 
 def _worker(server, env, procs, tmp_path, name: str, **extra: str) -> Proc:
-    proc = start_worker(env | {f"IMAGEGEN_{k.upper()}": v for k, v in extra.items()}, tmp_path / f"{name}.log",
-                        ready=server.client())
+    proc = start_worker(
+        env | {f"IMAGEGEN_{k.upper()}": v for k, v in extra.items()}, tmp_path / f"{name}.log", ready=server.client()
+    )
     procs.append(proc)
     return proc
 
@@ -117,8 +118,10 @@ def test_redis_kill9_loses_no_accepted_job(env) -> None:
                     pending.discard(job_id)
             time.sleep(0.5)
     lost = [j for j, s in finals.items() if s == "lost"]
-    print(f"500 jobs: {sum(s == 'succeeded' for s in finals.values())} succeeded, {len(lost)} lost, "
-          f"{len(pending)} unfinished")
+    print(
+        f"500 jobs: {sum(s == 'succeeded' for s in finals.values())} succeeded, {len(lost)} lost, "
+        f"{len(pending)} unfinished"
+    )
     assert not pending and not lost
     assert set(finals.values()) == {"succeeded"}
 

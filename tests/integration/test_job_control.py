@@ -153,8 +153,15 @@ def test_webhooks_signed_retried_and_in_order(stack: Stack) -> None:
     receiver = Receiver(fail=2)
     try:
         with stack.client() as http:
-            job = stack.submit(http, prompt="call me back", num_inference_steps=10, width=64, height=64,
-                               webhook=receiver.url, webhook_events=["start", "progress", "completed"])
+            job = stack.submit(
+                http,
+                prompt="call me back",
+                num_inference_steps=10,
+                width=64,
+                height=64,
+                webhook=receiver.url,
+                webhook_events=["start", "progress", "completed"],
+            )
             stack.wait(http, job["id"])
         wait_for(lambda: any(json.loads(b)["type"] == "succeeded" for _, b in receiver.accepted), 60, "completion")
     finally:
@@ -171,8 +178,13 @@ def test_webhooks_to_internal_addresses_are_refused_by_default(stack: Stack, tmp
     env = service_env(stack.env["IMAGEGEN_REDIS_URL"], tmp_path) | {"IMAGEGEN_WEBHOOK_ALLOW_PRIVATE": "false"}
     api, base = start_api(env, tmp_path / "api.log")
     try:
-        for target in ("http://127.0.0.1:9/x", "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/",
-                       "http://localhost/hook", "file:///etc/passwd"):
+        for target in (
+            "http://127.0.0.1:9/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://10.0.0.1/",
+            "http://localhost/hook",
+            "file:///etc/passwd",
+        ):
             r = httpx.post(base + "/generate", json={"prompt": "x", "webhook": target})
             assert r.status_code == 422 and "webhook" in r.json()["error"]["message"], (target, r.text)
     finally:
@@ -182,8 +194,9 @@ def test_webhooks_to_internal_addresses_are_refused_by_default(stack: Stack, tmp
 def test_idempotency_key(stack: Stack) -> None:
     body = {"prompt": "only once", **FAST}
     with stack.client() as http, ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda _: http.post("/generate", json=body, headers={"Idempotency-Key": "k-1"}),
-                                range(2)))
+        answers = list(
+            pool.map(lambda _: http.post("/generate", json=body, headers={"Idempotency-Key": "k-1"}), range(2))
+        )
         assert sorted(r.status_code for r in answers) == [200, 202]
         assert answers[0].json()["id"] == answers[1].json()["id"]
         again = http.post("/generate", json=body, headers={"Idempotency-Key": "k-1"})

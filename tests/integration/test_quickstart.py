@@ -27,25 +27,44 @@ def _group_alive(pgid: int) -> bool:
 def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
-    env.update(IMAGEGEN_PORT=str(port), IMAGEGEN_DATA_DIR=str(tmp_path / "data"), IMAGEGEN_MODEL="tiny-random",
-               IMAGEGEN_THREADS="1")
+    env.update(
+        IMAGEGEN_PORT=str(port),
+        IMAGEGEN_DATA_DIR=str(tmp_path / "data"),
+        IMAGEGEN_MODEL="tiny-random",
+        IMAGEGEN_THREADS="1",
+    )
     log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["make", "-s", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "-s", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(base + "/readyz", timeout=2).status_code == 200, 120, "make run to be ready")
         # A private Redis with AOF under the data dir, reached through a unix socket.
         assert (tmp_path / "data" / "redis.sock").exists()
         out = tmp_path / "out.png"
-        done = subprocess.run([str(ROOT / "scripts" / "generate.sh"), "a red circle on a blue background", str(out),
-                               '"seed":7,"num_inference_steps":5'],
-                              env=env | {"IMAGEGEN_URL": base}, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                str(ROOT / "scripts" / "generate.sh"),
+                "a red circle on a blue background",
+                str(out),
+                '"seed":7,"num_inference_steps":5',
+            ],
+            env=env | {"IMAGEGEN_URL": base},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         image = Image.open(out)
         assert image.format == "PNG" and image.text["seed"] == "7"
-        followed = subprocess.run([str(ROOT / "scripts" / "follow.sh"), "a green square", '"num_inference_steps":5'],
-                                  env=env | {"IMAGEGEN_URL": base}, capture_output=True, text=True, timeout=120)
+        followed = subprocess.run(
+            [str(ROOT / "scripts" / "follow.sh"), "a green square", '"num_inference_steps":5'],
+            env=env | {"IMAGEGEN_URL": base},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert followed.returncode == 0, followed.stderr
         kinds = [line.split(":", 1)[1].strip() for line in followed.stdout.splitlines() if line.startswith("event:")]
         assert kinds[0] == "queued" and kinds[-1] == "succeeded", followed.stdout

@@ -20,8 +20,19 @@ def test_signature_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    "addr", ["127.0.0.1", "10.1.2.3", "192.168.0.10", "172.16.5.4", "169.254.169.254", "::1", "fd00::1",
-             "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1"]
+    "addr",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.10",
+        "172.16.5.4",
+        "169.254.169.254",
+        "::1",
+        "fd00::1",
+        "::ffff:127.0.0.1",
+        "0.0.0.0",
+        "100.64.0.1",
+    ],
 )
 def test_internal_targets_are_refused(addr: str) -> None:
     with pytest.raises(WebhookTargetError):

@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response, status
 
-from app.api.deps import JobsDep, SettingsDep
+from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep
 from app.api.schemas import ERROR_RESPONSES, GenerateRequest, JobView
+from app.core.auth import charge
 from app.core.errors import InvalidRequestError
 from app.core.webhooks import WebhookTargetError, check_target
 
@@ -35,6 +36,8 @@ def generate(
     response: Response,
     jobs: JobsDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
+    redis: RedisDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobView:
     """Queue a job and answer at once with 202, a `Location` to poll and the job as JSON.
@@ -56,11 +59,14 @@ def generate(
     body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     job_id, existing = None, None
     if idempotency_key is not None:
-        job_id, existing = jobs.claim_idempotency_key(idempotency_key, body_hash)
+        job_id, existing = jobs.claim_idempotency_key(idempotency_key, body_hash, principal.owner)
     if existing is not None:
         job = existing
         response.status_code = status.HTTP_200_OK
     else:
-        job = jobs.submit(body.generation_params(), priority=body.priority, webhook=webhook, job_id=job_id)
+        charge(redis, principal, "images", body.num_images, settings.rate_limit_images)
+        job = jobs.submit(
+            body.generation_params(), priority=body.priority, webhook=webhook, job_id=job_id, owner=principal.owner
+        )
     response.headers["Location"] = f"/jobs/{job.id}"
     return jobs.view(job, image_url(request))

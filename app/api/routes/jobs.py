@@ -8,7 +8,7 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
-from app.api.deps import JobsDep, SettingsDep, StoreDep
+from app.api.deps import JobsDep, PrincipalDep, SettingsDep, StoreDep
 from app.api.routes.generate import image_url
 from app.api.schemas import ERROR_RESPONSES, JobList, JobView
 from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError
@@ -24,11 +24,12 @@ MAX_WAIT = 60.0
 def list_jobs(
     request: Request,
     jobs: JobsDep,
+    principal: PrincipalDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> JobList:
-    return jobs.list_jobs(image_url(request), status_filter, limit, cursor)
+    return jobs.list_jobs(image_url(request), status_filter, limit, cursor, principal.owner)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="Job status and results")
@@ -36,9 +37,10 @@ async def get_job(
     job_id: str,
     request: Request,
     jobs: JobsDep,
+    principal: PrincipalDep,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="Long-poll: wait up to N s for the end")] = 0,
 ) -> JobView:
-    job = await run_in_threadpool(jobs.get, job_id)
+    job = await run_in_threadpool(jobs.get, job_id, principal.owner)
     if wait > 0 and not jobs.status(job).is_terminal():
         await jobs.wait_async(job.id, wait)
         job = await run_in_threadpool(jobs.get, job.id)
@@ -52,10 +54,16 @@ async def get_job(
     summary="Cancel a job",
 )
 def cancel_job(
-    job_id: str, request: Request, response: Response, jobs: JobsDep, settings: SettingsDep, tasks: BackgroundTasks
+    job_id: str,
+    request: Request,
+    response: Response,
+    jobs: JobsDep,
+    settings: SettingsDep,
+    tasks: BackgroundTasks,
+    principal: PrincipalDep,
 ) -> JobView:
     """A queued job never starts (200); a running one stops at its next denoising step (202)."""
-    job, event = jobs.cancel(jobs.get(job_id))
+    job, event = jobs.cancel(jobs.get(job_id, principal.owner))
     if event is None:
         response.status_code = status.HTTP_202_ACCEPTED
     else:
@@ -93,9 +101,10 @@ def _webhook_after_cancel(meta: dict, event: JobEvent, settings, tasks: Backgrou
 async def job_events(
     job_id: str,
     jobs: JobsDep,
+    principal: PrincipalDep,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> EventSourceResponse:
-    job = await run_in_threadpool(jobs.get, job_id)
+    job = await run_in_threadpool(jobs.get, job_id, principal.owner)
     after = last_event_id or "0"
     if not _valid_stream_id(after):
         raise InvalidRequestError("Last-Event-ID: not an id sent by this stream", code="validation_error")
@@ -119,8 +128,10 @@ def _valid_stream_id(value: str) -> bool:
     summary="One generated image (PNG with the parameters in text chunks)",
     name="get_image",
 )
-def get_image(job_id: str, index: str, request: Request, jobs: JobsDep, store: StoreDep) -> Response:
-    job = jobs.get(job_id)
+def get_image(
+    job_id: str, index: str, request: Request, jobs: JobsDep, store: StoreDep, principal: PrincipalDep
+) -> Response:
+    job = jobs.get(job_id, principal.owner)
     view = jobs.view(job, image_url(request))
     if view.status is not JobStatus.succeeded:
         if view.status.is_terminal():

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC
+from functools import partial
 from typing import Any
 
 import anyio
@@ -25,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
 
-from app.api.deps import JobsDep, SettingsDep, StoreDep
+from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
 from app.api.errors import STATUS
 from app.api.openai_schemas import (
     ImageDatum,
@@ -40,6 +41,7 @@ from app.api.openai_schemas import (
 )
 from app.api.services import JobService
 from app.core import errors
+from app.core.auth import charge
 from app.core.jobs import ErrorCode, JobStatus
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,8 @@ async def create_images(
     jobs: JobsDep,
     store: StoreDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
+    redis: RedisDep,
 ) -> ImagesResponse:
     """Queue a job, wait for it and answer with URLs of the PNGs or the PNGs themselves (base64).
 
@@ -202,7 +206,9 @@ async def create_images(
             )
         except SizeError as exc:
             raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
-    job = await run_in_threadpool(jobs.submit, to_params(body, width, height))
+    params = to_params(body, width, height)
+    await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
+    job = await run_in_threadpool(partial(jobs.submit, params, owner=principal.owner))
     job_header = {"X-Imagegen-Job-Id": job.id}
     timeout = float(getattr(settings, "openai_timeout", DEFAULT_TIMEOUT))
     job = await _wait(jobs, job.id, timeout)

@@ -1,0 +1,97 @@
+"""API keys and per-key rate limits. Keys are never stored in clear: only SHA-256 digests.
+
+Keys come from `IMAGEGEN_API_KEYS` or from the Redis hash `imagegen:apikeys` (digest -> JSON),
+managed with `python -m app.keys`. A key's owner id (a digest prefix) tags the jobs it creates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from app.core.errors import RateLimitedError, UnauthorizedError
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from app.core.config import Settings
+
+KEYS_HASH = "imagegen:apikeys"
+RATE_PREFIX = "imagegen:rate:"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "ig_" + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. `owner` is None when authentication is off (everyone sees every job)."""
+
+    owner: str | None
+
+
+ANONYMOUS = Principal(owner=None)
+
+
+def authenticate(authorization: str | None, settings: Settings, redis: Redis) -> Principal:
+    if not settings.auth_enabled:
+        return ANONYMOUS
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise UnauthorizedError("missing API key: send `Authorization: Bearer <key>`")
+    presented = digest(token)
+    # Compare digests in constant time, and check every configured key (no early exit).
+    matched = False
+    for key in settings.api_key_list:
+        matched |= hmac.compare_digest(presented, digest(key))
+    if not matched and not redis.hexists(KEYS_HASH, presented):
+        raise UnauthorizedError("invalid API key")
+    return Principal(owner=presented[:32])
+
+
+def charge(redis: Redis, principal: Principal, kind: str, amount: int, limit: int) -> None:
+    """Fixed one-minute windows per key, shared by every API process through Redis."""
+    if limit <= 0 or principal.owner is None:
+        return
+    window = int(time.time() // 60)
+    key = f"{RATE_PREFIX}{kind}:{principal.owner}:{window}"
+    with redis.pipeline() as pipe:
+        pipe.incrby(key, amount)
+        pipe.expire(key, 120)
+        used = int(pipe.execute()[0])
+    if used > limit:
+        redis.decrby(key, amount)  # a refused request does not use up the budget
+        retry_after = max(1, 60 - int(time.time()) % 60)
+        raise RateLimitedError(f"rate limit: {limit} {kind} per minute for this key", retry_after=retry_after)
+
+
+def store_key(redis: Redis, name: str) -> str:
+    """Create a key, store its digest, return the key (shown once)."""
+    key = new_key()
+    redis.hset(KEYS_HASH, digest(key), json.dumps({"name": name, "created": int(time.time())}))
+    return key
+
+
+def list_keys(redis: Redis) -> list[tuple[str, dict]]:
+    raw = redis.hgetall(KEYS_HASH) or {}
+    return sorted(((k.decode()[:12], json.loads(v)) for k, v in raw.items()), key=lambda kv: kv[1]["created"])  # type: ignore[union-attr]
+
+
+def revoke(redis: Redis, name_or_prefix: str) -> int:
+    removed = 0
+    stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
+    for full, meta in stored.items():
+        if json.loads(meta)["name"] == name_or_prefix or full.decode().startswith(name_or_prefix):
+            removed += int(redis.hdel(KEYS_HASH, full))  # type: ignore[arg-type]
+    return removed

@@ -1,0 +1,170 @@
+"""Security against the real API process: API keys and job ownership, rate limits, CORS, hostile
+input, and job ids that never reach Redis."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.procs import PYTHON, ROOT, RedisServer, Stack, service_env, start_api
+
+pytestmark = pytest.mark.integration
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef"
+FAST = {"num_inference_steps": 2, "width": 32, "height": 32}
+
+
+@pytest.fixture(scope="module")
+def secured(redis_server: RedisServer, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("secured")
+    env = service_env(f"redis://127.0.0.1:{redis_server.port}/5", tmp, api_keys=f"{ALICE},{BOB}")
+    api, base = start_api(env, tmp / "api.log")
+    yield base, env
+    api.stop()
+
+
+def test_keys_required_and_jobs_belong_to_their_key(secured) -> None:
+    base, env = secured
+    assert httpx.get(base + "/healthz").status_code == 200  # health needs no key
+    r = httpx.post(base + "/generate", json={"prompt": "x"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["code"] == "unauthorized"
+    assert httpx.get(base + "/jobs", headers={"Authorization": "Bearer wrong-key-0123456789"}).status_code == 401
+    assert httpx.get(base + "/jobs", headers={"Authorization": f"Basic {ALICE}"}).status_code == 401
+
+    alice = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ALICE}"})
+    bob = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {BOB}"})
+    job = alice.post("/generate", json={"prompt": "alice's", **FAST}).json()
+    jid = job["id"]
+    assert alice.get(f"/jobs/{jid}").status_code == 200
+    unauthorised = 0
+    for method, path in [
+        ("GET", f"/jobs/{jid}"),
+        ("GET", f"/jobs/{jid}/images/0"),
+        ("GET", f"/jobs/{jid}/events"),
+        ("DELETE", f"/jobs/{jid}"),
+        ("GET", f"/jobs/{jid}?wait=1"),
+    ]:
+        r = bob.request(method, path)
+        assert r.status_code == 404, (method, path, r.status_code)
+        unauthorised += r.status_code == 200
+    assert unauthorised == 0
+    assert jid in {j["id"] for j in alice.get("/jobs").json()["jobs"]}
+    assert jid not in {j["id"] for j in bob.get("/jobs").json()["jobs"]}
+    # The same Idempotency-Key from two clients makes two jobs.
+    a = alice.post("/generate", json={"prompt": "same"}, headers={"Idempotency-Key": "k"}).json()
+    b = bob.post("/generate", json={"prompt": "same"}, headers={"Idempotency-Key": "k"}).json()
+    assert a["id"] != b["id"]
+    # The OpenAI SDK's bearer key works on /v1 too; without one it is refused in OpenAI's shape.
+    r = httpx.post(base + "/v1/images/generations", json={"prompt": "x"})
+    assert r.status_code == 401 and "message" in r.json()["error"]
+
+
+def test_keys_stored_hashed_in_redis_via_the_cli(secured) -> None:
+    base, env = secured
+    run = lambda *args: subprocess.run(
+        [PYTHON, "-m", "app.keys", *args],
+        cwd=ROOT,
+        env=env,  # noqa: E731
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    created = run("create", "carol")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("ig_") and len(key) > 30
+    listed = run("list").stdout
+    assert "carol" in listed and key not in listed  # only a digest prefix is shown (and stored)
+    carol = {"Authorization": f"Bearer {key}"}
+    assert httpx.post(base + "/generate", json={"prompt": "carol's"}, headers=carol).status_code == 202
+    assert run("revoke", "carol").returncode == 0
+    assert httpx.get(base + "/jobs", headers=carol).status_code == 401
+
+
+def test_rate_limits_per_key(redis_server: RedisServer, tmp_path) -> None:
+    env = service_env(
+        f"redis://127.0.0.1:{redis_server.port}/6",
+        tmp_path,
+        api_keys=f"{ALICE},{BOB}",
+        rate_limit_requests="5",
+        rate_limit_images="4",
+    )
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        alice = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ALICE}"})
+        bob = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {BOB}"})
+        if time.time() % 60 > 55:  # keep the whole test inside one one-minute window
+            time.sleep(61 - time.time() % 60)
+        assert alice.post("/generate", json={"prompt": "x", "num_images": 3}).status_code == 202
+        r = alice.post("/generate", json={"prompt": "x", "num_images": 2})
+        assert r.status_code == 429 and "images" in r.json()["error"]["message"]
+        codes = [alice.get("/jobs").status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        assert 1 <= int(alice.get("/jobs").headers["retry-after"]) <= 60
+        assert bob.get("/jobs").status_code == 200  # limits are per key
+    finally:
+        api.stop()
+
+
+def test_cors_off_by_default_and_explicit_origins(stack: Stack, tmp_path) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(stack.base_url + "/generate", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    env = stack.env | {"IMAGEGEN_CORS_ORIGINS": "https://app.example"}
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        r = httpx.options(base + "/generate", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.options(base + "/generate", headers=preflight | {"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+    finally:
+        api.stop()
+
+
+def test_hostile_prompts_work(stack: Stack) -> None:
+    prompts = [
+        "tab\there\nnewline\x00nul\x1bescape",
+        "🎨🔴 on 🔵 👩🏽‍🎨",
+        "دائرة حمراء على خلفية زرقاء",
+        "x" * 1000,
+        "'; DROP TABLE jobs; --",
+        "<script>alert(1)</script>",
+    ]
+    with stack.client() as http:
+        jobs = [stack.submit(http, prompt=p, **FAST) for p in prompts]
+        for job, prompt in zip(jobs, prompts, strict=True):
+            done = stack.wait(http, job["id"])
+            assert done["status"] == "succeeded" and done["params"]["prompt"] == prompt
+        assert http.post("/generate", json={"prompt": "x" * 1001}).status_code == 422
+
+
+def test_bad_job_ids_never_reach_redis(stack: Stack) -> None:
+    seen: list[str] = []
+    conn = stack.redis.client(1)
+    monitor_conn = conn.monitor()
+    stop = threading.Event()
+
+    def watch() -> None:
+        with monitor_conn as m:
+            for command in m.listen():
+                seen.append(command["command"])
+                if stop.is_set():
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    time.sleep(0.3)
+    with stack.client() as http:
+        for bad in ["..%2F..%2Fetc", "*", "rq:job:x", "x" * 300, "%00", "imagegen:index"]:
+            for path in (f"/jobs/{bad}", f"/jobs/{bad}/images/0", f"/jobs/{bad}/events"):
+                assert http.get(path).status_code == 404, path
+            assert http.delete(f"/jobs/{bad}").status_code == 404
+    conn.ping()  # wake the monitor so it can stop
+    stop.set()
+    watcher.join(5)
+    assert any("PING" in c.upper() for c in seen), "the monitor saw nothing: the check would be vacuous"
+    assert not [c for c in seen if any(b in c for b in ("..", "rq:job:x", "x" * 300, "imagegen:index"))]

@@ -1,0 +1,248 @@
+"""Step-level batched sampling for Stable-Diffusion-style pipelines.
+
+Every request keeps its own scheduler, step index, latents, text embeddings and generators; one
+`tick` runs a single UNet forward over the current step of every active request (each row with
+its own timestep), then steps each request's scheduler on its own slice. Requests can therefore
+join and leave between any two ticks. Text encoding and VAE decoding stay per request (per image),
+so they never depend on who else is in the batch.
+
+Batch invariance on CPU: oneDNN convolutions and the small timestep-embedding linears pick
+batch-size-dependent kernels, so `BatchEngine.create` turns oneDNN off for the process and runs
+the timestep embedding one row at a time. With both, a request gives the same bits alone or in any
+batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from app.core.jobs import GenerationParams, Scheduler, image_seed
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from worker.runtime import DiffusersRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One job's sampling state between ticks."""
+
+    params: GenerationParams
+    scheduler: Any
+    timesteps: Any  # 1-D tensor of this request's timesteps
+    latents: Any  # [num_images, C, h, w]
+    embeds: Any  # [2n, L, D] (negative rows first, as the pipeline does) or [n, L, D] without CFG
+    guidance: float
+    cfg: bool
+    generators: list[Any]
+    step_kwargs: dict[str, Any]
+    step: int = 0  # index of the next timestep to run
+    work_s: float = 0.0  # this request's share of the batched ticks it took part in (seconds)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    @property
+    def rows(self) -> int:
+        """Rows this request adds to the UNet batch."""
+        return self.latents.shape[0] * (2 if self.cfg else 1)
+
+
+def _rowwise(module: Any) -> Any:
+    """Wrap a timestep-embedding module so it runs one row at a time (batch-invariant matmuls)."""
+    import torch
+
+    class RowwiseTimestepEmbedding(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, sample: Any, condition: Any = None) -> Any:
+            rows = []
+            for i in range(sample.shape[0]):
+                cond = None if condition is None else condition[i : i + 1]
+                rows.append(self.inner(sample[i : i + 1], cond))
+            return torch.cat(rows)
+
+    return RowwiseTimestepEmbedding(module)
+
+
+class BatchEngine:
+    """Batched denoising over a loaded `DiffusersRuntime` pipeline (StableDiffusionPipeline family)."""
+
+    def __init__(self, runtime: DiffusersRuntime) -> None:
+        import torch
+
+        self.runtime = runtime
+        self.pipe = runtime.pipe
+        self.device = torch.device(runtime.device)
+        self.dtype = self.pipe.unet.dtype
+        self._templates: dict[Scheduler, Any] = {}
+
+    @staticmethod
+    def supports(pipe: Any) -> str | None:
+        """Why this pipeline cannot be batched here, or None when it can."""
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+        if not isinstance(pipe, StableDiffusionPipeline):
+            return f"{type(pipe).__name__} is not a StableDiffusionPipeline"
+        unet = pipe.unet
+        if not isinstance(unet, UNet2DConditionModel):
+            return "the denoiser is not a UNet2DConditionModel"
+        if unet.config.time_cond_proj_dim is not None or unet.config.addition_embed_type is not None:
+            return "UNets with extra conditioning (LCM, SDXL-style added embeddings) are not batched"
+        if unet.config.class_embed_type is not None:
+            return "class-conditioned UNets are not batched"
+        return None
+
+    @classmethod
+    def create(cls, runtime: DiffusersRuntime, invariant: bool = True) -> BatchEngine | None:
+        """The engine for this runtime, or None (with a log line) when the pipeline is unsupported."""
+        reason = cls.supports(runtime.pipe)
+        if reason is not None:
+            log.warning("batching disabled: %s; jobs run one at a time", reason)
+            return None
+        if invariant:
+            import torch
+
+            # Native convolutions compute each sample on its own; oneDNN's choice of kernel depends
+            # on the batch size, which would make a job's pixels depend on its neighbours.
+            torch.backends.mkldnn.enabled = False
+            unet = runtime.pipe.unet
+            if not type(unet.time_embedding).__name__.startswith("Rowwise"):
+                unet.time_embedding = _rowwise(unet.time_embedding)
+        return cls(runtime)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def shape(self, params: GenerationParams) -> tuple[int | None, int | None]:
+        """Requests of one shape share UNet batches (scheduler, steps and guidance may differ)."""
+        return params.width, params.height
+
+    def _new_scheduler(self, name: Scheduler) -> Any:
+        # A pristine template per sampler, copied per request: every request owns its step state.
+        if name not in self._templates:
+            self._templates[name] = copy.deepcopy(self.runtime._scheduler(name))
+        return copy.deepcopy(self._templates[name])
+
+    def start(self, params: GenerationParams) -> Request:
+        """Encode the prompt, draw the initial noise and set up this request's scheduler.
+
+        `params` must be filled in (seed, size, steps, guidance, scheduler), as for the runtime.
+        """
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        assert params.seed is not None and params.scheduler is not None and params.guidance_scale is not None
+        assert params.width is not None and params.height is not None
+        pipe = self.pipe
+        n = params.num_images
+        steps = params.num_inference_steps or self.runtime.info.num_inference_steps
+        guidance = float(params.guidance_scale)
+        cfg = guidance > 1
+        with torch.inference_mode():
+            # 1. Text: the pipeline's own encoder call, alone, so it never depends on the batch.
+            positive, negative = pipe.encode_prompt(params.prompt, self.device, n, cfg, params.negative_prompt)
+            embeds = torch.cat([negative, positive]) if cfg else positive
+            # 2. This request's sampler and timesteps.
+            scheduler = self._new_scheduler(params.scheduler)
+            scheduler.set_timesteps(steps, device=self.device)
+            # 3. Noise: one generator per image (image i is seed + i), scaled for this sampler.
+            generators = [torch.Generator(self.device).manual_seed(image_seed(params.seed, i)) for i in range(n)]
+            shape = (n, pipe.unet.config.in_channels, params.height // pipe.vae_scale_factor,
+                     params.width // pipe.vae_scale_factor)  # fmt: skip
+            latents = randn_tensor(shape, generator=generators, device=self.device, dtype=embeds.dtype)
+            latents = latents * scheduler.init_noise_sigma
+        accepted = set(inspect.signature(scheduler.step).parameters)
+        step_kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            step_kwargs["eta"] = 0.0
+        if "generator" in accepted:
+            step_kwargs["generator"] = generators
+        return Request(params, scheduler, scheduler.timesteps, latents, embeds, guidance, cfg, generators, step_kwargs)
+
+    # -- one tick -----------------------------------------------------------------------------
+
+    def tick(self, requests: Sequence[Request]) -> None:
+        """Advance every request by one step with a single batched UNet forward."""
+        import time
+
+        import torch
+
+        live = [r for r in requests if not r.done]
+        if not live:
+            return
+        started = time.perf_counter()
+        with torch.inference_mode():
+            inputs, embeds, times = [], [], []
+            for r in live:
+                t = r.timesteps[r.step]
+                # 1. The pipeline's expansion for guidance, then this sampler's input scaling.
+                x = torch.cat([r.latents] * 2) if r.cfg else r.latents
+                x = r.scheduler.scale_model_input(x, t)
+                inputs.append(x)
+                embeds.append(r.embeds)
+                # 2. One timestep per row (float32 holds every integer timestep exactly).
+                times.append(t.to(torch.float32).expand(x.shape[0]))
+            # 3. One UNet forward for every row of every request.
+            out = self.pipe.unet(
+                torch.cat(inputs),
+                torch.cat(times),
+                encoder_hidden_states=torch.cat(embeds),
+                return_dict=False,
+            )[0]
+            # 4. Guidance and the scheduler step on each request's own slice.
+            offset = 0
+            for r in live:
+                noise = out[offset : offset + r.rows]
+                offset += r.rows
+                if r.cfg:
+                    uncond, text = noise.chunk(2)
+                    noise = uncond + r.guidance * (text - uncond)
+                t = r.timesteps[r.step]
+                r.latents = r.scheduler.step(noise, t, r.latents, **r.step_kwargs, return_dict=False)[0]
+                r.step += 1
+        # 5. Each request is charged its share of the tick, for per-image step-time estimates.
+        elapsed = time.perf_counter() - started
+        rows = sum(r.rows for r in live)
+        for r in live:
+            r.work_s += elapsed * r.rows / rows
+
+    def decode(self, request: Request) -> list[Image]:
+        """VAE-decode each image on its own and convert to PIL, as the pipeline does."""
+        import torch
+
+        pipe = self.pipe
+        images: list[Image] = []
+        with torch.inference_mode():
+            for i in range(request.latents.shape[0]):
+                latent = request.latents[i : i + 1] / pipe.vae.config.scaling_factor
+                pixels = pipe.vae.decode(latent, return_dict=False)[0]
+                images.extend(pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True]))
+        return images
+
+    def generate(self, params: GenerationParams) -> list[Image]:
+        """One request alone, start to finish (warm-up and reference runs)."""
+        request = self.start(params)
+        while not request.done:
+            self.tick([request])
+        return self.decode(request)
+
+    def warm_up(self) -> None:
+        info = self.runtime.info
+        params = info.fill(GenerationParams(prompt="warm up", num_inference_steps=1, seed=0))
+        self.generate(params)
