@@ -60,7 +60,7 @@ def test_api_conforms_to_its_schema(api_schema) -> None:
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def run(case) -> None:
             response = case.call_and_validate(checks=checks, timeout=30)
-            seen.append((operation.path, response.status_code))
+            seen.append((case.operation.path, response.status_code))
 
         run()
     statuses = {code for _, code in seen}

@@ -65,14 +65,12 @@ def test_keys_required_and_jobs_belong_to_their_key(secured) -> None:
 
 def test_keys_stored_hashed_in_redis_via_the_cli(secured) -> None:
     base, env = secured
-    run = lambda *args: subprocess.run(
-        [PYTHON, "-m", "app.keys", *args],
-        cwd=ROOT,
-        env=env,  # noqa: E731
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PYTHON, "-m", "app.keys", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+
     created = run("create", "carol")
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip()
