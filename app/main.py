@@ -5,7 +5,6 @@ Settings are read and Redis is connected when the app is created / started, neve
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,9 +14,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import __version__
 from app.api import errors
 from app.api.deps import get_principal
+from app.api.metrics import Metrics, RequestCounter
+from app.api.metrics import router as metrics_route_router
 from app.api.middleware import BodySizeLimit
 from app.api.routes import generate, health, jobs, openai, web
 from app.api.services import JobService
+from app.core import logs
 from app.core.config import Settings
 from app.core.queue import connect, connect_async
 from app.core.storage import make_store
@@ -29,7 +31,7 @@ download `GET /jobs/{id}/images/{index}`."""
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format, "api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,6 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.metrics = Metrics(app)
+    app.include_router(metrics_route_router)
+    app.add_middleware(RequestCounter, metrics=app.state.metrics, fastapi_app=app)
     return app
 
 

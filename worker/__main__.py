@@ -19,7 +19,9 @@ def main() -> int:
     except ValidationError as exc:
         print(f"imagegen worker: bad settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.core import logs
+
+    logs.configure(settings.log_level, settings.log_format, "worker")
     log = logging.getLogger("worker")
 
     # transformers warns at import about optional image backends this text-to-image worker never uses.

@@ -90,6 +90,7 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
     job = get_current_job()
     assert job is not None
 
+    prepared = time.perf_counter()
     # 1. Validate again: the queue may hold jobs from another producer or an older API.
     try:
         request = GenerationParams.model_validate(params)
@@ -137,6 +138,7 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
             log.warning("job %s: progress not recorded (Redis unavailable)", job.id)
 
     started = time.perf_counter()
+    load_ms = (started - prepared) * 1000
     try:
         images = ctx.runtime.generate(request, on_step)
     except RequeueError:
@@ -164,6 +166,13 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
         seed = image_seed(request.seed, index)
         ctx.store.put(job.id, index, encode_png(image, request, seed), ttl=ctx.settings.result_ttl)
         results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
+    encode_ms = (time.perf_counter() - started - sampling_s) * 1000
+    job.meta["timings"] = {
+        "load_ms": round(load_ms, 3),
+        "sampling_ms": round(sampling_s * 1000, 3),
+        "encode_ms": round(encode_ms, 3),
+    }
+    job.save_meta()
     log.info("job %s: %d image(s) in %.3fs", job.id, len(results), sampling_s)
     return {"images": results}
 

@@ -15,6 +15,7 @@ from rq.registry import clean_registries
 from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, WorkerStatus
 
+from app.core import metrics
 from app.core.events import EventType
 from app.core.jobs import ALLOWED_TASKS, ErrorCode, status_from_rq
 from worker.events import EventSink
@@ -80,6 +81,7 @@ class ImagegenWorker(SimpleWorker):
     # `succeeded` by downloading the image never races the job's own status.
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         super().handle_job_success(job, queue, started_job_registry, execution)
+        self._record(job, "succeeded", len((job._result or {}).get("images", [])))
         if self.events is not None:
             result = job._result or {}
             images = [dict(img, url=f"/jobs/{job.id}/images/{img['index']}") for img in result.get("images", [])]
@@ -102,8 +104,24 @@ class ImagegenWorker(SimpleWorker):
         if self.events is None or job.get_status(refresh=True) != JobStatus.FAILED:
             return  # a retry re-queued it: not terminal
         status = status_from_rq("failed", job.meta)
+        self._record(job, status.value, 0)
         error = job.meta.get("error") or {"code": ErrorCode.internal_error.value, "message": "the job failed"}
         self.events.emit(job, EventType(status.value), status.value, error=error, progress=job.meta.get("progress"))
+
+    def _record(self, job: Job, status: str, images: int) -> None:
+        """Shared metrics (read by the API's /metrics): final status, images, latencies."""
+        timings = {}
+        if job.enqueued_at and job.started_at:
+            timings["queue_wait"] = (job.started_at - job.enqueued_at).total_seconds()
+        if job.enqueued_at and job.ended_at:
+            timings["total"] = (job.ended_at - job.enqueued_at).total_seconds()
+        sampling_ms = (job.meta.get("timings") or {}).get("sampling_ms")
+        if sampling_ms is not None:
+            timings["sampling"] = sampling_ms / 1000
+        try:
+            metrics.record_job(self.connection, status, images, timings)
+        except Exception:
+            log.warning("could not record metrics for job %s", job.id, exc_info=True)
 
     def clean_registries(self) -> None:
         """RQ's registry maintenance, plus recovery of jobs a dead worker had dequeued but not yet

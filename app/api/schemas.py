@@ -53,6 +53,13 @@ class ImageRef(BaseModel):
     height: int
 
 
+class Timings(BaseModel):
+    queue_wait_ms: float | None = Field(None, description="Submission to start of work.")
+    load_ms: float | None = Field(None, description="Preparing the job on the worker (the model is resident).")
+    sampling_ms: float | None = Field(None, description="Text encoding, denoising and decoding.")
+    encode_ms: float | None = Field(None, description="PNG encoding and storing.")
+
+
 class JobErrorInfo(BaseModel):
     code: str
     message: str
@@ -71,6 +78,7 @@ class JobView(BaseModel):
     eta_seconds: float | None = Field(None, description="Estimated seconds until done, from measured step times.")
     images: list[ImageRef]
     warnings: list[str] = []
+    timings: Timings = Field(default_factory=Timings)
     error: JobErrorInfo | None
 
 

@@ -17,7 +17,7 @@ from rq import Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
-from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress
+from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, Timings
 from app.core import events
 from app.core.config import Settings
 from app.core.errors import (
@@ -337,8 +337,16 @@ class JobService:
             eta_seconds=None if eta is None else round(eta, 3),
             images=images,
             warnings=meta.get("warnings") or [],
+            timings=self._timings(job, meta),
             error=error,
         )
+
+    @staticmethod
+    def _timings(job: Job, meta: dict[str, Any]) -> Timings:
+        queue_wait = None
+        if job.enqueued_at and job.started_at:
+            queue_wait = round((job.started_at - job.enqueued_at).total_seconds() * 1000, 3)
+        return Timings(queue_wait_ms=queue_wait, **(meta.get("timings") or {}))
 
     def _priority(self, job: Job) -> Priority:
         return next((p for p, q in zip(Priority, self.queues, strict=True) if q.name == job.origin), Priority.normal)

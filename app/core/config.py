@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     worker_heartbeat: float = Field(5.0, gt=0, description="Seconds between worker heartbeats.")
     threads: int = Field(0, ge=0, description="torch CPU threads in the worker; 0 keeps torch's default.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = Field("json", description="One JSON object per line, or plain text.")
     webhook_secret: str = Field("", description="HMAC-SHA256 key for webhook signatures; empty disables webhooks.")
     webhook_allow_private: bool = Field(False, description="Allow webhooks to loopback/private/link-local hosts.")
     webhook_max_attempts: int = Field(6, ge=1, le=20, description="Deliveries tried per event before giving up.")

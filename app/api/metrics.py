@@ -1,0 +1,107 @@
+"""GET /metrics: Prometheus text from this API process (requests by route and code) plus what every
+worker recorded in Redis (jobs by final status, images, latency histograms) and live gauges (queue
+depth per priority, workers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from redis.exceptions import RedisError
+from rq import Worker
+from starlette.routing import Match
+
+from app.core import metrics as store
+
+router = APIRouter(tags=["health"])
+
+
+class RedisCollector:
+    """Reads the shared job metrics and live queue state at scrape time."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Any]:
+        state = self.app.state
+        redis = state.redis
+        try:
+            jobs = CounterMetricFamily("imagegen_jobs", "Jobs by final status", labels=["status"])
+            for status, count in sorted((redis.hgetall(store.JOBS) or {}).items()):
+                jobs.add_metric([status.decode()], float(count))
+            yield jobs
+            yield CounterMetricFamily("imagegen_images", "Images generated", value=float(redis.get(store.IMAGES) or 0))
+            for name, doc in store.HISTOGRAMS.items():
+                buckets, total = store.read_histogram(redis, name)
+                yield HistogramMetricFamily(f"imagegen_job_{name}_seconds", doc, buckets=buckets, sum_value=total)
+            depth = GaugeMetricFamily("imagegen_queue_depth", "Jobs waiting, per priority", labels=["priority"])
+            for queue in state.jobs.queues:
+                depth.add_metric([queue.name.rsplit(":", 1)[1]], float(redis.llen(queue.key)))
+            yield depth
+            workers = Worker.count(connection=redis, queue=state.jobs.queues[0])
+            yield GaugeMetricFamily("imagegen_workers", "Workers serving this model", value=float(workers))
+            up = 1.0
+        except RedisError:
+            up = 0.0
+        yield GaugeMetricFamily("imagegen_redis_up", "1 when Redis answered this scrape", value=up)
+
+
+class Metrics:
+    """This process's own registry (not the global default, so tests can build many apps)."""
+
+    def __init__(self, app: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "imagegen_http_requests",
+            "HTTP requests by route template, method and status code",
+            ["route", "method", "code"],
+            registry=self.registry,
+        )
+        self.registry.register(RedisCollector(app))
+
+
+def route_template(scope: dict[str, Any], app: Any) -> str:
+    """The matched route's path template (bounded label values), never the raw path."""
+    route = scope.get("route")  # set by the router on the scope it was given
+    if route is None:
+        for candidate in app.router.routes:
+            if candidate.matches(scope)[0] is Match.FULL:
+                route = candidate
+                break
+    return str(getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched")
+
+
+class RequestCounter:
+    """Pure-ASGI middleware counting responses by route template and code."""
+
+    def __init__(self, app: Any, metrics: Metrics, fastapi_app: Any) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.fastapi_app = fastapi_app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        code = 500
+
+        async def capture(message: dict[str, Any]) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = route_template(scope, self.fastapi_app)
+            self.metrics.requests.labels(route, scope["method"], str(code)).inc()
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
+def metrics(request: Request) -> Response:
+    body = generate_latest(request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,61 @@
+"""Logging for every process: one JSON object per line (or plain text), with the job id on every
+line logged while a job runs in a worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JobContextFilter(logging.Filter):
+    """Adds `job_id` from RQ's current job (worker side) unless the call passed one in `extra`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "job_id"):
+            try:
+                from rq import get_current_job
+
+                job = get_current_job()
+            except Exception:
+                job = None
+            if job is not None:
+                record.job_id = job.id
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RESERVED and not key.startswith("_"):
+                entry[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(level: str, fmt: str, process: str) -> None:
+    """Route every logger (uvicorn's and RQ's included) through one stderr handler."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(JobContextFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {process} %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "rq.worker"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
