@@ -43,6 +43,10 @@ class Runtime(Protocol):
 
     def count_tokens(self, prompt: str) -> int: ...
 
+    def free_memory(self) -> None:
+        """Release cached memory after an out-of-memory error."""
+        ...
+
 
 class DiffusersRuntime:
     """A diffusers text-to-image pipeline kept resident for the life of the process.
@@ -50,10 +54,11 @@ class DiffusersRuntime:
     One job at a time: a pipeline object is not safe to share between threads.
     """
 
-    def __init__(self, pipe: Any, info: ModelInfo, device: str) -> None:
+    def __init__(self, pipe: Any, info: ModelInfo, device: str, options: dict[str, Any] | None = None) -> None:
         self.pipe = pipe
         self.info = info
         self.device = device
+        self.options = options or {}  # family settings beyond ModelInfo (the unCLIP prior's steps, guidance)
         self._schedulers: dict[Scheduler, Any] = {}
         self._base_scheduler_config = pipe.scheduler.config
 
@@ -62,28 +67,46 @@ class DiffusersRuntime:
         import torch
         from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
-        from models.registry import resolve
+        from models.registry import lookup, resolve
 
         started = time.perf_counter()
         source = resolve(settings.model)
-        dtype = getattr(torch, settings.dtype)
+        entry = lookup(settings.model)
+        dtype_name: str = settings.dtype
+        # A registry entry's half precision applies on CUDA unless IMAGEGEN_DTYPE was set explicitly.
+        if entry is not None and entry.dtype and settings.device == "cuda" and "dtype" not in settings.model_fields_set:
+            dtype_name = entry.dtype
+        dtype = getattr(torch, dtype_name)
+        extra: dict[str, Any] = {}
+        if entry is not None and entry.variant and dtype_name == entry.dtype:
+            extra["variant"] = entry.variant  # fetch the half-size weight files, not the float32 ones
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype, **extra)
         except ValueError:  # a pipeline class AutoPipeline does not map
-            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **extra)
         pipe = pipe.to(settings.device)
         pipe.set_progress_bar_config(disable=True)
-        info = _model_info(settings.model, source, pipe)
-        log.info("loaded %s from %s in %.2fs", settings.model, source, time.perf_counter() - started)
-        return cls(pipe, info, settings.device)
+        defaults = _read_defaults(source) | (entry.defaults() if entry is not None else {})
+        info = _model_info(settings.model, pipe, defaults)
+        log.info("loaded %s (%s) from %s in %.2fs", settings.model, info.family, source, time.perf_counter() - started)
+        return cls(pipe, info, settings.device, defaults)
 
     def warm_up(self) -> None:
         """One tiny run so the first real job does not pay for lazy initialisation."""
         params = self.info.fill(GenerationParams(prompt="warm up", num_inference_steps=1, seed=0))
         self.generate(params, lambda step, total: None)
 
+    def free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
     def count_tokens(self, prompt: str) -> int:
-        tokenizer = getattr(self.pipe, "tokenizer", None)
+        tokenizer = _tokenizer(self.pipe)
         if tokenizer is None:
             return 0
         return len(tokenizer(prompt, truncation=False).input_ids)
@@ -101,13 +124,14 @@ class DiffusersRuntime:
         import torch
 
         assert params.seed is not None and params.scheduler is not None
+        check_size(self.info, params)
         steps = params.num_inference_steps or self.info.num_inference_steps
         # 1. Per-image generators: image i is reproducible alone from seed + i.
         generators = [
             torch.Generator(self.device).manual_seed(image_seed(params.seed, i)) for i in range(params.num_images)
         ]
         # 2. This request's sampler (one job at a time, so swapping it on the pipeline is safe).
-        self.pipe.scheduler = self._scheduler(params.scheduler)
+        self.use_scheduler(params.scheduler)
 
         def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             on_step(step + 1, steps)
@@ -126,30 +150,87 @@ class DiffusersRuntime:
                 generator=generators,
                 callback_on_step_end=callback,
                 output_type="pil",
+                **self._family_kwargs(on_step, steps),
             )
         return list(out.images)
 
+    def use_scheduler(self, name: Scheduler) -> Any:
+        """Put this request's sampler on the pipeline (and on a combined pipeline's decoder, which
+        keeps its own reference) and return it."""
+        scheduler = self._scheduler(name)
+        self.pipe.scheduler = scheduler
+        decoder = getattr(self.pipe, "decoder_pipe", None)
+        if decoder is not None:
+            decoder.scheduler = scheduler
+        return scheduler
 
-def _model_info(name: str, source: str, pipe: Any) -> ModelInfo:
-    """Defaults for requests: `imagegen.json` in the folder if present, else read off the pipeline."""
-    defaults: dict[str, Any] = {}
+    def _family_kwargs(self, on_step: StepCallback, steps: int) -> dict[str, Any]:
+        """Arguments only some families take: Kandinsky's combined pipeline runs the unCLIP prior first."""
+        if getattr(self.pipe, "prior_pipe", None) is None:
+            return {}
+
+        def prior_callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step(0, steps)  # no decoder step yet; lets a cancel stop the prior too
+            return tensors
+
+        return {
+            "prior_num_inference_steps": int(self.options.get("prior_num_inference_steps", 25)),
+            "prior_guidance_scale": float(self.options.get("prior_guidance_scale", 4.0)),
+            "prior_callback_on_step_end": prior_callback,
+        }
+
+
+def check_size(info: ModelInfo, params: GenerationParams) -> None:
+    """Refuse sizes the model would silently round (Kandinsky rounds up to its MoVQ multiple)."""
+    for name in ("width", "height"):
+        value = getattr(params, name)
+        if value is not None and value % info.size_multiple:
+            raise ValueError(f"{name}: must be a multiple of {info.size_multiple} for {info.name}")
+
+
+def _read_defaults(source: str) -> dict[str, Any]:
+    """`imagegen.json` next to model_index.json, if the model is a folder that has one."""
     path = Path(source) / DEFAULTS_FILE
-    if path.is_file():
-        defaults = json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _tokenizer(pipe: Any) -> Any:
+    # Kandinsky's combined pipeline reads the prompt with its prior's tokenizer.
+    return getattr(pipe, "tokenizer", None) or getattr(pipe, "prior_tokenizer", None)
+
+
+def _family(pipe: Any) -> str:
+    """The family of a pipeline not described by the registry or an imagegen.json."""
+    name = type(pipe).__name__
+    if "Kandinsky" in name:
+        return "kandinsky-2.2"
+    if "XL" in name:
+        return "sdxl"
+    return "stable-diffusion"
+
+
+def _model_info(name: str, pipe: Any, defaults: dict[str, Any]) -> ModelInfo:
+    """Defaults for requests: the registry entry and `imagegen.json` first, else read off the pipeline."""
     unet = getattr(pipe, "unet", None)
+    decoder = getattr(pipe, "decoder_pipe", None)
+    # Pixels per latent: the VAE's factor, or the MoVQ's on Kandinsky.
+    scale = getattr(pipe, "vae_scale_factor", None) or getattr(decoder, "movq_scale_factor", None) or 8
     native = 512
     if unet is not None and isinstance(unet.config.sample_size, int):
-        native = unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+        native = unet.config.sample_size * scale
+    # Kandinsky rounds sizes up to multiples of the MoVQ factor squared (64 on real checkpoints).
+    multiple = max(8, scale * scale) if decoder is not None else 8
     by_class = {cls_name: enum for enum, (cls_name, _) in SCHEDULER_CLASSES.items()}
     scheduler = by_class.get(type(pipe.scheduler).__name__, Scheduler.euler)
-    tokenizer = getattr(pipe, "tokenizer", None)
+    tokenizer = _tokenizer(pipe)
     return ModelInfo(
         name=name,
-        family=defaults.get("family", "stable-diffusion"),
+        family=defaults.get("family") or _family(pipe),
         width=defaults.get("width", native),
         height=defaults.get("height", native),
         num_inference_steps=defaults.get("num_inference_steps", 25),
         guidance_scale=defaults.get("guidance_scale", 7.5),
         scheduler=Scheduler(defaults.get("scheduler", scheduler.value)),
         max_tokens=getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77,
+        size_multiple=multiple,
     )

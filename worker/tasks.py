@@ -99,6 +99,13 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
     request = ctx.runtime.info.fill(request)
     if request.seed is None:
         request = request.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+    return run_job(ctx, job, request, prepared)
+
+
+def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: float) -> dict[str, Any]:
+    """Steps 2-4 of a task once its request is validated and filled: announce, sample with
+    `ctx.runtime.generate` (progress and cancel at every step), store the PNGs. Other tasks
+    (worker.variations) reuse it with a context whose runtime samples differently."""
     assert request.seed is not None
     total = request.num_inference_steps or 0
     flag = cancel_key(job.id)
@@ -140,7 +147,7 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     load_ms = (started - prepared) * 1000
     try:
-        images = ctx.runtime.generate(request, on_step)
+        images = _generate_or_split(ctx, job, request, on_step)
     except RequeueError:
         log.info("job %s: shutting down, handing the job back to the queue", job.id)
         job.meta["requeue"] = True
@@ -150,11 +157,10 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
         raise _fail(job, ErrorCode.canceled, str(exc), canceled_at_step=exc.step) from None
     except JobTimeoutException:
         raise _fail(job, ErrorCode.timeout, f"job ran past its {job.timeout} s limit") from None
-    except MemoryError:
-        raise _fail(job, ErrorCode.out_of_memory, "the worker ran out of memory") from None
     except Exception as exc:
-        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            raise _fail(job, ErrorCode.out_of_memory, "the GPU ran out of memory") from None
+        if _is_oom(exc):
+            ctx.runtime.free_memory()  # keep serving: drop cached blocks before the next job
+            raise _fail(job, ErrorCode.out_of_memory, "the worker ran out of memory for this request") from None
         log.exception("job %s: sampling failed", job.id)
         raise _fail(job, ErrorCode.sampling_error, f"{type(exc).__name__}: {exc}") from None
     sampling_s = time.perf_counter() - started
@@ -175,6 +181,28 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
     job.save_meta()
     log.info("job %s: %d image(s) in %.3fs", job.id, len(results), sampling_s)
     return {"images": results}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
+
+
+def _generate_or_split(ctx: WorkerContext, job: Job, request: GenerationParams, on_step: Any) -> list[Any]:
+    """Sample all images at once; on out-of-memory with several images, free memory and retry
+    once image by image (image i keeps seed + i, so the results are the same images)."""
+    try:
+        return ctx.runtime.generate(request, on_step)
+    except Exception as exc:
+        if not _is_oom(exc) or request.num_images == 1:
+            raise
+    assert request.seed is not None
+    log.warning("job %s: out of memory with %d images; retrying one at a time", job.id, request.num_images)
+    ctx.runtime.free_memory()
+    images = []
+    for i in range(request.num_images):
+        single = request.model_copy(update={"num_images": 1, "seed": image_seed(request.seed, i)})
+        images += ctx.runtime.generate(single, on_step)
+    return images
 
 
 def _record_steptime(ctx: WorkerContext, request: GenerationParams, seconds: float) -> None:

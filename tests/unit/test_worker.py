@@ -22,6 +22,10 @@ from worker.events import EventSink
 from worker.worker import ImagegenWorker
 
 
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError, which the worker recognises by name (no torch here)."""
+
+
 class FakeRuntime:
     """Solid-colour images whose colour comes from the seed; can fail or go slowly on request."""
 
@@ -30,14 +34,20 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.calls: list[GenerationParams] = []
         self.step_delay = 0.0
+        self.freed = 0
 
     def count_tokens(self, prompt: str) -> int:
         return len(prompt.split()) + 2
+
+    def free_memory(self) -> None:
+        self.freed += 1
 
     def generate(self, params: GenerationParams, on_step) -> list[Image.Image]:
         self.calls.append(params)
         if params.prompt == "explode":
             raise RuntimeError("the UNet fell over")
+        if params.prompt.startswith("oom") and (params.num_images > 1 or params.prompt == "oom always"):
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         steps = params.num_inference_steps or 0
         for step in range(1, steps + 1):
             time.sleep(self.step_delay)
@@ -200,3 +210,19 @@ def test_a_job_dequeued_by_a_worker_that_died_before_starting_it_is_requeued(env
     worker.work(burst=True)
     job.refresh()
     assert job.get_status() == "finished"
+
+
+def test_out_of_memory_retries_image_by_image_then_fails_clearly(env) -> None:
+    runtime, store, queue, worker = env
+    split = enqueue(queue, prompt="oom when batched", num_images=3, seed=40)
+    hopeless = enqueue(queue, prompt="oom always", seed=1)
+    after = enqueue(queue, prompt="fine", seed=2)
+    worker.work(burst=True)
+    for job in (split, hopeless, after):
+        job.refresh()
+    assert split.get_status() == "finished"
+    assert [img["seed"] for img in split.return_value()["images"]] == [40, 41, 42]
+    assert [(c.num_images, c.seed) for c in runtime.calls[:4]] == [(3, 40), (1, 40), (1, 41), (1, 42)]
+    assert hopeless.get_status() == "failed" and hopeless.meta["error"]["code"] == "out_of_memory"
+    assert runtime.freed == 2  # once before the split retry, once after the final failure
+    assert after.get_status() == "finished"
