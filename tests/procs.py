@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -192,3 +194,35 @@ class Stack:
         for w in self.workers:
             w.stop()
         self.api.stop()
+
+
+class WebhookReceiver:
+    """A real HTTP server on loopback that answers the first `fail` deliveries with 503 and keeps
+    (headers, body) of every delivery it accepts, in arrival order."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.fail = fail
+        self.attempts = 0
+        self.accepted: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.attempts += 1
+                if outer.attempts <= outer.fail:
+                    self.send_response(503)
+                else:
+                    outer.accepted.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()

@@ -42,21 +42,24 @@ class PayloadTooLargeError(ImagegenError):
     code = "payload_too_large"
 
 
-class RateLimitedError(ImagegenError):
-    """Too many requests or a full queue; retry after `retry_after` seconds."""
+class RetryLaterError(ImagegenError):
+    """The request may succeed later; clients should wait `retry_after` seconds (sent as Retry-After)."""
+
+    default_retry_after = 1
+
+    def __init__(self, message: str, *, retry_after: int | None = None, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = self.default_retry_after if retry_after is None else retry_after
+
+
+class RateLimitedError(RetryLaterError):
+    """Too many requests or a full queue."""
 
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: int = 1, details: Any = None) -> None:
-        super().__init__(message, details=details)
-        self.retry_after = retry_after
 
-
-class UnavailableError(ImagegenError):
-    """A dependency (Redis, workers) is down; clients should retry after `retry_after` seconds."""
+class UnavailableError(RetryLaterError):
+    """A dependency (Redis, workers) is down."""
 
     code = "unavailable"
-
-    def __init__(self, message: str, *, retry_after: int = 5, details: Any = None) -> None:
-        super().__init__(message, details=details)
-        self.retry_after = retry_after
+    default_retry_after = 5

@@ -4,10 +4,8 @@ webhooks, idempotency, listing and expiry."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -15,7 +13,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from app.core.webhooks import verify
-from tests.procs import WEBHOOK_SECRET, Stack, service_env, start_api, wait_for
+from tests.procs import WEBHOOK_SECRET, Stack, WebhookReceiver, service_env, start_api, wait_for
 
 pytestmark = pytest.mark.integration
 FAST = {"num_inference_steps": 3, "width": 32, "height": 32}
@@ -121,36 +119,8 @@ def test_sse_stream_and_resume(stack: Stack) -> None:
         assert r.status_code == 422
 
 
-class Receiver:
-    """A webhook receiver on loopback that fails its first `fail` deliveries with 503."""
-
-    def __init__(self, fail: int) -> None:
-        self.fail = fail
-        self.attempts = 0
-        self.accepted: list[tuple[dict[str, str], bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["content-length"]))
-                outer.attempts += 1
-                if outer.attempts <= outer.fail:
-                    self.send_response(503)
-                else:
-                    outer.accepted.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                    self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-
-
 def test_webhooks_signed_retried_and_in_order(stack: Stack) -> None:
-    receiver = Receiver(fail=2)
+    receiver = WebhookReceiver(fail=2)
     try:
         with stack.client() as http:
             job = stack.submit(

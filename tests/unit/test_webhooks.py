@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from app.core.webhooks import WebhookTargetError, check_target, deliver, sign, verify
+from tests.procs import WebhookReceiver
 
 
 def test_signature_round_trip() -> None:
@@ -47,53 +46,26 @@ def test_public_targets_and_bad_urls() -> None:
             check_target(url, allow_private=True)
 
 
-class Receiver:
-    """A real HTTP server that answers the first `fail` deliveries with 503."""
-
-    def __init__(self, fail: int = 0) -> None:
-        self.fail = fail
-        self.received: list[tuple[dict, bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["content-length"]))
-                outer.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                code = 503 if len(outer.received) <= outer.fail else 204
-                self.send_response(code)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 def test_delivery_retries_with_backoff_then_succeeds() -> None:
-    receiver = Receiver(fail=2)
+    receiver = WebhookReceiver(fail=2)
     sleeps: list[float] = []
     try:
         body = json.dumps({"type": "succeeded"}).encode()
         ok = deliver(receiver.url, body, secret="k", max_attempts=5, allow_private=True, sleep=sleeps.append)
     finally:
         receiver.close()
-    assert ok and len(receiver.received) == 3
+    assert ok and receiver.attempts == 3
     assert sleeps == [0.5, 1.0]
-    headers, got = receiver.received[-1]
+    headers, got = receiver.accepted[-1]
     assert got == body and verify("k", headers["x-imagegen-timestamp"], got, headers["x-imagegen-signature"])
 
 
 def test_delivery_gives_up_and_never_reaches_refused_targets() -> None:
-    receiver = Receiver(fail=99)
+    receiver = WebhookReceiver(fail=99)
     try:
         assert not deliver(receiver.url, b"{}", secret="k", max_attempts=3, allow_private=True, sleep=lambda s: None)
-        assert len(receiver.received) == 3
+        assert receiver.attempts == 3
         assert not deliver(receiver.url, b"{}", secret="k", max_attempts=3, allow_private=False, sleep=lambda s: None)
-        assert len(receiver.received) == 3  # loopback refused: nothing was sent
+        assert receiver.attempts == 3  # loopback refused: nothing was sent
     finally:
         receiver.close()
