@@ -27,3 +27,7 @@ test: venv redis-server browser
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+# Service vs raw pipeline on the tiny model(s): table on stdout, JSON in bench/results/latest.json.
+bench: venv redis-server
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run

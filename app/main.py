@@ -16,9 +16,9 @@ from app.api import errors
 from app.api.deps import get_principal
 from app.api.metrics import Metrics, RequestCounter
 from app.api.metrics import router as metrics_route_router
-from app.api.middleware import BodySizeLimit
-from app.api.routes import generate, health, jobs, openai, web
+from app.api.routes import generate, health, jobs, models, openai, openai_variations, variations, web
 from app.api.services import JobService
+from app.api.uploads import UploadAwareBodySizeLimit
 from app.core import logs
 from app.core.config import Settings
 from app.core.queue import connect, connect_async
@@ -54,6 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generate.router, dependencies=authenticated)
     app.include_router(jobs.router, dependencies=authenticated)
     app.include_router(health.router)
+    app.include_router(models.router, dependencies=authenticated)
+    app.include_router(variations.router, dependencies=authenticated)
+    # Before the OpenAI router: its catch-all answers every other /v1 path.
+    app.include_router(openai_variations.router, dependencies=authenticated)
     app.include_router(openai.router, dependencies=authenticated)
     app.include_router(web.router)
     if settings.cors_origins.strip():
@@ -64,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
         )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UploadAwareBodySizeLimit, max_bytes=settings.max_body_bytes)  # image routes allow more
     app.state.metrics = Metrics(app)
     app.include_router(metrics_route_router)
     app.add_middleware(RequestCounter, metrics=app.state.metrics, fastapi_app=app)

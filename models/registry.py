@@ -1,7 +1,9 @@
 """Model registry: names the service knows → where the pipeline comes from.
 
-A name maps to a folder in this repo or to a builder that writes one on first use; anything
-else given as `IMAGEGEN_MODEL` is passed to diffusers as a folder path or hub id.
+A name maps to a folder in this repo, to a builder that writes one on first use, or to a hub id
+(real checkpoints, fetched into the model cache on GPU hosts; never used by tests); anything else
+given as `IMAGEGEN_MODEL` is passed to diffusers as a folder path or hub id. An entry also carries
+the model's family and request defaults, which the worker publishes with the model.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("IMAGEGEN_MODEL_CACHE", ROOT.parent / ".data" / "models"))
@@ -20,6 +23,24 @@ class ModelEntry:
     description: str
     folder: Path | None = None  # committed weights
     builder: str | None = None  # "module:function(out_dir)" that writes the folder
+    hub_id: str | None = None  # a real checkpoint on the Hugging Face hub
+    family: str | None = None  # "stable-diffusion", "sdxl", "kandinsky-2.2"; None: read off the pipeline
+    # Request defaults (None: read off the pipeline or the folder's imagegen.json).
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    prior_num_inference_steps: int | None = None  # unCLIP prior (Kandinsky)
+    prior_guidance_scale: float | None = None
+    dtype: str | None = None  # preferred on CUDA unless IMAGEGEN_DTYPE says otherwise; CPU is float32
+    variant: str | None = None  # weight files to fetch with that dtype ("fp16")
+
+    def defaults(self) -> dict[str, Any]:
+        """The entry's family and request defaults that are set (same keys as imagegen.json)."""
+        keys = ("family", "width", "height", "num_inference_steps", "guidance_scale", "scheduler")
+        keys += ("prior_num_inference_steps", "prior_guidance_scale")  # type: ignore[assignment]
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 REGISTRY: dict[str, ModelEntry] = {
@@ -35,8 +56,88 @@ REGISTRY: dict[str, ModelEntry] = {
             "Random-weight tiny Stable Diffusion pipeline (noise; for fast tests).",
             builder="models.tiny:build_tiny_random",
         ),
+        ModelEntry(
+            "tiny-sdxl",
+            "Random-weight tiny SDXL pipeline (two text encoders; noise; for tests).",
+            builder="models.tiny_families:build_tiny_sdxl",
+        ),
+        ModelEntry(
+            "tiny-kandinsky",
+            "Random-weight tiny Kandinsky 2.2 pipeline (unCLIP prior + decoder; noise; for tests).",
+            builder="models.tiny_families:build_tiny_kandinsky",
+        ),
+        # Real checkpoints: downloaded once into the model cache (HF_HOME) on a GPU host.
+        ModelEntry(
+            "sd-1.5",
+            "Stable Diffusion 1.5 (512 px).",
+            hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            family="stable-diffusion",
+            width=512,
+            height=512,
+            num_inference_steps=25,
+            guidance_scale=7.5,
+            scheduler="dpmpp_2m",
+            dtype="float16",
+        ),
+        ModelEntry(
+            "sd-turbo",
+            "SD-Turbo: distilled SD 2.1, 1-4 steps without guidance (512 px).",
+            hub_id="stabilityai/sd-turbo",
+            family="stable-diffusion",
+            width=512,
+            height=512,
+            num_inference_steps=1,
+            guidance_scale=0.0,
+            dtype="float16",
+            variant="fp16",
+        ),
+        ModelEntry(
+            "sdxl",
+            "Stable Diffusion XL base 1.0 (1024 px, two text encoders).",
+            hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+            family="sdxl",
+            width=1024,
+            height=1024,
+            num_inference_steps=30,
+            guidance_scale=5.0,
+            scheduler="euler",
+            dtype="float16",
+            variant="fp16",
+        ),
+        ModelEntry(
+            "sdxl-turbo",
+            "SDXL-Turbo: distilled SDXL, 1-4 steps without guidance (512 px).",
+            hub_id="stabilityai/sdxl-turbo",
+            family="sdxl",
+            width=512,
+            height=512,
+            num_inference_steps=1,
+            guidance_scale=0.0,
+            dtype="float16",
+            variant="fp16",
+        ),
+        ModelEntry(
+            "kandinsky-2.2",
+            "Kandinsky 2.2 (unCLIP: CLIP prior + image-embedding decoder; 768 px; image variations).",
+            # The decoder's model card names its prior; AutoPipeline loads both as one combined pipeline.
+            hub_id="kandinsky-community/kandinsky-2-2-decoder",
+            family="kandinsky-2.2",
+            width=768,
+            height=768,
+            num_inference_steps=50,
+            guidance_scale=4.0,
+            scheduler="ddim",
+            prior_num_inference_steps=25,
+            prior_guidance_scale=4.0,
+            dtype="float16",
+        ),
     )
 }
+
+
+def lookup(name: str) -> ModelEntry | None:
+    """The registry entry for `name` (a folder path or hub id given directly has none)."""
+    return REGISTRY.get(name)
 
 
 def resolve(name: str) -> str:
@@ -48,6 +149,8 @@ def resolve(name: str) -> str:
         if not (entry.folder / "model_index.json").exists():
             raise FileNotFoundError(f"model {name!r}: weights missing at {entry.folder}")
         return str(entry.folder)
+    if entry.hub_id is not None:
+        return entry.hub_id
     assert entry.builder is not None
     out = CACHE / name
     if not (out / "model_index.json").exists():

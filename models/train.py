@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from models import shapes
-from models.clip import EMBED_DIM, retrieval_accuracy, to_tensor, tokenize, train_clip
+from models.clip import EMBED_DIM, ThreadPicker, retrieval_accuracy, to_tensor, tokenize, train_clip
 from models.tokenizer import MAX_LENGTH
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
@@ -34,7 +34,7 @@ DEFAULTS = {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scal
 
 
 def build_unet():
-    """~1.1M-param UNet: plain conv blocks at 32² and 16², cross-attention at 8² and in the middle.
+    """~1.0M-param UNet: plain conv blocks at 32² and 16², cross-attention at 8² and in the middle.
 
     Attention at 16² costs ~2× the training time for little gain here; instead a pooled text
     embedding ("text" addition embedding) is added to the timestep embedding, so every ResNet
@@ -46,7 +46,7 @@ def build_unet():
         sample_size=shapes.SIZE,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 32, 64),
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -192,7 +192,9 @@ def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, mi
     t0 = time.time()
     bar = tqdm(range(steps), desc="decoder", mininterval=5)
     ema_params, params = list(ema.parameters()), list(unet.parameters())
+    threads = ThreadPicker(torch.get_num_threads())
     for step in bar:
+        threads.tick(step)
         # Progress is by step; a --minutes cap only shortens the cosine schedule if the machine is slow.
         progress = step / steps
         if minutes > 0:
@@ -227,19 +229,20 @@ def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, mi
         if step % 50 == 0:
             avg = np.mean([r["loss"] for r in rows[-50:]])
             bar.set_postfix(loss=f"{avg:.4f}", lr=f"{cur_lr:.2e}")
-        if step % 250 == 0 or step == steps - 1:
-            log(f"decoder step {step} loss(avg50) {np.mean([r['loss'] for r in rows[-50:]]):.4f} lr {cur_lr:.2e} elapsed {time.time() - t0:.0f}s")
+        if step % 250 == 0 or step == steps - 1 or step == 31:
+            log(f"decoder step {step} loss(avg50) {np.mean([r['loss'] for r in rows[-50:]]):.4f} lr {cur_lr:.2e} threads {torch.get_num_threads()} step-times {threads.times} elapsed {time.time() - t0:.0f}s")
     return ema
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--clip-steps", type=int, default=600)
+    ap.add_argument("--clip-steps", type=int, default=400)
     ap.add_argument("--steps", type=int, default=3600, help="decoder training steps")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--minutes", type=float, default=50.0, help="cap on decoder training wall time (0 = none)")
+    ap.add_argument("--minutes", type=float, default=56.0,
+                    help="wall-time budget for the whole run; decoder training gets what CLIP left (0 = no cap)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 100 CLIP steps, 150 decoder steps")
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     # Tiny weights/Adam moments can go subnormal late in training, which is very slow on CPU.
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
-    logf = open(args.out.parent / f"{args.out.name}.train.log", "w")
+    logf = open(args.out / "train.log", "w")
 
     def log(msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -268,7 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     log(f"clip retrieval: {json.dumps(metrics)}")
     text_encoder = clip.text.requires_grad_(False)
-    ema = train_decoder(text_encoder, tokenizer, args.steps, args.batch, args.lr, args.minutes, args.seed, log, rows)
+    torch.set_num_threads(args.threads)  # the CLIP stage may have dropped to 1; let the decoder re-probe
+    # Leave ~1 minute for saving; with --minutes 0 the run is step-based and exactly reproducible.
+    dec_minutes = max(1.0, args.minutes - (time.time() - t_start) / 60 - 1) if args.minutes > 0 else 0
+    ema = train_decoder(text_encoder, tokenizer, args.steps, args.batch, args.lr, dec_minutes, args.seed, log, rows)
     save_pipeline(args.out, ema, text_encoder, tokenizer, DEFAULTS["scheduler"])
     metrics["train_wall_s"] = round(time.time() - t_start, 1)
     metrics["decoder_steps_done"] = sum(r["stage"] == "decoder" for r in rows)

@@ -46,6 +46,13 @@ def main() -> int:
     started = time.perf_counter()
     runtime = DiffusersRuntime.load(settings)
     runtime.warm_up()
+    engine = None
+    if settings.max_batch > 1:
+        from worker.batching import BatchEngine
+
+        engine = BatchEngine.create(runtime)  # None (one job at a time) for pipelines it cannot batch
+        if engine is not None:
+            engine.warm_up()
     log.info("model %s ready in %.2fs (load + warm-up)", settings.model, time.perf_counter() - started)
 
     connection = connect(settings.redis_url)
@@ -56,7 +63,13 @@ def main() -> int:
         start_sweeper(store, connection, settings.sweep_interval)
 
     def new_worker() -> ImagegenWorker:
-        worker = ImagegenWorker(
+        worker_class: type[ImagegenWorker] = ImagegenWorker
+        batching: dict[str, Any] = {}
+        if engine is not None:
+            from worker.batch_worker import BatchingWorker
+
+            worker_class, batching = BatchingWorker, {"engine": engine, "max_batch": settings.max_batch}
+        worker = worker_class(
             get_queues(connection, settings.model),
             events=sink,
             connection=connection,
@@ -65,6 +78,7 @@ def main() -> int:
             shutdown_grace=settings.shutdown_grace,
             worker_ttl=int(settings.worker_heartbeat * 4) + 15,
             maintenance_interval=settings.maintenance_interval,
+            **batching,
         )
         tasks.bind(tasks.WorkerContext(runtime, store, settings, connection, sink, worker.requeue_requested.is_set))
         return worker

@@ -8,8 +8,8 @@ so they never depend on who else is in the batch.
 
 Batch invariance on CPU: oneDNN convolutions and the small timestep-embedding linears pick
 batch-size-dependent kernels, so `BatchEngine.create` turns oneDNN off for the process and runs
-the timestep embedding one row at a time. With both, a request gives the same bits alone or in any
-batch.
+the timestep embedding and every ResNet block's time projection one row at a time. With both, a
+request gives the same bits alone or in any batch.
 """
 
 from __future__ import annotations
@@ -62,23 +62,50 @@ class Request:
         return self.latents.shape[0] * (2 if self.cfg else 1)
 
 
-def _rowwise(module: Any) -> Any:
-    """Wrap a timestep-embedding module so it runs one row at a time (batch-invariant matmuls)."""
+def _rowwise(module: Any, vectors_only: bool = False) -> Any:
+    """Wrap a module fed one vector per sample so it runs one row at a time.
+
+    A [B, C] linear goes through a matrix-vector kernel at B = 1 and a matrix-matrix kernel above,
+    whose sums round differently; an activation over B * C elements takes its vectorised or its
+    scalar path depending on the total length. One row at a time always takes the same path.
+    With `vectors_only`, inputs of any other rank (feature maps) go through unchanged.
+    """
     import torch
 
-    class RowwiseTimestepEmbedding(torch.nn.Module):
+    class Rowwise(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner
 
-        def forward(self, sample: Any, condition: Any = None) -> Any:
+        def forward(self, sample: Any, *args: Any) -> Any:
+            if vectors_only and sample.dim() != 2:
+                return self.inner(sample, *args)
             rows = []
             for i in range(sample.shape[0]):
-                cond = None if condition is None else condition[i : i + 1]
-                rows.append(self.inner(sample[i : i + 1], cond))
+                rest = [a[i : i + 1] if a is not None else None for a in args]
+                rows.append(self.inner(sample[i : i + 1], *rest))
             return torch.cat(rows)
 
-    return RowwiseTimestepEmbedding(module)
+    return Rowwise(module)
+
+
+def make_batch_invariant(unet: Any) -> int:
+    """Run the UNet's per-sample vector layers row by row; returns how many were wrapped."""
+    import torch
+
+    if type(unet.time_embedding).__name__ == "Rowwise":
+        return 0
+    unet.time_embedding = _rowwise(unet.time_embedding)
+    wrapped = 1
+    # Every ResNet block activates the time embedding and projects it with its own small linear;
+    # its activation module also serves the feature maps, which pass through untouched.
+    for module in list(unet.modules()):
+        proj = getattr(module, "time_emb_proj", None)
+        if isinstance(proj, torch.nn.Linear):
+            module.time_emb_proj = _rowwise(proj)
+            module.nonlinearity = _rowwise(module.nonlinearity, vectors_only=True)
+            wrapped += 2
+    return wrapped
 
 
 class BatchEngine:
@@ -100,12 +127,13 @@ class BatchEngine:
 
         if not isinstance(pipe, StableDiffusionPipeline):
             return f"{type(pipe).__name__} is not a StableDiffusionPipeline"
-        unet = pipe.unet
+        unet: Any = getattr(pipe, "unet", None)
         if not isinstance(unet, UNet2DConditionModel):
             return "the denoiser is not a UNet2DConditionModel"
-        if unet.config.time_cond_proj_dim is not None or unet.config.addition_embed_type is not None:
+        config: Any = getattr(unet, "config", None)
+        if config.time_cond_proj_dim is not None or config.addition_embed_type is not None:
             return "UNets with extra conditioning (LCM, SDXL-style added embeddings) are not batched"
-        if unet.config.class_embed_type is not None:
+        if config.class_embed_type is not None:
             return "class-conditioned UNets are not batched"
         return None
 
@@ -121,10 +149,8 @@ class BatchEngine:
 
             # Native convolutions compute each sample on its own; oneDNN's choice of kernel depends
             # on the batch size, which would make a job's pixels depend on its neighbours.
-            torch.backends.mkldnn.enabled = False
-            unet = runtime.pipe.unet
-            if not type(unet.time_embedding).__name__.startswith("Rowwise"):
-                unet.time_embedding = _rowwise(unet.time_embedding)
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
+            make_batch_invariant(runtime.pipe.unet)
         return cls(runtime)
 
     # -- requests -----------------------------------------------------------------------------

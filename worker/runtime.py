@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -86,6 +87,10 @@ class DiffusersRuntime:
             pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **extra)
         pipe = pipe.to(settings.device)
         pipe.set_progress_bar_config(disable=True)
+        if getattr(pipe, "prior_pipe", None) is not None:
+            # Kandinsky's combined pipeline hands the deprecated `callback_steps` to its decoder by
+            # itself, which would log a FutureWarning on every job.
+            warnings.filterwarnings("ignore", message=".*callback_steps.*", category=FutureWarning)
         defaults = _read_defaults(source) | (entry.defaults() if entry is not None else {})
         info = _model_info(settings.model, pipe, defaults)
         log.info("loaded %s (%s) from %s in %.2fs", settings.model, info.family, source, time.perf_counter() - started)

@@ -14,6 +14,9 @@ class GenerateRequest(GenerationParams):
     """Generation parameters plus how the job is queued and reported."""
 
     priority: Priority = Field(Priority.normal, description="Queue: high, normal or low (strictly ordered).")
+    model: str | None = Field(
+        None, max_length=200, description="A model some live worker serves (GET /models); default: the server's."
+    )
     webhook: str | None = Field(None, max_length=2000, description="URL that receives signed event POSTs.")
     webhook_events: list[WebhookEvents] = Field(
         default_factory=lambda: [WebhookEvents.completed], description="Which events to send to the webhook."

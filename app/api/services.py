@@ -13,12 +13,13 @@ from typing import Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
-from rq import Worker
+from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 
 from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, Timings
 from app.core import events
+from app.core.catalog import model_of_queue, served_models
 from app.core.config import Settings
 from app.core.errors import (
     ConflictError,
@@ -62,21 +63,36 @@ class JobService:
         self.redis = redis
         self.aredis = aredis
         self.queues = get_queues(redis, settings.model)
-        self._model: tuple[float, ModelInfo | None] = (0.0, None)
+        self._models: dict[str, tuple[float, ModelInfo | None]] = {}
 
     @property
     def event_ttl(self) -> int:
         return max(self.settings.result_ttl, self.settings.failure_ttl)
 
     # -- submit ---------------------------------------------------------------------------
-    def model_info(self) -> ModelInfo | None:
-        """Defaults of the served model as published by live workers (cached briefly)."""
-        fetched_at, info = self._model
+    def model_info(self, model: str | None = None) -> ModelInfo | None:
+        """Defaults of a served model (default: ours) as published by its workers (cached briefly)."""
+        model = model or self.settings.model
+        fetched_at, info = self._models.get(model, (0.0, None))
         if time.monotonic() - fetched_at > MODEL_INFO_TTL:
-            raw = self.redis.hget(MODELS_KEY, self.settings.model)
+            raw = self.redis.hget(MODELS_KEY, model)
             info = ModelInfo.model_validate_json(raw) if raw else None  # type: ignore[arg-type]
-            self._model = (time.monotonic(), info)
+            self._models[model] = (time.monotonic(), info)
         return info
+
+    def route(self, model: str | None) -> str:
+        """The model a job goes to: ours by default; one a request names must have a live worker."""
+        if model is None or model == self.settings.model:
+            return self.settings.model
+        served = sorted(served_models(self.redis))
+        if model not in served:
+            message = f"model: {model!r} is not served by any live worker; served: {', '.join(served) or 'none'}"
+            raise InvalidRequestError(
+                message,
+                code="validation_error",
+                details=[{"loc": ["body", "model"], "msg": "not served by any live worker", "served": served}],
+            )
+        return model
 
     def submit(
         self,
@@ -86,9 +102,13 @@ class JobService:
         webhook: dict[str, Any] | None = None,
         job_id: str | None = None,
         owner: str | None = None,
+        model: str | None = None,
+        enqueue: Callable[..., Job] = enqueue_generate,
     ) -> Job:
-        """Queue a job (under `job_id` when an idempotency key reserved one)."""
+        """Queue a job (under `job_id` when an idempotency key reserved one) on the queue of `model`
+        (see `route`); `enqueue` puts it there (another task than text-to-image: variations)."""
         s = self.settings
+        model = self.route(model)
         for name, limit in (("width", s.max_width), ("height", s.max_height)):
             value = getattr(params, name)
             if value is not None and not (s.min_size <= value <= limit):
@@ -101,13 +121,19 @@ class JobService:
         job_id = job_id or str(uuid.uuid4())
         if params.seed is None:
             params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-        info = self.model_info()
+        info = self.model_info(model)
         if info is not None:
             params = info.fill(params)
+            for name in ("width", "height"):
+                if getattr(params, name) % info.size_multiple:
+                    msg = f"must be a multiple of {info.size_multiple} for model {model}"
+                    raise InvalidRequestError(
+                        f"{name}: {msg}", code="validation_error", details=[{"loc": ["body", name], "msg": msg}]
+                    )
         meta: dict[str, Any] = {"webhook": webhook} if webhook else {}
         if owner is not None:
             meta["owner"] = owner
-        job = enqueue_generate(get_queue(self.redis, s.model, priority), params, s, job_id=job_id, meta=meta)
+        job = enqueue(get_queue(self.redis, model, priority), params, s, job_id=job_id, meta=meta)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(SEEN_PREFIX + job.id, 1, ex=max(s.result_ttl, s.failure_ttl) + SEEN_GRACE)
             pipe.zadd(index_key(owner), {job.id: time.time()})
@@ -349,12 +375,19 @@ class JobService:
         return Timings(queue_wait_ms=queue_wait, **(meta.get("timings") or {}))
 
     def _priority(self, job: Job) -> Priority:
-        return next((p for p, q in zip(Priority, self.queues, strict=True) if q.name == job.origin), Priority.normal)
+        return next(
+            (p for p, q in zip(Priority, self._queues_of(job), strict=True) if q.name == job.origin), Priority.normal
+        )
+
+    def _queues_of(self, job: Job) -> list[Queue]:
+        """The queues of the model the job was routed to (ours unless the request named another)."""
+        model = model_of_queue(job.origin)
+        return self.queues if model in (None, self.settings.model) else get_queues(self.redis, model)
 
     def queue_position(self, job: Job) -> int | None:
         """0 = next to run: every job in higher-priority queues, then those ahead in its own."""
         ahead = 0
-        for queue in self.queues:
+        for queue in self._queues_of(job):
             if queue.name == job.origin:
                 index = self.redis.lpos(queue.key, job.id)
                 return None if index is None else ahead + int(index)  # type: ignore[arg-type]
@@ -386,14 +419,15 @@ class JobService:
         if own is None or position is None:
             return None
         ahead_ids: list[str] = []
-        for queue in self.queues:
+        queues = self._queues_of(job)
+        for queue in queues:
             ids = [i.decode() for i in self.redis.lrange(queue.key, 0, ETA_LOOKAHEAD)]  # type: ignore[union-attr]
             if queue.name == job.origin:
                 ahead_ids += ids[: ids.index(job.id)] if job.id in ids else ids
                 break
             ahead_ids += ids
         ahead_ids = ahead_ids[:ETA_LOOKAHEAD]
-        running = [jid for q in self.queues for jid in q.started_job_registry.get_job_ids(cleanup=False)]
+        running = [jid for q in queues for jid in q.started_job_registry.get_job_ids(cleanup=False)]
         total = own
         seen = 0
         for other in Job.fetch_many(ahead_ids + running, connection=self.redis, serializer=SERIALIZER):
@@ -406,7 +440,7 @@ class JobService:
             seen += 1
         if position > seen and seen:  # more waiting than we read: extrapolate their average
             total += (total - own) / seen * (position - seen)
-        return total / max(1, Worker.count(connection=self.redis, queue=self.queues[0]))
+        return total / max(1, Worker.count(connection=self.redis, queue=queues[0]))
 
     @staticmethod
     def _rq_failure(job: Job) -> JobErrorInfo:

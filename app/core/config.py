@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     rate_limit_requests: int = Field(0, ge=0, description="Requests per minute per API key (0: unlimited).")
     rate_limit_images: int = Field(0, ge=0, description="Images per minute per API key (0: unlimited).")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty: CORS off.")
+    max_batch: int = Field(
+        1, ge=1, le=64, description="Images a worker denoises together (step-level batching); 1 runs one job at a time."
+    )
     max_queue: int = Field(1000, ge=1, description="Waiting jobs per model before POST /generate answers 429.")
 
     @property

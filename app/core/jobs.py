@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 QUEUE_PREFIX = "imagegen:"  # one queue per served model: a job only reaches workers of its model
 TASK_GENERATE = "worker.tasks.generate"
+TASK_VARIATIONS = "worker.variations.vary"  # image variations (input image in Redis, see app.core.variations)
 # The only functions a worker will run; anything else found on the queue is refused.
-ALLOWED_TASKS = frozenset({TASK_GENERATE})
+ALLOWED_TASKS = frozenset({TASK_GENERATE, TASK_VARIATIONS})
 MAX_SEED = 2**32 - 1
 MODELS_KEY = "imagegen:models"  # hash: model name -> JSON ModelInfo, written by live workers
 
@@ -98,6 +99,8 @@ class ModelInfo(BaseModel):
     guidance_scale: float
     scheduler: Scheduler
     max_tokens: int = 77
+    # Width and height must be multiples of this (Kandinsky's MoVQ needs 64 on real checkpoints).
+    size_multiple: int = 8
 
     def fill(self, params: GenerationParams) -> GenerationParams:
         """Return params with every unset default taken from this model."""

@@ -66,7 +66,12 @@ def generate(
     else:
         charge(redis, principal, "images", body.num_images, settings.rate_limit_images)
         job = jobs.submit(
-            body.generation_params(), priority=body.priority, webhook=webhook, job_id=job_id, owner=principal.owner
+            body.generation_params(),
+            priority=body.priority,
+            webhook=webhook,
+            job_id=job_id,
+            owner=principal.owner,
+            model=body.model,
         )
     response.headers["Location"] = f"/jobs/{job.id}"
     return jobs.view(job, image_url(request))

@@ -42,6 +42,7 @@ from app.api.openai_schemas import (
 from app.api.services import JobService
 from app.core import errors
 from app.core.auth import charge
+from app.core.catalog import served_models
 from app.core.jobs import ErrorCode, JobStatus
 
 log = logging.getLogger(__name__)
@@ -196,8 +197,11 @@ async def create_images(
     go in the SDK's `extra_body`.
     """
     if body.model is not None and body.model != settings.model:
-        message = f"The model `{body.model}` does not exist; this server serves `{settings.model}`."
-        raise OpenAIError(400, message, param="model", code="model_not_found")
+        served = await run_in_threadpool(served_models, redis)  # another model a live worker serves
+        if body.model not in served:
+            names = ", ".join(sorted({settings.model, *served}))
+            message = f"The model `{body.model}` does not exist; this server serves {names}."
+            raise OpenAIError(400, message, param="model", code="model_not_found")
     width = height = None
     if body.size is not None:
         try:
@@ -208,7 +212,7 @@ async def create_images(
             raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
     params = to_params(body, width, height)
     await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
-    job = await run_in_threadpool(partial(jobs.submit, params, owner=principal.owner))
+    job = await run_in_threadpool(partial(jobs.submit, params, owner=principal.owner, model=body.model))
     job_header = {"X-Imagegen-Job-Id": job.id}
     timeout = float(getattr(settings, "openai_timeout", DEFAULT_TIMEOUT))
     job = await _wait(jobs, job.id, timeout)
@@ -239,8 +243,10 @@ async def create_images(
 
 
 @router.get("/models", response_model=ModelList, summary="The served model (OpenAI-compatible list)")
-def list_models(settings: SettingsDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=settings.model)])
+def list_models(settings: SettingsDep, redis: RedisDep) -> ModelList:
+    # Ours first (jobs that name no model go there), then any other model a live worker serves.
+    others = sorted(set(served_models(redis)) - {settings.model})
+    return ModelList(data=[ModelCard(id=name) for name in [settings.model, *others]])
 
 
 @router.api_route(

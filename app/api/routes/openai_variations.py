@@ -1,0 +1,180 @@
+"""OpenAI-compatible `POST /v1/images/variations` (synchronous, multipart like OpenAI's SDKs send).
+
+The job is an ordinary variations job (see app.api.routes.variations); this route waits for it
+like `POST /v1/images/generations` does and answers in OpenAI's shape, errors included.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from functools import partial
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
+from app.api.openai_schemas import ImageDatum, ImagesResponse, SizeError, parse_size
+from app.api.routes.openai import (
+    _FAILURE_STATUS,
+    DEFAULT_TIMEOUT,
+    OPENAI_ERRORS,
+    OpenAIError,
+    OpenAIRoute,
+    _created,
+    _wait,
+)
+from app.api.routes.variations import enqueue_variations
+from app.api.uploads import normalized_png, read_upload
+from app.core import errors
+from app.core.auth import charge
+from app.core.catalog import served_models
+from app.core.images import MAX_INPUT_BYTES
+from app.core.jobs import MAX_SEED, ErrorCode, JobStatus, Scheduler
+from app.core.variations import VariationParams
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+
+class ImagesVariationRequest(BaseModel):
+    """The form fields besides `image`: OpenAI's, then ours."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=200)
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] = "url"
+    user: str | None = Field(None, max_length=256)
+    prompt: str = Field("", max_length=1000)
+    strength: float = Field(0.75, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1, le=150)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    scheduler: Scheduler | None = None
+
+
+_FORM = {
+    "type": "object",
+    "required": ["image"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": f"PNG, JPEG or WebP, ≤ {MAX_INPUT_BYTES} bytes"},
+        "model": {"type": "string"},
+        "n": {"type": "integer", "minimum": 1, "maximum": 10},
+        "size": {"type": "string", "description": '"WxH"'},
+        "response_format": {"type": "string", "enum": ["url", "b64_json"]},
+        "user": {"type": "string"},
+        "prompt": {"type": "string"},
+        "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+        "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": 150},
+        "guidance_scale": {"type": "number", "minimum": 0, "maximum": 30},
+        "scheduler": {"type": "string", "enum": [s.value for s in Scheduler]},
+    },
+    "additionalProperties": False,
+}
+
+
+def _fields(raw: dict[str, Any]) -> ImagesVariationRequest:
+    try:
+        return ImagesVariationRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        if first.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+            raise OpenAIError(400, message, param=param, code="unknown_param") from None
+        raise OpenAIError(400, f"Invalid '{param}': {first.get('msg')}.", param=param, code="invalid_value") from None
+
+
+@router.post(
+    "/images/variations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses={**OPENAI_ERRORS, 413: OPENAI_ERRORS["default"], 415: OPENAI_ERRORS["default"]},
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM}}}},
+    summary="OpenAI-compatible image variations (waits for the result)",
+)
+async def create_variations(
+    request: Request,
+    response: Response,
+    jobs: JobsDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    redis: RedisDep,
+) -> ImagesResponse:
+    """`client.images.create_variation(image=open("in.png", "rb"), n=2, size="512x512")` works
+    against this route; the variations are made as in `POST /variations`."""
+    try:
+        upload = await read_upload(request)
+        fields = _fields(upload.fields)
+        png = await normalized_png(upload, fit=max(settings.max_width, settings.max_height))
+    except HTTPException as exc:  # OpenAIRoute maps only our own errors
+        raise OpenAIError(exc.status_code, str(exc.detail), param="image") from None
+    except errors.ImagegenError as exc:
+        status = 413 if isinstance(exc, errors.PayloadTooLargeError) else 400
+        raise OpenAIError(status, exc.message, param="image", code=exc.code) from None
+    if fields.model is not None and fields.model != settings.model:
+        served = await run_in_threadpool(served_models, redis)
+        if fields.model not in served:
+            message = f"The model `{fields.model}` does not exist; served: {', '.join(sorted(served)) or 'none'}."
+            raise OpenAIError(400, message, param="model", code="model_not_found")
+    width = height = None
+    if fields.size is not None:
+        try:
+            width, height = parse_size(
+                fields.size, min_size=settings.min_size, max_width=settings.max_width, max_height=settings.max_height
+            )
+        except SizeError as exc:
+            raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
+    params = VariationParams(
+        prompt=fields.prompt,
+        num_images=fields.n,
+        width=width,
+        height=height,
+        strength=fields.strength,
+        seed=fields.seed,
+        num_inference_steps=fields.num_inference_steps,
+        guidance_scale=fields.guidance_scale,
+        scheduler=fields.scheduler,
+    )
+    await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
+    submit = partial(
+        jobs.submit,
+        params,
+        job_id=str(uuid.uuid4()),
+        owner=principal.owner,
+        model=fields.model,
+        enqueue=enqueue_variations(png, jobs.event_ttl),
+    )
+    job = await run_in_threadpool(submit)
+    job_header = {"X-Imagegen-Job-Id": job.id}
+    timeout = float(getattr(settings, "openai_timeout", DEFAULT_TIMEOUT))
+    job = await _wait(jobs, job.id, timeout)
+
+    def image_url(job_id: str, i: int) -> str:
+        return str(request.url_for("get_image", job_id=job_id, index=str(i)))
+
+    view = await run_in_threadpool(jobs.view, job, image_url)
+    if not view.status.is_terminal():
+        message = f"job {job.id} did not finish within {timeout:g} s and keeps going; follow it at GET /jobs/{job.id}"
+        raise OpenAIError(504, message, code="timeout", headers=job_header)
+    if view.status is not JobStatus.succeeded:
+        code = view.error.code if view.error else ErrorCode.internal_error.value
+        message = view.error.message if view.error else f"job {job.id} ended {view.status.value}"
+        raise OpenAIError(_FAILURE_STATUS.get(code, 500), message, code=code, headers=job_header)
+    data: list[ImageDatum] = []
+    for ref in sorted(view.images, key=lambda r: r.index):
+        if fields.response_format == "b64_json":
+            png_out = await run_in_threadpool(store.get, job.id, ref.index)
+            if png_out is None:
+                raise OpenAIError(410, f"image {ref.index} of job {job.id} has expired", code="gone")
+            data.append(ImageDatum(b64_json=base64.b64encode(png_out).decode("ascii")))
+        else:
+            data.append(ImageDatum(url=ref.url))
+    response.headers.update(job_header)
+    return ImagesResponse(created=_created(job), data=data)

@@ -1,0 +1,199 @@
+"""POST /variations: variations of an uploaded image, as an ordinary job.
+
+The image comes as a multipart file part or as base64 in JSON; the API decodes it fully,
+re-encodes it as PNG and stores it in Redis under a key derived from the job id (with a TTL),
+so the job payload itself stays small JSON. How the worker makes variations depends on the model
+family (worker.variations): the CLIP image embedding on Kandinsky 2.2, img2img elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ConfigDict, Field, ValidationError
+from rq import Queue, Retry
+from rq.job import Job
+
+from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep
+from app.api.routes.generate import image_url
+from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, JobView
+from app.api.uploads import Upload, normalized_png, read_upload
+from app.core.auth import charge
+from app.core.config import Settings
+from app.core.errors import InvalidRequestError
+from app.core.images import MAX_INPUT_BYTES, MAX_INPUT_SIDE
+from app.core.jobs import TASK_VARIATIONS, GenerationParams, Priority, WebhookEvents
+from app.core.variations import VariationParams, input_key
+from app.core.webhooks import WebhookTargetError, check_target
+
+router = APIRouter(tags=["variations"])
+
+
+class VariationRequest(VariationParams):
+    """The fields besides `image` (form fields in multipart, keys in JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: Priority = Field(Priority.normal, description="Queue: high, normal or low.")
+    model: str | None = Field(None, max_length=200, description="A model some live worker serves; default ours.")
+    webhook: str | None = Field(None, max_length=2000, description="URL that receives signed event POSTs.")
+    webhook_events: list[WebhookEvents] = Field(
+        default_factory=lambda: [WebhookEvents.completed], description="Which events to send to the webhook."
+    )
+
+    def variation_params(self) -> VariationParams:
+        return VariationParams.model_validate(self.model_dump(include=set(VariationParams.model_fields)))
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema with its `$defs` inlined (OpenAPI has no `$defs` next to a request body)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def _body_schema() -> dict[str, Any]:
+    fields = _inline(VariationRequest.model_json_schema())
+    image = f"PNG, JPEG or WebP, at most {MAX_INPUT_BYTES} bytes and {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} pixels"
+    multipart = {
+        "type": "object",
+        "required": ["image"],
+        "properties": {"image": {"type": "string", "format": "binary", "description": image}, **fields["properties"]},
+        "additionalProperties": False,
+    }
+    as_json = {
+        "type": "object",
+        "required": ["image"],
+        "properties": {"image": {"type": "string", "description": f"base64 (or a data: URL) of a {image}"}}
+        | fields["properties"],
+        "additionalProperties": False,
+    }
+    return {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": multipart}, "application/json": {"schema": as_json}},
+    }
+
+
+def enqueue_variations(png: bytes, input_ttl: int):
+    """An `enqueue` for JobService.submit that stores the input image, then queues the task."""
+
+    def enqueue(
+        queue: Queue, params: GenerationParams, settings: Settings, *, job_id: str, meta: dict[str, Any]
+    ) -> Job:
+        # Stored first: a worker may take the job the moment it is queued.
+        queue.connection.set(input_key(job_id), png, ex=input_ttl)
+        return queue.enqueue(
+            TASK_VARIATIONS,
+            retry=Retry(max=settings.max_retries) if settings.max_retries else None,
+            kwargs={"params": params.model_dump(mode="json")},
+            job_id=job_id,
+            meta=meta,
+            job_timeout=settings.job_timeout,
+            result_ttl=settings.result_ttl,
+            failure_ttl=settings.failure_ttl,
+            ttl=None,
+            description="variations",
+        )
+
+    return enqueue
+
+
+def parse_fields(upload: Upload) -> VariationRequest:
+    fields = dict(upload.fields)
+    if isinstance(fields.get("webhook_events"), str):  # a form field: comma-separated
+        fields["webhook_events"] = [e.strip() for e in fields["webhook_events"].split(",") if e.strip()]
+    try:
+        return VariationRequest.model_validate(fields)
+    except ValidationError as exc:
+        details = [{"loc": ["body", *map(str, e.get("loc", ()))], "msg": e.get("msg", "")} for e in exc.errors()]
+        where = ".".join(details[0]["loc"][1:])
+        message = str(details[0]["msg"])
+        raise InvalidRequestError(
+            f"{where}: {message}" if where else message, code="validation_error", details=details
+        ) from None
+
+
+def _webhook(fields: VariationRequest, settings: Settings) -> dict[str, Any] | None:
+    """The job's webhook, checked as in POST /generate (resolving the host can block: threadpool)."""
+    if fields.webhook is None:
+        return None
+    if not settings.webhook_secret:
+        raise InvalidRequestError(
+            "webhooks are disabled on this server (no IMAGEGEN_WEBHOOK_SECRET)", code="validation_error"
+        )
+    try:
+        check_target(fields.webhook, allow_private=settings.webhook_allow_private)
+    except WebhookTargetError as exc:
+        raise InvalidRequestError(f"webhook: {exc}", code="validation_error") from None
+    return {"url": fields.webhook, "events": [e.value for e in fields.webhook_events]}
+
+
+@router.post(
+    "/variations",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobView,
+    responses={
+        200: {"model": JobView, "description": "Repeat of an Idempotency-Key: the original job"},
+        **ERROR_RESPONSES,
+        415: {"model": ErrorEnvelope, "description": "Not multipart/JSON, or the image is not PNG, JPEG or WebP"},
+    },
+    openapi_extra={"requestBody": _body_schema()},
+    summary="Submit an image-variations job",
+)
+async def create_variations(
+    request: Request,
+    response: Response,
+    jobs: JobsDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    redis: RedisDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobView:
+    """Queue `num_images` variations of an uploaded image; answers like `POST /generate` (202, a
+    `Location` to poll, the job). The image is multipart field `image` (a file) or, in JSON,
+    `image` as base64. Kandinsky models draw from the image's CLIP embedding; Stable Diffusion
+    models re-draw it (img2img) with `strength` (0-1, default 0.75) and an optional `prompt`."""
+    upload = await read_upload(request)
+    fields = parse_fields(upload)
+    png = await normalized_png(upload, fit=max(settings.max_width, settings.max_height))
+    params = fields.variation_params()
+    webhook = await run_in_threadpool(_webhook, fields, settings)
+    job_id, existing = None, None
+    if idempotency_key is not None:
+        digest = hashlib.sha256(png)
+        digest.update(fields.model_dump_json().encode())
+        job_id, existing = await run_in_threadpool(
+            jobs.claim_idempotency_key, idempotency_key, digest.hexdigest(), principal.owner
+        )
+    if existing is not None:
+        job = existing
+        response.status_code = status.HTTP_200_OK
+    else:
+        await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
+        job = await run_in_threadpool(
+            lambda: jobs.submit(
+                params,
+                priority=fields.priority,
+                job_id=job_id or str(uuid.uuid4()),
+                owner=principal.owner,
+                model=fields.model,
+                webhook=webhook,
+                enqueue=enqueue_variations(png, jobs.event_ttl),
+            )
+        )
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return await run_in_threadpool(jobs.view, job, image_url(request))

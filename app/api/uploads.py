@@ -1,0 +1,134 @@
+"""Image uploads: the larger body limit of the upload routes, reading an upload from multipart
+form data or from JSON with base64, and turning the image checks into HTTP errors."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from app.api.middleware import BodySizeLimit, BodyTooLarge
+from app.core.errors import InvalidRequestError, PayloadTooLargeError
+from app.core.images import MAX_INPUT_BYTES, InputImageError, normalize_image
+
+UPLOAD_PATHS = frozenset({"/variations", "/v1/images/variations"})
+# Base64 in JSON grows an image by 4/3; leave room for the other fields and multipart framing.
+UPLOAD_BODY_BYTES = MAX_INPUT_BYTES * 4 // 3 + 256 * 1024
+DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
+MAX_FORM_FIELDS = 32
+
+
+class UploadAwareBodySizeLimit:
+    """The usual body limit everywhere, a larger one on the routes that take an image."""
+
+    def __init__(self, app: Any, max_bytes: int, upload_max_bytes: int = UPLOAD_BODY_BYTES) -> None:
+        self.default = BodySizeLimit(app, max_bytes)
+        self.uploads = BodySizeLimit(app, max(max_bytes, upload_max_bytes))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = str(scope.get("path", "")).removeprefix(str(scope.get("root_path", "")))  # behind a path prefix too
+        limit = self.uploads if scope["type"] == "http" and path in UPLOAD_PATHS else self.default
+        await limit(scope, receive, send)
+
+
+class Upload:
+    """One parsed upload request: the image bytes, their declared type, and the other fields."""
+
+    def __init__(self, data: bytes, content_type: str | None, fields: dict[str, Any]) -> None:
+        self.data = data
+        self.content_type = content_type
+        self.fields = fields
+
+
+def _invalid(field: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{field}: {message}", code="validation_error", details=[{"loc": ["body", field], "msg": message}]
+    )
+
+
+async def read_upload(request: Request, image_field: str = "image") -> Upload:
+    """Parse multipart/form-data (the image as a file part) or JSON (the image as base64, a data:
+    URL allowed). Raises 400 for malformed JSON, 415 for other content types, 422 for a missing
+    or undecodable image or repeated fields."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _read_multipart(request, image_field)
+    if ctype == "application/json" or ctype.endswith("+json"):
+        return await _read_json(request, image_field)
+    raise HTTPException(415, detail="send multipart/form-data (image as a file) or application/json (base64 image)")
+
+
+async def _read_multipart(request: Request, image_field: str) -> Upload:
+    try:
+        form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
+    except (HTTPException, BodyTooLarge):  # the size limit answers 413 itself
+        raise
+    except Exception as exc:  # malformed multipart framing
+        raise HTTPException(400, detail=f"malformed multipart body ({type(exc).__name__})") from None
+    try:
+        fields: dict[str, Any] = {}
+        data: bytes | None = None
+        declared: str | None = None
+        for key in form:
+            values = form.getlist(key)
+            if len(values) != 1:
+                raise _invalid(key, "given more than once")
+            value = values[0]
+            if key == image_field:
+                if not isinstance(value, UploadFile):
+                    raise _invalid(key, "must be a file part")
+                data = await value.read(MAX_INPUT_BYTES + 1)  # one byte over is enough to say "too large"
+                declared = value.content_type
+            elif isinstance(value, UploadFile):
+                raise _invalid(key, "unexpected file part")
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    if data is None:
+        raise _invalid(image_field, "field required (a file part)")
+    return Upload(data, declared, fields)
+
+
+async def _read_json(request: Request, image_field: str) -> Upload:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HTTPException(400, detail="request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _invalid("body", "must be a JSON object")
+    encoded = body.pop(image_field, None)
+    if not isinstance(encoded, str) or not encoded:
+        raise _invalid(image_field, "field required (base64 of a PNG, JPEG or WebP file)")
+    declared = None
+    match = DATA_URL.match(encoded)
+    if match is not None:
+        declared = match["type"]
+        encoded = encoded[match.end() :]
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(image_field, "not valid base64") from None
+    return Upload(data, declared, body)
+
+
+async def normalized_png(upload: Upload, fit: int) -> bytes:
+    """The upload checked and re-encoded as PNG (see app.core.images), or the matching HTTP error."""
+    try:
+        return await run_in_threadpool(normalize_image, upload.data, upload.content_type, fit=fit)
+    except InputImageError as exc:
+        if exc.status == 413:
+            raise PayloadTooLargeError(exc.message) from None
+        if exc.status == 415:
+            raise HTTPException(415, detail=exc.message) from None
+        raise InvalidRequestError(
+            exc.message, code=exc.code, details=[{"loc": ["body", "image"], "msg": exc.message}]
+        ) from None

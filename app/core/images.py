@@ -1,0 +1,104 @@
+"""Validation of uploaded images: only PNG, JPEG or WebP, bounded in bytes and pixels, decoded
+completely by Pillow and re-encoded as a plain RGB PNG, so nothing the client sent reaches the
+worker unchecked (no metadata, no animation, no decompression bombs, no truncated data).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+MAX_INPUT_SIDE = 4096
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# Declared types that say nothing about the format; the bytes decide.
+GENERIC_TYPES = {"", "application/octet-stream"}
+
+
+class InputImageError(ValueError):
+    """The upload is refused; `status` is the HTTP status to answer (413, 415 or 422)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _base_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def normalize_image(
+    data: bytes,
+    content_type: str | None = None,
+    *,
+    max_bytes: int = MAX_INPUT_BYTES,
+    max_side: int = MAX_INPUT_SIDE,
+    fit: int | None = None,
+) -> bytes:
+    """Check an uploaded image and return it as an RGB PNG, shrunk to fit `fit`×`fit` if given.
+
+    Raises InputImageError for anything else: empty or over `max_bytes` (413), not PNG/JPEG/WebP
+    or a declared type that contradicts the bytes (415), larger than `max_side` on a side, a
+    decompression bomb, or truncated/corrupt data (422).
+    """
+    if not data:
+        raise InputImageError(422, "invalid_image", "image: the file is empty")
+    if len(data) > max_bytes:
+        raise InputImageError(413, "payload_too_large", f"image: {len(data)} bytes; at most {max_bytes} allowed")
+    declared = _base_type(content_type)
+    if declared not in GENERIC_TYPES and declared not in FORMATS.values():
+        raise InputImageError(415, "unsupported_media_type", f"image: type {declared!r} is not PNG, JPEG or WebP")
+    with warnings.catch_warnings():
+        # Pillow only warns between its pixel limit and twice it; treat that as the bomb it may be.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image: Image.Image = Image.open(io.BytesIO(data), formats=list(FORMATS))
+        except UnidentifiedImageError:
+            raise InputImageError(415, "unsupported_media_type", "image: not a PNG, JPEG or WebP file") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise InputImageError(422, "invalid_image", "image: too many pixels (decompression bomb)") from None
+        except Exception as exc:  # a header Pillow cannot parse
+            raise InputImageError(422, "invalid_image", f"image: unreadable ({type(exc).__name__})") from None
+        fmt = image.format or ""
+        if declared not in GENERIC_TYPES and FORMATS.get(fmt) != declared:
+            raise InputImageError(
+                415, "unsupported_media_type", f"image: declared {declared} but the file is {fmt or 'unknown'}"
+            )
+        width, height = image.size
+        # Checked from the header, before a single pixel is decoded.
+        if width < 1 or height < 1 or width > max_side or height > max_side:
+            raise InputImageError(
+                422, "invalid_image", f"image: {width}x{height} pixels; at most {max_side}x{max_side} allowed"
+            )
+        try:
+            image.seek(0)  # the first frame of an animation
+            image.load()  # decodes everything: truncated or corrupt data fails here
+            image = ImageOps.exif_transpose(image) or image
+            rgb = _to_rgb(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise InputImageError(422, "invalid_image", "image: too many pixels (decompression bomb)") from None
+        except Exception as exc:
+            raise InputImageError(422, "invalid_image", f"image: truncated or corrupt ({type(exc).__name__})") from None
+    if fit is not None and max(rgb.size) > fit:
+        rgb.thumbnail((fit, fit), Image.Resampling.LANCZOS)  # the models never use more pixels than this
+    out = io.BytesIO()
+    rgb.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels; transparent areas become white rather than whatever colour they hide."""
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode.startswith("I;16"):
+        image = image.point(lambda v: v / 256).convert("L")  # 16-bit grey has no direct RGB conversion
+    return image.convert("RGB")

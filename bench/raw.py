@@ -1,0 +1,96 @@
+"""Raw, in-process measurements for the benchmark: the pipeline called directly (or the batching
+engine without the service around it), printed as one JSON line. Run by `bench.run` in a fresh
+process per mode so that process-wide switches (oneDNN) never leak between figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["pipeline", "engine", "engine-noinv", "cold"], required=True)
+    ap.add_argument("--model", default="tiny-random")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,2,4,8,16,32")
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--height", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--seconds", type=float, default=3.0, help="time spent per batch size (at least 3 calls)")
+    args = ap.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from diffusers import AutoPipelineForText2Image
+    from diffusers.utils import logging as dlogging
+
+    from models.registry import resolve
+
+    dlogging.disable_progress_bar()
+    dlogging.set_verbosity_error()
+    pipe = AutoPipelineForText2Image.from_pretrained(resolve(args.model))
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle on a blue background"
+
+    def call(batch: int, steps: int = args.steps) -> None:
+        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+        with torch.inference_mode():
+            pipe(prompt=[prompt] * batch, width=args.width, height=args.height, num_inference_steps=steps,
+                 guidance_scale=args.guidance, generator=generators, output_type="pil")  # fmt: skip
+
+    if args.mode == "cold":
+        # What the worker does before it is ready: load, then one 1-step warm-up image at native size.
+        call(1, steps=1)
+        print("ready", flush=True)
+        return
+
+    run = call
+    if args.mode != "pipeline":
+        from app.core.config import Settings
+        from app.core.jobs import GenerationParams
+        from worker.batching import BatchEngine
+        from worker.runtime import DiffusersRuntime
+
+        runtime = DiffusersRuntime.load(Settings(model=args.model))
+        engine = BatchEngine.create(runtime, invariant=args.mode == "engine")
+        assert engine is not None
+
+        def run(batch: int, steps: int = args.steps) -> None:  # noqa: F811 - the engine's version
+            params = [
+                runtime.info.fill(GenerationParams(prompt=prompt, seed=i, width=args.width, height=args.height,
+                                                   num_inference_steps=steps, guidance_scale=args.guidance))
+                for i in range(batch)
+            ]  # fmt: skip
+            requests = [engine.start(p) for p in params]
+            while not requests[0].done:
+                engine.tick(requests)
+            for r in requests:
+                engine.decode(r)
+
+    run(1)  # warm-up
+    results = {}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        run(batch)
+        times = []
+        deadline = time.perf_counter() + args.seconds
+        while len(times) < 3 or time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            run(batch)
+            times.append(time.perf_counter() - t0)
+        median = statistics.median(times)
+        results[batch] = {"images_per_s": batch / median, "call_ms": median * 1000, "calls": len(times)}
+        print(f"  {args.mode} batch {batch}: {batch / median:.2f} img/s ({median * 1000:.1f} ms/call)", file=sys.stderr)
+    print(json.dumps({"mode": args.mode, "batches": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""`make bench`: the service measured against the raw pipeline, every figure from the same run.
+
+1. raw: the pipeline called in-process at batch 1 and at its best batch size (images/s); also the
+   batching engine alone, with and without the batch-invariance switches (their cost).
+2. load: 16 concurrent HTTP clients → API → Redis → one worker (2 CPU threads): images/s, p50/p95.
+3. idle: one job at a time, POST → long-poll → PNG in hand, minus the raw single-image time.
+4. ingress: POST /generate with no worker, driven by wrk, next to a trivial FastAPI endpoint.
+5. cold start: worker start → registered with RQ, against from_pretrained + one warm-up image.
+
+Prints a table and writes bench/results/latest.json. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from tests.procs import PYTHON, ROOT, Proc, free_port, service_env, spawn, start_redis, wait_for
+
+RESULTS = ROOT / "bench" / "results"
+# Fixed parameters per model (each model's native scheduler; guidance on, so CFG doubles the UNet rows).
+MODEL_PARAMS = {
+    "tiny-random": {"width": 64, "height": 64, "num_inference_steps": 10, "guidance_scale": 7.5},
+    "tiny-shapes": {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scale": 7.5},
+}
+PROMPT = "a red circle on a blue background"
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+# -- 1. raw ------------------------------------------------------------------------------------
+
+
+def raw(model: str, params: dict[str, Any], mode: str, batches: str, seconds: float, threads: int) -> dict[str, Any]:
+    args = [PYTHON, "-m", "bench.raw", "--mode", mode, "--model", model, "--threads", str(threads)]
+    args += ["--batches", batches, "--seconds", str(seconds), "--width", str(params["width"])]
+    args += ["--height", str(params["height"]), "--steps", str(params["num_inference_steps"])]
+    args += ["--guidance", str(params["guidance_scale"])]
+    out = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    batches_ = {int(k): v for k, v in result["batches"].items()}
+    best = max(batches_, key=lambda b: batches_[b]["images_per_s"])
+    return {
+        "by_batch": batches_,
+        "batch1_images_per_s": batches_[1]["images_per_s"],
+        "batch1_ms": batches_[1]["call_ms"],
+        "best_batch": best,
+        "best_images_per_s": batches_[best]["images_per_s"],
+    }
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+# -- services ----------------------------------------------------------------------------------
+
+
+def start_api(env: dict[str, str], log_path: Path, app: str = "app.main:app") -> tuple[Proc, str]:
+    """One uvicorn process, as `make run` starts it (no access log)."""
+    port = free_port()
+    args = [PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+    proc = spawn(args, log_path, env)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if not proc.alive():
+            raise RuntimeError(proc.output()[-2000:])
+        return httpx.get(base + "/docs", timeout=1).status_code == 200
+
+    wait_for(up, 30, f"{app} up")
+    return proc, base
+
+
+def start_worker(env: dict[str, str], log_path: Path, conn: redis.Redis) -> tuple[Proc, float]:
+    """Spawn `python -m worker`; returns it and the seconds until it registered with RQ."""
+    before = conn.scard("rq:workers")
+    t0 = time.perf_counter()
+    proc = spawn([PYTHON, "-m", "worker"], log_path, env)
+    while conn.scard("rq:workers") <= before:
+        if not proc.alive():
+            raise RuntimeError(f"worker exited:\n{proc.output()[-3000:]}")
+        if time.perf_counter() - t0 > 180:
+            raise TimeoutError("worker not ready")
+        time.sleep(0.01)
+    return proc, time.perf_counter() - t0
+
+
+def one_job(http: httpx.Client, body: dict[str, Any]) -> float:
+    """POST → long-poll until it ends → PNG in hand; returns the seconds it took."""
+    t0 = time.perf_counter()
+    r = http.post("/generate", json=body)
+    if r.status_code != 202:
+        raise RuntimeError(f"POST /generate: {r.status_code} {r.text[:200]}")
+    job_id = r.json()["id"]
+    while True:
+        job = http.get(f"/jobs/{job_id}", params={"wait": 30}).json()
+        if job["status"] in TERMINAL:
+            break
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
+    png = http.get(job["images"][0]["url"])
+    if png.status_code != 200 or not png.content.startswith(b"\x89PNG"):
+        raise RuntimeError(f"image of {job_id}: {png.status_code}")
+    return time.perf_counter() - t0
+
+
+def load(base: str, params: dict[str, Any], clients: int, jobs: int, warmup: int) -> dict[str, Any]:
+    """Closed loop: each client submits its next job once it holds the previous one's PNG."""
+    counter = iter(range(warmup + jobs))
+    lock = threading.Lock()
+    spans: list[tuple[float, float]] = []  # (submitted, PNG in hand) of measured jobs
+    errors: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                try:
+                    took = one_job(http, {"prompt": f"{PROMPT} {i}", "seed": i, **params})
+                except Exception as exc:  # counted and reported
+                    errors.append(str(exc))
+                    continue
+                if i >= warmup:  # the first `warmup` jobs bring the worker to steady state
+                    done = time.perf_counter()
+                    with lock:
+                        spans.append((done - took, done))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies = [end - begin for begin, end in spans]
+    wall = max(end for _, end in spans) - min(begin for begin, _ in spans)
+    return {
+        "clients": clients,
+        "jobs": len(spans),
+        "errors": len(errors),
+        "error_sample": errors[:3],
+        "images_per_s": len(spans) / wall,
+        "p50_ms": pct(latencies, 50) * 1000,
+        "p95_ms": pct(latencies, 95) * 1000,
+    }
+
+
+def idle(base: str, params: dict[str, Any], n: int) -> dict[str, Any]:
+    with httpx.Client(base_url=base, timeout=60) as http:
+        for i in range(3):
+            one_job(http, {"prompt": PROMPT, "seed": 10_000 + i, **params})
+        times = [one_job(http, {"prompt": PROMPT, "seed": 20_000 + i, **params}) for i in range(n)]
+    return {"jobs": n, "p50_ms": pct(times, 50) * 1000, "p95_ms": pct(times, 95) * 1000}
+
+
+# -- 4. ingress --------------------------------------------------------------------------------
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(url: str, connections: int, seconds: int) -> dict[str, Any]:
+    script = ROOT / "bench" / "post.lua"
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = {}
+    for q, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M):
+        lat[q] = float(value) * UNITS[unit]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    return {
+        "requests_per_s": rps,
+        "p50_ms": lat.get("50"),
+        "p99_ms": lat.get("99"),
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(0) if errors else "",
+    }
+
+
+# -- 5. cold start -----------------------------------------------------------------------------
+
+
+def raw_cold(model: str, threads: int) -> float:
+    t0 = time.perf_counter()
+    args = [PYTHON, "-m", "bench.raw", "--mode", "cold", "--model", model, "--threads", str(threads)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            took = time.perf_counter() - t0
+            break
+    else:
+        raise RuntimeError("raw cold start did not finish")
+    proc.wait()
+    return took
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) -> dict[str, Any]:
+    params = MODEL_PARAMS[model]
+    out: dict[str, Any] = {"model": model, "params": params}
+    log(f"[{model}] 1. raw pipeline and engine ({args.threads} threads)")
+    out["raw"] = raw(model, params, "pipeline", args.batches, args.seconds, args.threads)
+    out["engine"] = raw(model, params, "engine", args.batches, args.seconds, args.threads)
+    out["engine_no_invariance"] = raw(model, params, "engine-noinv", args.batches, args.seconds, args.threads)
+
+    conn = server.client(0)
+    conn.flushdb()
+    env = service_env(server.url, tmp, model=model, threads=str(args.threads), worker_heartbeat="5")
+    env.pop("IMAGEGEN_WEBHOOK_SECRET", None)
+    env["IMAGEGEN_LOG_LEVEL"] = "WARNING"
+
+    log(f"[{model}] 5. cold start ({args.cold} runs each)")
+    cold_worker, cold_raw = [], []
+    for i in range(args.cold):
+        cold_raw.append(raw_cold(model, args.threads))
+        proc, took = start_worker(env | {"IMAGEGEN_MAX_BATCH": str(args.max_batch)}, tmp / f"cold{i}.log", conn)
+        cold_worker.append(took)
+        proc.stop(signal.SIGKILL)
+        conn.flushdb()
+    out["cold"] = {"worker_s": statistics.median(cold_worker), "raw_s": statistics.median(cold_raw)}
+
+    api, base = start_api(env, tmp / f"api-{model}.log")
+    try:
+        for max_batch in sorted({1, args.max_batch}):
+            key = f"max_batch_{max_batch}"
+            log(f"[{model}] 2-3. service with IMAGEGEN_MAX_BATCH={max_batch}: load, then idle")
+            worker, _ = start_worker(env | {"IMAGEGEN_MAX_BATCH": str(max_batch)}, tmp / f"worker-{key}.log", conn)
+            try:
+                out[key] = {
+                    "load": load(base, params, args.clients, args.jobs, warmup=args.clients),
+                    "idle": idle(base, params, args.idle),
+                }
+            finally:
+                worker.stop()
+                conn.delete("rq:workers")
+    finally:
+        api.stop()
+    return out
+
+
+def ingress(args: argparse.Namespace, tmp: Path, server: Any) -> dict[str, Any]:
+    log("4. ingress (no worker running)")
+    conn = server.client(0)
+    conn.flushdb()
+    env = service_env(server.url, tmp, model="tiny-random")
+    env.pop("IMAGEGEN_WEBHOOK_SECRET", None)
+    env.update(IMAGEGEN_MAX_QUEUE="10000000", IMAGEGEN_LOG_LEVEL="WARNING")
+    result = {}
+    for name, app in (("api", "app.main:app"), ("trivial", "bench.trivial_app:app")):
+        proc, base = start_api(env, tmp / f"ingress-{name}.log", app)
+        try:
+            wrk(base + "/generate", args.connections, 2)  # warm-up
+            result[name] = wrk(base + "/generate", args.connections, args.wrk_seconds)
+        finally:
+            proc.stop()
+        conn.flushdb()
+    return result
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = ["| figure | measured | target |", "|---|---|---|"]
+    ing = results["ingress"]
+    for m in results["models"]:
+        name, raw_, eng, noinv = m["model"], m["raw"], m["engine"], m["engine_no_invariance"]
+        p = m["params"]
+        rows.append(f"| **{name}** ({p['width']}×{p['height']}, {p['num_inference_steps']} steps, CFG) | | |")
+        one = f"{raw_['batch1_images_per_s']:.2f} img/s ({raw_['batch1_ms']:.0f} ms per image)"
+        rows.append(f"| raw pipeline, batch 1 | {one} | |")
+        rows.append(
+            f"| raw pipeline, best batch ({raw_['best_batch']}) | {raw_['best_images_per_s']:.2f} img/s | |"
+        )
+        rows.append(
+            f"| engine alone, best batch ({eng['best_batch']}), batch-invariant | {eng['best_images_per_s']:.2f} img/s"
+            f" (batch 1: {eng['batch1_images_per_s']:.2f}) | |"
+        )
+        rows.append(
+            f"| engine alone, best batch ({noinv['best_batch']}), without the invariance switches | "
+            f"{noinv['best_images_per_s']:.2f} img/s (batch 1: {noinv['batch1_images_per_s']:.2f}) | |"
+        )
+        for key in sorted(k for k in m if k.startswith("max_batch_")):
+            ld, idl = m[key]["load"], m[key]["idle"]
+            mb = key.removeprefix("max_batch_")
+            ratio_best = ld["images_per_s"] / raw_["best_images_per_s"]
+            ratio_1 = ld["images_per_s"] / raw_["batch1_images_per_s"]
+            target = "≥ 0.9× raw best batch" if mb != "1" else "(one job at a time, for reference)"
+            rows.append(
+                f"| service under load, MAX_BATCH={mb}: {ld['clients']} clients, {ld['jobs']} jobs | "
+                f"{ld['images_per_s']:.2f} img/s = {ratio_best:.2f}× raw best, {ratio_1:.2f}× raw batch 1; "
+                f"p50 {ld['p50_ms']:.0f} ms, p95 {ld['p95_ms']:.0f} ms, errors {ld['errors']} | {target} |"
+            )
+            overhead = idl["p50_ms"] - raw_["batch1_ms"]
+            rows.append(
+                f"| idle latency, MAX_BATCH={mb} (POST → PNG) | p50 {idl['p50_ms']:.1f} ms, p95 {idl['p95_ms']:.1f} ms;"
+                f" overhead over raw batch 1: **{overhead:+.1f} ms** | overhead ≤ 15 ms |"
+            )
+        cold = m["cold"]
+        rows.append(
+            f"| cold start: worker start → ready | {cold['worker_s']:.2f} s vs raw {cold['raw_s']:.2f} s = "
+            f"{cold['worker_s'] / cold['raw_s']:.2f}× | ≤ 1.2× raw |"
+        )
+    api, triv = ing["api"], ing["trivial"]
+    rows.append("| **ingress** (wrk, 1 API process, no worker) | | |")
+    rows.append(
+        f"| POST /generate | {api['requests_per_s']:.0f} req/s = {api['requests_per_s'] / triv['requests_per_s']:.2f}×"
+        f" trivial; p50 {api['p50_ms']:.1f} ms, p99 {api['p99_ms']:.1f} ms; non-2xx {api['non_2xx']} |"
+        " ≥ 0.75× trivial, p99 ≤ 50 ms |"
+    )
+    rows.append(
+        f"| trivial FastAPI endpoint | {triv['requests_per_s']:.0f} req/s; p50 {triv['p50_ms']:.1f} ms,"
+        f" p99 {triv['p99_ms']:.1f} ms | |"
+    )
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny-random,tiny-shapes", help="skipped when the weights are missing")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--batches", default="1,2,4,8,16,32")
+    ap.add_argument("--seconds", type=float, default=4.0, help="raw: seconds per batch size")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--jobs", type=int, default=128)
+    ap.add_argument("--idle", type=int, default=30)
+    ap.add_argument("--cold", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--wrk-seconds", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="small counts, for trying the benchmark out")
+    args = ap.parse_args()
+    if args.quick:
+        args.batches, args.seconds, args.jobs, args.idle, args.cold, args.wrk_seconds = "1,8,16", 1, 32, 8, 1, 3
+    if shutil.which("wrk") is None:
+        print("wrk is missing: apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    from models.registry import REGISTRY
+
+    models = []
+    for name in args.models.split(","):
+        entry = REGISTRY.get(name)
+        if entry is not None and entry.folder is not None and not (entry.folder / "model_index.json").exists():
+            log(f"skipping {name}: no weights at {entry.folder}")
+            continue
+        models.append(name)
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as d:
+        tmp = Path(d)
+        server = start_redis(tmp / "redis")
+        try:
+            results: dict[str, Any] = {
+                "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, no GPU",
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "args": vars(args),
+                "models": [bench_model(m, args, tmp, server) for m in models],
+            }
+            results["ingress"] = ingress(args, tmp, server)
+        finally:
+            server.proc.stop()
+    results["seconds"] = round(time.time() - started, 1)
+    text = table(results)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results | {"table": text}, indent=2))
+    log(f"wrote {RESULTS / 'latest.json'} ({results['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The batching worker with a fake engine (no torch) on a real Redis: claiming, per-job lifecycle,
+isolation of failures and cancels, order and batch limits."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from PIL import Image
+from rq import Queue
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from app.core import events
+from app.core.config import Settings
+from app.core.jobs import TASK_GENERATE, GenerationParams, cancel_key, image_seed
+from app.core.storage import LocalImageStore
+from tests.unit.test_worker import FakeRuntime
+from worker import tasks
+from worker.batch_worker import BatchingWorker
+from worker.events import EventSink
+
+
+@dataclass
+class FakeRequest:
+    params: GenerationParams
+    total: int
+    step: int = 0
+    work_s: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+
+@dataclass
+class FakeEngine:
+    """Records which jobs (by prompt) shared each tick; a prompt "explode" fails any tick it is in."""
+
+    runtime: FakeRuntime
+    ticks: list[list[str]] = field(default_factory=list)
+    on_tick: Callable[[int, list[FakeRequest]], None] | None = None
+
+    def shape(self, params: GenerationParams) -> tuple[int | None, int | None]:
+        return params.width, params.height
+
+    def start(self, params: GenerationParams) -> FakeRequest:
+        return FakeRequest(params, params.num_inference_steps or 1)
+
+    def tick(self, requests: list[FakeRequest]) -> None:
+        self.ticks.append([r.params.prompt for r in requests])
+        if self.on_tick is not None:
+            self.on_tick(len(self.ticks), requests)
+        if any(r.params.prompt == "explode" for r in requests):
+            raise RuntimeError("the UNet fell over")
+        for r in requests:
+            r.step += 1
+            r.work_s += 0.001
+
+    def decode(self, request: FakeRequest) -> list[Image.Image]:
+        p = request.params
+        assert p.seed is not None
+        return [
+            Image.new("RGB", (p.width or 0, p.height or 0), (image_seed(p.seed, i) % 256, 0, 0))
+            for i in range(p.num_images)
+        ]
+
+
+@pytest.fixture
+def env(redis_db, tmp_path):
+    runtime = FakeRuntime()
+    engine = FakeEngine(runtime)
+    store = LocalImageStore(tmp_path)
+    settings = Settings(results_dir=tmp_path)
+    sink = EventSink(redis_db, settings, sender=None)
+    tasks.bind(tasks.WorkerContext(runtime, store, settings, redis_db, sink))
+    high = Queue("imagegen:fake:high", connection=redis_db, serializer=JSONSerializer)
+    normal = Queue("imagegen:fake:normal", connection=redis_db, serializer=JSONSerializer)
+
+    def make(max_batch: int = 8) -> BatchingWorker:
+        return BatchingWorker(
+            [high, normal],
+            connection=redis_db,
+            serializer=JSONSerializer,
+            heartbeat_interval=0.2,
+            events=sink,
+            engine=engine,  # type: ignore[arg-type]
+            max_batch=max_batch,
+        )
+
+    yield engine, store, normal, high, make
+    tasks._context = None
+
+
+def enqueue(queue: Queue, func: str = TASK_GENERATE, **params) -> Job:
+    kwargs = {"params": params} if func == TASK_GENERATE else {}
+    return queue.enqueue(func, kwargs=kwargs, job_id=str(uuid.uuid4()))
+
+
+def kinds(redis_db, job_id: str) -> list[str]:
+    return [e.type.value for _, e in events.read(redis_db, job_id)]
+
+
+def test_waiting_jobs_share_ticks_and_each_keeps_its_own_lifecycle(env, redis_db) -> None:
+    engine, store, queue, _, make = env
+    jobs = [enqueue(queue, prompt=f"p{i}", seed=10 * i, num_inference_steps=2 + i) for i in range(4)]
+    make().work(burst=True)
+    # All four sampled together; each left as soon as its own steps were done.
+    assert engine.ticks[0] == ["p0", "p1", "p2", "p3"]
+    assert [len(t) for t in engine.ticks] == [4, 4, 3, 2, 1]
+    for i, job in enumerate(jobs):
+        job.refresh()
+        assert job.get_status() == "finished"
+        assert job.return_value() == {"images": [{"index": 0, "seed": 10 * i, "width": 16, "height": 8}]}
+        assert job.meta["progress"] == {"step": 2 + i, "total": 2 + i}
+        image = Image.open(io.BytesIO(store.get(job.id, 0)))
+        assert image.getpixel((0, 0)) == (10 * i, 0, 0)
+        seen = kinds(redis_db, job.id)
+        assert seen[0] == "started" and seen[-1] == "succeeded" and set(seen[1:-1]) == {"progress"}
+    assert StartedJobRegistry(queue=queue).get_job_ids() == []
+
+
+def test_every_batched_job_is_started_in_rq_with_heartbeats(env) -> None:
+    engine, store, queue, _, make = env
+    jobs = [enqueue(queue, prompt=f"p{i}", num_inference_steps=3) for i in range(3)]
+    seen: dict[str, object] = {}
+
+    def look(tick: int, requests) -> None:
+        if tick == 2:
+            seen["started"] = sorted(StartedJobRegistry(queue=queue).get_job_ids())
+            seen["status"] = [Job.fetch(j.id, connection=queue.connection).get_status() for j in jobs]
+            seen["beat"] = all(Job.fetch(j.id, connection=queue.connection).last_heartbeat for j in jobs)
+
+    engine.on_tick = look
+    make().work(burst=True)
+    assert seen["started"] == sorted(j.id for j in jobs)
+    assert seen["status"] == ["started"] * 3 and seen["beat"]
+
+
+def test_a_failing_job_fails_alone(env, redis_db) -> None:
+    engine, store, queue, _, make = env
+    good = [enqueue(queue, prompt=f"ok{i}", num_inference_steps=3) for i in range(2)]
+    bad = enqueue(queue, prompt="explode", num_inference_steps=3)
+    make().work(burst=True)
+    bad.refresh()
+    assert bad.get_status() == "failed"
+    assert bad.meta["error"] == {"code": "sampling_error", "message": "RuntimeError: the UNet fell over"}
+    assert kinds(redis_db, bad.id) == ["started", "failed"]
+    assert engine.ticks[0] == ["ok0", "ok1", "explode"]  # it really was in the batch
+    for job in good:
+        job.refresh()
+        assert job.get_status() == "finished"
+
+
+def test_cancel_of_one_job_leaves_the_others(env, redis_db) -> None:
+    engine, store, queue, _, make = env
+    keep = enqueue(queue, prompt="keep", num_inference_steps=6)
+    drop = enqueue(queue, prompt="drop", num_inference_steps=6)
+
+    def cancel_at_3(tick: int, requests) -> None:
+        if tick == 3:
+            redis_db.set(cancel_key(drop.id), 1)
+
+    engine.on_tick = cancel_at_3
+    make().work(burst=True)
+    drop.refresh()
+    keep.refresh()
+    assert drop.meta["error"]["code"] == "canceled" and drop.meta["canceled_at_step"] == 3
+    assert store.get(drop.id, 0) is None
+    assert kinds(redis_db, drop.id)[-1] == "canceled"
+    assert keep.get_status() == "finished" and store.get(keep.id, 0) is not None
+    assert [t for t in engine.ticks if "drop" in t] == [["keep", "drop"]] * 3
+
+
+def test_other_sizes_wait_their_turn_and_order_is_kept(env) -> None:
+    engine, store, queue, _, make = env
+    enqueue(queue, prompt="a1", width=16, height=16, num_inference_steps=2)
+    enqueue(queue, prompt="a2", width=16, height=16, num_inference_steps=2)
+    enqueue(queue, prompt="b", width=32, height=16, num_inference_steps=2)
+    enqueue(queue, prompt="a3", width=16, height=16, num_inference_steps=2)
+    make().work(burst=True)
+    # a3 fits the first batch but never overtakes b, which does not.
+    assert engine.ticks == [["a1", "a2"], ["a1", "a2"], ["b"], ["b"], ["a3"], ["a3"]]
+
+
+def test_max_batch_counts_images_and_high_priority_joins_first(env) -> None:
+    engine, store, normal, high, make = env
+    enqueue(normal, prompt="n1", num_images=2, num_inference_steps=2)
+    enqueue(normal, prompt="n2", num_inference_steps=2)
+    enqueue(high, prompt="h1", num_inference_steps=2)
+    make(max_batch=3).work(burst=True)
+    # h1 is dequeued first; n1 (2 images) fills the batch; n2 waits for room.
+    assert engine.ticks[:2] == [["h1", "n1"], ["h1", "n1"]]
+    assert all(len(t) <= 2 for t in engine.ticks)
+
+
+def test_refused_and_invalid_jobs_fail_without_stopping_the_batch(env, redis_db) -> None:
+    engine, store, queue, _, make = env
+    first = enqueue(queue, prompt="first", num_inference_steps=3)
+    planted = enqueue(queue, "os.system")
+    invalid = enqueue(queue, prompt="x", num_images=99)
+    after = enqueue(queue, prompt="after", num_inference_steps=2)
+    make().work(burst=True)
+    for job, status, code in [(planted, "failed", "refused"), (invalid, "failed", "invalid_params")]:
+        job.refresh()
+        assert job.get_status() == status and job.meta["error"]["code"] == code
+    first.refresh()
+    after.refresh()
+    assert first.get_status() == after.get_status() == "finished"
+    assert engine.ticks[0] == ["first", "after"]
+
+
+def test_requeue_on_shutdown_hands_every_job_back(env, redis_db) -> None:
+    engine, store, queue, _, make = env
+    jobs = [enqueue(queue, prompt=f"p{i}", num_inference_steps=50) for i in range(2)]
+    worker = make()
+    tasks._context = tasks.WorkerContext(
+        tasks._context.runtime,  # type: ignore[union-attr]
+        store,
+        tasks._context.settings,  # type: ignore[union-attr]
+        redis_db,
+        tasks._context.events,  # type: ignore[union-attr]
+        worker.requeue_requested.is_set,
+    )
+    engine.on_tick = lambda tick, requests: worker.requeue_requested.set() if tick == 2 else None
+    worker.work(burst=True, max_jobs=1)
+    for job in jobs:
+        job.refresh()
+        assert job.get_status() == "queued"
+    assert sorted(queue.get_job_ids()) == sorted(j.id for j in jobs)

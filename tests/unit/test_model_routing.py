@@ -1,0 +1,114 @@
+"""The model registry, which models count as served (live workers only), and routing a job to the
+model it names (JobService on a real redis-server; no worker process)."""
+
+from __future__ import annotations
+
+import pytest
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+
+from app.api.services import JobService
+from app.core.catalog import model_of_queue, served_models
+from app.core.config import Settings
+from app.core.errors import InvalidRequestError
+from app.core.jobs import MODELS_KEY, GenerationParams, ModelInfo, Priority, Scheduler, queue_name
+from models.registry import REGISTRY, lookup, resolve
+from tests.procs import RedisServer
+
+
+def info(name: str, multiple: int = 8) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=2,
+        scheduler="ddim",
+        size_multiple=multiple,
+    )
+
+
+def publish(redis, name: str, *, live: bool = True, multiple: int = 8) -> None:
+    """What a worker does at start: its ModelInfo in the hash, itself registered on its queues."""
+    redis.hset(MODELS_KEY, name, info(name, multiple).model_dump_json())
+    key = f"rq:worker:fake-{name}"
+    for priority in Priority:
+        redis.sadd(WORKERS_BY_QUEUE_KEY % queue_name(name, priority), key)
+    if live:
+        redis.hset(key, "state", "idle")  # RQ's worker key; it expires when heartbeats stop
+
+
+@pytest.fixture
+def service(redis_db, redis_server: RedisServer) -> JobService:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15", model="main")
+    return JobService(settings, redis_db)
+
+
+def test_registry_entries_are_consistent() -> None:
+    for name, entry in REGISTRY.items():
+        assert entry.name == name
+        assert sum(x is not None for x in (entry.folder, entry.builder, entry.hub_id)) == 1, name
+        if entry.scheduler is not None:
+            Scheduler(entry.scheduler)
+        for key in ("width", "height"):
+            assert entry.defaults().get(key, 8) % 8 == 0
+    for name in ("sd-1.5", "sd-turbo", "sdxl", "kandinsky-2.2", "tiny-sdxl", "tiny-kandinsky"):
+        assert name in REGISTRY
+    # Hub entries resolve to their id without touching the network; unknown names pass through.
+    assert resolve("sd-turbo") == "stabilityai/sd-turbo"
+    assert lookup("kandinsky-2.2").defaults()["family"] == "kandinsky-2.2"  # type: ignore[union-attr]
+    assert resolve("/some/folder") == "/some/folder" and lookup("/some/folder") is None
+    # Real Kandinsky's MoVQ needs sizes in multiples of 64.
+    assert REGISTRY["kandinsky-2.2"].width % 64 == 0  # type: ignore[operator]
+
+
+def test_only_models_with_a_live_worker_are_served(redis_db) -> None:
+    publish(redis_db, "alive")
+    publish(redis_db, "dead", live=False)  # registered, but its worker key has expired
+    redis_db.hset(MODELS_KEY, "garbage", "{not json")
+    served = served_models(redis_db)
+    assert list(served) == ["alive"] and served["alive"][1] == 1
+    assert model_of_queue(queue_name("a:b", Priority.low)) == "a:b"
+    assert model_of_queue("other") is None
+
+
+def test_jobs_route_to_a_served_model_and_its_queues(service: JobService, redis_db) -> None:
+    publish(redis_db, "other")
+    job = service.submit(GenerationParams(prompt="x"), model="other", priority=Priority.high)
+    assert job.origin == queue_name("other", Priority.high)
+    assert job.kwargs["params"]["num_inference_steps"] == 3  # the routed model's defaults filled it
+    view = service.view(job, lambda i, n: "")
+    assert view.priority is Priority.high and view.queue_position == 0
+    default = service.submit(GenerationParams(prompt="x"))  # no worker needed for the default model
+    assert default.origin == queue_name("main")
+    with pytest.raises(InvalidRequestError) as info_:
+        service.submit(GenerationParams(prompt="x"), model="missing")
+    assert info_.value.details[0]["served"] == ["other"]
+
+
+def test_sizes_must_fit_the_models_multiple(service: JobService, redis_db) -> None:
+    publish(redis_db, "kandinsky", multiple=64)
+    with pytest.raises(InvalidRequestError, match="multiple of 64"):
+        service.submit(GenerationParams(prompt="x", width=72, height=64), model="kandinsky")
+    assert service.submit(GenerationParams(prompt="x", width=128, height=64), model="kandinsky")
+
+
+class KandinskyV22CombinedPipeline:  # the name is what family detection reads
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.unet = SimpleNamespace(config=SimpleNamespace(sample_size=96))
+        self.decoder_pipe = SimpleNamespace(movq_scale_factor=8)
+        self.scheduler = SimpleNamespace()
+        self.prior_tokenizer = SimpleNamespace(model_max_length=77)
+
+
+def test_family_native_size_and_size_multiple_are_read_off_the_pipeline() -> None:
+    from worker.runtime import _model_info, check_size
+
+    info = _model_info("k", KandinskyV22CombinedPipeline(), {})
+    assert (info.family, info.width, info.height, info.size_multiple) == ("kandinsky-2.2", 768, 768, 64)
+    # The registry entry or imagegen.json wins over what the pipeline says.
+    assert _model_info("k", KandinskyV22CombinedPipeline(), {"width": 512, "family": "x"}).width == 512
+    with pytest.raises(ValueError, match="multiple of 64"):
+        check_size(info, GenerationParams(prompt="x", width=520, height=512))
+    check_size(info, GenerationParams(prompt="x", width=576, height=512))

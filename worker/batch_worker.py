@@ -1,0 +1,385 @@
+"""`BatchingWorker`: serves several jobs at once with step-level batching (`IMAGEGEN_MAX_BATCH` > 1).
+
+RQ's loop hands over the first job as usual; the worker then keeps a batching session open while
+any job is active. Before every denoising tick it claims more waiting jobs of the same image size
+(highest priority first, never skipping past an incompatible one, so order is kept), registers each
+with RQ exactly as `perform_job` would (execution in the started registry, status `started`,
+heartbeats), runs one batched UNet step for all of them, and finishes every job the moment its own
+last step is done. Each job keeps its own generator, progress, events, cancel flag, timeout and
+outcome; one job failing never fails the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+from rq.job import Job
+from rq.utils import now as utcnow
+from rq.worker import WorkerStatus
+
+from app.core import events
+from app.core.events import EventType
+from app.core.jobs import MAX_SEED, TASK_GENERATE, ErrorCode, GenerationParams, cancel_key, image_seed
+from worker import tasks
+from worker.events import wants
+from worker.png import encode_png
+from worker.worker import ImagegenWorker
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+    from rq.executions import Execution
+    from rq.queue import Queue
+
+    from worker.batching import BatchEngine, Request
+
+log = logging.getLogger(__name__)
+
+# Take each candidate id out of its queue; the one LREM that removes it owns the job, so two
+# workers can never claim the same job, and an id already taken (or canceled) is simply skipped.
+CLAIM_SCRIPT = """
+local taken = {}
+for i, key in ipairs(KEYS) do
+  taken[i] = redis.call('LREM', key, 1, ARGV[i])
+end
+return taken
+"""
+
+
+@dataclass
+class Slot:
+    """A job taking part in the batch."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+    params: GenerationParams
+    request: Request
+    steps: int  # the step count clients see (num_inference_steps)
+    last_write: float = 0.0
+    reported: int = 0
+
+
+class BatchingWorker(ImagegenWorker):
+    def __init__(self, *args: Any, engine: BatchEngine, max_batch: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine = engine
+        self.max_batch = max_batch
+        self.slots: list[Slot] = []
+        # Guards `slots` against the heartbeat thread; held while a slot's heartbeat is written so
+        # a job never gets a heartbeat after its execution was cleaned up.
+        self._lock = threading.Lock()
+        self._claim_script = self.connection.register_script(CLAIM_SCRIPT)
+
+    # -- the session --------------------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat_all, args=(stop,), name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            # With a single queue RQ moves the job to its intermediate list; claimed jobs never are.
+            self._admit(job, queue, from_intermediate=len(self.queues) == 1)
+            while self.slots:
+                self._tick()
+        except Exception:
+            # A cold shutdown (SystemExit) leaves the jobs to abandoned-job recovery instead.
+            self._abandon_all(sys.exc_info())
+            raise
+        finally:
+            stop.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _tick(self) -> None:
+        ctx = _context()
+        # 1. Registry maintenance, as RQ's loop does between jobs: a busy session must still
+        #    recover the jobs of dead workers.
+        if self.should_run_maintenance_tasks:
+            self.run_maintenance_tasks()
+        # 2. Admit waiting jobs of the same shape while there is room (none once stopping).
+        if not self._stop_requested:
+            self._fill()
+        # 3. Hand everything back past the shutdown grace; end canceled and timed-out jobs.
+        if ctx.should_requeue():
+            for slot in list(self.slots):
+                log.info("job %s: shutting down, handing the job back to the queue", slot.job.id)
+                slot.job.meta["requeue"] = True
+                self._end_failed(slot, tasks.RequeueError())
+            return
+        self._check_cancels_and_timeouts()
+        if not self.slots:
+            return
+        # 4. One batched UNet step for every active job.
+        self._step(list(self.slots))
+        # 5. Progress, then finish every job whose last step is done.
+        self._report_progress(ctx)
+        for slot in [s for s in self.slots if s.request.done]:
+            self._finish(slot, ctx)
+
+    # -- claiming -----------------------------------------------------------------------------
+
+    def _rows(self) -> int:
+        return sum(s.params.num_images for s in self.slots)
+
+    def _fill(self) -> None:
+        room = self.max_batch - self._rows()
+        if room <= 0:
+            return
+        shape = self.engine.shape(self.slots[0].params) if self.slots else None
+        with self.connection.pipeline(transaction=False) as pipe:
+            for q in self._ordered_queues:
+                pipe.lrange(q.key, 0, room - 1)
+            heads = pipe.execute()
+        candidates = [(q, _text(i)) for q, ids in zip(self._ordered_queues, heads, strict=True) for i in ids]
+        if not candidates:
+            return
+        jobs = Job.fetch_many([i for _, i in candidates], connection=self.connection, serializer=self.serializer)
+        chosen: list[tuple[Queue, Job]] = []
+        for (q, _), job in zip(candidates, jobs, strict=True):
+            if job is None:
+                continue  # a stale id: RQ's own dequeue skips it too
+            rows, job_shape = self._shape_of(job)
+            # Stop at the first job that does not fit, so nothing overtakes it: once the batch
+            # drains, the next session starts with it.
+            if (job_shape is not None and shape is not None and job_shape != shape) or rows > room:
+                break
+            shape = shape or job_shape
+            room -= rows
+            chosen.append((q, job))
+        if not chosen:
+            return
+        taken = self._claim_script(keys=[q.key for q, _ in chosen], args=[j.id for _, j in chosen])
+        for (q, job), got in zip(chosen, taken, strict=True):
+            if got:
+                job.redis_server_version = self.get_redis_server_version()
+                log.info("job %s: joins the batch (%d active)", job.id, len(self.slots) + 1)
+                self._admit(job, q)
+
+    def _shape_of(self, job: Job) -> tuple[int, Any]:
+        """Rows and shape a waiting job would add; (1, None) when it will be refused or fail at once."""
+        if job.func_name != TASK_GENERATE:
+            return 1, None
+        try:
+            params = GenerationParams.model_validate((job.kwargs or {}).get("params"))
+        except (ValidationError, TypeError):
+            return 1, None
+        return params.num_images, self.engine.shape(self.engine.runtime.info.fill(params))
+
+    # -- one job's lifecycle ------------------------------------------------------------------
+
+    def _admit(self, job: Job, queue: Queue, from_intermediate: bool = False) -> None:
+        """Register the job with RQ as `perform_job` would, resolve its parameters, start sampling."""
+        ctx = _context()
+        reason = self.refusal_reason(job)
+        if reason is not None:
+            log.warning("refusing job %s: %s", job.id, reason)
+            job.meta["error"] = {"code": ErrorCode.refused.value, "message": reason}
+            job.save_meta()
+            self.handle_job_failure(job, queue, exc_string=f"refused: {reason}")
+            return
+        execution = self.prepare_execution(job)
+        try:
+            self.prepare_job_execution(job, from_intermediate)
+            job.started_at = utcnow()
+            params = self._resolve(job, ctx)
+            try:
+                request = self.engine.start(params)
+            except Exception as exc:
+                raise _sampling_failure(job, exc) from None
+        except Exception:
+            self._finalize_failure(job, queue, execution, sys.exc_info())
+            return
+        steps = params.num_inference_steps or request.total
+        with self._lock:
+            self.slots.append(Slot(job, queue, execution, params, request, steps))
+
+    def _resolve(self, job: Job, ctx: tasks.WorkerContext) -> GenerationParams:
+        """The task's first two steps: validate, fill defaults and seed, record, announce."""
+        # 1. Validate again: the queue may hold jobs from another producer or an older API.
+        try:
+            params = GenerationParams.model_validate((job.kwargs or {}).get("params"))
+        except ValidationError as exc:
+            raise tasks._fail(job, ErrorCode.invalid_params, tasks._first_error(exc)) from None
+        params = ctx.runtime.info.fill(params)
+        if params.seed is None:
+            params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+        total = params.num_inference_steps or 0
+        if ctx.connection.exists(cancel_key(job.id)):
+            raise tasks._fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)
+        # 2. Record the resolved parameters and any warnings, then announce the start.
+        warnings = []
+        tokens = ctx.runtime.count_tokens(params.prompt)
+        if tokens > ctx.runtime.info.max_tokens:
+            warnings.append(
+                f"prompt is {tokens} tokens; the text encoder reads only the first {ctx.runtime.info.max_tokens}"
+            )
+        job.meta.update(params=params.model_dump(mode="json"), warnings=warnings, progress={"step": 0, "total": total})
+        job.save_meta()
+        ctx.events.emit(job, EventType.started, "running", progress={"step": 0, "total": total})
+        return params
+
+    def _step(self, slots: list[Slot]) -> None:
+        """One batched step; if it fails, retry each job alone so only the culprit fails."""
+        before = [s.request.step for s in slots]
+        try:
+            self.engine.tick([s.request for s in slots])
+            return
+        except Exception as exc:
+            failure = exc
+        if len(slots) == 1:
+            log.error("job %s: sampling failed", slots[0].job.id, exc_info=failure)
+            self._end_failed(slots[0], _sampling_failure(slots[0].job, failure))
+            return
+        log.warning("batched step of %d jobs failed; retrying them one by one", len(slots), exc_info=failure)
+        for slot, step in zip(slots, before, strict=True):
+            if slot.request.step != step:
+                continue  # it advanced before the failure
+            try:
+                self.engine.tick([slot.request])
+            except Exception as exc:
+                log.exception("job %s: sampling failed", slot.job.id)
+                self._end_failed(slot, _sampling_failure(slot.job, exc))
+
+    def _check_cancels_and_timeouts(self) -> None:
+        slots = list(self.slots)
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for slot in slots:
+                    pipe.exists(cancel_key(slot.job.id))
+                flags = pipe.execute()
+        except RedisError:
+            log.warning("cancel flags not checked (Redis unavailable)")
+            flags = [0] * len(slots)
+        now = utcnow()
+        for slot, flag in zip(slots, flags, strict=True):
+            job = slot.job
+            if flag:
+                canceled = tasks.CanceledError(slot.reported, slot.steps)
+                log.info("job %s: canceled at step %d/%d", job.id, slot.reported, slot.steps)
+                error = tasks._fail(job, ErrorCode.canceled, str(canceled), canceled_at_step=slot.reported)
+                self._end_failed(slot, error)
+            elif job.timeout and job.started_at and (now - job.started_at).total_seconds() > job.timeout:
+                self._end_failed(slot, tasks._fail(job, ErrorCode.timeout, f"job ran past its {job.timeout} s limit"))
+
+    def _report_progress(self, ctx: tasks.WorkerContext) -> None:
+        """Progress for every job in one round trip, at most 10 per second each; the last step always."""
+        now = time.monotonic()
+        ttl = max(ctx.settings.result_ttl, ctx.settings.failure_ttl)
+        due = []
+        for slot in self.slots:
+            r = slot.request
+            # Samplers with extra warm-up timesteps (PNDM) report on the client's step scale.
+            slot.reported = round(r.step * slot.steps / r.total) if r.total else slot.steps
+            if slot.reported == slot.steps or now - slot.last_write >= tasks.PROGRESS_INTERVAL:
+                slot.last_write = now
+                due.append(slot)
+        if not due:
+            return
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for slot in due:
+                    progress = {"step": slot.reported, "total": slot.steps}
+                    slot.job.meta["progress"] = progress
+                    pipe.hset(slot.job.key, "meta", slot.job._serialize_meta())
+                    self._emit(pipe, slot.job, EventType.progress, progress, ttl)
+                pipe.execute()
+        except RedisError:
+            log.warning("progress not recorded (Redis unavailable)")
+
+    def _emit(self, pipe: Pipeline, job: Job, type_: EventType, progress: dict[str, int], ttl: int) -> None:
+        # EventSink.emit, with the stream write on the shared pipeline.
+        event = events.make_event(type_, job.id, "running", progress=progress)
+        events.publish(pipe, event, ttl)
+        sink = self.events
+        url = wants(job.meta or {}, event)
+        if url and sink is not None and sink.sender is not None:
+            sink.sender.submit(url, event)
+
+    def _finish(self, slot: Slot, ctx: tasks.WorkerContext) -> None:
+        """Decode and store this job's images, then record its success with RQ."""
+        job, params = slot.job, slot.params
+        assert params.seed is not None
+        try:
+            images = self.engine.decode(slot.request)
+            results = []
+            for index, image in enumerate(images):
+                seed = image_seed(params.seed, index)
+                ctx.store.put(job.id, index, encode_png(image, params, seed), ttl=ctx.settings.result_ttl)
+                results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
+        except Exception as exc:
+            log.exception("job %s: decoding or storing failed", job.id)
+            self._end_failed(slot, _sampling_failure(job, exc))
+            return
+        tasks._record_steptime(ctx, params, slot.request.work_s)
+        log.info("job %s: %d image(s), %.3fs of batched sampling", job.id, len(results), slot.request.work_s)
+        self._remove(slot)
+        self._finalize_success(job, slot.queue, slot.execution, {"images": results})
+
+    def _end_failed(self, slot: Slot, exc: BaseException) -> None:
+        self._remove(slot)
+        try:
+            raise exc
+        except BaseException:
+            self._finalize_failure(slot.job, slot.queue, slot.execution, sys.exc_info())
+
+    def _remove(self, slot: Slot) -> None:
+        with self._lock:
+            if slot in self.slots:
+                self.slots.remove(slot)
+
+    def _abandon_all(self, exc_info: Any) -> None:
+        """The session itself broke (a bug, Redis gone): record a failure for every job still active.
+
+        When even that fails, the jobs stay in the started registry and are recovered as abandoned
+        once their heartbeats expire.
+        """
+        for slot in list(self.slots):
+            try:
+                self._end_failed(slot, _sampling_failure(slot.job, exc_info[1]))
+            except Exception:
+                log.warning("job %s: could not record the failure; left for recovery", slot.job.id)
+        with self._lock:
+            self.slots.clear()
+
+    def _beat_all(self, stop: threading.Event) -> None:
+        # One thread keeps every active job's heartbeat fresh, so `rq info` and abandoned-job
+        # detection see each of them exactly as for a single job.
+        while not stop.wait(self.heartbeat_interval):
+            for slot in list(self.slots):
+                with self._lock:
+                    if slot not in self.slots:
+                        continue
+                    try:
+                        self.maintain_heartbeats(slot.job, slot.execution)
+                    except Exception:  # Redis blips must not kill the session; the next beat retries
+                        log.warning("heartbeat for job %s failed", slot.job.id, exc_info=True)
+
+
+def _context() -> tasks.WorkerContext:
+    ctx = tasks._context
+    if ctx is None:
+        raise RuntimeError("BatchingWorker runs only inside `python -m worker` (tasks.bind not called)")
+    return ctx
+
+
+def _sampling_failure(job: Job, exc: BaseException | None) -> tasks.JobFailedError:
+    """The task's mapping of sampling exceptions to error codes."""
+    if isinstance(exc, tasks.JobFailedError):
+        return exc
+    if isinstance(exc, MemoryError):
+        return tasks._fail(job, ErrorCode.out_of_memory, "the worker ran out of memory")
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return tasks._fail(job, ErrorCode.out_of_memory, "the GPU ran out of memory")
+    return tasks._fail(job, ErrorCode.sampling_error, f"{type(exc).__name__}: {exc}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
