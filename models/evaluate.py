@@ -109,6 +109,8 @@ def evaluate(model: Path, per_held: int, per_seen: int, steps: int | None, guida
     }
     samples = []
     for name, items in sets.items():
+        if not items:
+            continue
         prompts = [c.caption(t) for c, t in items]
         seeds = [seed + i for i in range(len(items))]
         t0 = time.time()
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="override imagegen.json")
     ap.add_argument("--guidance", type=float, default=None, help="override imagegen.json")
     ap.add_argument("--scheduler", default=None, help="override: ddim, euler, euler_a, dpmpp_2m, unipc")
-    ap.add_argument("--threads", type=int, default=2)
+    # 1 thread by default: on a shared 2-core box, 2 OpenMP threads stall badly under other load.
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-speed", action="store_true", help="skip the 1-thread timing")
     ap.add_argument("--grid", type=Path, default=None, help="sample grid path (default MODEL/samples.png)")
     ap.add_argument("--json", type=Path, default=None, help="also write the metrics here")

@@ -30,7 +30,7 @@ from models.tokenizer import MAX_LENGTH
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
 NUM_TRAIN_TIMESTEPS = 1000
 # Service defaults written to imagegen.json; the saved scheduler matches SCHEDULER.
-DEFAULTS = {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scale": 3.0, "scheduler": "dpmpp_2m"}
+DEFAULTS = {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scale": 5.0, "scheduler": "unipc"}
 
 
 def build_unet():
@@ -122,6 +122,7 @@ def make_scheduler(name: str):
         "beta_schedule": "squaredcos_cap_v2",
         "prediction_type": "v_prediction",
         "timestep_spacing": "trailing",  # first step starts at t=T-1 (pure noise)
+        "steps_offset": 1,  # unused with "trailing"; set so the pipeline does not rewrite the config
     }
     if name == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)

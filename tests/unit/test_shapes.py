@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from models import shapes
@@ -70,3 +72,37 @@ def test_held_out_split():
     # The default (training) sampler never draws a held-out combo.
     _, drawn, _ = shapes.sample_batch(2000, np.random.default_rng(0))
     assert not set(drawn) & set(held)
+
+
+# The committed pipeline: must exist (no skip) and must follow a simple prompt.
+MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "weights" / "tiny-shapes"
+
+
+def test_committed_pipeline_follows_a_prompt(monkeypatch):
+    import json
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (MODEL_DIR / "model_index.json").is_file(), f"trained pipeline missing at {MODEL_DIR}"
+    defaults = json.loads((MODEL_DIR / "imagegen.json").read_text())
+    assert set(defaults) == {"width", "height", "num_inference_steps", "guidance_scale", "scheduler"}
+    pipe = DiffusionPipeline.from_pretrained(str(MODEL_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        "a red circle on a blue background",
+        num_inference_steps=defaults["num_inference_steps"],
+        guidance_scale=defaults["guidance_scale"],
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
+    assert out.shape == (32, 32, 3)
+    img = (out * 255).round().clip(0, 255).astype(np.uint8)
+    reading = shapes.check(img)
+    assert reading.fg == "red" and reading.bg == "blue"
+    # "Mostly" red on blue: most pixels are one of the two requested colours.
+    labels = shapes.nearest_colour(img)
+    red, blue = shapes.COLOURS.index("red"), shapes.COLOURS.index("blue")
+    assert ((labels == red) | (labels == blue)).mean() > 0.9
+    assert (labels == blue).mean() > 0.3 and (labels == red).mean() > 0.05
