@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,15 +25,26 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def assert_red_blob_on_blue(image: Image.Image) -> None:
+    """The prompt was followed: a compact red shape inside, blue all around (checked by pixels)."""
+    a = np.asarray(image.convert("RGB")).astype(int)
+    red = (a[..., 0] > 150) & (a[..., 1] < 90) & (a[..., 2] < 90)
+    blue = (a[..., 2] > 150) & (a[..., 0] < 90) & (a[..., 1] < 90)
+    border = np.ones(red.shape, bool)
+    border[2:-2, 2:-2] = False
+    assert blue[border].mean() > 0.9, f"background not blue: {blue[border].mean():.2f}"
+    assert 0.04 < red.mean() < 0.6, f"red share {red.mean():.2f}"
+    assert (red | blue).mean() > 0.9  # nothing else of note in the picture
+    ys, xs = np.nonzero(red)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    assert red.sum() / box > 0.5, "the red pixels do not form one blob"
+
+
 def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
-    env.update(
-        IMAGEGEN_PORT=str(port),
-        IMAGEGEN_DATA_DIR=str(tmp_path / "data"),
-        IMAGEGEN_MODEL="tiny-random",
-        IMAGEGEN_THREADS="1",
-    )
+    # What a new user gets: the default model (the committed tiny-shapes), no IMAGEGEN_MODEL.
+    env.update(IMAGEGEN_PORT=str(port), IMAGEGEN_DATA_DIR=str(tmp_path / "data"), IMAGEGEN_THREADS="1")
     log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         ["make", "-s", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -48,7 +60,7 @@ def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
                 str(ROOT / "scripts" / "generate.sh"),
                 "a red circle on a blue background",
                 str(out),
-                '"seed":7,"num_inference_steps":5',
+                '"seed":7',
             ],
             env=env | {"IMAGEGEN_URL": base},
             capture_output=True,
@@ -57,7 +69,8 @@ def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
         )
         assert done.returncode == 0, done.stderr
         image = Image.open(out)
-        assert image.format == "PNG" and image.text["seed"] == "7"
+        assert image.format == "PNG" and image.text["seed"] == "7" and image.size == (32, 32)
+        assert_red_blob_on_blue(image)
         followed = subprocess.run(
             [str(ROOT / "scripts" / "follow.sh"), "a green square", '"num_inference_steps":5'],
             env=env | {"IMAGEGEN_URL": base},
