@@ -138,7 +138,7 @@ def train_clip(steps: int, batch: int = 192, lr: float = 2e-3, seed: int = 0, lo
         for g in opt.param_groups:
             g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         imgs, chosen, temps = shapes.sample_batch(batch, rng, combos)
-        ids = tokenize(tokenizer, [c.caption(t) for c, t in zip(chosen, temps)])
+        ids = tokenize(tokenizer, [c.caption(t) for c, t in zip(chosen, temps, strict=False)])
         img_emb = model.encode_image(to_tensor(imgs))
         txt_emb = model.encode_text(ids)
         logits = model.logit_scale.exp().clamp(max=100) * img_emb @ txt_emb.T
@@ -154,7 +154,15 @@ def train_clip(steps: int, batch: int = 192, lr: float = 2e-3, seed: int = 0, lo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        rows.append({"stage": "clip", "step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"], "time_s": time.time() - t0})
+        rows.append(
+            {
+                "stage": "clip",
+                "step": step,
+                "loss": float(loss),
+                "lr": opt.param_groups[0]["lr"],
+                "time_s": time.time() - t0,
+            }
+        )
         if step % 100 == 0 or step == steps - 1:
             log(f"clip step {step} loss {float(loss):.4f}")
     model.eval()
@@ -162,7 +170,9 @@ def train_clip(steps: int, batch: int = 192, lr: float = 2e-3, seed: int = 0, lo
 
 
 @torch.no_grad()
-def retrieval_accuracy(model: TinyCLIP, tokenizer, combos: list[shapes.Combo], per_combo: int = 20, seed: int = 123) -> dict[str, float]:
+def retrieval_accuracy(
+    model: TinyCLIP, tokenizer, combos: list[shapes.Combo], per_combo: int = 20, seed: int = 123
+) -> dict[str, float]:
     """Zero-shot caption retrieval: each image vs the template-0 captions of ALL 168 combos.
 
     Top-1 is correct only if the exact (fg, shape, bg) caption wins; per-attribute numbers say
@@ -178,9 +188,9 @@ def retrieval_accuracy(model: TinyCLIP, tokenizer, combos: list[shapes.Combo], p
     got = [everything[i] for i in best]
     n = len(truth)
     return {
-        "top1": sum(g == t for g, t in zip(got, truth)) / n,
-        "fg": sum(g.fg == t.fg for g, t in zip(got, truth)) / n,
-        "bg": sum(g.bg == t.bg for g, t in zip(got, truth)) / n,
-        "shape": sum(g.shape == t.shape for g, t in zip(got, truth)) / n,
+        "top1": sum(g == t for g, t in zip(got, truth, strict=False)) / n,
+        "fg": sum(g.fg == t.fg for g, t in zip(got, truth, strict=False)) / n,
+        "bg": sum(g.bg == t.bg for g, t in zip(got, truth, strict=False)) / n,
+        "shape": sum(g.shape == t.shape for g, t in zip(got, truth, strict=False)) / n,
         "n": n,
     }

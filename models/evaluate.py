@@ -51,7 +51,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     out = []
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
-        res = pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np")
+        res = pipe(
+            prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np"
+        )
         out.append((res.images * 255).round().clip(0, 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -87,8 +89,18 @@ def save_grid(path: Path, imgs: np.ndarray, cols: int = 8, scale: int = 2) -> No
     Image.fromarray(grid).save(path, optimize=True)
 
 
-def evaluate(model: Path, per_held: int, per_seen: int, steps: int | None, guidance: float | None, scheduler: str | None,
-             threads: int, speed: bool, grid: Path | None, seed: int = 1000) -> dict:
+def evaluate(
+    model: Path,
+    per_held: int,
+    per_seen: int,
+    steps: int | None,
+    guidance: float | None,
+    scheduler: str | None,
+    threads: int,
+    speed: bool,
+    grid: Path | None,
+    seed: int = 1000,
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -97,15 +109,22 @@ def evaluate(model: Path, per_held: int, per_seen: int, steps: int | None, guida
     steps = steps or defaults["num_inference_steps"]
     guidance = defaults["guidance_scale"] if guidance is None else guidance
     pipe = load_pipeline(model, scheduler)
-    result: dict = {"settings": {"num_inference_steps": steps, "guidance_scale": guidance,
-                                 "scheduler": scheduler or defaults["scheduler"]}}
+    result: dict = {
+        "settings": {
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "scheduler": scheduler or defaults["scheduler"],
+        }
+    }
     result["checker_on_ground_truth"] = checker_accuracy()
     print(f"checker on 1000 ground-truth images: {result['checker_on_ground_truth']}")
 
     # Prompts cycle through the caption templates so every phrasing is exercised.
     sets = {
         "held_out": [(c, k % len(shapes.TEMPLATES)) for c in shapes.held_out_combos() for k in range(per_held)],
-        "seen": [(c, (k + i) % len(shapes.TEMPLATES)) for i, c in enumerate(shapes.train_combos()) for k in range(per_seen)],
+        "seen": [
+            (c, (k + i) % len(shapes.TEMPLATES)) for i, c in enumerate(shapes.train_combos()) for k in range(per_seen)
+        ],
     }
     samples = []
     for name, items in sets.items():
@@ -120,9 +139,14 @@ def evaluate(model: Path, per_held: int, per_seen: int, steps: int | None, guida
         acc["n"] = len(items)
         acc["gen_s"] = round(time.time() - t0, 1)
         # Which shapes the checker saw for each requested shape: shows what the model confuses.
-        acc["shape_confusion"] = {s: dict(Counter(str(r.shape) for r, (c, _) in zip(readings, items) if c.shape == s)) for s in shapes.SHAPES}
+        acc["shape_confusion"] = {
+            s: dict(Counter(str(r.shape) for r, (c, _) in zip(readings, items, strict=False) if c.shape == s))
+            for s in shapes.SHAPES
+        }
         result[name] = acc
-        print(f"{name:9s} n={acc['n']:3d}  fg {acc['fg']:.3f}  bg {acc['bg']:.3f}  shape {acc['shape']:.3f}  all {acc['all']:.3f}  ({acc['gen_s']}s)")
+        print(
+            f"{name:9s} n={acc['n']:3d}  fg {acc['fg']:.3f}  bg {acc['bg']:.3f}  shape {acc['shape']:.3f}  all {acc['all']:.3f}  ({acc['gen_s']}s)"
+        )
         print(f"          shape confusion (requested -> read): {acc['shape_confusion']}")
         samples.append(imgs[:: max(1, len(imgs) // 16)][:16])
     if speed:
@@ -149,8 +173,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     args = ap.parse_args(argv)
     grid = args.grid or args.model / "samples.png"
-    res = evaluate(args.model, args.per_held, args.per_seen, args.steps, args.guidance, args.scheduler, args.threads,
-                   not args.no_speed, grid)
+    res = evaluate(
+        args.model,
+        args.per_held,
+        args.per_seen,
+        args.steps,
+        args.guidance,
+        args.scheduler,
+        args.threads,
+        not args.no_speed,
+        grid,
+    )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
 

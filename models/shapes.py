@@ -175,7 +175,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     seen = np.zeros_like(mask, dtype=bool)
     best: list[tuple[int, int]] = []
     h, w = mask.shape
-    for sy, sx in zip(*np.nonzero(mask)):
+    for sy, sx in zip(*np.nonzero(mask), strict=False):
         if seen[sy, sx]:
             continue
         stack, comp = [(sy, sx)], []
@@ -191,7 +191,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
             best = comp
     out = np.zeros_like(mask, dtype=bool)
     if best:
-        yy, xx = zip(*best)
+        yy, xx = zip(*best, strict=False)
         out[list(yy), list(xx)] = True
     return out
 
@@ -199,8 +199,8 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def score(readings: list[Reading], combos: list[Combo]) -> dict[str, float]:
     """Fraction of images whose fg colour / bg colour / shape / all three match the combo."""
     n = max(len(combos), 1)
-    fg = sum(r.fg == c.fg for r, c in zip(readings, combos)) / n
-    bg = sum(r.bg == c.bg for r, c in zip(readings, combos)) / n
-    shape = sum(r.shape == c.shape for r, c in zip(readings, combos)) / n
-    allk = sum(r.fg == c.fg and r.bg == c.bg and r.shape == c.shape for r, c in zip(readings, combos)) / n
+    fg = sum(r.fg == c.fg for r, c in zip(readings, combos, strict=False)) / n
+    bg = sum(r.bg == c.bg for r, c in zip(readings, combos, strict=False)) / n
+    shape = sum(r.shape == c.shape for r, c in zip(readings, combos, strict=False)) / n
+    allk = sum(r.fg == c.fg and r.bg == c.bg and r.shape == c.shape for r, c in zip(readings, combos, strict=False)) / n
     return {"fg": fg, "bg": bg, "shape": shape, "all": allk}

@@ -165,7 +165,9 @@ def caption_states(text_encoder, tokenizer, combos: list[shapes.Combo]) -> tuple
     captions = [""] + [c.caption(t) for c in combos for t in range(len(shapes.TEMPLATES))]
     ids = tokenize(tokenizer, captions, length=MAX_LENGTH)
     states = torch.cat([text_encoder(input_ids=ids[i : i + 128])[0] for i in range(0, len(ids), 128)])
-    index = {(c, t): 1 + i * len(shapes.TEMPLATES) + t for i, c in enumerate(combos) for t in range(len(shapes.TEMPLATES))}
+    index = {
+        (c, t): 1 + i * len(shapes.TEMPLATES) + t for i, c in enumerate(combos) for t in range(len(shapes.TEMPLATES))
+    }
     return states, index
 
 
@@ -183,7 +185,9 @@ def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, mi
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     log(f"unet params: {sum(p.numel() for p in unet.parameters()):,}")
-    noise_sched = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     # Min-SNR-5 weighting for v-prediction: stops easy low-noise steps from dominating the loss.
@@ -209,7 +213,7 @@ def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, mi
             g["lr"] = cur_lr
         imgs, chosen, temps = shapes.sample_batch(batch, rng, combos)
         x0 = to_tensor(imgs)
-        cond_idx = torch.tensor([index[(c, t)] for c, t in zip(chosen, temps)])
+        cond_idx = torch.tensor([index[(c, t)] for c, t in zip(chosen, temps, strict=False)])
         cond_idx[torch.from_numpy(rng.random(batch) < 0.1)] = 0  # caption dropout for CFG
         cond = states[cond_idx]
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,))
@@ -231,7 +235,9 @@ def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, mi
             avg = np.mean([r["loss"] for r in rows[-50:]])
             bar.set_postfix(loss=f"{avg:.4f}", lr=f"{cur_lr:.2e}")
         if step % 250 == 0 or step == steps - 1 or step == 31:
-            log(f"decoder step {step} loss(avg50) {np.mean([r['loss'] for r in rows[-50:]]):.4f} lr {cur_lr:.2e} threads {torch.get_num_threads()} step-times {threads.times} elapsed {time.time() - t0:.0f}s")
+            log(
+                f"decoder step {step} loss(avg50) {np.mean([r['loss'] for r in rows[-50:]]):.4f} lr {cur_lr:.2e} threads {torch.get_num_threads()} step-times {threads.times} elapsed {time.time() - t0:.0f}s"
+            )
     return ema
 
 
@@ -242,8 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3600, help="decoder training steps")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--minutes", type=float, default=56.0,
-                    help="wall-time budget for the whole run; decoder training gets what CLIP left (0 = no cap)")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=56.0,
+        help="wall-time budget for the whole run; decoder training gets what CLIP left (0 = no cap)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 100 CLIP steps, 150 decoder steps")
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     # Tiny weights/Adam moments can go subnormal late in training, which is very slow on CPU.
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
-    logf = open(args.out / "train.log", "w")
+    logf = open(args.out / "train.log", "w")  # noqa: SIM115 - open for the whole run, closed at its end
 
     def log(msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
