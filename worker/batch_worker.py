@@ -27,7 +27,7 @@ from rq.worker import WorkerStatus
 
 from app.core import events
 from app.core.events import EventType
-from app.core.jobs import MAX_SEED, TASK_GENERATE, ErrorCode, GenerationParams, cancel_key, image_seed
+from app.core.jobs import ALLOWED_TASKS, MAX_SEED, TASK_GENERATE, ErrorCode, GenerationParams, cancel_key, image_seed
 from worker import tasks
 from worker.events import wants
 from worker.png import encode_png
@@ -81,6 +81,9 @@ class BatchingWorker(ImagegenWorker):
     # -- the session --------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if job.func_name in ALLOWED_TASKS and job.func_name != TASK_GENERATE:
+            super().execute_job(job, queue)  # e.g. variations: the one-job path, not the batch engine
+            return
         stop = threading.Event()
         beat = threading.Thread(target=self._beat_all, args=(stop,), name="heartbeat", daemon=True)
         beat.start()
@@ -104,22 +107,42 @@ class BatchingWorker(ImagegenWorker):
         #    recover the jobs of dead workers.
         if self.should_run_maintenance_tasks:
             self.run_maintenance_tasks()
-        # 2. Admit waiting jobs of the same shape while there is room (none once stopping).
-        if not self._stop_requested:
-            self._fill()
-        # 3. Hand everything back past the shutdown grace; end canceled and timed-out jobs.
+        # 2. Hand everything back past the shutdown grace.
         if ctx.should_requeue():
             for slot in list(self.slots):
                 log.info("job %s: shutting down, handing the job back to the queue", slot.job.id)
                 slot.job.meta["requeue"] = True
                 self._end_failed(slot, tasks.RequeueError())
             return
-        self._check_cancels_and_timeouts()
+        # 3. One round trip: the heads of the queues (while there is room and no stop was asked
+        #    for) and the cancel flags of the active jobs.
+        slots = list(self.slots)
+        room = 0 if self._stop_requested else self.max_batch - self._rows()
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for q in self._ordered_queues if room > 0 else ():
+                    pipe.lrange(q.key, 0, room - 1)
+                for slot in slots:
+                    pipe.exists(cancel_key(slot.job.id))
+                replies = pipe.execute()
+        except RedisError:
+            # Redis is away: keep sampling, as the one-job task does; results are stored once it
+            # is back, or the jobs are re-run once this worker is found to have lost them.
+            log.warning("queues and cancel flags not checked (Redis unavailable)")
+            replies = [0] * len(slots)
+        heads, flags = replies[: len(replies) - len(slots)], replies[len(replies) - len(slots) :]
+        # 4. End canceled and timed-out jobs; admit waiting jobs of the same shape.
+        self._check_cancels_and_timeouts(slots, flags)
+        if any(heads):
+            try:
+                self._fill(heads, room)
+            except RedisError:
+                log.warning("no jobs admitted this step (Redis unavailable)")
         if not self.slots:
             return
-        # 4. One batched UNet step for every active job.
+        # 5. One batched UNet step for every active job.
         self._step(list(self.slots))
-        # 5. Progress, then finish every job whose last step is done.
+        # 6. Progress, then finish every job whose last step is done.
         self._report_progress(ctx)
         for slot in [s for s in self.slots if s.request.done]:
             self._finish(slot, ctx)
@@ -129,15 +152,9 @@ class BatchingWorker(ImagegenWorker):
     def _rows(self) -> int:
         return sum(s.params.num_images for s in self.slots)
 
-    def _fill(self) -> None:
-        room = self.max_batch - self._rows()
-        if room <= 0:
-            return
+    def _fill(self, heads: list[list[bytes]], room: int) -> None:
+        """Claim waiting jobs from the queue heads (highest priority first) while they fit."""
         shape = self.engine.shape(self.slots[0].params) if self.slots else None
-        with self.connection.pipeline(transaction=False) as pipe:
-            for q in self._ordered_queues:
-                pipe.lrange(q.key, 0, room - 1)
-            heads = pipe.execute()
         candidates = [(q, _text(i)) for q, ids in zip(self._ordered_queues, heads, strict=True) for i in ids]
         if not candidates:
             return
@@ -146,6 +163,8 @@ class BatchingWorker(ImagegenWorker):
         for (q, _), job in zip(candidates, jobs, strict=True):
             if job is None:
                 continue  # a stale id: RQ's own dequeue skips it too
+            if job.func_name in ALLOWED_TASKS and job.func_name != TASK_GENERATE:
+                break  # another allowed task (variations): RQ's loop runs it alone when its turn comes
             rows, job_shape = self._shape_of(job)
             # Stop at the first job that does not fit, so nothing overtakes it: once the batch
             # drains, the next session starts with it.
@@ -248,16 +267,7 @@ class BatchingWorker(ImagegenWorker):
                 log.exception("job %s: sampling failed", slot.job.id)
                 self._end_failed(slot, _sampling_failure(slot.job, exc))
 
-    def _check_cancels_and_timeouts(self) -> None:
-        slots = list(self.slots)
-        try:
-            with self.connection.pipeline(transaction=False) as pipe:
-                for slot in slots:
-                    pipe.exists(cancel_key(slot.job.id))
-                flags = pipe.execute()
-        except RedisError:
-            log.warning("cancel flags not checked (Redis unavailable)")
-            flags = [0] * len(slots)
+    def _check_cancels_and_timeouts(self, slots: list[Slot], flags: list[int]) -> None:
         now = utcnow()
         for slot, flag in zip(slots, flags, strict=True):
             job = slot.job

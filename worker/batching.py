@@ -6,10 +6,10 @@ its own timestep), then steps each request's scheduler on its own slice. Request
 join and leave between any two ticks. Text encoding and VAE decoding stay per request (per image),
 so they never depend on who else is in the batch.
 
-Batch invariance on CPU: oneDNN convolutions and the small timestep-embedding linears pick
-batch-size-dependent kernels, so `BatchEngine.create` turns oneDNN off for the process and runs
-the timestep embedding and every ResNet block's time projection one row at a time. With both, a
-request gives the same bits alone or in any batch.
+Batch invariance on CPU: oneDNN and NNPACK convolutions and the small timestep-embedding layers
+pick batch-size-dependent kernels, so `BatchEngine.create` turns oneDNN and NNPACK off for the
+process and runs the timestep embedding and every ResNet block's time projection one row at a
+time. With these, a request gives the same bits alone or in any batch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from worker.runtime import DiffusersRuntime
 
 log = logging.getLogger(__name__)
+EMBEDDING_CACHE = 64  # text embeddings kept (the empty negative prompt is the one nearly every job shares)
 
 
 @dataclass
@@ -97,6 +99,10 @@ def make_batch_invariant(unet: Any) -> int:
         return 0
     unet.time_embedding = _rowwise(unet.time_embedding)
     wrapped = 1
+    # A text-pooled embedding added to the time embedding (addition_embed_type "text") is per sample too.
+    if getattr(unet, "add_embedding", None) is not None:
+        unet.add_embedding = _rowwise(unet.add_embedding)
+        wrapped += 1
     # Every ResNet block activates the time embedding and projects it with its own small linear;
     # its activation module also serves the feature maps, which pass through untouched.
     for module in list(unet.modules()):
@@ -119,6 +125,7 @@ class BatchEngine:
         self.device = torch.device(runtime.device)
         self.dtype = self.pipe.unet.dtype
         self._templates: dict[Scheduler, Any] = {}
+        self._embeddings: OrderedDict[str, Any] = OrderedDict()
 
     @staticmethod
     def supports(pipe: Any) -> str | None:
@@ -131,7 +138,7 @@ class BatchEngine:
         if not isinstance(unet, UNet2DConditionModel):
             return "the denoiser is not a UNet2DConditionModel"
         config: Any = getattr(unet, "config", None)
-        if config.time_cond_proj_dim is not None or config.addition_embed_type is not None:
+        if config.time_cond_proj_dim is not None or config.addition_embed_type not in (None, "text"):
             return "UNets with extra conditioning (LCM, SDXL-style added embeddings) are not batched"
         if config.class_embed_type is not None:
             return "class-conditioned UNets are not batched"
@@ -147,9 +154,11 @@ class BatchEngine:
         if invariant:
             import torch
 
-            # Native convolutions compute each sample on its own; oneDNN's choice of kernel depends
-            # on the batch size, which would make a job's pixels depend on its neighbours.
+            # Native convolutions compute each sample on its own. oneDNN's choice of kernel depends
+            # on the batch size, and NNPACK takes over from batch 16 up: either would make a job's
+            # pixels depend on how many neighbours it has.
             torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
+            torch.backends.nnpack.set_flags(False)
             make_batch_invariant(runtime.pipe.unet)
         return cls(runtime)
 
@@ -164,6 +173,21 @@ class BatchEngine:
         if name not in self._templates:
             self._templates[name] = copy.deepcopy(self.runtime._scheduler(name))
         return copy.deepcopy(self._templates[name])
+
+    def _embed(self, text: str) -> Any:
+        """One text's CLIP embedding [1, L, D], as the pipeline computes it alone; recent ones are kept.
+
+        The pipeline encodes the empty negative prompt of every guided request again; here it (and
+        any repeated prompt) costs one dictionary lookup.
+        """
+        if text in self._embeddings:
+            self._embeddings.move_to_end(text)
+            return self._embeddings[text]
+        embedding, _ = self.pipe.encode_prompt(text, self.device, 1, False)
+        self._embeddings[text] = embedding
+        if len(self._embeddings) > EMBEDDING_CACHE:
+            self._embeddings.popitem(last=False)
+        return embedding
 
     def start(self, params: GenerationParams) -> Request:
         """Encode the prompt, draw the initial noise and set up this request's scheduler.
@@ -181,9 +205,14 @@ class BatchEngine:
         guidance = float(params.guidance_scale)
         cfg = guidance > 1
         with torch.inference_mode():
-            # 1. Text: the pipeline's own encoder call, alone, so it never depends on the batch.
-            positive, negative = pipe.encode_prompt(params.prompt, self.device, n, cfg, params.negative_prompt)
-            embeds = torch.cat([negative, positive]) if cfg else positive
+            # 1. Text: the pipeline's own encoder call, one text at a time, so it never depends on the
+            #    batch; repeated per image and negative rows first, as the pipeline lays them out.
+            positive = self._embed(params.prompt).repeat(n, 1, 1)
+            if cfg:
+                negative = self._embed(params.negative_prompt or "").repeat(n, 1, 1)
+                embeds = torch.cat([negative, positive])
+            else:
+                embeds = positive
             # 2. This request's sampler and timesteps.
             scheduler = self._new_scheduler(params.scheduler)
             scheduler.set_timesteps(steps, device=self.device)

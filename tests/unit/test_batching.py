@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 
 from app.core import events
 from app.core.config import Settings
-from app.core.jobs import TASK_GENERATE, GenerationParams, cancel_key, image_seed
+from app.core.jobs import TASK_GENERATE, TASK_VARIATIONS, GenerationParams, cancel_key, image_seed
 from app.core.storage import LocalImageStore
 from tests.unit.test_worker import FakeRuntime
 from worker import tasks
@@ -232,3 +232,22 @@ def test_requeue_on_shutdown_hands_every_job_back(env, redis_db) -> None:
         job.refresh()
         assert job.get_status() == "queued"
     assert sorted(queue.get_job_ids()) == sorted(j.id for j in jobs)
+
+
+def test_variations_jobs_are_never_batched_but_run_alone(env, redis_db) -> None:
+    engine, store, queue, _, make = env
+    first = enqueue(queue, prompt="first", num_inference_steps=3)
+    vary = queue.enqueue(
+        TASK_VARIATIONS, kwargs={"params": {"num_images": 1, "strength": 0.5, "seed": 1}}, job_id=str(uuid.uuid4())
+    )
+    after = enqueue(queue, prompt="after", num_inference_steps=2)
+    make().work(burst=True)
+    assert ["first"] in engine.ticks and not any("after" in t and "first" in t for t in engine.ticks)
+    vary.refresh()
+    # It went down the one-job path: the variations task itself answered (no input image was
+    # stored here), not the batch engine's text-to-image validation ("strength: extra input").
+    assert vary.get_status() == "failed"
+    assert vary.meta["error"]["message"] != "" and "strength" not in vary.meta["error"]["message"]
+    first.refresh()
+    after.refresh()
+    assert first.get_status() == after.get_status() == "finished"
