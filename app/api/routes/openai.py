@@ -43,7 +43,9 @@ from app.api.services import JobService
 from app.core import errors
 from app.core.auth import charge
 from app.core.catalog import served_models
+from app.core.config import Settings
 from app.core.jobs import ErrorCode, JobStatus
+from app.core.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,20 @@ async def create_images(
     params = to_params(body, width, height)
     await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
     job = await run_in_threadpool(partial(jobs.submit, params, owner=principal.owner, model=body.model))
+    return await answer_with_images(job, body.response_format, request, response, jobs, store, settings)
+
+
+async def answer_with_images(
+    job: Job,
+    response_format: str | None,
+    request: Request,
+    response: Response,
+    jobs: JobService,
+    store: ImageStore,
+    settings: Settings,
+) -> ImagesResponse:
+    """Wait (bounded by IMAGEGEN_OPENAI_TIMEOUT) for a submitted job and answer in OpenAI's shape:
+    URLs of our image endpoint or the PNGs in base64; failures and time-outs as OpenAI errors."""
     job_header = {"X-Imagegen-Job-Id": job.id}
     timeout = float(getattr(settings, "openai_timeout", DEFAULT_TIMEOUT))
     job = await _wait(jobs, job.id, timeout)
@@ -228,10 +244,9 @@ async def create_images(
         code = view.error.code if view.error else ErrorCode.internal_error.value
         message = view.error.message if view.error else f"job {job.id} ended {view.status.value}"
         raise OpenAIError(_FAILURE_STATUS.get(code, 500), message, code=code, headers=job_header)
-
     data: list[ImageDatum] = []
     for ref in sorted(view.images, key=lambda r: r.index):
-        if body.response_format == "b64_json":
+        if response_format == "b64_json":
             png = await run_in_threadpool(store.get, job.id, ref.index)
             if png is None:
                 raise OpenAIError(410, f"image {ref.index} of job {job.id} has expired", code="gone")

@@ -6,7 +6,6 @@ like `POST /v1/images/generations` does and answers in OpenAI's shape, errors in
 
 from __future__ import annotations
 
-import base64
 import uuid
 from functools import partial
 from typing import Any, Literal
@@ -17,23 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
-from app.api.openai_schemas import ImageDatum, ImagesResponse, SizeError, parse_size
-from app.api.routes.openai import (
-    _FAILURE_STATUS,
-    DEFAULT_TIMEOUT,
-    OPENAI_ERRORS,
-    OpenAIError,
-    OpenAIRoute,
-    _created,
-    _wait,
-)
+from app.api.openai_schemas import ImagesResponse, SizeError, parse_size
+from app.api.routes.openai import OPENAI_ERRORS, OpenAIError, OpenAIRoute, answer_with_images
 from app.api.routes.variations import enqueue_variations
 from app.api.uploads import normalized_png, read_upload
 from app.core import errors
 from app.core.auth import charge
 from app.core.catalog import served_models
 from app.core.images import MAX_INPUT_BYTES
-from app.core.jobs import MAX_SEED, ErrorCode, JobStatus, Scheduler
+from app.core.jobs import MAX_SEED, Scheduler
 from app.core.variations import VariationParams
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
@@ -152,29 +143,4 @@ async def create_variations(
         enqueue=enqueue_variations(png, jobs.event_ttl),
     )
     job = await run_in_threadpool(submit)
-    job_header = {"X-Imagegen-Job-Id": job.id}
-    timeout = float(getattr(settings, "openai_timeout", DEFAULT_TIMEOUT))
-    job = await _wait(jobs, job.id, timeout)
-
-    def image_url(job_id: str, i: int) -> str:
-        return str(request.url_for("get_image", job_id=job_id, index=str(i)))
-
-    view = await run_in_threadpool(jobs.view, job, image_url)
-    if not view.status.is_terminal():
-        message = f"job {job.id} did not finish within {timeout:g} s and keeps going; follow it at GET /jobs/{job.id}"
-        raise OpenAIError(504, message, code="timeout", headers=job_header)
-    if view.status is not JobStatus.succeeded:
-        code = view.error.code if view.error else ErrorCode.internal_error.value
-        message = view.error.message if view.error else f"job {job.id} ended {view.status.value}"
-        raise OpenAIError(_FAILURE_STATUS.get(code, 500), message, code=code, headers=job_header)
-    data: list[ImageDatum] = []
-    for ref in sorted(view.images, key=lambda r: r.index):
-        if fields.response_format == "b64_json":
-            png_out = await run_in_threadpool(store.get, job.id, ref.index)
-            if png_out is None:
-                raise OpenAIError(410, f"image {ref.index} of job {job.id} has expired", code="gone")
-            data.append(ImageDatum(b64_json=base64.b64encode(png_out).decode("ascii")))
-        else:
-            data.append(ImageDatum(url=ref.url))
-    response.headers.update(job_header)
-    return ImagesResponse(created=_created(job), data=data)
+    return await answer_with_images(job, fields.response_format, request, response, jobs, store, settings)
