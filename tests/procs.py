@@ -151,7 +151,10 @@ def start_worker(env: dict[str, str], log: Path, ready: redis.Redis | None = Non
 
 def start_api(env: dict[str, str], log: Path) -> tuple[Proc, str]:
     port = free_port()
-    proc = spawn([PYTHON, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)], log, env)
+    # A long keep-alive: with uvicorn's 5 s default a test client that waits on something else
+    # (a worker starting) may send on a connection the server is just closing (ECONNRESET).
+    args = ["--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", "120"]
+    proc = spawn([PYTHON, "-m", "uvicorn", "app.main:app", *args], log, env)
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
