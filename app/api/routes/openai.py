@@ -198,24 +198,32 @@ async def create_images(
     parameters (`seed`, `negative_prompt`, `num_inference_steps`, `guidance_scale`, `scheduler`)
     go in the SDK's `extra_body`.
     """
-    if body.model is not None and body.model != settings.model:
-        served = await run_in_threadpool(served_models, redis)  # another model a live worker serves
-        if body.model not in served:
-            names = ", ".join(sorted({settings.model, *served}))
-            message = f"The model `{body.model}` does not exist; this server serves {names}."
-            raise OpenAIError(400, message, param="model", code="model_not_found")
-    width = height = None
-    if body.size is not None:
-        try:
-            width, height = parse_size(
-                body.size, min_size=settings.min_size, max_width=settings.max_width, max_height=settings.max_height
-            )
-        except SizeError as exc:
-            raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
+    width, height = await check_model_and_size(body.model, body.size, settings, redis)
     params = to_params(body, width, height)
     await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
     job = await run_in_threadpool(partial(jobs.submit, params, owner=principal.owner, model=body.model))
     return await answer_with_images(job, body.response_format, request, response, jobs, store, settings)
+
+
+async def check_model_and_size(
+    model: str | None, size: str | None, settings: Settings, redis: Any
+) -> tuple[int | None, int | None]:
+    """OpenAI-style 400s for a model no live worker serves and for a size outside our bounds;
+    returns the requested (width, height), or (None, None) for the model's native size."""
+    if model is not None and model != settings.model:
+        served = await run_in_threadpool(served_models, redis)  # another model a live worker serves
+        if model not in served:
+            names = ", ".join(sorted({settings.model, *served}))
+            message = f"The model `{model}` does not exist; this server serves {names}."
+            raise OpenAIError(400, message, param="model", code="model_not_found")
+    if size is None:
+        return None, None
+    try:
+        return parse_size(
+            size, min_size=settings.min_size, max_width=settings.max_width, max_height=settings.max_height
+        )
+    except SizeError as exc:
+        raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
 
 
 async def answer_with_images(

@@ -16,13 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
-from app.api.openai_schemas import ImagesResponse, SizeError, parse_size
-from app.api.routes.openai import OPENAI_ERRORS, OpenAIError, OpenAIRoute, answer_with_images
+from app.api.openai_schemas import ImagesResponse
+from app.api.routes.openai import OPENAI_ERRORS, OpenAIError, OpenAIRoute, answer_with_images, check_model_and_size
 from app.api.routes.variations import enqueue_variations
 from app.api.uploads import normalized_png, read_upload
 from app.core import errors
 from app.core.auth import charge
-from app.core.catalog import served_models
 from app.core.images import MAX_INPUT_BYTES
 from app.core.jobs import MAX_SEED, Scheduler
 from app.core.variations import VariationParams
@@ -109,19 +108,7 @@ async def create_variations(
     except errors.ImagegenError as exc:
         status = 413 if isinstance(exc, errors.PayloadTooLargeError) else 400
         raise OpenAIError(status, exc.message, param="image", code=exc.code) from None
-    if fields.model is not None and fields.model != settings.model:
-        served = await run_in_threadpool(served_models, redis)
-        if fields.model not in served:
-            message = f"The model `{fields.model}` does not exist; served: {', '.join(sorted(served)) or 'none'}."
-            raise OpenAIError(400, message, param="model", code="model_not_found")
-    width = height = None
-    if fields.size is not None:
-        try:
-            width, height = parse_size(
-                fields.size, min_size=settings.min_size, max_width=settings.max_width, max_height=settings.max_height
-            )
-        except SizeError as exc:
-            raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
+    width, height = await check_model_and_size(fields.model, fields.size, settings, redis)
     params = VariationParams(
         prompt=fields.prompt,
         num_images=fields.n,
