@@ -382,7 +382,7 @@ def main() -> int:
     from models.registry import REGISTRY
 
     models = []
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):  # --models '' measures ingress alone
         entry = REGISTRY.get(name)
         if entry is not None and entry.folder is not None and not (entry.folder / "model_index.json").exists():
             log(f"skipping {name}: no weights at {entry.folder}")

@@ -1,44 +1,55 @@
-"""FastAPI dependencies: the per-process objects that `create_app`'s lifespan puts on `app.state`."""
+"""FastAPI dependencies: the per-process objects that `create_app`'s lifespan puts on `app.state`.
+
+They are `async def` because they do no I/O: FastAPI would run a plain `def` dependency in a
+worker thread, one thread hop per dependency per request.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 from rq import Queue
 
 from app.api.services import JobService
-from app.core.auth import Principal, authenticate, charge
+from app.core.auth import ANONYMOUS, Principal, authenticate, charge
 from app.core.config import Settings
 from app.core.storage import ImageStore
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     return request.app.state.redis
 
 
-def get_queue(request: Request) -> Queue:
+async def get_queue(request: Request) -> Queue:
     return request.app.state.queue
 
 
-def get_store(request: Request) -> ImageStore:
+async def get_store(request: Request) -> ImageStore:
     return request.app.state.store
 
 
-def get_jobs(request: Request) -> JobService:
+async def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     """The caller's API key (when keys are required), charged one request against its rate limit."""
     settings: Settings = request.app.state.settings
-    principal = authenticate(request.headers.get("authorization"), settings, request.app.state.redis)
-    charge(request.app.state.redis, principal, "requests", 1, settings.rate_limit_requests)
+    if not settings.auth_enabled:
+        return ANONYMOUS  # no Redis to ask, so no hop to a worker thread
+    return await run_in_threadpool(_check_key, request.headers.get("authorization"), settings, request.app.state.redis)
+
+
+def _check_key(authorization: str | None, settings: Settings, redis: Redis) -> Principal:
+    principal = authenticate(authorization, settings, redis)
+    charge(redis, principal, "requests", 1, settings.rate_limit_requests)
     return principal
 
 

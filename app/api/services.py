@@ -9,13 +9,16 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.client import Pipeline
 from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, Timings
 from app.core import events
@@ -43,7 +46,7 @@ from app.core.jobs import (
     status_from_rq,
     steptime_key,
 )
-from app.core.queue import SERIALIZER, enqueue_generate, fetch_job, get_queue, get_queues
+from app.core.queue import SERIALIZER, enqueue_generate, fetch_job, get_queues
 
 SEEN_PREFIX = "imagegen:seen:"  # marks ids we issued, so an expired job answers 410, not 404
 SEEN_GRACE = 7 * 86400
@@ -51,10 +54,49 @@ INDEX_KEY = "imagegen:index"  # sorted set: job id -> created time (for listing)
 IDEMPOTENCY_PREFIX = "imagegen:idem:"
 IDEMPOTENCY_TTL = 86400
 MODEL_INFO_TTL = 5.0  # seconds the API trusts its copy of the workers' model defaults
+STATE_TTL = 1.0  # seconds between reads of a model's worker count and step times on submit
 BLOCK_MS = 2000  # one blocking stream read; below the Redis client's socket timeout
 ETA_LOOKAHEAD = 100  # jobs ahead whose parameters are read for an ETA; the rest are extrapolated
+# In-memory only (set after the job was saved): the (queue position, ETA) `submit` measured, so
+# the 202 body needs no further Redis reads. `view` takes it out.
+PLACEMENT = "_placement"
 
 ImageUrl = Callable[[str, int], str]
+
+
+@dataclass
+class _QueueState:
+    """What `submit` knows of a model's queues: re-read at most every STATE_TTL seconds (or near
+    capacity), and its lengths refreshed by every write, which reads them back in its MULTI/EXEC."""
+
+    read_at: float
+    lengths: list[int]  # waiting jobs per priority, highest first
+    workers: int
+    steptimes: dict[str, float]
+
+
+@dataclass
+class _Submission:
+    """A job whose write is recorded on `writes` (not executed yet), and what places it in line."""
+
+    job: Job
+    writes: Pipeline
+    rank: int  # index of its priority
+    own_work: float | None  # seconds of sampling this job needs, from measured step times
+    state: _QueueState
+
+    def placed(self, written: list[Any]) -> Job:
+        """The job, carrying its queue position and ETA for the 202 body (see `JobService.view`).
+
+        The write ends with LLEN of every queue of the model, so the position is exact at that
+        moment; the jobs ahead are counted as if they were like this one (GET /jobs/{id} reads them).
+        """
+        lengths = [int(x) for x in written[-len(self.state.lengths) :]]
+        self.state.lengths = lengths
+        position = sum(lengths[: self.rank + 1]) - 1
+        eta = None if self.own_work is None else self.own_work * (position + 1) / self.state.workers
+        self.job.meta[PLACEMENT] = (position, eta)
+        return self.job
 
 
 class JobService:
@@ -64,22 +106,14 @@ class JobService:
         self.aredis = aredis
         self.queues = get_queues(redis, settings.model)
         self._models: dict[str, tuple[float, ModelInfo | None]] = {}
+        self._other_queues: dict[str, list[Queue]] = {}
+        self._state: dict[str, _QueueState] = {}
 
     @property
     def event_ttl(self) -> int:
         return max(self.settings.result_ttl, self.settings.failure_ttl)
 
     # -- submit ---------------------------------------------------------------------------
-    def model_info(self, model: str | None = None) -> ModelInfo | None:
-        """Defaults of a served model (default: ours) as published by its workers (cached briefly)."""
-        model = model or self.settings.model
-        fetched_at, info = self._models.get(model, (0.0, None))
-        if time.monotonic() - fetched_at > MODEL_INFO_TTL:
-            raw = self.redis.hget(MODELS_KEY, model)
-            info = ModelInfo.model_validate_json(raw) if raw else None  # type: ignore[arg-type]
-            self._models[model] = (time.monotonic(), info)
-        return info
-
     def route(self, model: str | None) -> str:
         """The model a job goes to: ours by default; one a request names must have a live worker."""
         if model is None or model == self.settings.model:
@@ -106,9 +140,55 @@ class JobService:
         enqueue: Callable[..., Job] = enqueue_generate,
     ) -> Job:
         """Queue a job (under `job_id` when an idempotency key reserved one) on the queue of `model`
-        (see `route`); `enqueue` puts it there (another task than text-to-image: variations)."""
-        s = self.settings
+        (see `route`); `enqueue` puts it there (another task than text-to-image: variations).
+
+        Usually one Redis round trip, a MULTI/EXEC write, however long the queue is; a read of
+        the queue state (lengths, workers, step times, the model's defaults) goes first when the
+        cached one is stale (see `_stale`). The queue position and ETA of the 202 body come from
+        the replies (see `view`).
+        """
         model = self.route(model)
+        self._check_sizes(params)
+        state = self._state.get(model)
+        if self._stale(model, state):
+            with self.redis.pipeline(transaction=False) as pipe:
+                self._queue_reads(pipe, model)
+                state = self._read_state(model, pipe.execute())
+        assert state is not None
+        sub = self._prepare(params, model, state, priority, webhook, job_id, owner, enqueue)
+        return sub.placed(sub.writes.execute())
+
+    async def submit_async(
+        self,
+        params: GenerationParams,
+        *,
+        priority: Priority = Priority.normal,
+        webhook: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        owner: str | None = None,
+        model: str | None = None,
+    ) -> Job:
+        """`submit` on the asyncio client, without a hop to a worker thread (for async routes)."""
+        assert self.aredis is not None
+        if model is not None and model != self.settings.model:
+            model = await asyncio.to_thread(self.route, model)  # rare: reads the live workers
+        model = model or self.settings.model
+        self._check_sizes(params)
+        state = self._state.get(model)
+        if self._stale(model, state):
+            read: Any = self.aredis.pipeline(transaction=False)
+            self._queue_reads(read, model)
+            state = self._read_state(model, await read.execute())
+        assert state is not None
+        sub = self._prepare(params, model, state, priority, webhook, job_id, owner, enqueue_generate)
+        write: Any = self.aredis.pipeline(transaction=True)
+        for args, options in sub.writes.command_stack:  # replay what RQ and we recorded
+            write.pipeline_execute_command(*args, **options)
+        sub.writes.reset()
+        return sub.placed(await write.execute())
+
+    def _check_sizes(self, params: GenerationParams) -> None:
+        s = self.settings
         for name, limit in (("width", s.max_width), ("height", s.max_height)):
             value = getattr(params, name)
             if value is not None and not (s.min_size <= value <= limit):
@@ -117,11 +197,64 @@ class JobService:
                     code="validation_error",
                     details=[{"loc": ["body", name], "msg": f"must be between {s.min_size} and {limit}"}],
                 )
-        self._check_capacity()
-        job_id = job_id or str(uuid.uuid4())
+
+    def _stale(self, model: str, state: _QueueState | None) -> bool:
+        """Re-read the queue state when it is old, when the queue is near its bound (so the bound
+        holds even with several API processes), or when the model's defaults are due a refresh."""
+        now = time.monotonic()
+        return (
+            state is None
+            or now - state.read_at > STATE_TTL
+            or sum(state.lengths) >= 0.9 * self.settings.max_queue
+            or now - self._models.get(model, (0.0, None))[0] > MODEL_INFO_TTL
+        )
+
+    def _queue_reads(self, pipe: Any, model: str) -> None:
+        queues = self._model_queues(model)
+        for queue in queues:
+            pipe.llen(queue.key)
+        pipe.scard(WORKERS_BY_QUEUE_KEY % queues[0].name)
+        pipe.hgetall(steptime_key(model))
+        pipe.hget(MODELS_KEY, model)
+
+    def _read_state(self, model: str, replies: list[Any]) -> _QueueState:
+        """Digest the replies to `_queue_reads`."""
+        n = len(self._model_queues(model))
+        *lengths, live, raw_times, raw_info = replies
+        assert len(lengths) == n
+        now = time.monotonic()
+        self._models[model] = (now, ModelInfo.model_validate_json(raw_info) if raw_info else None)
+        times = {k.decode(): float(v) for k, v in raw_times.items()}
+        state = _QueueState(now, [int(x) for x in lengths], max(1, int(live)), times)
+        self._state[model] = state
+        return state
+
+    def _prepare(
+        self,
+        params: GenerationParams,
+        model: str,
+        state: _QueueState,
+        priority: Priority,
+        webhook: dict[str, Any] | None,
+        job_id: str | None,
+        owner: str | None,
+        enqueue: Callable[..., Job],
+    ) -> _Submission:
+        """Check capacity, fill the request, and record the write on a (not yet executed) pipeline."""
+        s = self.settings
+        queues = self._model_queues(model)
+        info = self._models[model][1]
+        # 1. A bounded queue: past `max_queue` waiting jobs, ask clients to come back later.
+        waiting = sum(state.lengths)
+        if waiting >= s.max_queue:
+            times = state.steptimes
+            per_job = sum(times.values()) / len(times) * (info.num_inference_steps if info else 25) if times else 1.0
+            # Roughly when a tenth of the backlog has drained.
+            retry_after = max(1, math.ceil(waiting * per_job / state.workers / 10))
+            raise RateLimitedError(f"the queue is full ({waiting} jobs waiting); retry later", retry_after=retry_after)
+        # 2. Fill the request from the model's defaults.
         if params.seed is None:
             params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-        info = self.model_info(model)
         if info is not None:
             params = info.fill(params)
             for name in ("width", "height"):
@@ -133,31 +266,29 @@ class JobService:
         meta: dict[str, Any] = {"webhook": webhook} if webhook else {}
         if owner is not None:
             meta["owner"] = owner
-        job = enqueue(get_queue(self.redis, model, priority), params, s, job_id=job_id, meta=meta)
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(SEEN_PREFIX + job.id, 1, ex=max(s.result_ttl, s.failure_ttl) + SEEN_GRACE)
-            pipe.zadd(index_key(owner), {job.id: time.time()})
-            total = params.num_inference_steps or 0
-            queued = events.make_event(EventType.queued, job.id, "queued", progress={"step": 0, "total": total})
-            events.publish(pipe, queued, self.event_ttl)
-            pipe.execute()
-        return job
+        # 3. Record one atomic write: given a pipeline, RQ only records its commands there. Then
+        #    our marker, listing index and `queued` event, and the queue lengths read back.
+        rank = list(Priority).index(priority)
+        total = params.num_inference_steps or 0
+        pipe = self.redis.pipeline()
+        pipe.multi()  # before any command: RQ asks for MULTI itself unless it was already given
+        job = enqueue(queues[rank], params, s, job_id=job_id or str(uuid.uuid4()), meta=meta, pipeline=pipe)
+        pipe.set(SEEN_PREFIX + job.id, 1, ex=max(s.result_ttl, s.failure_ttl) + SEEN_GRACE)
+        pipe.zadd(index_key(owner), {job.id: time.time()})
+        queued = events.make_event(EventType.queued, job.id, "queued", progress={"step": 0, "total": total})
+        events.publish(pipe, queued, self.event_ttl)
+        for queue in queues:
+            pipe.llen(queue.key)
+        own_work = self._work(params.model_dump(), total, state.steptimes)
+        return _Submission(job, pipe, rank, own_work, state)
 
-    def _check_capacity(self) -> None:
-        """A bounded queue: past `max_queue` waiting jobs, ask clients to come back later."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for queue in self.queues:
-                pipe.llen(queue.key)
-            waiting = sum(pipe.execute())
-        if waiting < self.settings.max_queue:
-            return
-        times = self._steptimes()
-        info = self.model_info()
-        per_job = (sum(times.values()) / len(times)) * (info.num_inference_steps if info else 25) if times else 1.0
-        workers = max(1, Worker.count(connection=self.redis, queue=self.queues[0]))
-        # Roughly when a tenth of the backlog has drained.
-        retry_after = max(1, math.ceil(waiting * per_job / workers / 10))
-        raise RateLimitedError(f"the queue is full ({waiting} jobs waiting); retry later", retry_after=retry_after)
+    def _model_queues(self, model: str) -> list[Queue]:
+        """A model's queues, built once (a Queue caches the Redis version RQ reads on enqueue)."""
+        if model == self.settings.model:
+            return self.queues
+        if model not in self._other_queues:
+            self._other_queues[model] = get_queues(self.redis, model)
+        return self._other_queues[model]
 
     def claim_idempotency_key(self, key: str, body_hash: str, owner: str | None = None) -> tuple[str, Job | None]:
         """Reserve a job id for `key`. Returns (id, None) when this request owns the key and should
@@ -331,6 +462,7 @@ class JobService:
 
     # -- present --------------------------------------------------------------------------
     def view(self, job: Job, image_url: ImageUrl) -> JobView:
+        placement = job.meta.pop(PLACEMENT, None) if job.meta else None
         meta = job.meta or {}
         status = status_from_rq(job.get_status(refresh=False), meta)
         params: dict[str, Any] = meta.get("params") or (job.kwargs or {}).get("params") or {}
@@ -345,6 +477,8 @@ class JobService:
             progress = {"step": progress.get("total", total), "total": progress.get("total", total)}
         elif status in (JobStatus.failed, JobStatus.canceled):
             error = JobErrorInfo(**meta["error"]) if meta.get("error") else self._rq_failure(job)
+        elif status is JobStatus.queued and placement is not None:
+            position, eta = placement
         elif status is JobStatus.queued:
             position = self.queue_position(job)
             eta = self._eta_queued(job, params, position)

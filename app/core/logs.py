@@ -57,5 +57,8 @@ def configure(level: str, fmt: str, process: str) -> None:
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "rq.worker"):
         logger = logging.getLogger(name)
+        if name == "uvicorn.access" and not logger.handlers and not logger.propagate:
+            continue  # `uvicorn --no-access-log` turned it off: keep it off
         logger.handlers = []
         logger.propagate = True
+        logger.setLevel(logging.NOTSET)  # IMAGEGEN_LOG_LEVEL decides, not uvicorn's own INFO

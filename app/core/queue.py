@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -51,20 +52,28 @@ def enqueue_generate(
     *,
     job_id: str | None = None,
     meta: dict[str, Any] | None = None,
+    pipeline: Pipeline | None = None,
+    task: str = TASK_GENERATE,
+    description: str = "generate",
 ) -> Job:
-    """Put one generation job on the queue: JSON arguments, a random UUID, explicit TTLs."""
-    return queue.enqueue(
-        TASK_GENERATE,
+    """Put one job of `task` on the queue: JSON arguments, a random UUID, explicit TTLs.
+
+    With `pipeline`, RQ only records its commands there (the RPUSH onto the queue comes last) and
+    nothing is written until the caller executes it.
+    """
+    return queue.enqueue_call(
+        task,
         # Retries are for lost workers only: the worker turns them off for failures it reports itself.
         retry=Retry(max=settings.max_retries) if settings.max_retries else None,
         kwargs={"params": params.model_dump(mode="json")},
         job_id=job_id or str(uuid.uuid4()),
         meta=meta or {},
-        job_timeout=settings.job_timeout,
+        timeout=settings.job_timeout,
         result_ttl=settings.result_ttl,
         failure_ttl=settings.failure_ttl,
         ttl=None,
-        description="generate",
+        description=description,
+        pipeline=pipeline,
     )
 
 

@@ -6,6 +6,7 @@ import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep
 from app.api.schemas import ERROR_RESPONSES, GenerateRequest, JobView
@@ -30,7 +31,7 @@ def image_url(request: Request):
     },
     summary="Submit a text-to-image job",
 )
-def generate(
+async def generate(
     body: GenerateRequest,
     request: Request,
     response: Response,
@@ -45,33 +46,38 @@ def generate(
     With an `Idempotency-Key` header, repeating the same body returns the original job (200)
     for 24 h; the same key with a different body is a 409.
     """
+    # The common request (no webhook, key or rate limit) makes two Redis round trips on the
+    # asyncio client and never leaves the event loop; the rest runs in worker threads.
     webhook = None
     if body.webhook is not None:
         if not settings.webhook_secret:
             raise InvalidRequestError(
                 "webhooks are disabled on this server (no IMAGEGEN_WEBHOOK_SECRET)", code="validation_error"
             )
-        try:
-            check_target(body.webhook, allow_private=settings.webhook_allow_private)
+        try:  # resolves the host name: blocking
+            await run_in_threadpool(check_target, body.webhook, allow_private=settings.webhook_allow_private)
         except WebhookTargetError as exc:
             raise InvalidRequestError(f"webhook: {exc}", code="validation_error") from None
         webhook = {"url": body.webhook, "events": [e.value for e in body.webhook_events]}
-    body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     job_id, existing = None, None
     if idempotency_key is not None:
-        job_id, existing = jobs.claim_idempotency_key(idempotency_key, body_hash, principal.owner)
-    if existing is not None:
-        job = existing
-        response.status_code = status.HTTP_200_OK
-    else:
-        charge(redis, principal, "images", body.num_images, settings.rate_limit_images)
-        job = jobs.submit(
-            body.generation_params(),
-            priority=body.priority,
-            webhook=webhook,
-            job_id=job_id,
-            owner=principal.owner,
-            model=body.model,
+        body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+        job_id, existing = await run_in_threadpool(
+            jobs.claim_idempotency_key, idempotency_key, body_hash, principal.owner
         )
+    if existing is not None:
+        response.headers["Location"] = f"/jobs/{existing.id}"
+        response.status_code = status.HTTP_200_OK
+        return await run_in_threadpool(jobs.view, existing, image_url(request))
+    if principal.owner is not None and settings.rate_limit_images > 0:
+        await run_in_threadpool(charge, redis, principal, "images", body.num_images, settings.rate_limit_images)
+    job = await jobs.submit_async(
+        body.generation_params(),
+        priority=body.priority,
+        webhook=webhook,
+        job_id=job_id,
+        owner=principal.owner,
+        model=body.model,
+    )
     response.headers["Location"] = f"/jobs/{job.id}"
-    return jobs.view(job, image_url(request))
+    return jobs.view(job, image_url(request))  # no Redis reads for a job `submit_async` just placed

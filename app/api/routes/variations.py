@@ -15,7 +15,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ConfigDict, Field, ValidationError
-from rq import Queue, Retry
+from redis.client import Pipeline
+from rq import Queue
 from rq.job import Job
 
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep
@@ -27,6 +28,7 @@ from app.core.config import Settings
 from app.core.errors import InvalidRequestError
 from app.core.images import MAX_INPUT_BYTES, MAX_INPUT_SIDE
 from app.core.jobs import TASK_VARIATIONS, GenerationParams, Priority, WebhookEvents
+from app.core.queue import enqueue_generate
 from app.core.variations import VariationParams, input_key
 from app.core.webhooks import WebhookTargetError, check_target
 
@@ -92,20 +94,24 @@ def enqueue_variations(png: bytes, input_ttl: int):
     """An `enqueue` for JobService.submit that stores the input image, then queues the task."""
 
     def enqueue(
-        queue: Queue, params: GenerationParams, settings: Settings, *, job_id: str, meta: dict[str, Any]
+        queue: Queue,
+        params: GenerationParams,
+        settings: Settings,
+        *,
+        job_id: str,
+        meta: dict[str, Any],
+        pipeline: Pipeline | None = None,
     ) -> Job:
-        # Stored first: a worker may take the job the moment it is queued.
-        queue.connection.set(input_key(job_id), png, ex=input_ttl)
-        return queue.enqueue(
-            TASK_VARIATIONS,
-            retry=Retry(max=settings.max_retries) if settings.max_retries else None,
-            kwargs={"params": params.model_dump(mode="json")},
+        # Written before the job in the same transaction: a worker may take it the moment it is queued.
+        (pipeline or queue.connection).set(input_key(job_id), png, ex=input_ttl)
+        return enqueue_generate(
+            queue,
+            params,
+            settings,
             job_id=job_id,
             meta=meta,
-            job_timeout=settings.job_timeout,
-            result_ttl=settings.result_ttl,
-            failure_ttl=settings.failure_ttl,
-            ttl=None,
+            pipeline=pipeline,
+            task=TASK_VARIATIONS,
             description="variations",
         )
 

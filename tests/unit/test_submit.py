@@ -1,0 +1,95 @@
+"""JobService.submit / submit_async on a real redis-server: what a queued job looks like, where the
+202 body places it, the bounded queue, and how many Redis round trips a submission costs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from rq.job import Job, JobStatus
+
+from app.api.services import JobService
+from app.core.config import Settings
+from app.core.errors import RateLimitedError
+from app.core.jobs import GenerationParams, Priority
+from app.core.queue import SERIALIZER, connect_async
+from tests.procs import RedisServer
+
+# Fields RQ stamps with the time or the id, so two equal submissions differ there.
+VOLATILE = {b"created_at", b"enqueued_at", b"last_heard_at", b"data"}
+
+
+def make_service(redis_db, redis_server: RedisServer, **settings) -> JobService:
+    url = f"redis://127.0.0.1:{redis_server.port}/15"
+    return JobService(Settings(redis_url=url, model="main", **settings), redis_db, connect_async(url))
+
+
+async def submit_async(service: JobService, params: GenerationParams, **kw) -> Job:
+    try:
+        return await service.submit_async(params, **kw)
+    finally:
+        assert service.aredis is not None
+        await service.aredis.aclose()
+
+
+def command_calls(redis_db, name: str) -> int:
+    stats = redis_db.info("commandstats").get(f"cmdstat_{name}")
+    return int(stats["calls"]) if stats else 0
+
+
+def test_async_submit_writes_what_rqs_own_enqueue_writes(redis_db, redis_server: RedisServer) -> None:
+    params = GenerationParams(prompt="a red circle", seed=3, width=32, height=32, num_inference_steps=4)
+    sync_job = make_service(redis_db, redis_server).submit(params)
+    async_job = asyncio.run(submit_async(make_service(redis_db, redis_server), params))
+    a, b = redis_db.hgetall(sync_job.key), redis_db.hgetall(async_job.key)
+    assert set(a) == set(b)
+    assert {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}
+    fetched = Job.fetch(async_job.id, connection=redis_db, serializer=SERIALIZER)
+    assert fetched.get_status() == JobStatus.QUEUED and fetched.kwargs == sync_job.kwargs
+    assert redis_db.lrange("rq:queue:imagegen:main:normal", 0, -1) == [sync_job.id.encode(), async_job.id.encode()]
+    assert redis_db.sismember("rq:queues", "rq:queue:imagegen:main:normal")
+    # Our own keys went in the same transaction: the listing index and the `queued` event.
+    assert redis_db.zscore("imagegen:index", async_job.id) is not None
+    assert redis_db.xlen(f"imagegen:events:{async_job.id}") == 1
+
+
+def test_the_202_placement_counts_higher_priorities_first(redis_db, redis_server: RedisServer) -> None:
+    service = make_service(redis_db, redis_server)
+    url = lambda i, n: ""  # noqa: E731
+    low = service.submit(GenerationParams(prompt="l"), priority=Priority.low)
+    normal = service.submit(GenerationParams(prompt="n"))
+    high = service.submit(GenerationParams(prompt="h"), priority=Priority.high)
+    later = service.submit(GenerationParams(prompt="n2"))
+    got = [service.view(j, url).queue_position for j in (low, normal, high, later)]
+    assert got == [0, 0, 0, 2]  # each one's position at the moment it was queued
+    # A fresh read (no placement carried) gives today's positions.
+    again = [service.get(j.id) for j in (low, normal, high, later)]
+    assert [service.view(j, url).queue_position for j in again] == [3, 1, 0, 2]
+
+
+def test_a_submission_is_one_round_trip_while_the_queue_state_is_fresh(redis_db, redis_server: RedisServer) -> None:
+    service = make_service(redis_db, redis_server)
+    service.submit(GenerationParams(prompt="first"))  # reads the queue state, then writes
+    redis_db.config_resetstat()
+    for i in range(5):
+        service.submit(GenerationParams(prompt=f"p{i}"))
+    # Per job: one MULTI/EXEC, with the three queue lengths read back inside it; no separate read.
+    assert command_calls(redis_db, "multi") == 5 and command_calls(redis_db, "exec") == 5
+    assert command_calls(redis_db, "llen") == 5 * 3
+    assert command_calls(redis_db, "hgetall") == 0 and command_calls(redis_db, "scard") == 0
+
+
+def test_the_queue_bound_holds_with_the_cached_state(redis_db, redis_server: RedisServer) -> None:
+    service = make_service(redis_db, redis_server, max_queue=5)
+    for i in range(5):
+        service.submit(GenerationParams(prompt=f"p{i}"), priority=list(Priority)[i % 3])
+    with pytest.raises(RateLimitedError, match="5 jobs waiting"):
+        service.submit(GenerationParams(prompt="one too many"))
+    # Another API process (or a worker) changed the queue meanwhile: near the bound we re-read.
+    redis_db.delete("rq:queue:imagegen:main:high", "rq:queue:imagegen:main:low")
+    assert service.submit(GenerationParams(prompt="fits again")).origin == "imagegen:main:normal"
+    service.submit(GenerationParams(prompt="fourth"))
+    service.submit(GenerationParams(prompt="fifth"))
+    assert redis_db.llen("rq:queue:imagegen:main:normal") == 5
+    with pytest.raises(RateLimitedError):
+        asyncio.run(submit_async(service, GenerationParams(prompt="full again")))
