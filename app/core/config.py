@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="Registry name, pipeline folder or hub id the worker serves.")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    channels_last: bool = Field(False, description="UNet and VAE in channels-last layout (faster convs on GPUs).")
+    compile: bool = Field(False, description="torch.compile the UNet at start-up (slower start, faster steps on GPUs).")
     storage: Literal["local", "redis"] = "local"
     results_dir: Path = Path(".data/results")
     result_ttl: int = Field(3600, ge=1, description="Seconds that finished jobs and their images are kept.")
