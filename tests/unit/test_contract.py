@@ -106,3 +106,22 @@ def test_api_imports_no_torch_and_reads_no_env_at_import() -> None:
     mods = _imports_after("import app.main, app.api.routes.generate, app.api.routes.jobs")
     assert "fastapi" in mods
     assert not {m for m in mods if m.split(".")[0] in {"torch", "diffusers", "transformers", "worker"}}
+
+
+def test_logging_keeps_uvicorns_access_log_off_when_asked(monkeypatch) -> None:
+    import logging
+
+    from app.core import logs
+
+    access = logging.getLogger("uvicorn.access")
+    monkeypatch.setattr(access, "handlers", [])
+    monkeypatch.setattr(access, "propagate", False)  # what `uvicorn --no-access-log` leaves behind
+    for logger in (logging.getLogger(), *(logging.getLogger(n) for n in ("uvicorn", "uvicorn.error", "rq.worker"))):
+        for attr in ("handlers", "level", "propagate"):  # restored after the test
+            monkeypatch.setattr(logger, attr, getattr(logger, attr))
+    monkeypatch.setattr(access, "level", access.level)
+    logs.configure("INFO", "json", "api")
+    assert not access.hasHandlers()  # uvicorn checks this before formatting any access line
+    monkeypatch.setattr(access, "handlers", [logging.NullHandler()])  # access log on: routed through ours
+    logs.configure("WARNING", "json", "api")
+    assert access.propagate and access.handlers == [] and access.getEffectiveLevel() == logging.WARNING

@@ -40,11 +40,12 @@ async def get_job(
     principal: PrincipalDep,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="Long-poll: wait up to N s for the end")] = 0,
 ) -> JobView:
+    url = image_url(request)
     job = await run_in_threadpool(jobs.get, job_id, principal.owner)
     if wait > 0 and not jobs.status(job).is_terminal():
         await jobs.wait_async(job.id, wait)
-        job = await run_in_threadpool(jobs.get, job.id)
-    return await run_in_threadpool(jobs.view, job, image_url(request))
+        return await run_in_threadpool(lambda: jobs.view(jobs.get(job.id), url))  # one hop: read, then present
+    return await run_in_threadpool(jobs.view, job, url)
 
 
 @router.delete(
