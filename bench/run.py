@@ -257,16 +257,24 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) ->
     jobs = args.jobs if model == "tiny-random" else max(args.clients * 2, args.jobs // 2)
     api, base = start_api(env, tmp / f"api-{model}.log")
     try:
-        # The figure the targets are about (MAX_BATCH=N, 2 threads), the one-job path for reference,
-        # and MAX_BATCH=N with one torch thread, leaving a core to the API, Redis and the clients.
-        variants = [(1, args.threads), (args.max_batch, args.threads)]
+        # With MAX_BATCH=N: the figure the targets are about (2 threads, batch-invariant), one torch
+        # thread (leaving a core to the API, Redis and the clients), and invariance off. With 1: the
+        # one-job path, for reference.
+        variants = [(1, args.threads, True), (args.max_batch, args.threads, True)]
         if args.threads > 1 and not args.quick:
-            variants.append((args.max_batch, 1))
-        for max_batch, threads in variants:
+            variants.append((args.max_batch, 1, True))
+        if not args.quick:
+            variants.append((args.max_batch, args.threads, False))
+        for max_batch, threads, invariant in variants:
             key = f"max_batch_{max_batch}" + ("" if threads == args.threads else f"_threads_{threads}")
+            key += "" if invariant else "_not_invariant"
             n = jobs if max_batch > 1 else max(args.clients * 2, jobs // 2)
-            log(f"[{model}] 2-3. service with IMAGEGEN_MAX_BATCH={max_batch}, {threads} threads: load, then idle")
-            worker_env = env | {"IMAGEGEN_MAX_BATCH": str(max_batch), "IMAGEGEN_THREADS": str(threads)}
+            log(f"[{model}] 2-3. service, {key} ({threads} threads): load, then idle")
+            worker_env = env | {
+                "IMAGEGEN_MAX_BATCH": str(max_batch),
+                "IMAGEGEN_THREADS": str(threads),
+                "IMAGEGEN_BATCH_INVARIANT": str(invariant).lower(),
+            }
             worker, _ = start_worker(worker_env, tmp / f"worker-{key}.log", conn)
             try:
                 out[key] = {
@@ -325,6 +333,7 @@ def table(results: dict[str, Any]) -> str:
         for key in sorted(k for k in m if k.startswith("max_batch_")):
             ld, idl = m[key]["load"], m[key]["idle"]
             mb = key.removeprefix("max_batch_").replace("_threads_", ", threads=")
+            mb = mb.replace("_not_invariant", ", not batch-invariant")
             ratio_best = ld["images_per_s"] / raw_["best_images_per_s"]
             ratio_1 = ld["images_per_s"] / raw_["batch1_images_per_s"]
             targets = {"1": "(one job at a time, for reference)", str(args_max_batch(results)): "≥ 0.9× raw best batch"}

@@ -50,7 +50,7 @@ def main() -> int:
     if settings.max_batch > 1:
         from worker.batching import BatchEngine
 
-        engine = BatchEngine.create(runtime)  # None (one job at a time) for pipelines it cannot batch
+        engine = BatchEngine.create(runtime, invariant=settings.batch_invariant)  # None: cannot batch it
         if engine is not None:
             engine.warm_up()
     log.info("model %s ready in %.2fs (load + warm-up)", settings.model, time.perf_counter() - started)

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="Images a worker denoises together (step-level batching); 1 runs one job at a time."
     )
     max_queue: int = Field(1000, ge=1, description="Waiting jobs per model before POST /generate answers 429.")
+    batch_invariant: bool = Field(
+        True, description="With max_batch > 1: same PNG alone or batched (CPU kernels chosen for it; slower)."
+    )
 
     @property
     def auth_enabled(self) -> bool:
