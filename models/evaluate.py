@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-speed", action="store_true", help="skip the 1-thread timing")
     ap.add_argument("--grid", type=Path, default=None, help="sample grid path (default MODEL/samples.png)")
     ap.add_argument("--json", type=Path, default=None, help="also write the metrics here")
+    ap.add_argument("--seed", type=int, default=1000, help="first seed (image i uses seed + i)")
     args = ap.parse_args(argv)
     grid = args.grid or args.model / "samples.png"
     res = evaluate(
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         args.threads,
         not args.no_speed,
         grid,
+        seed=args.seed,
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
