@@ -30,7 +30,7 @@ from models.tokenizer import MAX_LENGTH
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
 NUM_TRAIN_TIMESTEPS = 1000
 # Service defaults written to imagegen.json; the saved scheduler matches SCHEDULER.
-DEFAULTS = {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scale": 5.0, "scheduler": "unipc"}
+DEFAULTS = {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scale": 4.0, "scheduler": "dpmpp_2m"}
 
 
 def build_unet():
