@@ -64,13 +64,15 @@ class Request:
         return self.latents.shape[0] * (2 if self.cfg else 1)
 
 
-def _rowwise(module: Any, vectors_only: bool = False) -> Any:
+def _rowwise(module: Any, vectors_only: bool = False, cache: int = 0) -> Any:
     """Wrap a module fed one vector per sample so it runs one row at a time.
 
     A [B, C] linear goes through a matrix-vector kernel at B = 1 and a matrix-matrix kernel above,
     whose sums round differently; an activation over B * C elements takes its vectorised or its
     scalar path depending on the total length. One row at a time always takes the same path.
-    With `vectors_only`, inputs of any other rank (feature maps) go through unchanged.
+    With `vectors_only`, inputs of any other rank (feature maps) go through unchanged. With
+    `cache` > 0, the module must be a pure function of its one input: the last `cache` results
+    are kept by the row's bytes (each computed alone, so reusing one changes no bit).
     """
     import torch
 
@@ -78,6 +80,20 @@ def _rowwise(module: Any, vectors_only: bool = False) -> Any:
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner
+            self.results: OrderedDict[bytes, Any] = OrderedDict()
+
+        def one(self, row: Any, rest: list[Any]) -> Any:
+            if not cache or rest:
+                return self.inner(row, *rest)
+            key = row.detach().cpu().numpy().tobytes() + str(tuple(row.shape)).encode()
+            hit = self.results.get(key)
+            if hit is None:
+                hit = self.results[key] = self.inner(row)
+                if len(self.results) > cache:
+                    self.results.popitem(last=False)
+            else:
+                self.results.move_to_end(key)
+            return hit
 
         def forward(self, sample: Any, *args: Any) -> Any:
             if vectors_only and sample.dim() != 2:
@@ -85,7 +101,7 @@ def _rowwise(module: Any, vectors_only: bool = False) -> Any:
             rows = []
             for i in range(sample.shape[0]):
                 rest = [a[i : i + 1] if a is not None else None for a in args]
-                rows.append(self.inner(sample[i : i + 1], *rest))
+                rows.append(self.one(sample[i : i + 1], rest))
             return torch.cat(rows)
 
     return Rowwise(module)
@@ -99,9 +115,10 @@ def make_batch_invariant(unet: Any) -> int:
         return 0
     unet.time_embedding = _rowwise(unet.time_embedding)
     wrapped = 1
-    # A text-pooled embedding added to the time embedding (addition_embed_type "text") is per sample too.
+    # A text-pooled embedding added to the time embedding (addition_embed_type "text") is per sample
+    # too. It depends on the prompt alone, so each request's rows are computed once, not every step.
     if getattr(unet, "add_embedding", None) is not None:
-        unet.add_embedding = _rowwise(unet.add_embedding)
+        unet.add_embedding = _rowwise(unet.add_embedding, cache=4 * EMBEDDING_CACHE)
         wrapped += 1
     # Every ResNet block activates the time embedding and projects it with its own small linear;
     # its activation module also serves the feature maps, which pass through untouched.
