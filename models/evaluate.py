@@ -5,7 +5,7 @@ First checks the checker itself on ground-truth renders, then generates images f
 (imagegen.json), reads each back with `models.shapes.check`, and prints fg/bg/shape accuracy,
 seconds per image on one CPU thread, and writes a small sample grid.
 
-    python -m models.evaluate [--model models/weights/tiny-shapes] [--per-held 6] [--per-seen 1]
+    python -m models.evaluate [--model models/weights/tiny-shapes] [--per-held 9] [--per-seen 2] [--seed 1000]
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--per-held", type=int, default=6, help="images per held-out combo (24 combos)")
-    ap.add_argument("--per-seen", type=int, default=1, help="images per seen combo (144 combos)")
+    ap.add_argument("--per-held", type=int, default=9, help="images per held-out combo (24 combos)")
+    ap.add_argument("--per-seen", type=int, default=2, help="images per seen combo (144 combos)")
     ap.add_argument("--steps", type=int, default=None, help="override imagegen.json")
     ap.add_argument("--guidance", type=float, default=None, help="override imagegen.json")
     ap.add_argument("--scheduler", default=None, help="override: ddim, euler, euler_a, dpmpp_2m, unipc")
