@@ -46,15 +46,14 @@ from app.core.jobs import (
     status_from_rq,
     steptime_key,
 )
-from app.core.queue import SERIALIZER, enqueue_generate, fetch_job, get_queues
+from app.core.queue import SERIALIZER, enqueue_task, fetch_job, get_queues
 
 SEEN_PREFIX = "imagegen:seen:"  # marks ids we issued, so an expired job answers 410, not 404
 SEEN_GRACE = 7 * 86400
 INDEX_KEY = "imagegen:index"  # sorted set: job id -> created time (for listing)
 IDEMPOTENCY_PREFIX = "imagegen:idem:"
 IDEMPOTENCY_TTL = 86400
-MODEL_INFO_TTL = 5.0  # seconds the API trusts its copy of the workers' model defaults
-STATE_TTL = 1.0  # seconds between reads of a model's worker count and step times on submit
+STATE_TTL = 1.0  # seconds `submit` trusts its copy of a model's queue state and defaults
 BLOCK_MS = 2000  # one blocking stream read; below the Redis client's socket timeout
 ETA_LOOKAHEAD = 100  # jobs ahead whose parameters are read for an ETA; the rest are extrapolated
 # In-memory only (set after the job was saved): the (queue position, ETA) `submit` measured, so
@@ -73,6 +72,7 @@ class _QueueState:
     lengths: list[int]  # waiting jobs per priority, highest first
     workers: int
     steptimes: dict[str, float]
+    info: ModelInfo | None  # the defaults its workers publish (None before any worker started)
 
 
 @dataclass
@@ -105,7 +105,6 @@ class JobService:
         self.redis = redis
         self.aredis = aredis
         self.queues = get_queues(redis, settings.model)
-        self._models: dict[str, tuple[float, ModelInfo | None]] = {}
         self._other_queues: dict[str, list[Queue]] = {}
         self._state: dict[str, _QueueState] = {}
 
@@ -137,24 +136,23 @@ class JobService:
         job_id: str | None = None,
         owner: str | None = None,
         model: str | None = None,
-        enqueue: Callable[..., Job] = enqueue_generate,
+        enqueue: Callable[..., Job] = enqueue_task,
     ) -> Job:
         """Queue a job (under `job_id` when an idempotency key reserved one) on the queue of `model`
         (see `route`); `enqueue` puts it there (another task than text-to-image: variations).
 
         Usually one Redis round trip, a MULTI/EXEC write, however long the queue is; a read of
         the queue state (lengths, workers, step times, the model's defaults) goes first when the
-        cached one is stale (see `_stale`). The queue position and ETA of the 202 body come from
-        the replies (see `view`).
+        cached one is stale (see `_fresh_state`). The queue position and ETA of the 202 body come
+        from the replies (see `view`).
         """
         model = self.route(model)
         self._check_sizes(params)
-        state = self._state.get(model)
-        if self._stale(model, state):
+        state = self._fresh_state(model)
+        if state is None:
             with self.redis.pipeline(transaction=False) as pipe:
                 self._queue_reads(pipe, model)
                 state = self._read_state(model, pipe.execute())
-        assert state is not None
         sub = self._prepare(params, model, state, priority, webhook, job_id, owner, enqueue)
         return sub.placed(sub.writes.execute())
 
@@ -174,13 +172,12 @@ class JobService:
             model = await asyncio.to_thread(self.route, model)  # rare: reads the live workers
         model = model or self.settings.model
         self._check_sizes(params)
-        state = self._state.get(model)
-        if self._stale(model, state):
+        state = self._fresh_state(model)
+        if state is None:
             read: Any = self.aredis.pipeline(transaction=False)
             self._queue_reads(read, model)
             state = self._read_state(model, await read.execute())
-        assert state is not None
-        sub = self._prepare(params, model, state, priority, webhook, job_id, owner, enqueue_generate)
+        sub = self._prepare(params, model, state, priority, webhook, job_id, owner, enqueue_task)
         write: Any = self.aredis.pipeline(transaction=True)
         for args, options in sub.writes.command_stack:  # replay what RQ and we recorded
             write.pipeline_execute_command(*args, **options)
@@ -198,16 +195,13 @@ class JobService:
                     details=[{"loc": ["body", name], "msg": f"must be between {s.min_size} and {limit}"}],
                 )
 
-    def _stale(self, model: str, state: _QueueState | None) -> bool:
-        """Re-read the queue state when it is old, when the queue is near its bound (so the bound
-        holds even with several API processes), or when the model's defaults are due a refresh."""
-        now = time.monotonic()
-        return (
-            state is None
-            or now - state.read_at > STATE_TTL
-            or sum(state.lengths) >= 0.9 * self.settings.max_queue
-            or now - self._models.get(model, (0.0, None))[0] > MODEL_INFO_TTL
-        )
+    def _fresh_state(self, model: str) -> _QueueState | None:
+        """The cached queue state, or None when it must be re-read: it is old, or the queue is
+        near its bound (so the bound holds even with several API processes)."""
+        state = self._state.get(model)
+        if state is None or time.monotonic() - state.read_at > STATE_TTL:
+            return None
+        return None if sum(state.lengths) >= 0.9 * self.settings.max_queue else state
 
     def _queue_reads(self, pipe: Any, model: str) -> None:
         queues = self._model_queues(model)
@@ -219,13 +213,10 @@ class JobService:
 
     def _read_state(self, model: str, replies: list[Any]) -> _QueueState:
         """Digest the replies to `_queue_reads`."""
-        n = len(self._model_queues(model))
         *lengths, live, raw_times, raw_info = replies
-        assert len(lengths) == n
-        now = time.monotonic()
-        self._models[model] = (now, ModelInfo.model_validate_json(raw_info) if raw_info else None)
         times = {k.decode(): float(v) for k, v in raw_times.items()}
-        state = _QueueState(now, [int(x) for x in lengths], max(1, int(live)), times)
+        info = ModelInfo.model_validate_json(raw_info) if raw_info else None
+        state = _QueueState(time.monotonic(), [int(x) for x in lengths], max(1, int(live)), times, info)
         self._state[model] = state
         return state
 
@@ -243,7 +234,7 @@ class JobService:
         """Check capacity, fill the request, and record the write on a (not yet executed) pipeline."""
         s = self.settings
         queues = self._model_queues(model)
-        info = self._models[model][1]
+        info = state.info
         # 1. A bounded queue: past `max_queue` waiting jobs, ask clients to come back later.
         waiting = sum(state.lengths)
         if waiting >= s.max_queue:

@@ -60,9 +60,14 @@ def authenticate(authorization: str | None, settings: Settings, redis: Redis) ->
     return Principal(owner=presented[:32])
 
 
+def is_limited(principal: Principal, limit: int) -> bool:
+    """Whether `charge` has anything to count (a limit is set and the caller has a key)."""
+    return limit > 0 and principal.owner is not None
+
+
 def charge(redis: Redis, principal: Principal, kind: str, amount: int, limit: int) -> None:
     """Fixed one-minute windows per key, shared by every API process through Redis."""
-    if limit <= 0 or principal.owner is None:
+    if not is_limited(principal, limit):
         return
     window = int(time.time() // 60)
     key = f"{RATE_PREFIX}{kind}:{principal.owner}:{window}"

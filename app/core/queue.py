@@ -45,7 +45,7 @@ def get_queues(connection: Redis, model: str) -> list[Queue]:
     return [get_queue(connection, model, p) for p in Priority]
 
 
-def enqueue_generate(
+def enqueue_task(
     queue: Queue,
     params: GenerationParams,
     settings: Settings,

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep
 from app.api.schemas import ERROR_RESPONSES, GenerateRequest, JobView
-from app.core.auth import charge
+from app.core.auth import charge, is_limited
 from app.core.errors import InvalidRequestError
 from app.core.webhooks import WebhookTargetError, check_target
 
@@ -46,8 +46,8 @@ async def generate(
     With an `Idempotency-Key` header, repeating the same body returns the original job (200)
     for 24 h; the same key with a different body is a 409.
     """
-    # The common request (no webhook, key or rate limit) makes two Redis round trips on the
-    # asyncio client and never leaves the event loop; the rest runs in worker threads.
+    # The common request (no webhook, idempotency key or rate limit) is one Redis transaction on
+    # the asyncio client and never leaves the event loop; the rest runs in worker threads.
     webhook = None
     if body.webhook is not None:
         if not settings.webhook_secret:
@@ -69,7 +69,7 @@ async def generate(
         response.headers["Location"] = f"/jobs/{existing.id}"
         response.status_code = status.HTTP_200_OK
         return await run_in_threadpool(jobs.view, existing, image_url(request))
-    if principal.owner is not None and settings.rate_limit_images > 0:
+    if is_limited(principal, settings.rate_limit_images):  # else no Redis to ask, so no thread hop
         await run_in_threadpool(charge, redis, principal, "images", body.num_images, settings.rate_limit_images)
     job = await jobs.submit_async(
         body.generation_params(),

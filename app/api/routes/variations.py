@@ -28,7 +28,7 @@ from app.core.config import Settings
 from app.core.errors import InvalidRequestError
 from app.core.images import MAX_INPUT_BYTES, MAX_INPUT_SIDE
 from app.core.jobs import TASK_VARIATIONS, GenerationParams, Priority, WebhookEvents
-from app.core.queue import enqueue_generate
+from app.core.queue import enqueue_task
 from app.core.variations import VariationParams, input_key
 from app.core.webhooks import WebhookTargetError, check_target
 
@@ -104,7 +104,7 @@ def enqueue_variations(png: bytes, input_ttl: int):
     ) -> Job:
         # Written before the job in the same transaction: a worker may take it the moment it is queued.
         (pipeline or queue.connection).set(input_key(job_id), png, ex=input_ttl)
-        return enqueue_generate(
+        return enqueue_task(
             queue,
             params,
             settings,
