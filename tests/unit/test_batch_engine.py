@@ -50,3 +50,19 @@ def test_alone_and_batched_give_the_same_bits(engine) -> None:
     # The text-pooled embedding was computed once per distinct text, not once per row and step.
     pooled = engine.pipe.unet.add_embedding
     assert type(pooled).__name__ == "Rowwise" and 0 < len(pooled.results) <= 5
+
+
+def test_without_invariance_nothing_is_switched_or_wrapped() -> None:
+    import torch
+
+    from worker.batching import BatchEngine
+    from worker.runtime import DiffusersRuntime
+
+    # What IMAGEGEN_BATCH_INVARIANT=false gives the worker: the model's own kernels and layers.
+    assert Settings(batch_invariant=False).batch_invariant is False
+    runtime = DiffusersRuntime.load(Settings(model="tiny-shapes"))
+    before = torch.backends.mkldnn.enabled
+    assert BatchEngine.create(runtime, invariant=False) is not None
+    assert torch.backends.mkldnn.enabled == before
+    assert type(runtime.pipe.unet.add_embedding).__name__ != "Rowwise"
+    assert type(runtime.pipe.unet.time_embedding).__name__ != "Rowwise"
