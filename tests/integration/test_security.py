@@ -153,16 +153,27 @@ def test_bad_job_ids_never_reach_redis(stack: Stack) -> None:
                 if stop.is_set():
                     return
 
+    def wait_until_seen(marker: str) -> bool:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            conn.echo(marker)
+            if any(marker in c for c in list(seen)):
+                return True
+            time.sleep(0.05)
+        return False
+
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    time.sleep(0.3)
+    # The monitor is live once it has seen our own marker (a fixed sleep was not always enough).
+    assert wait_until_seen("monitor-started"), "the monitor never started"
     with stack.client() as http:
         for bad in ["..%2F..%2Fetc", "*", "rq:job:x", "x" * 300, "%00", "imagegen:index"]:
             for path in (f"/jobs/{bad}", f"/jobs/{bad}/images/0", f"/jobs/{bad}/events"):
                 assert http.get(path).status_code == 404, path
             assert http.delete(f"/jobs/{bad}").status_code == 404
-    conn.ping()  # wake the monitor so it can stop
+    conn.ping()
     stop.set()
+    wait_until_seen("monitor-end")  # everything sent before it has been seen; the watcher stops
     watcher.join(5)
     assert any("PING" in c.upper() for c in seen), "the monitor saw nothing: the check would be vacuous"
     assert not [c for c in seen if any(b in c for b in ("..", "rq:job:x", "x" * 300, "imagegen:index"))]
