@@ -61,7 +61,8 @@ def main() -> None:
         from worker.runtime import DiffusersRuntime
 
         runtime = DiffusersRuntime.load(Settings(model=args.model))
-        engine = BatchEngine.create(runtime, invariant=args.mode == "engine")
+        rows = 2 * max(int(b) for b in args.batches.split(","))
+        engine = BatchEngine.create(runtime, invariant=args.mode == "engine", max_rows=rows)
         assert engine is not None
 
         def run(batch: int, steps: int = args.steps) -> None:  # noqa: F811 - the engine's version

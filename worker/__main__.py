@@ -50,7 +50,7 @@ def main() -> int:
     if settings.max_batch > 1:
         from worker.batching import BatchEngine
 
-        engine = BatchEngine.create(runtime, invariant=settings.batch_invariant)  # None: cannot batch it
+        engine = BatchEngine.create(runtime, settings.batch_invariant, max_rows=2 * settings.max_batch)  # or None
         if engine is not None:
             engine.warm_up()
     log.info("model %s ready in %.2fs (load + warm-up)", settings.model, time.perf_counter() - started)

@@ -6,10 +6,15 @@ its own timestep), then steps each request's scheduler on its own slice. Request
 join and leave between any two ticks. Text encoding and VAE decoding stay per request (per image),
 so they never depend on who else is in the batch.
 
-Batch invariance on CPU: oneDNN and NNPACK convolutions and the small timestep-embedding layers
-pick batch-size-dependent kernels, so `BatchEngine.create` turns oneDNN and NNPACK off for the
-process and runs the timestep embedding and every ResNet block's time projection one row at a
-time. With these, a request gives the same bits alone or in any batch.
+Batch invariance on CPU: the small timestep-embedding layers pick batch-size-dependent kernels,
+so `BatchEngine.create` runs the timestep embedding and every ResNet block's time projection one
+row at a time. oneDNN's convolutions take another kernel for a single row than for two or more
+(measured: each row's bits are the same in every batch of 2 to 40 rows, at any position, but differ
+from the row alone), so the engine never runs the UNet on one row: a lone row is doubled. Whether
+that holds on the machine at hand is checked when the engine is created (`_rows_agree`); where it
+does not, oneDNN is turned off for the process and the native per-sample convolutions (slower on
+few channels) are used. NNPACK, which takes over from batch 16 up, is always off. With these, a
+request gives the same bits alone or in any batch.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 EMBEDDING_CACHE = 64  # text embeddings kept (the empty negative prompt is the one nearly every job shares)
+ROW_CACHE = 256  # results kept per cached per-row layer (see `make_batch_invariant`)
 
 
 @dataclass
@@ -83,7 +90,7 @@ def _rowwise(module: Any, vectors_only: bool = False, cache: int = 0) -> Any:
             self.results: OrderedDict[bytes, Any] = OrderedDict()
 
         def one(self, row: Any, rest: list[Any]) -> Any:
-            if not cache or rest:
+            if not cache or any(a is not None for a in rest):
                 return self.inner(row, *rest)
             key = row.detach().cpu().numpy().tobytes() + str(tuple(row.shape)).encode()
             hit = self.results.get(key)
@@ -113,21 +120,27 @@ def make_batch_invariant(unet: Any) -> int:
 
     if type(unet.time_embedding).__name__ == "Rowwise":
         return 0
-    unet.time_embedding = _rowwise(unet.time_embedding)
+    # The timestep embedding and each block's time projection are pure functions of their row, and
+    # rows repeat: both rows of a guided request, and every request at the same timestep.
+    unet.time_embedding = _rowwise(unet.time_embedding, cache=ROW_CACHE)
     wrapped = 1
     # A text-pooled embedding added to the time embedding (addition_embed_type "text") is per sample
     # too. It depends on the prompt alone, so each request's rows are computed once, not every step.
     if getattr(unet, "add_embedding", None) is not None:
-        unet.add_embedding = _rowwise(unet.add_embedding, cache=4 * EMBEDDING_CACHE)
+        unet.add_embedding = _rowwise(unet.add_embedding, cache=ROW_CACHE)
         wrapped += 1
-    # Every ResNet block activates the time embedding and projects it with its own small linear;
-    # its activation module also serves the feature maps, which pass through untouched.
+    # Every ResNet block activates the time embedding and projects it with its own small linear.
+    # An activation over rows of a multiple of 64 values never reaches the scalar tail loop that
+    # handles what is left over after the widest vectors, so only other widths go row by row (the
+    # activation module also serves the feature maps, which pass through untouched).
     for module in list(unet.modules()):
         proj = getattr(module, "time_emb_proj", None)
         if isinstance(proj, torch.nn.Linear):
-            module.time_emb_proj = _rowwise(proj)
-            module.nonlinearity = _rowwise(module.nonlinearity, vectors_only=True)
-            wrapped += 2
+            module.time_emb_proj = _rowwise(proj, cache=ROW_CACHE)
+            wrapped += 1
+            if proj.in_features % 64:
+                module.nonlinearity = _rowwise(module.nonlinearity, vectors_only=True)
+                wrapped += 1
     return wrapped
 
 
@@ -143,6 +156,7 @@ class BatchEngine:
         self.dtype = self.pipe.unet.dtype
         self._templates: dict[Scheduler, Any] = {}
         self._embeddings: OrderedDict[str, Any] = OrderedDict()
+        self.invariant = False  # set by `create`: a lone UNet row is then doubled (see the module doc)
 
     @staticmethod
     def supports(pipe: Any) -> str | None:
@@ -162,22 +176,35 @@ class BatchEngine:
         return None
 
     @classmethod
-    def create(cls, runtime: DiffusersRuntime, invariant: bool = True) -> BatchEngine | None:
-        """The engine for this runtime, or None (with a log line) when the pipeline is unsupported."""
+    def create(cls, runtime: DiffusersRuntime, invariant: bool = True, max_rows: int = 32) -> BatchEngine | None:
+        """The engine for this runtime, or None (with a log line) when the pipeline is unsupported.
+
+        `max_rows` is the largest UNet batch the caller will run (twice the images, with guidance);
+        the invariance check covers batches up to it.
+        """
         reason = cls.supports(runtime.pipe)
         if reason is not None:
             log.warning("batching disabled: %s; jobs run one at a time", reason)
             return None
+        engine = cls(runtime)
         if invariant:
             import torch
 
-            # Native convolutions compute each sample on its own. oneDNN's choice of kernel depends
-            # on the batch size, and NNPACK takes over from batch 16 up: either would make a job's
-            # pixels depend on how many neighbours it has.
-            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
             torch.backends.nnpack.set_flags(False)
             make_batch_invariant(runtime.pipe.unet)
-        return cls(runtime)
+            engine.invariant = True
+            if runtime.device == "cpu" and torch.backends.mkldnn.enabled:
+                started = time.perf_counter()
+                if _rows_agree(engine, max_rows):
+                    log.info("batch invariance checked with oneDNN on (%.2fs)", time.perf_counter() - started)
+                else:
+                    # Native convolutions compute each sample on its own, whatever the batch.
+                    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
+                    if _rows_agree(engine, max_rows):
+                        log.info("oneDNN convolutions depend on the batch here; using native ones")
+                    else:
+                        log.warning("batched rows differ from the same rows alone; images may depend on the batch")
+        return engine
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -251,8 +278,6 @@ class BatchEngine:
 
     def tick(self, requests: Sequence[Request]) -> None:
         """Advance every request by one step with a single batched UNet forward."""
-        import time
-
         import torch
 
         live = [r for r in requests if not r.done]
@@ -271,12 +296,7 @@ class BatchEngine:
                 # 2. One timestep per row (float32 holds every integer timestep exactly).
                 times.append(t.to(torch.float32).expand(x.shape[0]))
             # 3. One UNet forward for every row of every request.
-            out = self.pipe.unet(
-                torch.cat(inputs),
-                torch.cat(times),
-                encoder_hidden_states=torch.cat(embeds),
-                return_dict=False,
-            )[0]
+            out = self._unet(torch.cat(inputs), torch.cat(times), torch.cat(embeds))
             # 4. Guidance and the scheduler step on each request's own slice.
             offset = 0
             for r in live:
@@ -293,6 +313,14 @@ class BatchEngine:
         rows = sum(r.rows for r in live)
         for r in live:
             r.work_s += elapsed * r.rows / rows
+
+    def _unet(self, x: Any, t: Any, embeds: Any) -> Any:
+        """The UNet's prediction for every row; a lone row runs as two copies when invariant."""
+        import torch
+
+        if self.invariant and x.shape[0] == 1:
+            return self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([embeds, embeds]))[:1]
+        return self.pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
 
     def decode(self, request: Request) -> list[Image]:
         """VAE-decode each image on its own and convert to PIL, as the pipeline does."""
@@ -318,3 +346,34 @@ class BatchEngine:
         info = self.runtime.info
         params = info.fill(GenerationParams(prompt="warm up", num_inference_steps=1, seed=0))
         self.generate(params)
+
+
+def _rows_agree(engine: BatchEngine, max_rows: int) -> bool:
+    """Whether each row of a UNet batch comes out bit for bit the same in every batch from 2 rows to
+    `max_rows`, wherever it sits, at the model's default size (random inputs; kernels are chosen by
+    shape, not by values). About 0.3 s for the tiny models at 32 rows.
+    """
+    import torch
+
+    unet = engine.pipe.unet
+    info = engine.runtime.info
+    config = unet.config
+    scale = engine.pipe.vae_scale_factor
+    n = max(max_rows, 4)
+    generator = torch.Generator(engine.device).manual_seed(0)
+    x = torch.randn((n, config.in_channels, info.height // scale, info.width // scale), generator=generator)
+    embeds = torch.randn((n, info.max_tokens, config.cross_attention_dim), generator=generator)
+    t = torch.randint(0, 1000, (n,), generator=generator).to(torch.float32)
+    x, embeds, t = (v.to(engine.device, engine.dtype if v is not t else torch.float32) for v in (x, embeds, t))
+    try:
+        with torch.inference_mode():
+            whole = engine._unet(x, t, embeds)
+            for size in sorted({2, 3, 5, 8, 16, 17} & set(range(2, n))):
+                for rows in (slice(0, size), slice(n - size, n)):  # first rows, and others at other positions
+                    if not torch.equal(engine._unet(x[rows], t[rows], embeds[rows]), whole[rows]):
+                        return False
+        return True
+    finally:
+        for module in unet.modules():  # forget the random rows in the per-row caches
+            if isinstance(getattr(module, "results", None), OrderedDict):
+                module.results.clear()

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(1000, ge=1, description="Waiting jobs per model before POST /generate answers 429.")
     batch_invariant: bool = Field(
-        True, description="With max_batch > 1: same PNG alone or batched (CPU kernels chosen for it; slower)."
+        True, description="With max_batch > 1: same PNG alone or batched (kernels checked at start; a little slower)."
     )
 
     @property

@@ -18,7 +18,7 @@ def engine():
 
     mkldnn, nnpack = torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled()
     runtime = DiffusersRuntime.load(Settings(model="tiny-shapes"))
-    engine = BatchEngine.create(runtime, invariant=True)  # switches oneDNN and NNPACK off process-wide
+    engine = BatchEngine.create(runtime, invariant=True)  # may switch oneDNN off, NNPACK always, process-wide
     assert engine is not None
     yield engine
     torch.backends.mkldnn.enabled = mkldnn  # type: ignore[assignment]
@@ -36,17 +36,24 @@ def test_alone_and_batched_give_the_same_bits(engine) -> None:
     alone = engine.start(target)
     while not alone.done:
         engine.tick([alone])
+    # Without guidance a request is a single UNet row alone (the engine doubles it).
+    unguided = params(engine, "a blue triangle on a white background", 2, guidance_scale=1.0)
+    unguided_alone = engine.start(unguided)
+    assert unguided_alone.rows == 1
+    while not unguided_alone.done:
+        engine.tick([unguided_alone])
     # The same request again, joined by others with other prompts, guidance and a late start.
     again = engine.start(target)
     others = [
         engine.start(params(engine, "a green square on a black background", 1)),
-        engine.start(params(engine, "a blue triangle on a white background", 2, guidance_scale=1.0)),
+        engine.start(unguided),
     ]
     engine.tick([again, *others])
     late = engine.start(params(engine, "a red circle on a blue background", 3))
     while not again.done:
         engine.tick([again, *others, late])
     assert torch.equal(alone.latents, again.latents)
+    assert others[1].done and torch.equal(unguided_alone.latents, others[1].latents)
     # The text-pooled embedding was computed once per distinct text, not once per row and step.
     pooled = engine.pipe.unet.add_embedding
     assert type(pooled).__name__ == "Rowwise" and 0 < len(pooled.results) <= 5
@@ -66,3 +73,32 @@ def test_without_invariance_nothing_is_switched_or_wrapped() -> None:
     assert torch.backends.mkldnn.enabled == before
     assert type(runtime.pipe.unet.add_embedding).__name__ != "Rowwise"
     assert type(runtime.pipe.unet.time_embedding).__name__ != "Rowwise"
+
+
+def test_the_invariance_check_catches_batch_dependent_rows(engine, monkeypatch) -> None:
+    from worker import batching
+
+    assert batching._rows_agree(engine, 8)
+    real = engine._unet
+    # A UNet whose rows shift by a rounding-sized amount with the batch size, as a kernel choice does.
+    monkeypatch.setattr(engine, "_unet", lambda x, t, e: real(x, t, e) + 1e-6 * x.shape[0])
+    assert not batching._rows_agree(engine, 8)
+
+
+def test_native_convolutions_when_the_check_fails(monkeypatch) -> None:
+    import torch
+
+    from worker import batching
+    from worker.runtime import DiffusersRuntime
+
+    runtime = DiffusersRuntime.load(Settings(model="tiny-shapes"))
+    answers = iter([False, True])  # oneDNN's rows disagree, the native kernels' agree
+    monkeypatch.setattr(batching, "_rows_agree", lambda engine, rows: next(answers))
+    mkldnn = torch.backends.mkldnn.enabled
+    try:
+        torch.backends.mkldnn.enabled = True  # type: ignore[assignment]
+        engine = batching.BatchEngine.create(runtime, invariant=True)
+        assert engine is not None and engine.invariant
+        assert torch.backends.mkldnn.enabled is False
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn  # type: ignore[assignment]
