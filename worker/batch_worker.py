@@ -34,6 +34,7 @@ from worker.png import encode_png
 from worker.worker import ImagegenWorker
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
     from redis.client import Pipeline
     from rq.executions import Execution
     from rq.queue import Queue
@@ -144,8 +145,15 @@ class BatchingWorker(ImagegenWorker):
         self._step(list(self.slots))
         # 6. Progress, then finish every job whose last step is done.
         self._report_progress(ctx)
-        for slot in [s for s in self.slots if s.request.done]:
-            self._finish(slot, ctx)
+        finished = [s for s in self.slots if s.request.done]
+        decoded: list[list[Image] | None] = [None] * len(finished)
+        if len(finished) > 1:
+            try:
+                decoded = list(self.engine.decode_many([s.request for s in finished]))
+            except Exception:  # each is decoded alone below, so only a culprit fails
+                log.warning("decoding %d jobs together failed; decoding them one by one", len(finished), exc_info=True)
+        for slot, images in zip(finished, decoded, strict=True):
+            self._finish(slot, ctx, images)
 
     # -- claiming -----------------------------------------------------------------------------
 
@@ -313,12 +321,13 @@ class BatchingWorker(ImagegenWorker):
         if url and sink is not None and sink.sender is not None:
             sink.sender.submit(url, event)
 
-    def _finish(self, slot: Slot, ctx: tasks.WorkerContext) -> None:
-        """Decode and store this job's images, then record its success with RQ."""
+    def _finish(self, slot: Slot, ctx: tasks.WorkerContext, images: list[Image] | None = None) -> None:
+        """Decode (unless given its images) and store this job's images, then record its success with RQ."""
         job, params = slot.job, slot.params
         assert params.seed is not None
         try:
-            images = self.engine.decode(slot.request)
+            if images is None:
+                images = self.engine.decode(slot.request)
             results = []
             for index, image in enumerate(images):
                 seed = image_seed(params.seed, index)

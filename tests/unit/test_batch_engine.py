@@ -102,3 +102,39 @@ def test_native_convolutions_when_the_check_fails(monkeypatch) -> None:
         assert torch.backends.mkldnn.enabled is False
     finally:
         torch.backends.mkldnn.enabled = mkldnn  # type: ignore[assignment]
+
+
+def test_images_decoded_together_are_the_images_decoded_alone() -> None:
+    """tiny-random's VAE rounds rows differently in odd- and even-sized batches, so this covers
+    the padding to an even count as well as the batching itself."""
+    import torch
+
+    from worker.batching import BatchEngine
+    from worker.runtime import DiffusersRuntime
+
+    mkldnn = torch.backends.mkldnn.enabled
+    try:
+        runtime = DiffusersRuntime.load(Settings(model="tiny-random"))
+        engine = BatchEngine.create(runtime, invariant=True, max_rows=8)
+        assert engine is not None and engine.batched_decode
+        requests = []
+        for i in range(4):
+            request = engine.start(runtime.info.fill(GenerationParams(prompt=f"p{i}", seed=i, num_inference_steps=2)))
+            while not request.done:
+                engine.tick([request])
+            requests.append(request)
+        alone = [engine.decode(r)[0].tobytes() for r in requests]
+        for group in (requests[:2], requests[:3], requests):
+            together = [images[0].tobytes() for images in engine.decode_many(group)]
+            assert together == alone[: len(group)]
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn  # type: ignore[assignment]
+
+
+def test_the_decode_check_catches_batch_dependent_rows(engine, monkeypatch) -> None:
+    from worker import batching
+
+    assert batching._decoded_rows_agree(engine, 8)
+    real = engine._vae
+    monkeypatch.setattr(engine, "_vae", lambda latents: real(latents) + 1e-6 * latents.shape[0])
+    assert not batching._decoded_rows_agree(engine, 8)

@@ -43,6 +43,7 @@ class FakeEngine:
 
     runtime: FakeRuntime
     ticks: list[list[str]] = field(default_factory=list)
+    decodes: list[list[str]] = field(default_factory=list)  # prompts decoded together by decode_many
     on_tick: Callable[[int, list[FakeRequest]], None] | None = None
 
     def shape(self, params: GenerationParams) -> tuple[int | None, int | None]:
@@ -64,10 +65,16 @@ class FakeEngine:
     def decode(self, request: FakeRequest) -> list[Image.Image]:
         p = request.params
         assert p.seed is not None
+        if p.prompt == "undecodable":
+            raise RuntimeError("the VAE fell over")
         return [
             Image.new("RGB", (p.width or 0, p.height or 0), (image_seed(p.seed, i) % 256, 0, 0))
             for i in range(p.num_images)
         ]
+
+    def decode_many(self, requests: list[FakeRequest]) -> list[list[Image.Image]]:
+        self.decodes.append([r.params.prompt for r in requests])
+        return [self.decode(r) for r in requests]
 
 
 @pytest.fixture
@@ -122,6 +129,30 @@ def test_waiting_jobs_share_ticks_and_each_keeps_its_own_lifecycle(env, redis_db
         seen = kinds(redis_db, job.id)
         assert seen[0] == "started" and seen[-1] == "succeeded" and set(seen[1:-1]) == {"progress"}
     assert StartedJobRegistry(queue=queue).get_job_ids() == []
+
+
+def test_jobs_finishing_together_are_decoded_together(env) -> None:
+    engine, store, queue, _, make = env
+    jobs = [enqueue(queue, prompt=f"p{i}", num_inference_steps=2 if i < 3 else 3) for i in range(4)]
+    make().work(burst=True)
+    # Three finished on the second step and went through one VAE call; the last one was alone.
+    assert engine.decodes == [["p0", "p1", "p2"]]
+    for job in jobs:
+        assert job.get_status(refresh=True) == "finished" and store.get(job.id, 0) is not None
+
+
+def test_a_job_that_fails_to_decode_fails_alone(env, redis_db) -> None:
+    engine, store, queue, _, make = env
+    good = [enqueue(queue, prompt=f"ok{i}", num_inference_steps=2) for i in range(2)]
+    bad = enqueue(queue, prompt="undecodable", num_inference_steps=2)
+    make().work(burst=True)
+    assert engine.decodes == [["ok0", "ok1", "undecodable"]]  # tried together, then one by one
+    bad.refresh()
+    assert bad.get_status() == "failed"
+    assert bad.meta["error"] == {"code": "sampling_error", "message": "RuntimeError: the VAE fell over"}
+    assert kinds(redis_db, bad.id) == ["started", "progress", "progress", "failed"]
+    for job in good:
+        assert job.get_status(refresh=True) == "finished" and store.get(job.id, 0) is not None
 
 
 def test_every_batched_job_is_started_in_rq_with_heartbeats(env) -> None:
