@@ -45,14 +45,13 @@ def main() -> int:
 
     started = time.perf_counter()
     runtime = DiffusersRuntime.load(settings)
-    runtime.warm_up()
     engine = None
     if settings.max_batch > 1:
         from worker.batching import BatchEngine
 
         engine = BatchEngine.create(runtime, settings.batch_invariant, max_rows=2 * settings.max_batch)  # or None
-        if engine is not None:
-            engine.warm_up()
+    # Generation jobs run through the engine when there is one, else through the pipeline.
+    (engine or runtime).warm_up()
     log.info("model %s ready in %.2fs (load + warm-up)", settings.model, time.perf_counter() - started)
 
     connection = connect(settings.redis_url)

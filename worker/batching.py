@@ -372,7 +372,7 @@ class BatchEngine:
 def _rows_agree(engine: BatchEngine, max_rows: int) -> bool:
     """Whether each row of a UNet batch comes out bit for bit the same in every batch from 2 rows to
     `max_rows`, wherever it sits, at the model's default size (random inputs; kernels are chosen by
-    shape, not by values). About 0.3 s for the tiny models at 32 rows.
+    shape, not by values). 0.1–0.2 s for the tiny models at 32 rows.
     """
     import torch
 
@@ -389,10 +389,11 @@ def _rows_agree(engine: BatchEngine, max_rows: int) -> bool:
     try:
         with torch.inference_mode():
             whole = engine._unet(x, t, embeds)
-            for size in sorted({2, 3, 5, 8, 16, 17} & set(range(2, n))):
-                for rows in (slice(0, size), slice(n - size, n)):  # first rows, and others at other positions
-                    if not torch.equal(engine._unet(x[rows], t[rows], embeds[rows]), whole[rows]):
-                        return False
+            # The first rows in batches of several sizes, and rows at other positions.
+            cuts = [slice(0, k) for k in (2, 3, 5, 17) if k < n] + [slice(n - k, n) for k in (2, 8) if k < n]
+            for rows in cuts:
+                if not torch.equal(engine._unet(x[rows], t[rows], embeds[rows]), whole[rows]):
+                    return False
         return True
     finally:
         for module in unet.modules():  # forget the random rows in the per-row caches
@@ -401,7 +402,7 @@ def _rows_agree(engine: BatchEngine, max_rows: int) -> bool:
 
 
 def _decoded_rows_agree(engine: BatchEngine, max_images: int) -> bool:
-    """Whether the VAE decodes each latent to the same bits in every even-sized batch up to
+    """Whether the VAE decodes each latent to the same bits in even-sized batches up to
     `max_images` (+1), wherever it sits (random latents at the model's default size). Measured:
     tiny-random's VAE changes rows between odd and even batch sizes, never among even ones.
     """
@@ -415,8 +416,7 @@ def _decoded_rows_agree(engine: BatchEngine, max_images: int) -> bool:
     latents = torch.randn(shape, generator=generator).to(engine.device, engine.dtype)
     with torch.inference_mode():
         whole = engine._vae(latents)
-        for size in sorted({2, 4, 6, 8, 16} & set(range(2, n))):
-            for rows in (slice(0, size), slice(n - size, n)):
-                if not torch.equal(engine._vae(latents[rows]), whole[rows]):
-                    return False
+        for rows in [slice(0, k) for k in (2, 4, 6) if k < n] + [slice(n - k, n) for k in (2, 8) if k < n]:
+            if not torch.equal(engine._vae(latents[rows]), whole[rows]):
+                return False
     return True
