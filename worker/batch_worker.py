@@ -1,17 +1,19 @@
 """`BatchingWorker`: serves several jobs at once with step-level batching (`IMAGEGEN_MAX_BATCH` > 1).
 
 RQ's loop hands over the first job as usual; the worker then keeps a batching session open while
-any job is active. Before every denoising tick it claims more waiting jobs of the same image size
-(highest priority first, never skipping past an incompatible one, so order is kept), registers each
-with RQ exactly as `perform_job` would (execution in the started registry, status `started`,
-heartbeats), runs one batched UNet step for all of them, and finishes every job the moment its own
-last step is done. Each job keeps its own generator, progress, events, cancel flag, timeout and
-outcome; one job failing never fails the others.
+any job is active. Between denoising ticks (at most every `CHECK_INTERVAL`) it claims more
+waiting jobs of the same image size (highest priority first, never skipping past an incompatible
+one, so order is kept) and reads the cancel flags; it registers each job with RQ exactly as
+`perform_job` would (execution in the started registry, status `started`, heartbeats), runs one
+batched UNet step for all of them, and finishes every job the moment its own last step is done.
+Each job keeps its own generator, progress, events, cancel flag, timeout and outcome; one job
+failing never fails the others.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import sys
 import threading
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 # Take each candidate id out of its queue; the one LREM that removes it owns the job, so two
 # workers can never claim the same job, and an id already taken (or canceled) is simply skipped.
+CHECK_INTERVAL = 0.02  # seconds between reads of the queue heads and cancel flags during a session
 CLAIM_SCRIPT = """
 local taken = {}
 for i, key in ipairs(KEYS) do
@@ -69,10 +72,15 @@ class Slot:
 
 
 class BatchingWorker(ImagegenWorker):
-    def __init__(self, *args: Any, engine: BatchEngine, max_batch: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, engine: BatchEngine, max_batch: int, check_interval: float = CHECK_INTERVAL, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.engine = engine
         self.max_batch = max_batch
+        self.check_interval = check_interval
+        self._checked_at = -math.inf  # when the queue heads and cancel flags were last read
+        self.clock = time.monotonic
         self.slots: list[Slot] = []
         # Guards `slots` against the heartbeat thread; held while a slot's heartbeat is written so
         # a job never gets a heartbeat after its execution was cleaned up.
@@ -116,21 +124,25 @@ class BatchingWorker(ImagegenWorker):
                 self._end_failed(slot, tasks.RequeueError())
             return
         # 3. One round trip: the heads of the queues (while there is room and no stop was asked
-        #    for) and the cancel flags of the active jobs.
+        #    for) and the cancel flags of the active jobs; at most every `check_interval` seconds,
+        #    so that short steps (a lone job on a small model) do not each wait for Redis.
         slots = list(self.slots)
         room = 0 if self._stop_requested else self.max_batch - self._rows()
-        try:
-            with self.connection.pipeline(transaction=False) as pipe:
-                for q in self._ordered_queues if room > 0 else ():
-                    pipe.lrange(q.key, 0, room - 1)
-                for slot in slots:
-                    pipe.exists(cancel_key(slot.job.id))
-                replies = pipe.execute()
-        except RedisError:
-            # Redis is away: keep sampling, as the one-job task does; results are stored once it
-            # is back, or the jobs are re-run once this worker is found to have lost them.
-            log.warning("queues and cancel flags not checked (Redis unavailable)")
-            replies = [0] * len(slots)
+        replies: list[Any] = [0] * len(slots)
+        now = self.clock()
+        if now - self._checked_at >= self.check_interval:
+            self._checked_at = now
+            try:
+                with self.connection.pipeline(transaction=False) as pipe:
+                    for q in self._ordered_queues if room > 0 else ():
+                        pipe.lrange(q.key, 0, room - 1)
+                    for slot in slots:
+                        pipe.exists(cancel_key(slot.job.id))
+                    replies = pipe.execute()
+            except RedisError:
+                # Redis is away: keep sampling, as the one-job task does; results are stored once it
+                # is back, or the jobs are re-run once this worker is found to have lost them.
+                log.warning("queues and cancel flags not checked (Redis unavailable)")
         heads, flags = replies[: len(replies) - len(slots)], replies[len(replies) - len(slots) :]
         # 4. End canceled and timed-out jobs; admit waiting jobs of the same shape.
         self._check_cancels_and_timeouts(slots, flags)

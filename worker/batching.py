@@ -158,6 +158,7 @@ class BatchEngine:
         self._embeddings: OrderedDict[str, Any] = OrderedDict()
         self.invariant = False  # set by `create`: a lone UNet row is then doubled (see the module doc)
         self.batched_decode = True  # images finishing together share one VAE call (see `create`)
+        self.lone_decode = False  # with invariance: a single image decodes as itself, not padded to two
 
     @staticmethod
     def supports(pipe: Any) -> str | None:
@@ -207,6 +208,7 @@ class BatchEngine:
                         log.warning("batched rows differ from the same rows alone; images may depend on the batch")
             # The VAE decodes one image at a time unless its rows agree in every even-sized batch.
             engine.batched_decode = runtime.device == "cpu" and _decoded_rows_agree(engine, max(max_rows // 2, 2))
+            engine.lone_decode = engine.batched_decode and _decoded_rows_agree(engine, max(max_rows // 2, 2), lone=True)
         return engine
 
     # -- requests -----------------------------------------------------------------------------
@@ -349,10 +351,12 @@ class BatchEngine:
         return out
 
     def _vae(self, latents: Any) -> Any:
-        """Decoded pixels; when invariant and batched, an odd number of rows gets a copy of the last."""
+        """Decoded pixels; when invariant and batched, an odd number of rows gets a copy of the last
+        (a single row too, unless `lone_decode`)."""
         import torch
 
-        if self.invariant and self.batched_decode and latents.shape[0] % 2:
+        rows = latents.shape[0]
+        if self.invariant and self.batched_decode and rows % 2 and not (rows == 1 and self.lone_decode):
             return self._vae(torch.cat([latents, latents[-1:]]))[:-1]
         return self.pipe.vae.decode(latents, return_dict=False)[0]
 
@@ -401,10 +405,11 @@ def _rows_agree(engine: BatchEngine, max_rows: int) -> bool:
                 module.results.clear()
 
 
-def _decoded_rows_agree(engine: BatchEngine, max_images: int) -> bool:
+def _decoded_rows_agree(engine: BatchEngine, max_images: int, lone: bool = False) -> bool:
     """Whether the VAE decodes each latent to the same bits in even-sized batches up to
-    `max_images` (+1), wherever it sits (random latents at the model's default size). Measured:
-    tiny-random's VAE changes rows between odd and even batch sizes, never among even ones.
+    `max_images` (+1), wherever it sits (random latents at the model's default size); with `lone`,
+    whether it does so alone too. Measured: tiny-random's VAE changes rows between odd and even
+    batch sizes (alone included), never among even ones; tiny-shapes' gives a lone row its bits.
     """
     import torch
 
@@ -416,7 +421,9 @@ def _decoded_rows_agree(engine: BatchEngine, max_images: int) -> bool:
     latents = torch.randn(shape, generator=generator).to(engine.device, engine.dtype)
     with torch.inference_mode():
         whole = engine._vae(latents)
-        for rows in [slice(0, k) for k in (2, 4, 6) if k < n] + [slice(n - k, n) for k in (2, 8) if k < n]:
-            if not torch.equal(engine._vae(latents[rows]), whole[rows]):
+        sizes = ((1,), (1,)) if lone else ((2, 4, 6), (2, 8))
+        for rows in [slice(0, k) for k in sizes[0] if k < n] + [slice(n - k, n) for k in sizes[1] if k < n]:
+            one = engine.pipe.vae.decode(latents[rows], return_dict=False)[0] if lone else engine._vae(latents[rows])
+            if not torch.equal(one, whole[rows]):
                 return False
     return True

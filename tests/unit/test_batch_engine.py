@@ -104,9 +104,10 @@ def test_native_convolutions_when_the_check_fails(monkeypatch) -> None:
         torch.backends.mkldnn.enabled = mkldnn  # type: ignore[assignment]
 
 
-def test_images_decoded_together_are_the_images_decoded_alone() -> None:
-    """tiny-random's VAE rounds rows differently in odd- and even-sized batches, so this covers
-    the padding to an even count as well as the batching itself."""
+@pytest.mark.parametrize(("model", "lone"), [("tiny-random", False), ("tiny-shapes", True)])
+def test_images_decoded_together_are_the_images_decoded_alone(model: str, lone: bool) -> None:
+    """tiny-random's VAE rounds rows differently in odd- and even-sized batches (a lone image is
+    padded to two); tiny-shapes' decodes a lone image as itself. Both paths are covered."""
     import torch
 
     from worker.batching import BatchEngine
@@ -114,9 +115,9 @@ def test_images_decoded_together_are_the_images_decoded_alone() -> None:
 
     mkldnn = torch.backends.mkldnn.enabled
     try:
-        runtime = DiffusersRuntime.load(Settings(model="tiny-random"))
+        runtime = DiffusersRuntime.load(Settings(model=model))
         engine = BatchEngine.create(runtime, invariant=True, max_rows=8)
-        assert engine is not None and engine.batched_decode
+        assert engine is not None and engine.batched_decode and engine.lone_decode is lone
         requests = []
         for i in range(4):
             request = engine.start(runtime.info.fill(GenerationParams(prompt=f"p{i}", seed=i, num_inference_steps=2)))
@@ -134,7 +135,9 @@ def test_images_decoded_together_are_the_images_decoded_alone() -> None:
 def test_the_decode_check_catches_batch_dependent_rows(engine, monkeypatch) -> None:
     from worker import batching
 
-    assert batching._decoded_rows_agree(engine, 8)
-    real = engine._vae
-    monkeypatch.setattr(engine, "_vae", lambda latents: real(latents) + 1e-6 * latents.shape[0])
+    assert batching._decoded_rows_agree(engine, 8) and batching._decoded_rows_agree(engine, 8, lone=True)
+    vae = engine.pipe.vae
+    real = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda x, return_dict: (real(x, return_dict=False)[0] + 1e-6 * x.shape[0],))
     assert not batching._decoded_rows_agree(engine, 8)
+    assert not batching._decoded_rows_agree(engine, 8, lone=True)

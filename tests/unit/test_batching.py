@@ -88,7 +88,7 @@ def env(redis_db, tmp_path):
     high = Queue("imagegen:fake:high", connection=redis_db, serializer=JSONSerializer)
     normal = Queue("imagegen:fake:normal", connection=redis_db, serializer=JSONSerializer)
 
-    def make(max_batch: int = 8) -> BatchingWorker:
+    def make(max_batch: int = 8, check_interval: float = 0.0) -> BatchingWorker:
         return BatchingWorker(
             [high, normal],
             connection=redis_db,
@@ -97,6 +97,7 @@ def env(redis_db, tmp_path):
             events=sink,
             engine=engine,  # type: ignore[arg-type]
             max_batch=max_batch,
+            check_interval=check_interval,  # the fake's steps take no time: by default, check at every one
         )
 
     yield engine, store, normal, high, make
@@ -282,3 +283,26 @@ def test_variations_jobs_are_never_batched_but_run_alone(env, redis_db) -> None:
     first.refresh()
     after.refresh()
     assert first.get_status() == after.get_status() == "finished"
+
+
+def test_queues_and_cancel_flags_are_read_at_most_every_check_interval(env, redis_db) -> None:
+    engine, store, queue, _, make = env
+    first = enqueue(queue, prompt="first", num_inference_steps=6)
+    late: list[Job] = []
+    clock = {"now": 1000.0}
+
+    def step(tick: int, requests) -> None:
+        clock["now"] += 0.01  # every step takes 10 ms
+        if tick == 1:
+            late.append(enqueue(queue, prompt="late", num_inference_steps=2))
+            redis_db.set(cancel_key(first.id), 1)
+
+    engine.on_tick = step
+    worker = make(check_interval=0.025)
+    worker.clock = lambda: clock["now"]
+    worker.work(burst=True)
+    # Checked before steps 1 and 4 (30 ms later), not before 2 and 3: the cancel and the late job
+    # were both seen before step 4.
+    assert engine.ticks == [["first"]] * 3 + [["late"]] * 2
+    first.refresh()
+    assert first.meta["error"]["code"] == "canceled" and first.meta["canceled_at_step"] == 3
