@@ -18,6 +18,7 @@ import secrets
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +97,9 @@ class BatchingWorker(ImagegenWorker):
         stop = threading.Event()
         beat = threading.Thread(target=self._beat_all, args=(stop,), name="heartbeat", daemon=True)
         beat.start()
+        # Storing a finished job's images and recording its outcome is mostly waiting on disk and
+        # Redis: one thread does it while the next step computes.
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         try:
             # With a single queue RQ moves the job to its intermediate list; claimed jobs never are.
             self._admit(job, queue, from_intermediate=len(self.queues) == 1)
@@ -106,6 +110,7 @@ class BatchingWorker(ImagegenWorker):
             self._abandon_all(sys.exc_info())
             raise
         finally:
+            self._finisher.shutdown(wait=True)  # every finished job is recorded before the session ends
             stop.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)
@@ -165,7 +170,15 @@ class BatchingWorker(ImagegenWorker):
             except Exception:  # each is decoded alone below, so only a culprit fails
                 log.warning("decoding %d jobs together failed; decoding them one by one", len(finished), exc_info=True)
         for slot, images in zip(finished, decoded, strict=True):
-            self._finish(slot, ctx, images)
+            if images is None:
+                try:
+                    images = self.engine.decode(slot.request)
+                except Exception as exc:
+                    log.exception("job %s: decoding failed", slot.job.id)
+                    self._end_failed(slot, _sampling_failure(slot.job, exc))
+                    continue
+            self._remove(slot)
+            self._finisher.submit(self._finish, slot, ctx, images)
 
     # -- claiming -----------------------------------------------------------------------------
 
@@ -333,26 +346,28 @@ class BatchingWorker(ImagegenWorker):
         if url and sink is not None and sink.sender is not None:
             sink.sender.submit(url, event)
 
-    def _finish(self, slot: Slot, ctx: tasks.WorkerContext, images: list[Image] | None = None) -> None:
-        """Decode (unless given its images) and store this job's images, then record its success with RQ."""
+    def _finish(self, slot: Slot, ctx: tasks.WorkerContext, images: list[Image]) -> None:
+        """Store a finished job's images, then record its success with RQ (on the finisher thread)."""
         job, params = slot.job, slot.params
         assert params.seed is not None
         try:
-            if images is None:
-                images = self.engine.decode(slot.request)
-            results = []
-            for index, image in enumerate(images):
-                seed = image_seed(params.seed, index)
-                ctx.store.put(job.id, index, encode_png(image, params, seed), ttl=ctx.settings.result_ttl)
-                results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
-        except Exception as exc:
-            log.exception("job %s: decoding or storing failed", job.id)
-            self._end_failed(slot, _sampling_failure(job, exc))
-            return
-        tasks._record_steptime(ctx, params, slot.request.work_s)
-        log.info("job %s: %d image(s), %.3fs of batched sampling", job.id, len(results), slot.request.work_s)
-        self._remove(slot)
-        self._finalize_success(job, slot.queue, slot.execution, {"images": results})
+            try:
+                results = []
+                for index, image in enumerate(images):
+                    seed = image_seed(params.seed, index)
+                    ctx.store.put(job.id, index, encode_png(image, params, seed), ttl=ctx.settings.result_ttl)
+                    results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
+            except Exception as exc:
+                log.exception("job %s: storing failed", job.id)
+                self._end_failed(slot, _sampling_failure(job, exc))
+                return
+            tasks._record_steptime(ctx, params, slot.request.work_s)
+            log.info("job %s: %d image(s), %.3fs of batched sampling", job.id, len(results), slot.request.work_s)
+            self._finalize_success(job, slot.queue, slot.execution, {"images": results})
+        except Exception:
+            # Redis went away while recording: the job stays in the started registry and is
+            # recovered as abandoned once its heartbeat expires, as for a broken session.
+            log.exception("job %s: could not record its outcome; left for recovery", job.id)
 
     def _end_failed(self, slot: Slot, exc: BaseException) -> None:
         self._remove(slot)

@@ -306,3 +306,23 @@ def test_queues_and_cancel_flags_are_read_at_most_every_check_interval(env, redi
     assert engine.ticks == [["first"]] * 3 + [["late"]] * 2
     first.refresh()
     assert first.meta["error"]["code"] == "canceled" and first.meta["canceled_at_step"] == 3
+
+
+def test_a_job_whose_images_cannot_be_stored_fails_alone(env, redis_db, monkeypatch) -> None:
+    engine, store, queue, _, make = env
+    good = enqueue(queue, prompt="ok", num_inference_steps=2)
+    bad = enqueue(queue, prompt="unstorable", num_inference_steps=2)
+    real = store.put
+
+    def put(job_id: str, index: int, data: bytes, ttl: int) -> None:
+        if job_id == bad.id:
+            raise OSError("disk full")
+        real(job_id, index, data, ttl=ttl)
+
+    monkeypatch.setattr(store, "put", put)
+    make().work(burst=True)  # stored and recorded on the finisher thread, joined before work() returns
+    bad.refresh()
+    assert bad.get_status() == "failed"
+    assert bad.meta["error"] == {"code": "sampling_error", "message": "OSError: disk full"}
+    assert good.get_status(refresh=True) == "finished" and store.get(good.id, 0) is not None
+    assert StartedJobRegistry(queue=queue).get_job_ids() == []
