@@ -89,26 +89,28 @@ def _rowwise(module: Any, vectors_only: bool = False, cache: int = 0) -> Any:
             self.inner = inner
             self.results: OrderedDict[bytes, Any] = OrderedDict()
 
-        def one(self, row: Any, rest: list[Any]) -> Any:
-            if not cache or any(a is not None for a in rest):
-                return self.inner(row, *rest)
-            key = row.detach().cpu().numpy().tobytes() + str(tuple(row.shape)).encode()
-            hit = self.results.get(key)
-            if hit is None:
-                hit = self.results[key] = self.inner(row)
-                if len(self.results) > cache:
-                    self.results.popitem(last=False)
-            else:
-                self.results.move_to_end(key)
-            return hit
-
         def forward(self, sample: Any, *args: Any) -> Any:
             if vectors_only and sample.dim() != 2:
                 return self.inner(sample, *args)
+            n = sample.shape[0]
+            if not cache or any(a is not None for a in args):
+                rows = [self.inner(sample[i : i + 1], *(a[i : i + 1] if a is not None else None for a in args))
+                        for i in range(n)]  # fmt: skip
+                return torch.cat(rows)
+            # Keyed by each row's bytes (one copy of the whole batch to host memory, then slices).
+            data = sample.detach().contiguous().cpu().numpy().tobytes()
+            width, suffix = len(data) // n, str((1, *sample.shape[1:])).encode()
             rows = []
-            for i in range(sample.shape[0]):
-                rest = [a[i : i + 1] if a is not None else None for a in args]
-                rows.append(self.one(sample[i : i + 1], rest))
+            for i in range(n):
+                key = data[i * width : (i + 1) * width] + suffix
+                hit = self.results.get(key)
+                if hit is None:
+                    hit = self.results[key] = self.inner(sample[i : i + 1])
+                    if len(self.results) > cache:
+                        self.results.popitem(last=False)
+                else:
+                    self.results.move_to_end(key)
+                rows.append(hit)
             return torch.cat(rows)
 
     return Rowwise(module)
@@ -120,8 +122,8 @@ def make_batch_invariant(unet: Any) -> int:
 
     if type(unet.time_embedding).__name__ == "Rowwise":
         return 0
-    # The timestep embedding and each block's time projection are pure functions of their row, and
-    # rows repeat: both rows of a guided request, and every request at the same timestep.
+    # Every wrapped layer is a pure function of its row, and rows repeat (both rows of a guided
+    # request, every request at the same timestep), so results are kept by the row's bytes.
     unet.time_embedding = _rowwise(unet.time_embedding, cache=ROW_CACHE)
     wrapped = 1
     # A text-pooled embedding added to the time embedding (addition_embed_type "text") is per sample
@@ -139,7 +141,7 @@ def make_batch_invariant(unet: Any) -> int:
             module.time_emb_proj = _rowwise(proj, cache=ROW_CACHE)
             wrapped += 1
             if proj.in_features % 64:
-                module.nonlinearity = _rowwise(module.nonlinearity, vectors_only=True)
+                module.nonlinearity = _rowwise(module.nonlinearity, vectors_only=True, cache=ROW_CACHE)
                 wrapped += 1
     return wrapped
 
