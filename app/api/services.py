@@ -99,11 +99,60 @@ class _Submission:
         return self.job
 
 
+class _Writes:
+    """Submissions that arrive while the event loop is busy are written together: one MULTI/EXEC
+    (one round trip, one reply to parse) for all of them, each job's commands in order, so each
+    job is still written whole or not at all. Replies go back to each caller by position."""
+
+    def __init__(self, aredis: AsyncRedis) -> None:
+        self.aredis = aredis
+        self.pending: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
+        self.flusher: asyncio.Task[None] | None = None
+
+    async def write(self, commands: list[Any]) -> list[Any]:
+        """Execute a recorded command stack with the others waiting; returns its own replies."""
+        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.pending.append((commands, done))
+        if self.flusher is None:
+            self.flusher = asyncio.create_task(self._flush())
+        return await done
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # one turn of the loop: requests already read join this write
+        batch, self.pending, self.flusher = self.pending, [], None
+        pipe: Any = self.aredis.pipeline(transaction=True)
+        for commands, _ in batch:
+            for args, options in commands:
+                pipe.pipeline_execute_command(*args, **options)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for _, done in batch:
+                done.cancel()
+            raise
+        except Exception as exc:  # e.g. the connection failed: each caller gets the error
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        start = 0
+        for commands, done in batch:
+            own, start = replies[start : start + len(commands)], start + len(commands)
+            if done.done():  # its caller went away meanwhile
+                continue
+            error = next((r for r in own if isinstance(r, Exception)), None)
+            if error is not None:  # a command of this job failed; the others' jobs are unaffected
+                done.set_exception(error)
+            else:
+                done.set_result(own)
+
+
 class JobService:
     def __init__(self, settings: Settings, redis: Redis, aredis: AsyncRedis | None = None) -> None:
         self.settings = settings
         self.redis = redis
         self.aredis = aredis
+        self._writes = _Writes(aredis) if aredis is not None else None
         self.queues = get_queues(redis, settings.model)
         self._other_queues: dict[str, list[Queue]] = {}
         self._state: dict[str, _QueueState] = {}
@@ -178,11 +227,10 @@ class JobService:
             self._queue_reads(read, model)
             state = self._read_state(model, await read.execute())
         sub = self._prepare(params, model, state, priority, webhook, job_id, owner, enqueue_task)
-        write: Any = self.aredis.pipeline(transaction=True)
-        for args, options in sub.writes.command_stack:  # replay what RQ and we recorded
-            write.pipeline_execute_command(*args, **options)
+        commands = list(sub.writes.command_stack)  # replayed on the asyncio client: what RQ and we recorded
         sub.writes.reset()
-        return sub.placed(await write.execute())
+        assert self._writes is not None
+        return sub.placed(await self._writes.write(commands))
 
     def _check_sizes(self, params: GenerationParams) -> None:
         s = self.settings

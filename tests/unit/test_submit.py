@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from rq.job import Job, JobStatus
@@ -93,3 +94,46 @@ def test_the_queue_bound_holds_with_the_cached_state(redis_db, redis_server: Red
     assert redis_db.llen("rq:queue:imagegen:main:normal") == 5
     with pytest.raises(RateLimitedError):
         asyncio.run(submit_async(service, GenerationParams(prompt="full again")))
+
+
+def test_concurrent_async_submissions_share_one_transaction(redis_db, redis_server: RedisServer) -> None:
+    service = make_service(redis_db, redis_server)
+    url = lambda i, n: ""  # noqa: E731
+
+    async def burst() -> list[Job]:
+        try:
+            await service.submit_async(GenerationParams(prompt="first"))  # reads the queue state
+            redis_db.config_resetstat()
+            return await asyncio.gather(*(service.submit_async(GenerationParams(prompt=f"p{i}")) for i in range(8)))
+        finally:
+            assert service.aredis is not None
+            await service.aredis.aclose()
+
+    jobs = asyncio.run(burst())
+    # Eight requests that were ready together: one MULTI/EXEC between them, each job whole in it.
+    assert command_calls(redis_db, "multi") == 1 and command_calls(redis_db, "exec") == 1
+    assert command_calls(redis_db, "rpush") == 8 and command_calls(redis_db, "llen") == 8 * 3
+    assert redis_db.lrange("rq:queue:imagegen:main:normal", 1, -1) == [j.id.encode() for j in jobs]
+    # Each one's 202 placement comes from its own replies inside the shared transaction.
+    assert [service.view(j, url).queue_position for j in jobs] == list(range(1, 9))
+
+
+def test_a_failing_write_fails_only_its_own_submission(redis_db, redis_server: RedisServer) -> None:
+    from redis.exceptions import ResponseError
+
+    service = make_service(redis_db, redis_server)
+    redis_db.set("a-string", "x")
+
+    async def both() -> list[Any]:
+        try:
+            assert service._writes is not None
+            bad = service._writes.write([(("LPUSH", "a-string", "y"), {})])  # WRONGTYPE
+            good = service._writes.write([(("SET", "fine", "1"), {}), (("GET", "fine"), {})])
+            return await asyncio.gather(bad, good, return_exceptions=True)
+        finally:
+            assert service.aredis is not None
+            await service.aredis.aclose()
+
+    bad, good = asyncio.run(both())
+    assert isinstance(bad, ResponseError) and "WRONGTYPE" in str(bad)
+    assert good == [True, b"1"] and redis_db.get("fine") == b"1"
