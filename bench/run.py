@@ -189,10 +189,13 @@ class RawOne:
         import torch
 
         if self.pipe is None:
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
             from diffusers import AutoPipelineForText2Image
+            from diffusers.utils import logging as dlogging
 
             from models.registry import resolve
 
+            dlogging.disable_progress_bar()
             self.pipe = AutoPipelineForText2Image.from_pretrained(resolve(self.model))
             self.pipe.set_progress_bar_config(disable=True)
         torch.set_num_threads(self.threads)
