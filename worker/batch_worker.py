@@ -273,9 +273,12 @@ class BatchingWorker(ImagegenWorker):
             warnings.append(
                 f"prompt is {tokens} tokens; the text encoder reads only the first {ctx.runtime.info.max_tokens}"
             )
-        job.meta.update(params=params.model_dump(mode="json"), warnings=warnings, progress={"step": 0, "total": total})
-        job.save_meta()
-        ctx.events.emit(job, EventType.started, "running", progress={"step": 0, "total": total})
+        progress = {"step": 0, "total": total}
+        job.meta.update(params=params.model_dump(mode="json"), warnings=warnings, progress=progress)
+        with self.connection.pipeline(transaction=False) as pipe:  # one round trip for both
+            pipe.hset(job.key, "meta", job._serialize_meta())
+            self._emit(pipe, job, EventType.started, progress, max(ctx.settings.result_ttl, ctx.settings.failure_ttl))
+            pipe.execute()
         return params
 
     def _step(self, slots: list[Slot]) -> None:
@@ -361,9 +364,9 @@ class BatchingWorker(ImagegenWorker):
                 log.exception("job %s: storing failed", job.id)
                 self._end_failed(slot, _sampling_failure(job, exc))
                 return
-            tasks._record_steptime(ctx, params, slot.request.work_s)
             log.info("job %s: %d image(s), %.3fs of batched sampling", job.id, len(results), slot.request.work_s)
             self._finalize_success(job, slot.queue, slot.execution, {"images": results})
+            tasks._record_steptime(ctx, params, slot.request.work_s)  # after: the client waits for the outcome
         except Exception:
             # Redis went away while recording: the job stays in the started registry and is
             # recovered as abandoned once its heartbeat expires, as for a broken session.

@@ -412,13 +412,16 @@ class JobService:
         deadline = time.monotonic() + timeout
         after = "0"
         key = events.stream_key(job_id)
+        look = True  # at RQ's status: first, and after a quiet read (an end with no event, e.g. a lost worker)
         while (remaining := deadline - time.monotonic()) > 0:
-            status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
-            if status is None or status_from_rq(status.decode(), {}).is_terminal():
-                return
+            if look:
+                status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
+                if status is None or status_from_rq(status.decode(), {}).is_terminal():
+                    return
             result: Any = await self.aredis.xread(
                 {key: after}, count=500, block=max(1, int(min(remaining, 2.0) * 1000))
             )
+            look = not result
             for _, entries in result or []:
                 decoded = events.decode(entries)
                 after = decoded[-1][0]
