@@ -10,6 +10,21 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
+
+
+def load_pipeline(model: str) -> Any:
+    """The model's diffusers pipeline as the raw figures use it (quiet, no progress bars)."""
+    from diffusers import AutoPipelineForText2Image
+    from diffusers.utils import logging as dlogging
+
+    from models.registry import resolve
+
+    dlogging.disable_progress_bar()
+    dlogging.set_verbosity_error()
+    pipe = AutoPipelineForText2Image.from_pretrained(resolve(model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def main() -> None:
@@ -30,15 +45,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from diffusers import AutoPipelineForText2Image
-    from diffusers.utils import logging as dlogging
-
-    from models.registry import resolve
-
-    dlogging.disable_progress_bar()
-    dlogging.set_verbosity_error()
-    pipe = AutoPipelineForText2Image.from_pretrained(resolve(args.model))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.model)
     prompt = "a red circle on a blue background"
 
     def call(batch: int, steps: int = args.steps) -> None:

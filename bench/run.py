@@ -190,14 +190,9 @@ class RawOne:
 
         if self.pipe is None:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-            from diffusers import AutoPipelineForText2Image
-            from diffusers.utils import logging as dlogging
+            from bench.raw import load_pipeline
 
-            from models.registry import resolve
-
-            dlogging.disable_progress_bar()
-            self.pipe = AutoPipelineForText2Image.from_pretrained(resolve(self.model))
-            self.pipe.set_progress_bar_config(disable=True)
+            self.pipe = load_pipeline(self.model)
         torch.set_num_threads(self.threads)
         p = self.params
         t0 = time.perf_counter()

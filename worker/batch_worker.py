@@ -46,9 +46,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CHECK_INTERVAL = 0.02  # seconds between reads of the queue heads and cancel flags during a session
 # Take each candidate id out of its queue; the one LREM that removes it owns the job, so two
 # workers can never claim the same job, and an id already taken (or canceled) is simply skipped.
-CHECK_INTERVAL = 0.02  # seconds between reads of the queue heads and cancel flags during a session
 CLAIM_SCRIPT = """
 local taken = {}
 for i, key in ipairs(KEYS) do

@@ -3,8 +3,8 @@
 Every request keeps its own scheduler, step index, latents, text embeddings and generators; one
 `tick` runs a single UNet forward over the current step of every active request (each row with
 its own timestep), then steps each request's scheduler on its own slice. Requests can therefore
-join and leave between any two ticks. Text encoding and VAE decoding stay per request (per image),
-so they never depend on who else is in the batch.
+join and leave between any two ticks. Text is encoded per prompt; the images of requests that
+finish on the same tick are VAE-decoded together (see `decode_many`).
 
 Batch invariance on CPU: the small timestep-embedding layers pick batch-size-dependent kernels,
 so `BatchEngine.create` runs the timestep embedding and every ResNet block's time projection one
@@ -71,15 +71,15 @@ class Request:
         return self.latents.shape[0] * (2 if self.cfg else 1)
 
 
-def _rowwise(module: Any, vectors_only: bool = False, cache: int = 0) -> Any:
+def _rowwise(module: Any, vectors_only: bool = False) -> Any:
     """Wrap a module fed one vector per sample so it runs one row at a time.
 
     A [B, C] linear goes through a matrix-vector kernel at B = 1 and a matrix-matrix kernel above,
     whose sums round differently; an activation over B * C elements takes its vectorised or its
     scalar path depending on the total length. One row at a time always takes the same path.
-    With `vectors_only`, inputs of any other rank (feature maps) go through unchanged. With
-    `cache` > 0, the module must be a pure function of its one input: the last `cache` results
-    are kept by the row's bytes (each computed alone, so reusing one changes no bit).
+    With `vectors_only`, inputs of any other rank (feature maps) go through unchanged. The module
+    must be a pure function of its input: the last `ROW_CACHE` results are kept by the row's bytes
+    (each computed alone, so reusing one changes no bit); calls with extra inputs are not cached.
     """
     import torch
 
@@ -93,7 +93,7 @@ def _rowwise(module: Any, vectors_only: bool = False, cache: int = 0) -> Any:
             if vectors_only and sample.dim() != 2:
                 return self.inner(sample, *args)
             n = sample.shape[0]
-            if not cache or any(a is not None for a in args):
+            if any(a is not None for a in args):
                 rows = [self.inner(sample[i : i + 1], *(a[i : i + 1] if a is not None else None for a in args))
                         for i in range(n)]  # fmt: skip
                 return torch.cat(rows)
@@ -106,7 +106,7 @@ def _rowwise(module: Any, vectors_only: bool = False, cache: int = 0) -> Any:
                 hit = self.results.get(key)
                 if hit is None:
                     hit = self.results[key] = self.inner(sample[i : i + 1])
-                    if len(self.results) > cache:
+                    if len(self.results) > ROW_CACHE:
                         self.results.popitem(last=False)
                 else:
                     self.results.move_to_end(key)
@@ -124,12 +124,12 @@ def make_batch_invariant(unet: Any) -> int:
         return 0
     # Every wrapped layer is a pure function of its row, and rows repeat (both rows of a guided
     # request, every request at the same timestep), so results are kept by the row's bytes.
-    unet.time_embedding = _rowwise(unet.time_embedding, cache=ROW_CACHE)
+    unet.time_embedding = _rowwise(unet.time_embedding)
     wrapped = 1
     # A text-pooled embedding added to the time embedding (addition_embed_type "text") is per sample
     # too. It depends on the prompt alone, so each request's rows are computed once, not every step.
     if getattr(unet, "add_embedding", None) is not None:
-        unet.add_embedding = _rowwise(unet.add_embedding, cache=ROW_CACHE)
+        unet.add_embedding = _rowwise(unet.add_embedding)
         wrapped += 1
     # Every ResNet block activates the time embedding and projects it with its own small linear.
     # An activation over rows of a multiple of 64 values never reaches the scalar tail loop that
@@ -138,10 +138,10 @@ def make_batch_invariant(unet: Any) -> int:
     for module in list(unet.modules()):
         proj = getattr(module, "time_emb_proj", None)
         if isinstance(proj, torch.nn.Linear):
-            module.time_emb_proj = _rowwise(proj, cache=ROW_CACHE)
+            module.time_emb_proj = _rowwise(proj)
             wrapped += 1
             if proj.in_features % 64:
-                module.nonlinearity = _rowwise(module.nonlinearity, vectors_only=True, cache=ROW_CACHE)
+                module.nonlinearity = _rowwise(module.nonlinearity, vectors_only=True)
                 wrapped += 1
     return wrapped
 
@@ -209,8 +209,9 @@ class BatchEngine:
                     else:
                         log.warning("batched rows differ from the same rows alone; images may depend on the batch")
             # The VAE decodes one image at a time unless its rows agree in every even-sized batch.
-            engine.batched_decode = runtime.device == "cpu" and _decoded_rows_agree(engine, max(max_rows // 2, 2))
-            engine.lone_decode = engine.batched_decode and _decoded_rows_agree(engine, max(max_rows // 2, 2), lone=True)
+            images = max(max_rows // 2, 2)
+            engine.batched_decode = runtime.device == "cpu" and _decoded_rows_agree(engine, images)
+            engine.lone_decode = engine.batched_decode and _decoded_rows_agree(engine, images, lone=True)
         return engine
 
     # -- requests -----------------------------------------------------------------------------
@@ -395,9 +396,7 @@ def _rows_agree(engine: BatchEngine, max_rows: int) -> bool:
     try:
         with torch.inference_mode():
             whole = engine._unet(x, t, embeds)
-            # The first rows in batches of several sizes, and rows at other positions.
-            cuts = [slice(0, k) for k in (2, 3, 5, 17) if k < n] + [slice(n - k, n) for k in (2, 8) if k < n]
-            for rows in cuts:
+            for rows in _cuts(n, (2, 3, 5, 17), (2, 8)):
                 if not torch.equal(engine._unet(x[rows], t[rows], embeds[rows]), whole[rows]):
                     return False
         return True
@@ -423,9 +422,14 @@ def _decoded_rows_agree(engine: BatchEngine, max_images: int, lone: bool = False
     latents = torch.randn(shape, generator=generator).to(engine.device, engine.dtype)
     with torch.inference_mode():
         whole = engine._vae(latents)
-        sizes = ((1,), (1,)) if lone else ((2, 4, 6), (2, 8))
-        for rows in [slice(0, k) for k in sizes[0] if k < n] + [slice(n - k, n) for k in sizes[1] if k < n]:
+        for rows in _cuts(n, (1,), (1,)) if lone else _cuts(n, (2, 4, 6), (2, 8)):
             one = engine.pipe.vae.decode(latents[rows], return_dict=False)[0] if lone else engine._vae(latents[rows])
             if not torch.equal(one, whole[rows]):
                 return False
     return True
+
+
+def _cuts(n: int, first: tuple[int, ...], last: tuple[int, ...]) -> list[slice]:
+    """Sub-batches of an n-row check batch: its first k rows for each k in `first`, and its last k
+    rows for each k in `last` (the same rows at other positions)."""
+    return [slice(0, k) for k in first if k < n] + [slice(n - k, n) for k in last if k < n]
