@@ -47,12 +47,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.02  # seconds between reads of the queue heads and cancel flags during a session
-# Take each candidate id out of its queue; the one LREM that removes it owns the job, so two
-# workers can never claim the same job, and an id already taken (or canceled) is simply skipped.
+# Move each candidate id from its queue (KEYS[2i-1]) to that queue's intermediate list (KEYS[2i]),
+# as RQ's own single-queue dequeue does. The one LREM that removes it owns the job, so two workers
+# can never claim the same job, and an id already taken (or canceled) is simply skipped. Until the
+# job is registered as started it sits in the intermediate list, where RQ's maintenance finds it if
+# this worker (or Redis) dies in between: a bare LREM would leave it in no list at all.
 CLAIM_SCRIPT = """
 local taken = {}
-for i, key in ipairs(KEYS) do
-  taken[i] = redis.call('LREM', key, 1, ARGV[i])
+for i, id in ipairs(ARGV) do
+  taken[i] = redis.call('LREM', KEYS[2 * i - 1], 1, id)
+  if taken[i] > 0 then
+    redis.call('RPUSH', KEYS[2 * i], id)
+  end
 end
 return taken
 """
@@ -101,8 +107,7 @@ class BatchingWorker(ImagegenWorker):
         # Redis: one thread does it while the next step computes.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         try:
-            # With a single queue RQ moves the job to its intermediate list; claimed jobs never are.
-            self._admit(job, queue, from_intermediate=len(self.queues) == 1)
+            self._admit(job, queue)
             while self.slots:
                 self._tick()
         except Exception:
@@ -208,7 +213,8 @@ class BatchingWorker(ImagegenWorker):
             chosen.append((q, job))
         if not chosen:
             return
-        taken = self._claim_script(keys=[q.key for q, _ in chosen], args=[j.id for _, j in chosen])
+        keys = [key for q, _ in chosen for key in (q.key, q.intermediate_queue_key)]
+        taken = self._claim_script(keys=keys, args=[j.id for _, j in chosen])
         for (q, job), got in zip(chosen, taken, strict=True):
             if got:
                 job.redis_server_version = self.get_redis_server_version()
@@ -227,19 +233,16 @@ class BatchingWorker(ImagegenWorker):
 
     # -- one job's lifecycle ------------------------------------------------------------------
 
-    def _admit(self, job: Job, queue: Queue, from_intermediate: bool = False) -> None:
+    def _admit(self, job: Job, queue: Queue) -> None:
         """Register the job with RQ as `perform_job` would, resolve its parameters, start sampling."""
         ctx = _context()
         reason = self.refusal_reason(job)
         if reason is not None:
-            log.warning("refusing job %s: %s", job.id, reason)
-            job.meta["error"] = {"code": ErrorCode.refused.value, "message": reason}
-            job.save_meta()
-            self.handle_job_failure(job, queue, exc_string=f"refused: {reason}")
+            self.refuse(job, queue, reason)
             return
         execution = self.prepare_execution(job)
         try:
-            self.prepare_job_execution(job, from_intermediate)
+            self.prepare_job_execution(job)
             job.started_at = utcnow()
             params = self._resolve(job, ctx)
             try:

@@ -1,29 +1,98 @@
 """`ImagegenWorker`: an RQ `SimpleWorker` (no fork per job, the model stays loaded) that refuses
 any task not on the allow-list and keeps heartbeating from a thread while a job samples.
+
+A job is never in no list: `ClaimingQueue` takes it from its queue into that queue's intermediate
+list in one step, and it leaves that list only in the transaction that marks it started. RQ's own
+dequeue does so only for a worker of a single queue; ours serve three (the priorities), for which
+RQ pops with BLPOP, and a worker or Redis dying right after the pop left the job `queued` forever.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from rq import worker_registration
+from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import clean_registries
+from rq.utils import as_text
 from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, WorkerStatus
 
 from app.core import metrics
+from app.core.catalog import model_of_queue
 from app.core.events import EventType
-from app.core.jobs import ALLOWED_TASKS, ErrorCode, status_from_rq
+from app.core.jobs import ALLOWED_TASKS, ErrorCode, status_from_rq, wake_key
 from worker.events import EventSink
 
 log = logging.getLogger(__name__)
 
+WAKE_WAIT = 1.0  # seconds an idle worker blocks on the wake stream before it looks at the queues again
+# KEYS: queue, its intermediate list, for each queue in priority order; then the model's wake stream.
+# Returns {position of the queue's key, job id}, or {0, last id of the wake stream} when all are empty.
+CLAIM_NEXT = """
+for i = 1, #KEYS - 1, 2 do
+  local id = redis.call('LPOP', KEYS[i])
+  if id then
+    redis.call('RPUSH', KEYS[i + 1], id)
+    return {i, id}
+  end
+end
+local last = redis.call('XREVRANGE', KEYS[#KEYS], '+', '-', 'COUNT', 1)
+return {0, last[1] and last[1][1] or '0-0'}
+"""
+
+
+class ClaimingQueue(Queue):
+    """RQ's queue with a dequeue that never leaves a taken job in no list (see the module doc).
+
+    When every queue is empty it blocks on the model's wake stream from the id the claim saw, so a
+    job queued after that look wakes it at once; jobs queued without a wake-up (RQ's own retries)
+    are found within WAKE_WAIT.
+    """
+
+    @classmethod
+    def dequeue_any(  # type: ignore[override]
+        cls,
+        queues: list[Queue],
+        timeout: int | None,
+        connection: Any = None,
+        job_class: Any = None,
+        serializer: Any = None,
+        death_penalty_class: Any = None,
+    ) -> tuple[Job, Queue] | None:
+        keys = [key for q in queues for key in (q.key, q.intermediate_queue_key)]
+        keys.append(wake_key(model_of_queue(queues[0].name) or queues[0].name))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            position, value = connection.eval(CLAIM_NEXT, len(keys), *keys)
+            if position:
+                found = cls._fetch_dequeued_job(
+                    connection,
+                    keys[position - 1],
+                    as_text(value),
+                    job_class=job_class,
+                    serializer=serializer,
+                    death_penalty_class=death_penalty_class,
+                )
+                if found is not None:
+                    return found
+                continue  # its hash is gone (RQ skips such ids too); maintenance clears the list
+            if deadline is None:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DequeueTimeout(timeout, [q.key for q in queues])
+            connection.xread({keys[-1]: value}, count=1, block=max(1, int(min(remaining, WAKE_WAIT) * 1000)))
+
 
 class ImagegenWorker(SimpleWorker):
+    queue_class = ClaimingQueue
+
     def __init__(
         self,
         *args: Any,
@@ -57,13 +126,29 @@ class ImagegenWorker(SimpleWorker):
             return "jobs with callbacks are not accepted"
         return None
 
+    def validate_queues(self) -> None:
+        # RQ wants instances of `queue_class`; only its dequeue (a classmethod) is ours.
+        for queue in self.queues:
+            if not isinstance(queue, Queue):
+                raise TypeError(f"{queue!r} is not an RQ queue")
+
+    def refuse(self, job: Job, queue: Queue, reason: str) -> None:
+        """Fail a job that must not run, and take it out of the intermediate list (else RQ's
+        maintenance would take it for stuck and fail it a second time)."""
+        log.warning("refusing job %s: %s", job.id, reason)
+        job.meta["error"] = {"code": ErrorCode.refused.value, "message": reason}
+        job.save_meta()
+        self.handle_job_failure(job, queue, exc_string=f"refused: {reason}")
+        self.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        # Every job we take waits in its queue's intermediate list until this transaction.
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         reason = self.refusal_reason(job)
         if reason is not None:
-            log.warning("refusing job %s: %s", job.id, reason)
-            job.meta["error"] = {"code": ErrorCode.refused.value, "message": reason}
-            job.save_meta()
-            self.handle_job_failure(job, queue, exc_string=f"refused: {reason}")
+            self.refuse(job, queue, reason)
             self.set_state(WorkerStatus.IDLE)
             return
         execution = self.prepare_execution(job)

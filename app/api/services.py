@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import math
 import secrets
@@ -15,6 +16,7 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.client import Pipeline
+from redis.exceptions import NoScriptError
 from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
@@ -24,6 +26,7 @@ from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, 
 from app.core import events
 from app.core.catalog import model_of_queue, served_models
 from app.core.config import Settings
+from app.core.enqueue import SCRIPT, SCRIPT_SHA, WAKE_MAXLEN, JobHash, script_args
 from app.core.errors import (
     ConflictError,
     GoneError,
@@ -45,6 +48,7 @@ from app.core.jobs import (
     parse_job_id,
     status_from_rq,
     steptime_key,
+    wake_key,
 )
 from app.core.queue import SERIALIZER, enqueue_task, fetch_job, get_queues
 
@@ -76,43 +80,51 @@ class _QueueState:
 
 
 @dataclass
-class _Submission:
-    """A job whose write is recorded on `writes` (not executed yet), and what places it in line."""
+class _Admitted:
+    """A request past the capacity check and filled from its model's defaults: what a write needs."""
 
-    job: Job
-    writes: Pipeline
+    params: GenerationParams
+    meta: dict[str, Any]
     rank: int  # index of its priority
     own_work: float | None  # seconds of sampling this job needs, from measured step times
     state: _QueueState
 
-    def placed(self, written: list[Any]) -> Job:
-        """The job, carrying its queue position and ETA for the 202 body (see `JobService.view`).
-
-        The write ends with LLEN of every queue of the model, so the position is exact at that
-        moment; the jobs ahead are counted as if they were like this one (GET /jobs/{id} reads them).
-        """
-        lengths = [int(x) for x in written[-len(self.state.lengths) :]]
-        self.state.lengths = lengths
-        position = sum(lengths[: self.rank + 1]) - 1
+    def place(self, lengths: list[Any]) -> tuple[int, float | None]:
+        """(queue position, ETA) from the queue lengths read back at the end of the job's write:
+        the position is exact at that moment; the jobs ahead are counted as if they were like this
+        one (GET /jobs/{id} reads them)."""
+        self.state.lengths = [int(x) for x in lengths]
+        position = sum(self.state.lengths[: self.rank + 1]) - 1
         eta = None if self.own_work is None else self.own_work * (position + 1) / self.state.workers
-        self.job.meta[PLACEMENT] = (position, eta)
-        return self.job
+        return position, eta
+
+
+@dataclass
+class Placed:
+    """A job `submit_async` just queued, with all that its 202 body says (see `JobService.view_placed`)."""
+
+    id: str
+    priority: Priority
+    created_at: datetime.datetime
+    params: dict[str, Any]
+    position: int
+    eta: float | None
 
 
 class _Writes:
-    """Submissions that arrive while the event loop is busy are written together: one MULTI/EXEC
-    (one round trip, one reply to parse) for all of them, each job's commands in order, so each
-    job is still written whole or not at all. Replies go back to each caller by position."""
+    """Commands that arrive while the event loop is busy go to Redis together, in one pipeline (one
+    round trip); each caller gets its own reply or error. Each submission is one atomic script call
+    (see `app.core.enqueue`), so sharing the round trip never splits a job."""
 
     def __init__(self, aredis: AsyncRedis) -> None:
         self.aredis = aredis
-        self.pending: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
+        self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self.flusher: asyncio.Task[None] | None = None
 
-    async def write(self, commands: list[Any]) -> list[Any]:
-        """Execute a recorded command stack with the others waiting; returns its own replies."""
-        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self.pending.append((commands, done))
+    async def write(self, *command: Any) -> Any:
+        """Execute one command with the others waiting; returns its reply (raises its error)."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append((command, done))
         if self.flusher is None:
             self.flusher = asyncio.create_task(self._flush())
         return await done
@@ -120,10 +132,9 @@ class _Writes:
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # one turn of the loop: requests already read join this write
         batch, self.pending, self.flusher = self.pending, [], None
-        pipe: Any = self.aredis.pipeline(transaction=True)
-        for commands, _ in batch:
-            for args, options in commands:
-                pipe.pipeline_execute_command(*args, **options)
+        pipe: Any = self.aredis.pipeline(transaction=False)
+        for command, _ in batch:
+            pipe.pipeline_execute_command(*command)
         try:
             replies = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
@@ -135,16 +146,13 @@ class _Writes:
                 if not done.done():
                     done.set_exception(exc)
             return
-        start = 0
-        for commands, done in batch:
-            own, start = replies[start : start + len(commands)], start + len(commands)
+        for (_, done), reply in zip(batch, replies, strict=True):
             if done.done():  # its caller went away meanwhile
                 continue
-            error = next((r for r in own if isinstance(r, Exception)), None)
-            if error is not None:  # a command of this job failed; the others' jobs are unaffected
-                done.set_exception(error)
+            if isinstance(reply, Exception):  # this command failed; the others are unaffected
+                done.set_exception(reply)
             else:
-                done.set_result(own)
+                done.set_result(reply)
 
 
 class JobService:
@@ -155,11 +163,16 @@ class JobService:
         self._writes = _Writes(aredis) if aredis is not None else None
         self.queues = get_queues(redis, settings.model)
         self._other_queues: dict[str, list[Queue]] = {}
+        self._job_hashes: dict[str, JobHash] = {}  # per queue name
         self._state: dict[str, _QueueState] = {}
 
     @property
     def event_ttl(self) -> int:
         return max(self.settings.result_ttl, self.settings.failure_ttl)
+
+    @property
+    def _seen_ttl(self) -> int:
+        return self.event_ttl + SEEN_GRACE
 
     # -- submit ---------------------------------------------------------------------------
     def route(self, model: str | None) -> str:
@@ -202,8 +215,11 @@ class JobService:
             with self.redis.pipeline(transaction=False) as pipe:
                 self._queue_reads(pipe, model)
                 state = self._read_state(model, pipe.execute())
-        sub = self._prepare(params, model, state, priority, webhook, job_id, owner, enqueue)
-        return sub.placed(sub.writes.execute())
+        admitted = self._admit(params, model, state, priority, webhook, owner)
+        job, pipe = self._record(admitted, model, job_id, enqueue)
+        written = pipe.execute()
+        job.meta[PLACEMENT] = admitted.place(written[-len(state.lengths) :])
+        return job
 
     async def submit_async(
         self,
@@ -214,9 +230,10 @@ class JobService:
         job_id: str | None = None,
         owner: str | None = None,
         model: str | None = None,
-    ) -> Job:
-        """`submit` on the asyncio client, without a hop to a worker thread (for async routes)."""
-        assert self.aredis is not None
+    ) -> Placed:
+        """`submit` for async routes, on the asyncio client: the write is one script call (see
+        `app.core.enqueue`) sharing its round trip with the submissions ready at the same time."""
+        assert self.aredis is not None and self._writes is not None
         if model is not None and model != self.settings.model:
             model = await asyncio.to_thread(self.route, model)  # rare: reads the live workers
         model = model or self.settings.model
@@ -226,11 +243,42 @@ class JobService:
             read: Any = self.aredis.pipeline(transaction=False)
             self._queue_reads(read, model)
             state = self._read_state(model, await read.execute())
-        sub = self._prepare(params, model, state, priority, webhook, job_id, owner, enqueue_task)
-        commands = list(sub.writes.command_stack)  # replayed on the asyncio client: what RQ and we recorded
-        sub.writes.reset()
-        assert self._writes is not None
-        return sub.placed(await self._writes.write(commands))
+        admitted = self._admit(params, model, state, priority, webhook, owner)
+        queues = self._model_queues(model)
+        queue = queues[admitted.rank]
+        job_hash = self._job_hashes.get(queue.name)
+        if job_hash is None:  # the first job on this queue: RQ reads the server's version once
+            job_hash = await asyncio.to_thread(self._job_hash, queue)
+        job_id = job_id or str(uuid.uuid4())
+        created = datetime.datetime.now(datetime.UTC)
+        params_json = admitted.params.model_dump(mode="json")
+        total = admitted.params.num_inference_steps or 0
+        queued = events.make_event(EventType.queued, job_id, "queued", progress={"step": 0, "total": total})
+        args = script_args(
+            job_hash,
+            job_id,
+            params_json,
+            admitted.meta,
+            created,
+            seen_key=SEEN_PREFIX + job_id,
+            seen_ttl=self._seen_ttl,
+            index_key=index_key(owner),
+            queued_event=queued.model_dump_json(exclude_none=True),
+            event_ttl=self.event_ttl,
+            wake_stream=wake_key(model),
+            model_queue_keys=[q.key for q in queues],
+        )
+        try:
+            lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
+        except NoScriptError:  # Redis restarted or its scripts were flushed since the last load
+            await self.aredis.script_load(SCRIPT)
+            lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
+        position, eta = admitted.place(lengths)
+        return Placed(job_id, priority, created, params_json, position, eta)
+
+    def _job_hash(self, queue: Queue) -> JobHash:
+        job_hash = self._job_hashes[queue.name] = JobHash(queue, self.settings)
+        return job_hash
 
     def _check_sizes(self, params: GenerationParams) -> None:
         s = self.settings
@@ -268,20 +316,17 @@ class JobService:
         self._state[model] = state
         return state
 
-    def _prepare(
+    def _admit(
         self,
         params: GenerationParams,
         model: str,
         state: _QueueState,
         priority: Priority,
         webhook: dict[str, Any] | None,
-        job_id: str | None,
         owner: str | None,
-        enqueue: Callable[..., Job],
-    ) -> _Submission:
-        """Check capacity, fill the request, and record the write on a (not yet executed) pipeline."""
+    ) -> _Admitted:
+        """Check capacity and fill the request from the model's defaults."""
         s = self.settings
-        queues = self._model_queues(model)
         info = state.info
         # 1. A bounded queue: past `max_queue` waiting jobs, ask clients to come back later.
         waiting = sum(state.lengths)
@@ -305,21 +350,36 @@ class JobService:
         meta: dict[str, Any] = {"webhook": webhook} if webhook else {}
         if owner is not None:
             meta["owner"] = owner
-        # 3. Record one atomic write: given a pipeline, RQ only records its commands there. Then
-        #    our marker, listing index and `queued` event, and the queue lengths read back.
         rank = list(Priority).index(priority)
-        total = params.num_inference_steps or 0
+        own_work = self._work(params.model_dump(), params.num_inference_steps or 0, state.steptimes)
+        return _Admitted(params, meta, rank, own_work, state)
+
+    def _record(
+        self, admitted: _Admitted, model: str, job_id: str | None, enqueue: Callable[..., Job]
+    ) -> tuple[Job, Pipeline]:
+        """Record RQ's enqueue (given a pipeline, RQ only records its commands there), then our
+        marker, listing index, `queued` event and workers' wake-up, and the queue lengths read back,
+        as one MULTI/EXEC."""
+        queues = self._model_queues(model)
         pipe = self.redis.pipeline()
         pipe.multi()  # before any command: RQ asks for MULTI itself unless it was already given
-        job = enqueue(queues[rank], params, s, job_id=job_id or str(uuid.uuid4()), meta=meta, pipeline=pipe)
-        pipe.set(SEEN_PREFIX + job.id, 1, ex=max(s.result_ttl, s.failure_ttl) + SEEN_GRACE)
-        pipe.zadd(index_key(owner), {job.id: time.time()})
+        job = enqueue(
+            queues[admitted.rank],
+            admitted.params,
+            self.settings,
+            job_id=job_id or str(uuid.uuid4()),
+            meta=admitted.meta,
+            pipeline=pipe,
+        )
+        pipe.set(SEEN_PREFIX + job.id, 1, ex=self._seen_ttl)
+        pipe.zadd(index_key(admitted.meta.get("owner")), {job.id: time.time()})
+        total = admitted.params.num_inference_steps or 0
         queued = events.make_event(EventType.queued, job.id, "queued", progress={"step": 0, "total": total})
         events.publish(pipe, queued, self.event_ttl)
+        pipe.xadd(wake_key(model), {"job": job.id}, maxlen=WAKE_MAXLEN, approximate=True)
         for queue in queues:
             pipe.llen(queue.key)
-        own_work = self._work(params.model_dump(), total, state.steptimes)
-        return _Submission(job, pipe, rank, own_work, state)
+        return job, pipe
 
     def _model_queues(self, model: str) -> list[Queue]:
         """A model's queues, built once (a Queue caches the Redis version RQ reads on enqueue)."""
@@ -503,6 +563,24 @@ class JobService:
         return JobList(jobs=found, next_cursor=next_cursor)
 
     # -- present --------------------------------------------------------------------------
+    def view_placed(self, job: Placed) -> JobView:
+        """The view of a job `submit_async` just queued: what `view` shows for it, without reading it back."""
+        return JobView(
+            id=job.id,
+            status=JobStatus.queued,
+            priority=job.priority,
+            created_at=job.created_at,
+            started_at=None,
+            finished_at=None,
+            params=job.params,
+            progress=Progress(step=0, total=int(job.params.get("num_inference_steps") or 0)),
+            queue_position=job.position,
+            eta_seconds=None if job.eta is None else round(job.eta, 3),
+            images=[],
+            timings=Timings(),
+            error=None,
+        )
+
     def view(self, job: Job, image_url: ImageUrl) -> JobView:
         placement = job.meta.pop(PLACEMENT, None) if job.meta else None
         meta = job.meta or {}

@@ -132,6 +132,12 @@ def queue_name(model: str, priority: Priority = Priority.normal) -> str:
     return f"{QUEUE_PREFIX}{model}:{Priority(priority).value}"
 
 
+def wake_key(model: str) -> str:
+    """A stream the API appends to with every job it queues for `model`: idle workers block on it
+    (see `worker.worker.ClaimingQueue`) instead of popping the queues themselves."""
+    return f"imagegen:wake:{model}"
+
+
 def cancel_key(job_id: str) -> str:
     """Set by `DELETE /jobs/{id}`; the worker checks it before every denoising step."""
     return f"imagegen:cancel:{job_id}"

@@ -43,6 +43,18 @@ def _api(env, procs, tmp_path, name: str = "api", **extra: str) -> str:
     return base
 
 
+def _whereabouts(connection, job_id: str) -> dict[str, object]:
+    """Where RQ has a job: its status and every list and registry that holds it (for failure messages)."""
+    found: dict[str, object] = {"status": connection.hget(f"rq:job:{job_id}", "status")}
+    for key in connection.scan_iter("rq:*"):
+        kind = connection.type(key)
+        if kind == b"list" and connection.lpos(key, job_id) is not None:
+            found[key.decode()] = "listed"
+        elif kind == b"zset" and any(m.startswith(job_id.encode()) for m in connection.zrange(key, 0, -1)):
+            found[key.decode()] = "registered"
+    return found
+
+
 def _running_on(server, job_id: str, timeout: float = 60) -> int:
     """PID of the worker running the job (from RQ's worker registry), once sampling has begun."""
     found: list[int] = []
@@ -117,10 +129,11 @@ def test_redis_kill9_loses_no_accepted_job(env) -> None:
                     finals[job_id] = r.json()["status"]
                     pending.discard(job_id)
             time.sleep(0.5)
+    stuck = {j: _whereabouts(server.client(), j) for j in sorted(pending)[:3]}
     lost = [j for j, s in finals.items() if s == "lost"]
     print(
         f"500 jobs: {sum(s == 'succeeded' for s in finals.values())} succeeded, {len(lost)} lost, "
-        f"{len(pending)} unfinished"
+        f"{len(pending)} unfinished {stuck}"
     )
     assert not pending and not lost
     assert set(finals.values()) == {"succeeded"}

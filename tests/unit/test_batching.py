@@ -4,13 +4,14 @@ isolation of failures and cancels, order and batch limits."""
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 from PIL import Image
-from rq import Queue
+from rq import Queue, Retry
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -130,6 +131,25 @@ def test_waiting_jobs_share_ticks_and_each_keeps_its_own_lifecycle(env, redis_db
         seen = kinds(redis_db, job.id)
         assert seen[0] == "started" and seen[-1] == "succeeded" and set(seen[1:-1]) == {"progress"}
     assert StartedJobRegistry(queue=queue).get_job_ids() == []
+    assert redis_db.llen(queue.intermediate_queue_key) == 0  # each claimed job left it when it started
+
+
+def test_a_claimed_job_waits_in_the_intermediate_list_until_it_starts(env, redis_db, monkeypatch) -> None:
+    """If the worker or Redis dies between the claim and RQ's registration, RQ's maintenance still
+    finds the job there and retries it; a bare pop would leave it `queued` in no list at all."""
+    engine, store, queue, _, make = env
+    params = {"prompt": "p", "num_inference_steps": 2}
+    job = queue.enqueue(TASK_GENERATE, kwargs={"params": params}, job_id=str(uuid.uuid4()), retry=Retry(max=1))
+    worker = make()
+    monkeypatch.setattr(worker, "_admit", lambda *args, **kwargs: None)  # dies right after the claim
+    worker._fill([[], [job.id.encode()]], room=8)
+    assert queue.get_job_ids() == []
+    assert redis_db.lrange(queue.intermediate_queue_key, 0, -1) == [job.id.encode()]
+    waiting = queue.intermediate_queue
+    waiting.cleanup(worker, queue)  # RQ's maintenance: the first sighting
+    redis_db.set(waiting.get_first_seen_key(job.id), time.time() - 120)  # ...and a later one
+    waiting.cleanup(worker, queue)
+    assert queue.get_job_ids() == [job.id] and redis_db.llen(queue.intermediate_queue_key) == 0
 
 
 def test_jobs_finishing_together_are_decoded_together(env) -> None:
@@ -244,6 +264,7 @@ def test_refused_and_invalid_jobs_fail_without_stopping_the_batch(env, redis_db)
     after.refresh()
     assert first.get_status() == after.get_status() == "finished"
     assert engine.ticks[0] == ["first", "after"]
+    assert redis_db.llen(queue.intermediate_queue_key) == 0  # nothing left for RQ to fail a second time
 
 
 def test_requeue_on_shutdown_hands_every_job_back(env, redis_db) -> None:

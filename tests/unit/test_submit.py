@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 from typing import Any
 
 import pytest
 from rq.job import Job, JobStatus
 
-from app.api.services import JobService
+from app.api.services import JobService, Placed
 from app.core.config import Settings
 from app.core.errors import RateLimitedError
 from app.core.jobs import GenerationParams, Priority
@@ -25,7 +26,7 @@ def make_service(redis_db, redis_server: RedisServer, **settings) -> JobService:
     return JobService(Settings(redis_url=url, model="main", **settings), redis_db, connect_async(url))
 
 
-async def submit_async(service: JobService, params: GenerationParams, **kw) -> Job:
+async def submit_async(service: JobService, params: GenerationParams, **kw) -> Placed:
     try:
         return await service.submit_async(params, **kw)
     finally:
@@ -38,20 +39,49 @@ def command_calls(redis_db, name: str) -> int:
     return int(stats["calls"]) if stats else 0
 
 
-def test_async_submit_writes_what_rqs_own_enqueue_writes(redis_db, redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("owner", [None, "key-1"])
+def test_async_submit_writes_what_rqs_own_enqueue_writes(redis_db, redis_server: RedisServer, owner) -> None:
     params = GenerationParams(prompt="a red circle", seed=3, width=32, height=32, num_inference_steps=4)
-    sync_job = make_service(redis_db, redis_server).submit(params)
-    async_job = asyncio.run(submit_async(make_service(redis_db, redis_server), params))
-    a, b = redis_db.hgetall(sync_job.key), redis_db.hgetall(async_job.key)
+    webhook = {"url": "https://example.com/hook", "events": ["succeeded"]}
+    sync_job = make_service(redis_db, redis_server).submit(params, owner=owner, webhook=webhook)
+    placed = asyncio.run(submit_async(make_service(redis_db, redis_server), params, owner=owner, webhook=webhook))
+    a, b = redis_db.hgetall(sync_job.key), redis_db.hgetall(Job.key_for(placed.id))
     assert set(a) == set(b)
     assert {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}
-    fetched = Job.fetch(async_job.id, connection=redis_db, serializer=SERIALIZER)
+    assert SERIALIZER.loads(zlib.decompress(b[b"data"])) == SERIALIZER.loads(zlib.decompress(a[b"data"]))
+    fetched = Job.fetch(placed.id, connection=redis_db, serializer=SERIALIZER)
     assert fetched.get_status() == JobStatus.QUEUED and fetched.kwargs == sync_job.kwargs
-    assert redis_db.lrange("rq:queue:imagegen:main:normal", 0, -1) == [sync_job.id.encode(), async_job.id.encode()]
-    assert redis_db.sismember("rq:queues", "rq:queue:imagegen:main:normal")
-    # Our own keys went in the same transaction: the listing index and the `queued` event.
-    assert redis_db.zscore("imagegen:index", async_job.id) is not None
-    assert redis_db.xlen(f"imagegen:events:{async_job.id}") == 1
+    rq_written = Job.fetch(sync_job.id, connection=redis_db, serializer=SERIALIZER)
+    assert fetched.func_name == rq_written.func_name and fetched.meta == rq_written.meta
+    queue = "rq:queue:imagegen:main:normal"
+    assert redis_db.lrange(queue, 0, -1) == [sync_job.id.encode(), placed.id.encode()]
+    assert redis_db.sismember("rq:queues", queue)
+    # Our own keys went in the same script call: the seen marker, listing index and `queued` event.
+    assert redis_db.ttl(f"imagegen:seen:{placed.id}") == redis_db.ttl(f"imagegen:seen:{sync_job.id}")
+    index = "imagegen:index" if owner is None else f"imagegen:index:{owner}"
+    assert redis_db.zscore(index, placed.id) is not None
+    stream = f"imagegen:events:{placed.id}"
+    assert redis_db.xlen(stream) == 1 and redis_db.ttl(stream) == redis_db.ttl(f"imagegen:events:{sync_job.id}")
+    # The 202 body shows what GET /jobs/{id} shows for the job once read back.
+    service = make_service(redis_db, redis_server)
+    url = lambda i, n: ""  # noqa: E731
+    assert service.view_placed(placed) == service.view(fetched, url).model_copy(update={"eta_seconds": placed.eta})
+
+
+def test_async_submit_reloads_its_script_after_a_flush(redis_db, redis_server: RedisServer) -> None:
+    service = make_service(redis_db, redis_server)
+
+    async def twice() -> list[Placed]:
+        try:
+            first = await service.submit_async(GenerationParams(prompt="one"))
+            redis_db.script_flush()  # as after a Redis restart
+            return [first, await service.submit_async(GenerationParams(prompt="two"))]
+        finally:
+            assert service.aredis is not None
+            await service.aredis.aclose()
+
+    jobs = asyncio.run(twice())
+    assert redis_db.lrange("rq:queue:imagegen:main:normal", 0, -1) == [j.id.encode() for j in jobs]
 
 
 def test_the_202_placement_counts_higher_priorities_first(redis_db, redis_server: RedisServer) -> None:
@@ -96,26 +126,34 @@ def test_the_queue_bound_holds_with_the_cached_state(redis_db, redis_server: Red
         asyncio.run(submit_async(service, GenerationParams(prompt="full again")))
 
 
-def test_concurrent_async_submissions_share_one_transaction(redis_db, redis_server: RedisServer) -> None:
+def test_concurrent_async_submissions_share_one_round_trip(redis_db, redis_server: RedisServer) -> None:
     service = make_service(redis_db, redis_server)
-    url = lambda i, n: ""  # noqa: E731
+    assert service.aredis is not None
+    pipelines = 0
+    make_pipeline = service.aredis.pipeline
 
-    async def burst() -> list[Job]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return make_pipeline(*args, **kwargs)
+
+    async def burst() -> list[Placed]:
         try:
             await service.submit_async(GenerationParams(prompt="first"))  # reads the queue state
             redis_db.config_resetstat()
+            service.aredis.pipeline = counted  # type: ignore[method-assign,union-attr]
             return await asyncio.gather(*(service.submit_async(GenerationParams(prompt=f"p{i}")) for i in range(8)))
         finally:
             assert service.aredis is not None
             await service.aredis.aclose()
 
     jobs = asyncio.run(burst())
-    # Eight requests that were ready together: one MULTI/EXEC between them, each job whole in it.
-    assert command_calls(redis_db, "multi") == 1 and command_calls(redis_db, "exec") == 1
+    # Eight requests that were ready together: one pipeline between them, one script call per job.
+    assert pipelines == 1 and command_calls(redis_db, "evalsha") == 8
     assert command_calls(redis_db, "rpush") == 8 and command_calls(redis_db, "llen") == 8 * 3
     assert redis_db.lrange("rq:queue:imagegen:main:normal", 1, -1) == [j.id.encode() for j in jobs]
-    # Each one's 202 placement comes from its own replies inside the shared transaction.
-    assert [service.view(j, url).queue_position for j in jobs] == list(range(1, 9))
+    # Each one's 202 placement comes from its own reply.
+    assert [j.position for j in jobs] == list(range(1, 9))
 
 
 def test_a_failing_write_fails_only_its_own_submission(redis_db, redis_server: RedisServer) -> None:
@@ -127,8 +165,8 @@ def test_a_failing_write_fails_only_its_own_submission(redis_db, redis_server: R
     async def both() -> list[Any]:
         try:
             assert service._writes is not None
-            bad = service._writes.write([(("LPUSH", "a-string", "y"), {})])  # WRONGTYPE
-            good = service._writes.write([(("SET", "fine", "1"), {}), (("GET", "fine"), {})])
+            bad = service._writes.write("LPUSH", "a-string", "y")  # WRONGTYPE
+            good = service._writes.write("SET", "fine", "1")
             return await asyncio.gather(bad, good, return_exceptions=True)
         finally:
             assert service.aredis is not None
@@ -136,4 +174,4 @@ def test_a_failing_write_fails_only_its_own_submission(redis_db, redis_server: R
 
     bad, good = asyncio.run(both())
     assert isinstance(bad, ResponseError) and "WRONGTYPE" in str(bad)
-    assert good == [True, b"1"] and redis_db.get("fine") == b"1"
+    assert good is True and redis_db.get("fine") == b"1"

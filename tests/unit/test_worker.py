@@ -118,7 +118,7 @@ def test_invalid_params_from_a_rogue_producer(env) -> None:
     assert runtime.calls == []
 
 
-def test_jobs_naming_other_functions_are_refused_and_never_run(env, tmp_path: Path) -> None:
+def test_jobs_naming_other_functions_are_refused_and_never_run(env, redis_db, tmp_path: Path) -> None:
     runtime, store, queue, worker = env
     marker = tmp_path / "pwned"
     planted = enqueue(queue, "os.system", f"touch {marker}")
@@ -129,6 +129,7 @@ def test_jobs_naming_other_functions_are_refused_and_never_run(env, tmp_path: Pa
     assert not marker.exists()
     assert planted.get_status() == "failed" and planted.meta["error"]["code"] == "refused"
     assert after.get_status() == "finished"
+    assert redis_db.llen(queue.intermediate_queue_key) == 0  # nothing left for RQ to fail a second time
 
 
 def test_heartbeats_continue_while_a_job_samples(env) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep
+from app.api.deps import JobsDep, PrincipalDep
 from app.api.schemas import ERROR_RESPONSES, GenerateRequest, JobView
 from app.core.auth import charge, is_limited
 from app.core.errors import InvalidRequestError
@@ -34,13 +34,10 @@ def image_url(request: Request):
 async def generate(
     body: GenerateRequest,
     request: Request,
-    response: Response,
     jobs: JobsDep,
-    settings: SettingsDep,
     principal: PrincipalDep,
-    redis: RedisDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> JobView:
+) -> Response:
     """Queue a job and answer at once with 202, a `Location` to poll and the job as JSON.
 
     With an `Idempotency-Key` header, repeating the same body returns the original job (200)
@@ -48,6 +45,7 @@ async def generate(
     """
     # The common request (no webhook, idempotency key or rate limit) is one Redis transaction on
     # the asyncio client and never leaves the event loop; the rest runs in worker threads.
+    settings, redis = jobs.settings, jobs.redis  # (fewer dependencies: FastAPI solves each per request)
     webhook = None
     if body.webhook is not None:
         if not settings.webhook_secret:
@@ -66,9 +64,8 @@ async def generate(
             jobs.claim_idempotency_key, idempotency_key, body_hash, principal.owner
         )
     if existing is not None:
-        response.headers["Location"] = f"/jobs/{existing.id}"
-        response.status_code = status.HTTP_200_OK
-        return await run_in_threadpool(jobs.view, existing, image_url(request))
+        view = await run_in_threadpool(jobs.view, existing, image_url(request))
+        return job_response(view, status.HTTP_200_OK)
     if is_limited(principal, settings.rate_limit_images):  # else no Redis to ask, so no thread hop
         await run_in_threadpool(charge, redis, principal, "images", body.num_images, settings.rate_limit_images)
     job = await jobs.submit_async(
@@ -79,5 +76,11 @@ async def generate(
         owner=principal.owner,
         model=body.model,
     )
-    response.headers["Location"] = f"/jobs/{job.id}"
-    return jobs.view(job, image_url(request))  # no Redis reads for a job `submit_async` just placed
+    return job_response(jobs.view_placed(job), status.HTTP_202_ACCEPTED)  # no Redis reads for a job just placed
+
+
+def job_response(view: JobView, status_code: int) -> Response:
+    """The job as JSON, with its `Location`. Serialized here: a returned model FastAPI would first
+    validate again against `response_model` (which stays, for the OpenAPI schema)."""
+    headers = {"Location": f"/jobs/{view.id}"}
+    return Response(view.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")

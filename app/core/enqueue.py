@@ -1,0 +1,116 @@
+"""A whole submission as one Redis script call: RQ's job hash, queue push and queue registry, as
+RQ's own enqueue writes them, plus our seen-marker, listing index, `queued` event and the wake-up of idle workers.
+
+RQ's enqueue builds a `Job` object, serializes it and records a dozen commands; on the hot path
+of `POST /generate` that and parsing a MULTI/EXEC's replies cost more than everything else in the
+request. Here RQ's write for a queue is recorded once (on a pipeline that is never executed) and
+only what differs between jobs is filled in: the id, the time stamps, the arguments and the meta.
+A script runs atomically, like MULTI/EXEC, but it is one command with one reply.
+`tests/unit/test_submit.py` checks the result against RQ's own enqueue, field by field.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import uuid
+import zlib
+from typing import Any
+
+from rq import Queue
+from rq.utils import utcformat
+
+from app.core import events
+from app.core.config import Settings
+from app.core.jobs import GenerationParams
+from app.core.queue import SERIALIZER, enqueue_task
+
+WAKE_MAXLEN = 100  # entries kept in a wake stream (workers only wait for the next one); also in SCRIPT
+
+# KEYS: rq:queues, the job's queue, the job's hash, seen marker, listing index, event stream, the
+#       model's wake stream, then every queue of the model (their lengths come back)
+# ARGV: job id, seen TTL, index score, `queued` event JSON, event TTL, stream length bound, the
+#       hash fields every job of the queue shares (a JSON list of field/value pairs, packed once
+#       per queue), then the job's own field/value pairs
+SCRIPT = """
+redis.call('SADD', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[3], unpack(cjson.decode(ARGV[7])))
+redis.call('HSET', KEYS[3], unpack(ARGV, 8))
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[4], 1, 'EX', ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', 'data', ARGV[4])
+redis.call('EXPIRE', KEYS[6], ARGV[5])
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', 100, '*', 'job', ARGV[1])
+local lengths = {}
+for i = 8, #KEYS do
+  lengths[#lengths + 1] = redis.call('LLEN', KEYS[i])
+end
+return lengths
+"""
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # what EVALSHA names it by
+PER_JOB = ("created_at", "enqueued_at", "data", "meta")  # the hash fields that differ between jobs
+
+
+class JobHash:
+    """RQ's hash for text-to-image jobs on one queue, taken from a recording of RQ's own enqueue."""
+
+    def __init__(self, queue: Queue, settings: Settings) -> None:
+        self.queue = queue
+        pipe = queue.connection.pipeline()
+        pipe.multi()  # recorded, never executed (RQ reads the server version once, on the Queue)
+        enqueue_task(queue, GenerationParams(prompt="-"), settings, job_id=str(uuid.uuid4()), pipeline=pipe)
+        stack = [args for args, _ in pipe.command_stack]
+        pipe.reset()
+        names = [str(c[0]) for c in stack]
+        if names != ["SADD", "HSET", "HSET", "RPUSH"]:
+            raise RuntimeError(f"RQ's enqueue now writes {names}; imagegen copies SADD, HSET, HSET, RPUSH")
+        pairs = stack[2][2:]
+        recorded = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        self.func, self.instance, self.args, _ = SERIALIZER.loads(zlib.decompress(recorded["data"]))
+        fixed: list[str] = []
+        for name, value in recorded.items():
+            if name not in PER_JOB:
+                fixed += [name, str(getattr(value, "value", value))]  # RQ's status enum as its text
+        self.fixed = json.dumps(fixed)
+
+    def fields(self, params: dict[str, Any], meta: dict[str, Any], created: datetime.datetime) -> list[Any]:
+        """The job's own hash fields, as field/value pairs (the rest are in `fixed`)."""
+        stamp = utcformat(created)
+        data = zlib.compress(SERIALIZER.dumps((self.func, self.instance, self.args, {"params": params})))
+        out = ["created_at", stamp, "enqueued_at", stamp, "data", data]
+        if meta:
+            out += ["meta", SERIALIZER.dumps(meta)]
+        return out
+
+
+def script_args(
+    job_hash: JobHash,
+    job_id: str,
+    params: dict[str, Any],
+    meta: dict[str, Any],
+    created: datetime.datetime,
+    *,
+    seen_key: str,
+    seen_ttl: int,
+    index_key: str,
+    queued_event: str,
+    event_ttl: int,
+    wake_stream: str,
+    model_queue_keys: list[str],
+) -> list[Any]:
+    """The arguments after the script's SHA1 in an EVALSHA: key count, keys, then ARGV."""
+    queue = job_hash.queue
+    keys = [
+        queue.redis_queues_keys,
+        queue.key,
+        queue.job_class.key_for(job_id),
+        seen_key,
+        index_key,
+        events.stream_key(job_id),
+        wake_stream,
+        *model_queue_keys,
+    ]
+    argv = [job_id, seen_ttl, created.timestamp(), queued_event, event_ttl, events.STREAM_MAXLEN, job_hash.fixed]
+    return [len(keys), *keys, *argv, *job_hash.fields(params, meta, created)]

@@ -1,0 +1,91 @@
+"""The worker's dequeue (`ClaimingQueue`) on a real redis-server: a taken job is never in no list,
+priorities are kept, idle workers wake on the API's wake stream, and a worker dying between taking
+a job and starting it leaves the job where RQ's maintenance finds it."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from rq import Queue, Retry
+from rq.exceptions import DequeueTimeout
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+import worker.worker as worker_module
+from app.api.services import JobService
+from app.core.config import Settings
+from app.core.jobs import TASK_GENERATE, GenerationParams, wake_key
+from app.core.queue import get_queues
+from worker.worker import ClaimingQueue, ImagegenWorker
+
+
+def enqueue(queue: Queue, prompt: str, **options) -> Job:
+    kwargs = {"params": {"prompt": prompt, "num_inference_steps": 1}}
+    return queue.enqueue(TASK_GENERATE, kwargs=kwargs, job_id=str(uuid.uuid4()), **options)
+
+
+def dequeue(queues: list[Queue], timeout: int | None) -> tuple[Job, Queue] | None:
+    return ClaimingQueue.dequeue_any(queues, timeout, connection=queues[0].connection, serializer=JSONSerializer)
+
+
+def test_the_highest_priority_job_moves_to_its_intermediate_list(redis_db) -> None:
+    high, normal, low = get_queues(redis_db, "m")
+    first_normal, second_normal = enqueue(normal, "n1"), enqueue(normal, "n2")
+    urgent = enqueue(high, "h")
+    got = dequeue([high, normal, low], timeout=None)
+    assert got is not None and got[0].id == urgent.id and got[1].name == high.name
+    # Taken, not yet started: out of the queue and in its intermediate list, never in no list.
+    assert high.get_job_ids() == [] and redis_db.lrange(high.intermediate_queue_key, 0, -1) == [urgent.id.encode()]
+    got = dequeue([high, normal, low], timeout=None)
+    assert got is not None and got[0].id == first_normal.id
+    assert normal.get_job_ids() == [second_normal.id]
+
+
+def test_nothing_waiting_is_none_without_a_timeout_and_a_timeout_with_one(redis_db) -> None:
+    queues = get_queues(redis_db, "m")
+    assert dequeue(queues, timeout=None) is None
+    with pytest.raises(DequeueTimeout):
+        dequeue(queues, timeout=1)
+
+
+def test_an_idle_worker_wakes_on_a_job_the_api_queues(redis_db, redis_server, monkeypatch) -> None:
+    # Looking at the queues again only after a minute: what returns the job is the wake-up.
+    monkeypatch.setattr(worker_module, "WAKE_WAIT", 60.0)
+    queues = get_queues(redis_db, "m")
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(dequeue(queues, timeout=20)))
+    waiter.start()
+    time.sleep(0.3)  # blocked on the wake stream by now
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15", model="m")
+    job = JobService(settings, redis_db).submit(GenerationParams(prompt="wake up"))
+    waiter.join(20)
+    assert not waiter.is_alive()
+    assert got and got[0] is not None and got[0][0].id == job.id  # type: ignore[index]
+    assert redis_db.xlen(wake_key("m")) == 1
+
+
+def test_jobs_queued_without_a_wake_up_are_found_at_the_next_look(redis_db, monkeypatch) -> None:
+    monkeypatch.setattr(worker_module, "WAKE_WAIT", 0.05)
+    queues = get_queues(redis_db, "m")
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(dequeue(queues, timeout=20)))
+    waiter.start()
+    time.sleep(0.3)
+    job = enqueue(queues[1], "RQ's own enqueue, e.g. a retry")
+    waiter.join(20)
+    assert got and got[0] is not None and got[0][0].id == job.id  # type: ignore[index]
+
+
+def test_a_job_whose_worker_died_after_taking_it_is_retried_by_maintenance(redis_db) -> None:
+    queues = get_queues(redis_db, "m")
+    job = enqueue(queues[1], "orphan", retry=Retry(max=1))
+    assert dequeue(queues, timeout=None) is not None  # ...and the worker dies here
+    worker = ImagegenWorker(queues, connection=redis_db, serializer=JSONSerializer)
+    waiting = queues[1].intermediate_queue
+    worker.clean_registries()  # RQ's maintenance sees it in the intermediate list
+    redis_db.set(waiting.get_first_seen_key(job.id), time.time() - 120)  # a minute later, still there
+    worker.clean_registries()
+    assert queues[1].get_job_ids() == [job.id] and redis_db.llen(queues[1].intermediate_queue_key) == 0
