@@ -101,6 +101,23 @@ def test_long_poll_returns_at_the_end_or_the_deadline(stack: Stack) -> None:
         assert http.get(f"/jobs/{queued['id']}", params={"wait": 61}).status_code == 422
 
 
+def test_prefer_wait_answers_the_post_when_the_job_ends(stack: Stack) -> None:
+    with stack.client() as http:
+        r = http.post("/generate", json={"prompt": "in one request", **FAST}, headers={"Prefer": "wait=30"})
+        assert r.status_code == 200 and r.headers["preference-applied"] == "wait=30"
+        job = r.json()
+        assert job["status"] == "succeeded" and r.headers["location"] == f"/jobs/{job['id']}"
+        assert http.get(job["images"][0]["url"]).content.startswith(b"\x89PNG")
+        # Not done within the wait: 202 and the state it had then.
+        blocker = stack.submit(http, **BLOCKER)
+        r = http.post("/generate", json={"prompt": "behind it", **FAST}, headers={"Prefer": "respond-async, wait=0.5"})
+        assert r.status_code == 202 and r.json()["status"] == "queued" and r.headers["preference-applied"] == "wait=0.5"
+        http.delete(f"/jobs/{blocker['id']}")
+        # A preference that cannot be understood is ignored (RFC 7240): the usual 202.
+        r = http.post("/generate", json={"prompt": "no wait", **FAST}, headers={"Prefer": "wait=soon"})
+        assert r.status_code == 202 and "preference-applied" not in r.headers
+
+
 def test_sse_stream_and_resume(stack: Stack) -> None:
     with stack.client() as http:
         job = stack.submit(http, prompt="stream me", num_inference_steps=20, width=64, height=64)

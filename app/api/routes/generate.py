@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response, status
@@ -10,11 +11,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import JobsDep, PrincipalDep
 from app.api.schemas import ERROR_RESPONSES, GenerateRequest, JobView
+from app.api.services import JobService
 from app.core.auth import charge, is_limited
 from app.core.errors import InvalidRequestError
 from app.core.webhooks import WebhookTargetError, check_target
 
 router = APIRouter(tags=["generate"])
+MAX_WAIT = 60.0  # seconds a request may be held open for a job to end (long-poll, `Prefer: wait`)
 
 
 def image_url(request: Request):
@@ -26,7 +29,10 @@ def image_url(request: Request):
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobView,
     responses={
-        200: {"model": JobView, "description": "Repeat of an Idempotency-Key: the original job"},
+        200: {
+            "model": JobView,
+            "description": "Repeat of an Idempotency-Key (the original job), or with `Prefer: wait` a job that ended",
+        },
         **ERROR_RESPONSES,
     },
     summary="Submit a text-to-image job",
@@ -37,11 +43,23 @@ async def generate(
     jobs: JobsDep,
     principal: PrincipalDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    prefer: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description=f"`wait=N` (RFC 7240): answer when the job ends (200), or after N s (at most {MAX_WAIT:g}) "
+            "with its state then (202)",
+        ),
+    ] = None,
 ) -> Response:
     """Queue a job and answer at once with 202, a `Location` to poll and the job as JSON.
 
     With an `Idempotency-Key` header, repeating the same body returns the original job (200)
     for 24 h; the same key with a different body is a 409.
+
+    With `Prefer: wait=N` the answer waits for the job to end, up to N seconds: 200 and the
+    finished job (image URLs, or the error) when it ended in time, else 202 and its state then.
+    `Preference-Applied` says the wait was honoured.
     """
     # The common request (no webhook, idempotency key or rate limit) is one Redis transaction on
     # the asyncio client and never leaves the event loop; the rest runs in worker threads.
@@ -63,7 +81,10 @@ async def generate(
         job_id, existing = await run_in_threadpool(
             jobs.claim_idempotency_key, idempotency_key, body_hash, principal.owner
         )
+    wait = prefer_wait(prefer)
     if existing is not None:
+        if wait:
+            return await finished_response(jobs, existing.id, wait, request, status.HTTP_200_OK)
         view = await run_in_threadpool(jobs.view, existing, image_url(request))
         return job_response(view, status.HTTP_200_OK)
     if is_limited(principal, settings.rate_limit_images):  # else no Redis to ask, so no thread hop
@@ -76,11 +97,38 @@ async def generate(
         owner=principal.owner,
         model=body.model,
     )
+    if wait:
+        return await finished_response(jobs, job.id, wait, request)
     return job_response(jobs.view_placed(job), status.HTTP_202_ACCEPTED)  # no Redis reads for a job just placed
 
 
-def job_response(view: JobView, status_code: int) -> Response:
+def prefer_wait(prefer: str | None) -> float:
+    """Seconds asked for by a `wait=N` preference (capped at MAX_WAIT); 0 when there is none. Like
+    any preference (RFC 7240) one that cannot be understood is ignored."""
+    for preference in (prefer or "").replace(";", ",").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return 0.0
+            return min(seconds, MAX_WAIT) if seconds > 0 and math.isfinite(seconds) else 0.0
+    return 0.0
+
+
+async def finished_response(
+    jobs: JobService, job_id: str, wait: float, request: Request, status_code: int | None = None
+) -> Response:
+    """The job once it has ended, or after `wait` seconds: 200 when it ended, else 202."""
+    await jobs.wait_async(job_id, wait)
+    view = await run_in_threadpool(lambda: jobs.view(jobs.get(job_id), image_url(request)))
+    if status_code is None:
+        status_code = status.HTTP_200_OK if view.status.is_terminal() else status.HTTP_202_ACCEPTED
+    return job_response(view, status_code, {"Preference-Applied": f"wait={wait:g}"})
+
+
+def job_response(view: JobView, status_code: int, headers: dict[str, str] | None = None) -> Response:
     """The job as JSON, with its `Location`. Serialized here: a returned model FastAPI would first
     validate again against `response_model` (which stays, for the OpenAPI schema)."""
-    headers = {"Location": f"/jobs/{view.id}"}
+    headers = {"Location": f"/jobs/{view.id}", **(headers or {})}
     return Response(view.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")

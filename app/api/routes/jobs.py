@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
 from app.api.deps import JobsDep, PrincipalDep, SettingsDep, StoreDep
-from app.api.routes.generate import image_url
+from app.api.routes.generate import MAX_WAIT, image_url
 from app.api.schemas import ERROR_RESPONSES, JobList, JobView
 from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError
 from app.core.events import JobEvent
@@ -17,7 +17,6 @@ from app.core.jobs import JobStatus
 from app.core.webhooks import deliver
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-MAX_WAIT = 60.0
 
 
 @router.get("", response_model=JobList, responses=ERROR_RESPONSES, summary="Recent jobs, newest first")
