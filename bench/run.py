@@ -329,6 +329,9 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) ->
     return out
 
 
+INGRESS_ROUNDS = 2
+
+
 def ingress(args: argparse.Namespace, tmp: Path, server: Any) -> dict[str, Any]:
     log("4. ingress (no worker running)")
     conn = server.client(0)
@@ -336,15 +339,20 @@ def ingress(args: argparse.Namespace, tmp: Path, server: Any) -> dict[str, Any]:
     env = service_env(server.url, tmp, model="tiny-random")
     env.pop("IMAGEGEN_WEBHOOK_SECRET", None)
     env.update(IMAGEGEN_MAX_QUEUE="10000000", IMAGEGEN_LOG_LEVEL="WARNING")
-    result = {}
-    for name, app in (("api", "app.main:app"), ("trivial", "bench.trivial_app:app")):
-        proc, base = start_api(env, tmp / f"ingress-{name}.log", app)
-        try:
-            wrk(base + "/generate", args.connections, 2)  # warm-up
-            result[name] = wrk(base + "/generate", args.connections, args.wrk_seconds)
-        finally:
-            proc.stop()
-        conn.flushdb()
+    # Alternated, best of INGRESS_ROUNDS each: the machine's speed drifts between minutes by more
+    # than the difference measured, and a run can only be slowed by it, never sped up.
+    result: dict[str, Any] = {}
+    for _ in range(INGRESS_ROUNDS):
+        for name, app in (("api", "app.main:app"), ("trivial", "bench.trivial_app:app")):
+            proc, base = start_api(env, tmp / f"ingress-{name}.log", app)
+            try:
+                wrk(base + "/generate", args.connections, 2)  # warm-up
+                got = wrk(base + "/generate", args.connections, args.wrk_seconds)
+            finally:
+                proc.stop()
+            conn.flushdb()
+            if name not in result or got["requests_per_s"] > result[name]["requests_per_s"]:
+                result[name] = got
     return result
 
 
