@@ -211,6 +211,20 @@ def _submit_body(prompt: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
 
 
+def _held(wait: float | None) -> dict[str, Any]:
+    """Request options for a POST the server may hold up to `wait` seconds (`Prefer: wait`)."""
+    if not wait or wait <= 0:
+        return {}
+    return {"headers": {"Prefer": f"wait={wait:.3g}"}, "timeout": wait + REQUEST_TIMEOUT}
+
+
+def _post_wait(deadline: float | None, callback: ProgressCallback | None) -> float | None:
+    """How long `generate` lets the POST wait: not at all when progress is wanted (events do that)."""
+    if callback is not None:
+        return None
+    return min(LONGPOLL_MAX, _remaining(deadline)) if deadline is not None else LONGPOLL_MAX
+
+
 def error_from_response(response: httpx.Response) -> ImagegenError:
     """Our envelope `{"error": {"code", "message", "details"?}}` (or OpenAI's) as an exception."""
     try:
@@ -306,9 +320,15 @@ class Client:
         seed: int | None = None,
         scheduler: str | None = None,
         priority: str | None = None,
+        wait: float | None = None,
         **extra: Any,
     ) -> Job:
-        """Queue a job (`POST /generate`); returns it as queued, with its seed filled in."""
+        """Queue a job (`POST /generate`); returns it as queued, with its seed filled in.
+
+        With `wait` (seconds, the server allows up to 60) the server holds the answer until the job
+        ends (`Prefer: wait`): the job returned is then finished if it ended in time. Servers
+        without that preference answer at once, as without `wait`.
+        """
         params = dict(
             negative_prompt=negative_prompt,
             num_images=num_images,
@@ -321,7 +341,7 @@ class Client:
             priority=priority,
             **extra,
         )
-        return _job_from(self._request("POST", "/generate", json=_submit_body(prompt, params)))
+        return _job_from(self._request("POST", "/generate", json=_submit_body(prompt, params), **_held(wait)))
 
     def get(self, job_id: str) -> Job:
         return _job_from(self._request("GET", _job_path(job_id)))
@@ -339,9 +359,15 @@ class Client:
     def generate(
         self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any
     ) -> Job:
-        """Submit, wait, and return the succeeded job (raises `ImagegenError` if it failed)."""
-        job = self.submit(prompt, **params)
-        return self.wait(job.id, timeout=timeout, on_progress=on_progress).raise_for_status()
+        """Submit, wait, and return the succeeded job (raises `ImagegenError` if it failed).
+
+        Without a progress callback the POST itself waits for the end (one request fewer)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.submit(prompt, wait=_post_wait(deadline, on_progress), **params)
+        if job.done:
+            return job.raise_for_status()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.wait(job.id, timeout=left, on_progress=on_progress).raise_for_status()
 
     def wait(self, job_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Job:
         """Block until the job ends (any terminal status) and return it.
@@ -483,6 +509,7 @@ class AsyncClient:
         seed: int | None = None,
         scheduler: str | None = None,
         priority: str | None = None,
+        wait: float | None = None,
         **extra: Any,
     ) -> Job:
         params = dict(
@@ -497,7 +524,7 @@ class AsyncClient:
             priority=priority,
             **extra,
         )
-        return _job_from(await self._request("POST", "/generate", json=_submit_body(prompt, params)))
+        return _job_from(await self._request("POST", "/generate", json=_submit_body(prompt, params), **_held(wait)))
 
     async def get(self, job_id: str) -> Job:
         return _job_from(await self._request("GET", _job_path(job_id)))
@@ -513,8 +540,12 @@ class AsyncClient:
     async def generate(
         self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any
     ) -> Job:
-        job = await self.submit(prompt, **params)
-        return (await self.wait(job.id, timeout=timeout, on_progress=on_progress)).raise_for_status()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = await self.submit(prompt, wait=_post_wait(deadline, on_progress), **params)
+        if job.done:
+            return job.raise_for_status()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return (await self.wait(job.id, timeout=left, on_progress=on_progress)).raise_for_status()
 
     async def wait(self, job_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -57,6 +57,7 @@ def test_errors_are_typed_from_the_envelope(stack: Stack) -> None:
             client.wait(str(uuid.uuid4()), timeout=10)
         assert info.value.status == 404
         done = client.generate("done already", **FAST)
+        assert done.succeeded and client.submit("held", wait=30, **FAST).succeeded  # `Prefer: wait`
         with pytest.raises(ImagegenError) as info:
             client.cancel(done.id)
         assert info.value.status == 409
@@ -129,6 +130,29 @@ def test_wait_falls_back_when_the_server_lacks_events(longpoll: bool, mode: str)
             client.wait(str(uuid.uuid4()), timeout=10)
         assert info.value.status == 404
     assert any("wait=" in call for call in server.calls)
+
+
+@pytest.mark.parametrize("honoured", [True, False])
+def test_generate_waits_in_the_post_where_the_server_allows(honoured: bool) -> None:
+    calls: list[tuple[str, str | None]] = []
+    job_id = str(uuid.uuid4())
+
+    def server(request: httpx.Request) -> httpx.Response:
+        prefer = request.headers.get("prefer")
+        calls.append((f"{request.method} {request.url.path}", prefer))
+        done = {"id": job_id, "status": "succeeded", "params": {}, "progress": {"step": 2, "total": 2}}
+        if request.method == "POST" and honoured and prefer:
+            return httpx.Response(200, json=done, headers={"Preference-Applied": prefer})
+        if request.method == "POST":  # a server that ignores the preference
+            return httpx.Response(202, json=done | {"status": "queued", "progress": {"step": 0, "total": 2}})
+        return httpx.Response(200, json=done)  # the long-poll that follows
+
+    with Client("http://scripted", transport=httpx.MockTransport(server)) as client:
+        client.mode = "longpoll"
+        assert client.generate("one request", timeout=10).succeeded
+    assert calls[0] == ("POST /generate", "wait=10")  # held no longer than the caller waits
+    expected = ["POST /generate"] if honoured else ["POST /generate", f"GET /jobs/{job_id}"]
+    assert [c for c, _ in calls] == expected
 
 
 def test_client_stands_alone() -> None:
