@@ -84,6 +84,7 @@ class _Admitted:
     """A request past the capacity check and filled from its model's defaults: what a write needs."""
 
     params: GenerationParams
+    params_json: dict[str, Any]  # `params` as the job's arguments carry them
     meta: dict[str, Any]
     rank: int  # index of its priority
     own_work: float | None  # seconds of sampling this job needs, from measured step times
@@ -251,13 +252,12 @@ class JobService:
             job_hash = await asyncio.to_thread(self._job_hash, queue)
         job_id = job_id or str(uuid.uuid4())
         created = datetime.datetime.now(datetime.UTC)
-        params_json = admitted.params.model_dump(mode="json")
         total = admitted.params.num_inference_steps or 0
         queued = events.make_event(EventType.queued, job_id, "queued", progress={"step": 0, "total": total})
         args = script_args(
             job_hash,
             job_id,
-            params_json,
+            admitted.params_json,
             admitted.meta,
             created,
             seen_key=SEEN_PREFIX + job_id,
@@ -274,7 +274,7 @@ class JobService:
             await self.aredis.script_load(SCRIPT)
             lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
         position, eta = admitted.place(lengths)
-        return Placed(job_id, priority, created, params_json, position, eta)
+        return Placed(job_id, priority, created, admitted.params_json, position, eta)
 
     def _job_hash(self, queue: Queue) -> JobHash:
         job_hash = self._job_hashes[queue.name] = JobHash(queue, self.settings)
@@ -351,8 +351,9 @@ class JobService:
         if owner is not None:
             meta["owner"] = owner
         rank = list(Priority).index(priority)
-        own_work = self._work(params.model_dump(), params.num_inference_steps or 0, state.steptimes)
-        return _Admitted(params, meta, rank, own_work, state)
+        params_json = params.model_dump(mode="json")
+        own_work = self._work(params_json, params.num_inference_steps or 0, state.steptimes)
+        return _Admitted(params, params_json, meta, rank, own_work, state)
 
     def _record(
         self, admitted: _Admitted, model: str, job_id: str | None, enqueue: Callable[..., Job]

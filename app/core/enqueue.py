@@ -26,23 +26,23 @@ from app.core.config import Settings
 from app.core.jobs import GenerationParams
 from app.core.queue import SERIALIZER, enqueue_task
 
-WAKE_MAXLEN = 100  # entries kept in a wake stream (workers only wait for the next one); also in SCRIPT
+WAKE_MAXLEN = 100  # entries kept in a wake stream (workers only wait for the next one)
 
 # KEYS: rq:queues, the job's queue, the job's hash, seen marker, listing index, event stream, the
 #       model's wake stream, then every queue of the model (their lengths come back)
-# ARGV: job id, seen TTL, index score, `queued` event JSON, event TTL, stream length bound, the
-#       hash fields every job of the queue shares (a JSON list of field/value pairs, packed once
-#       per queue), then the job's own field/value pairs
+# ARGV: job id, seen TTL, index score, `queued` event JSON, event TTL, event stream length bound,
+#       wake stream length bound, the hash fields every job of the queue shares (a JSON list of
+#       field/value pairs, packed once per queue), then the job's own field/value pairs
 SCRIPT = """
 redis.call('SADD', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[3], unpack(cjson.decode(ARGV[7])))
-redis.call('HSET', KEYS[3], unpack(ARGV, 8))
+redis.call('HSET', KEYS[3], unpack(cjson.decode(ARGV[8])))
+redis.call('HSET', KEYS[3], unpack(ARGV, 9))
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[4], 1, 'EX', ARGV[2])
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', 'data', ARGV[4])
 redis.call('EXPIRE', KEYS[6], ARGV[5])
-redis.call('XADD', KEYS[7], 'MAXLEN', '~', 100, '*', 'job', ARGV[1])
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[7], '*', 'job', ARGV[1])
 local lengths = {}
 for i = 8, #KEYS do
   lengths[#lengths + 1] = redis.call('LLEN', KEYS[i])
@@ -112,5 +112,6 @@ def script_args(
         wake_stream,
         *model_queue_keys,
     ]
-    argv = [job_id, seen_ttl, created.timestamp(), queued_event, event_ttl, events.STREAM_MAXLEN, job_hash.fixed]
+    argv = [job_id, seen_ttl, created.timestamp(), queued_event, event_ttl, events.STREAM_MAXLEN, WAKE_MAXLEN]
+    argv.append(job_hash.fixed)
     return [len(keys), *keys, *argv, *job_hash.fields(params, meta, created)]

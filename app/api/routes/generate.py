@@ -120,11 +120,17 @@ async def finished_response(
     jobs: JobService, job_id: str, wait: float, request: Request, status_code: int | None = None
 ) -> Response:
     """The job once it has ended, or after `wait` seconds: 200 when it ended, else 202."""
-    await jobs.wait_async(job_id, wait)
-    view = await run_in_threadpool(lambda: jobs.view(jobs.get(job_id), image_url(request)))
+    view = await view_after_wait(jobs, job_id, wait, request)
     if status_code is None:
         status_code = status.HTTP_200_OK if view.status.is_terminal() else status.HTTP_202_ACCEPTED
     return job_response(view, status_code, {"Preference-Applied": f"wait={wait:g}"})
+
+
+async def view_after_wait(jobs: JobService, job_id: str, wait: float, request: Request) -> JobView:
+    """The job's view once it has ended, or after `wait` seconds (long-poll and `Prefer: wait`)."""
+    await jobs.wait_async(job_id, wait)
+    url = image_url(request)
+    return await run_in_threadpool(lambda: jobs.view(jobs.get(job_id), url))  # one hop: read, then present
 
 
 def job_response(view: JobView, status_code: int, headers: dict[str, str] | None = None) -> Response:

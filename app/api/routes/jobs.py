@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
 from app.api.deps import JobsDep, PrincipalDep, SettingsDep, StoreDep
-from app.api.routes.generate import MAX_WAIT, image_url
+from app.api.routes.generate import MAX_WAIT, image_url, view_after_wait
 from app.api.schemas import ERROR_RESPONSES, JobList, JobView
 from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError
 from app.core.events import JobEvent
@@ -39,12 +39,10 @@ async def get_job(
     principal: PrincipalDep,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="Long-poll: wait up to N s for the end")] = 0,
 ) -> JobView:
-    url = image_url(request)
     job = await run_in_threadpool(jobs.get, job_id, principal.owner)
     if wait > 0 and not jobs.status(job).is_terminal():
-        await jobs.wait_async(job.id, wait)
-        return await run_in_threadpool(lambda: jobs.view(jobs.get(job.id), url))  # one hop: read, then present
-    return await run_in_threadpool(jobs.view, job, url)
+        return await view_after_wait(jobs, job.id, wait, request)
+    return await run_in_threadpool(jobs.view, job, image_url(request))
 
 
 @router.delete(
