@@ -130,6 +130,10 @@ def test_error_paths(stack: Stack) -> None:
             assert err["code"] == "validation_error" and field in err["message"], err
         r = http.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
+        r = http.post("/generate", data={"prompt": "x"})  # a form post (curl -d): JSON is what we read
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+        r = http.post("/generate", json={"prompt": "x"}, headers={"Idempotency-Key": "k" * 256})
+        assert r.status_code == 422 and "idempotency-key" in r.json()["error"]["message"], r.text
         r = http.post(
             "/generate", content=b'{"prompt":"' + b"a" * 200_000 + b'"}', headers={"content-type": "application/json"}
         )

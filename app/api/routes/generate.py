@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.deps import JobsDep, PrincipalDep
-from app.api.schemas import ERROR_RESPONSES, GenerateRequest, JobView
+from app.api.bodies import header, header_parameters, json_request_body, read_json
+from app.api.deps import PrincipalDep
+from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
 from app.api.services import JobService
 from app.core.auth import charge, is_limited
 from app.core.errors import InvalidRequestError
@@ -34,24 +34,19 @@ def image_url(request: Request):
             "description": "Repeat of an Idempotency-Key (the original job), or with `Prefer: wait` a job that ended",
         },
         **ERROR_RESPONSES,
+        415: {"model": ErrorEnvelope, "description": "Body not sent as application/json"},
     },
     summary="Submit a text-to-image job",
-)
-async def generate(
-    body: GenerateRequest,
-    request: Request,
-    jobs: JobsDep,
-    principal: PrincipalDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-    prefer: Annotated[
-        str | None,
-        Header(
-            max_length=255,
-            description=f"`wait=N` (RFC 7240): answer when the job ends (200), or after N s (at most {MAX_WAIT:g}) "
+    openapi_extra={
+        "requestBody": json_request_body(GenerateRequest),
+        "parameters": header_parameters(
+            idempotency_key="Repeating a body with the same key returns the original job (for 24 h)",
+            prefer=f"`wait=N` (RFC 7240): answer when the job ends (200), or after N s (at most {MAX_WAIT:g}) "
             "with its state then (202)",
         ),
-    ] = None,
-) -> Response:
+    },
+)
+async def generate(request: Request, principal: PrincipalDep) -> Response:
     """Queue a job and answer at once with 202, a `Location` to poll and the job as JSON.
 
     With an `Idempotency-Key` header, repeating the same body returns the original job (200)
@@ -61,9 +56,15 @@ async def generate(
     finished job (image URLs, or the error) when it ended in time, else 202 and its state then.
     `Preference-Applied` says the wait was honoured.
     """
-    # The common request (no webhook, idempotency key or rate limit) is one Redis transaction on
+    # The body and headers are read here rather than declared (app.api.bodies: one pydantic-core
+    # pass instead of FastAPI's parameter solving), and the app's objects taken from app.state.
+    body = await read_json(request, GenerateRequest)
+    idempotency_key = header(request, "idempotency-key")
+    prefer = header(request, "prefer")
+    jobs: JobService = request.app.state.jobs
+    # The common request (no webhook, idempotency key or rate limit) is one Redis script call on
     # the asyncio client and never leaves the event loop; the rest runs in worker threads.
-    settings, redis = jobs.settings, jobs.redis  # (fewer dependencies: FastAPI solves each per request)
+    settings, redis = jobs.settings, jobs.redis
     webhook = None
     if body.webhook is not None:
         if not settings.webhook_secret:

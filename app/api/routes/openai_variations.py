@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from app.api.bodies import validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
 from app.api.openai_schemas import ImagesResponse
 from app.api.routes.openai import OPENAI_ERRORS, OpenAIError, OpenAIRoute, answer_with_images, check_model_and_size
@@ -71,13 +72,8 @@ _FORM = {
 def _fields(raw: dict[str, Any]) -> ImagesVariationRequest:
     try:
         return ImagesVariationRequest.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
-        if first.get("type") == "extra_forbidden":
-            message = f"Unrecognized request argument supplied: {param}"
-            raise OpenAIError(400, message, param=param, code="unknown_param") from None
-        raise OpenAIError(400, f"Invalid '{param}': {first.get('msg')}.", param=param, code="invalid_value") from None
+    except ValidationError as exc:  # OpenAIRoute answers it in OpenAI's shape
+        raise validation_error(exc) from None
 
 
 @router.post(

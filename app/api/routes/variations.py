@@ -19,6 +19,7 @@ from redis.client import Pipeline
 from rq import Queue
 from rq.job import Job
 
+from app.api.bodies import inline_schema, validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep
 from app.api.routes.generate import image_url
 from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, JobView
@@ -51,25 +52,8 @@ class VariationRequest(VariationParams):
         return VariationParams.model_validate(self.model_dump(include=set(VariationParams.model_fields)))
 
 
-def _inline(schema: dict[str, Any]) -> dict[str, Any]:
-    """The JSON schema with its `$defs` inlined (OpenAPI has no `$defs` next to a request body)."""
-    defs = schema.pop("$defs", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return walk(defs[ref.removeprefix("#/$defs/")])
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    return walk(schema)
-
-
 def _body_schema() -> dict[str, Any]:
-    fields = _inline(VariationRequest.model_json_schema())
+    fields = inline_schema(VariationRequest.model_json_schema())
     image = f"PNG, JPEG or WebP, at most {MAX_INPUT_BYTES} bytes and {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} pixels"
     multipart = {
         "type": "object",
@@ -125,12 +109,7 @@ def parse_fields(upload: Upload) -> VariationRequest:
     try:
         return VariationRequest.model_validate(fields)
     except ValidationError as exc:
-        details = [{"loc": ["body", *map(str, e.get("loc", ()))], "msg": e.get("msg", "")} for e in exc.errors()]
-        where = ".".join(details[0]["loc"][1:])
-        message = str(details[0]["msg"])
-        raise InvalidRequestError(
-            f"{where}: {message}" if where else message, code="validation_error", details=details
-        ) from None
+        raise validation_error(exc) from None
 
 
 def _webhook(fields: VariationRequest, settings: Settings) -> dict[str, Any] | None:
