@@ -22,10 +22,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
 
+from app.api.bodies import validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
 from app.api.errors import STATUS
 from app.api.openai_schemas import (
@@ -199,7 +201,10 @@ async def create_images(
     go in the SDK's `extra_body`.
     """
     width, height = await check_model_and_size(body.model, body.size, settings, redis)
-    params = to_params(body, width, height)
+    try:
+        params = to_params(body, width, height)
+    except ValidationError as exc:  # a check of ours OpenAI's schema lacks (e.g. a blank prompt): 400, not 500
+        raise validation_error(exc) from None
     await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
     job = await run_in_threadpool(partial(jobs.submit, params, owner=principal.owner, model=body.model))
     return await answer_with_images(job, body.response_format, request, response, jobs, store, settings)
