@@ -175,3 +175,18 @@ def test_a_failing_write_fails_only_its_own_submission(redis_db, redis_server: R
     bad, good = asyncio.run(both())
     assert isinstance(bad, ResponseError) and "WRONGTYPE" in str(bad)
     assert good is True and redis_db.get("fine") == b"1"
+
+
+def test_the_async_client_packs_commands_as_redis_py_does() -> None:
+    from redis.asyncio.connection import Connection
+
+    from app.core.queue import PackingConnection
+
+    ours, theirs = PackingConnection(), Connection()
+    for command in [
+        ("EVALSHA", "f" * 40, 2, "rq:queue:a", "ключ", b"\x00\xff", 7, 1764625000.123456, -3, 2**40),
+        ("SET", b"x" * 100_000, "y"),  # over redis-py's chunking cut-off
+        ("CLIENT SETNAME", "api"),  # a two-word command name
+    ]:
+        assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command)), command
+    assert connect_async("redis://127.0.0.1:1/0").connection_pool.connection_class is PackingConnection
