@@ -319,7 +319,9 @@ class BatchingWorker(ImagegenWorker):
                 self._end_failed(slot, tasks._fail(job, ErrorCode.timeout, f"job ran past its {job.timeout} s limit"))
 
     def _report_progress(self, ctx: tasks.WorkerContext) -> None:
-        """Progress for every job in one round trip, at most 10 per second each; the last step always."""
+        """Progress for every job, at most 10 per second each, the last step always. Written by the
+        finisher thread (one pipeline) while the next step computes; that thread also records
+        outcomes, so a job's progress always lands before its end."""
         now = time.monotonic()
         ttl = max(ctx.settings.result_ttl, ctx.settings.failure_ttl)
         due = []
@@ -329,16 +331,18 @@ class BatchingWorker(ImagegenWorker):
             slot.reported = round(r.step * slot.steps / r.total) if r.total else slot.steps
             if slot.reported == slot.steps or now - slot.last_write >= tasks.PROGRESS_INTERVAL:
                 slot.last_write = now
-                due.append(slot)
-        if not due:
-            return
+                progress = {"step": slot.reported, "total": slot.steps}
+                slot.job.meta["progress"] = progress
+                due.append((slot.job, slot.job._serialize_meta(), progress))  # as of this step
+        if due:
+            self._finisher.submit(self._write_progress, due, ttl)
+
+    def _write_progress(self, due: list[tuple[Job, bytes, dict[str, int]]], ttl: int) -> None:
         try:
             with self.connection.pipeline(transaction=False) as pipe:
-                for slot in due:
-                    progress = {"step": slot.reported, "total": slot.steps}
-                    slot.job.meta["progress"] = progress
-                    pipe.hset(slot.job.key, "meta", slot.job._serialize_meta())
-                    self._emit(pipe, slot.job, EventType.progress, progress, ttl)
+                for job, meta, progress in due:
+                    pipe.hset(job.key, "meta", meta)
+                    self._emit(pipe, job, EventType.progress, progress, ttl)
                 pipe.execute()
         except RedisError:
             log.warning("progress not recorded (Redis unavailable)")
@@ -365,7 +369,7 @@ class BatchingWorker(ImagegenWorker):
                     results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
             except Exception as exc:
                 log.exception("job %s: storing failed", job.id)
-                self._end_failed(slot, _sampling_failure(job, exc))
+                self._end_failed(slot, _sampling_failure(job, exc), on_finisher=True)
                 return
             log.info("job %s: %d image(s), %.3fs of batched sampling", job.id, len(results), slot.request.work_s)
             self._finalize_success(job, slot.queue, slot.execution, {"images": results})
@@ -375,8 +379,12 @@ class BatchingWorker(ImagegenWorker):
             # recovered as abandoned once its heartbeat expires, as for a broken session.
             log.exception("job %s: could not record its outcome; left for recovery", job.id)
 
-    def _end_failed(self, slot: Slot, exc: BaseException) -> None:
+    def _end_failed(self, slot: Slot, exc: BaseException, *, on_finisher: bool = False) -> None:
         self._remove(slot)
+        if not on_finisher:
+            # Progress writes queued on the finisher thread carry the meta as of their step: after
+            # them, the job's own meta (with its error) is saved again, before its end is recorded.
+            self._finisher.submit(slot.job.save_meta).result()
         try:
             raise exc
         except BaseException:

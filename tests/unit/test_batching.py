@@ -4,6 +4,7 @@ isolation of failures and cancels, order and batch limits."""
 from __future__ import annotations
 
 import io
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -347,3 +348,28 @@ def test_a_job_whose_images_cannot_be_stored_fails_alone(env, redis_db, monkeypa
     assert bad.meta["error"] == {"code": "sampling_error", "message": "OSError: disk full"}
     assert good.get_status(refresh=True) == "finished" and store.get(good.id, 0) is not None
     assert StartedJobRegistry(queue=queue).get_job_ids() == []
+
+
+def test_progress_is_written_off_the_sampling_thread_and_before_each_end(env, redis_db, monkeypatch) -> None:
+    """The main loop hands progress writes to the finisher thread, which also records outcomes, so
+    the next step never waits for Redis and no job's progress lands after its end."""
+    engine, store, queue, _, make = env
+    done = enqueue(queue, prompt="done", num_inference_steps=3)
+    drop = enqueue(queue, prompt="drop", num_inference_steps=5)
+    monkeypatch.setattr(tasks, "PROGRESS_INTERVAL", 0.0)  # every step reports
+    writers: set[str] = set()
+    real = BatchingWorker._write_progress
+
+    def spy(self, due, ttl) -> None:
+        writers.add(threading.current_thread().name)
+        time.sleep(0.01)  # a slow Redis: the sampling thread must not wait for it
+        real(self, due, ttl)
+
+    monkeypatch.setattr(BatchingWorker, "_write_progress", spy)
+    engine.on_tick = lambda tick, requests: redis_db.set(cancel_key(drop.id), 1) if tick == 4 else None
+    make().work(burst=True)
+    assert writers and all(name.startswith("finish") for name in writers), writers
+    assert kinds(redis_db, done.id) == ["started", "progress", "progress", "progress", "succeeded"]
+    assert kinds(redis_db, drop.id) == ["started"] + ["progress"] * 4 + ["canceled"]
+    drop.refresh()
+    assert drop.meta["error"]["code"] == "canceled" and drop.meta["progress"] == {"step": 4, "total": 5}, drop.meta
