@@ -118,6 +118,30 @@ def test_prefer_wait_answers_the_post_when_the_job_ends(stack: Stack) -> None:
         assert r.status_code == 202 and "preference-applied" not in r.headers
 
 
+def test_prefer_wait_with_accept_png_answers_with_the_image(stack: Stack) -> None:
+    png = {"Prefer": "wait=30", "Accept": "image/png"}
+    with stack.client() as http:
+        r = http.post("/generate", json={"prompt": "straight to pixels", "seed": 3, **FAST}, headers=png)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        job_id = r.headers["location"].removeprefix("/jobs/")
+        assert r.headers["content-location"] == f"/jobs/{job_id}/images/0"
+        assert r.content == http.get(f"/jobs/{job_id}/images/0").content  # the stored PNG, byte for byte
+        # Several images: the job as JSON (each image has its URL).
+        r = http.post("/generate", json={"prompt": "two", "num_images": 2, **FAST}, headers=png)
+        assert r.status_code == 200 and len(r.json()["images"]) == 2
+        # Not done within the wait: 202 and the job as JSON, as without Accept.
+        blocker = stack.submit(http, **BLOCKER)
+        behind = {**png, "Prefer": "wait=0.3", "Idempotency-Key": "png-then-cancel"}
+        r = http.post("/generate", json={"prompt": "behind it", **FAST}, headers=behind)
+        assert r.status_code == 202 and r.json()["status"] == "queued"
+        # Ended without an image (canceled): a 409 that says so, as GET /jobs/{id}/images/0 does.
+        assert http.delete(f"/jobs/{r.json()['id']}").status_code == 200
+        r = http.post("/generate", json={"prompt": "behind it", **FAST}, headers=behind)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_succeeded", r.text
+        assert "canceled" in r.json()["error"]["message"]
+        http.delete(f"/jobs/{blocker['id']}")
+
+
 def test_sse_stream_and_resume(stack: Stack) -> None:
     with stack.client() as http:
         job = stack.submit(http, prompt="stream me", num_inference_steps=20, width=64, height=64)

@@ -13,7 +13,9 @@ from app.api.deps import PrincipalDep
 from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
 from app.api.services import JobService
 from app.core.auth import charge, is_limited
-from app.core.errors import InvalidRequestError
+from app.core.errors import ConflictError, GoneError, InvalidRequestError
+from app.core.jobs import JobStatus
+from app.core.storage import ImageStore
 from app.core.webhooks import WebhookTargetError, check_target
 
 router = APIRouter(tags=["generate"])
@@ -31,7 +33,9 @@ def image_url(request: Request):
     responses={
         200: {
             "model": JobView,
-            "description": "Repeat of an Idempotency-Key (the original job), or with `Prefer: wait` a job that ended",
+            "description": "Repeat of an Idempotency-Key (the original job), or with `Prefer: wait` a job that "
+            "ended; with `Accept: image/png` too, the PNG of a one-image job that succeeded",
+            "content": {"image/png": {}},
         },
         **ERROR_RESPONSES,
         415: {"model": ErrorEnvelope, "description": "Body not sent as application/json"},
@@ -54,7 +58,9 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
 
     With `Prefer: wait=N` the answer waits for the job to end, up to N seconds: 200 and the
     finished job (image URLs, or the error) when it ended in time, else 202 and its state then.
-    `Preference-Applied` says the wait was honoured.
+    `Preference-Applied` says the wait was honoured. Add `Accept: image/png` (one image) and a job
+    that succeeded in time is answered with the PNG itself (`Location` names the job): prompt to
+    image in one request. One that failed or was canceled is then a 409.
     """
     # The body and headers are read here rather than declared (app.api.bodies: one pydantic-core
     # pass instead of FastAPI's parameter solving), and the app's objects taken from app.state.
@@ -120,18 +126,62 @@ def prefer_wait(prefer: str | None) -> float:
 async def finished_response(
     jobs: JobService, job_id: str, wait: float, request: Request, status_code: int | None = None
 ) -> Response:
-    """The job once it has ended, or after `wait` seconds: 200 when it ended, else 202."""
-    view = await view_after_wait(jobs, job_id, wait, request)
+    """The job once it has ended, or after `wait` seconds: 200 when it ended, else 202. A client
+    that asks for `image/png` (and made one image) gets the PNG itself when the job succeeded."""
+    store = request.app.state.store if wants_png(request.headers.get("accept")) else None
+    view, png = await view_after_wait(jobs, job_id, wait, request, store)
+    applied = {"Preference-Applied": f"wait={wait:g}"}
+    if store is not None and view.status.is_terminal() and int(view.params.get("num_images") or 1) == 1:
+        return png_response(view, png, applied)
     if status_code is None:
         status_code = status.HTTP_200_OK if view.status.is_terminal() else status.HTTP_202_ACCEPTED
-    return job_response(view, status_code, {"Preference-Applied": f"wait={wait:g}"})
+    return job_response(view, status_code, applied)
 
 
-async def view_after_wait(jobs: JobService, job_id: str, wait: float, request: Request) -> JobView:
-    """The job's view once it has ended, or after `wait` seconds (long-poll and `Prefer: wait`)."""
+async def view_after_wait(
+    jobs: JobService, job_id: str, wait: float, request: Request, store: ImageStore | None = None
+) -> tuple[JobView, bytes | None]:
+    """The job's view once it has ended, or after `wait` seconds (long-poll and `Prefer: wait`);
+    with `store`, also its first PNG if it succeeded with one image."""
     await jobs.wait_async(job_id, wait)
     url = image_url(request)
-    return await run_in_threadpool(lambda: jobs.view(jobs.get(job_id), url))  # one hop: read, then present
+
+    def read() -> tuple[JobView, bytes | None]:  # one hop: read, then present
+        view = jobs.view(jobs.get(job_id), url)
+        single = view.status is JobStatus.succeeded and len(view.images) == 1
+        return view, store.get(view.id, 0) if store is not None and single else None
+
+    return await run_in_threadpool(read)
+
+
+def wants_png(accept: str | None) -> bool:
+    """Whether `Accept` ranks `image/png` above JSON (by q-value, then by order); wildcards never
+    select the PNG: only a client that names it gets bytes instead of the job."""
+    ranks: dict[str, tuple[float, int]] = {}
+    for position, media_range in enumerate((accept or "").split(",")):
+        media, *parameters = (part.strip() for part in media_range.split(";"))
+        q = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        ranks.setdefault(media.lower(), (q, -position))
+    png = ranks.get("image/png")
+    return png is not None and png[0] > 0 and png > ranks.get("application/json", (0.0, 0))
+
+
+def png_response(view: JobView, png: bytes | None, headers: dict[str, str]) -> Response:
+    """An ended job's only image, or why there is none (as `GET /jobs/{id}/images/0` answers)."""
+    if view.status is not JobStatus.succeeded:
+        why = f": {view.error.message}" if view.error else ""
+        raise ConflictError(f"job {view.id} ended {view.status.value}{why}; it has no images", code="job_not_succeeded")
+    if png is None:
+        raise GoneError(f"image 0 of job {view.id} has expired")
+    location = {"Location": f"/jobs/{view.id}", "Content-Location": f"/jobs/{view.id}/images/0"}
+    return Response(png, media_type="image/png", headers={**location, **headers})
 
 
 def job_response(view: JobView, status_code: int, headers: dict[str, str] | None = None) -> Response:
