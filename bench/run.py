@@ -116,21 +116,23 @@ def start_worker(env: dict[str, str], log_path: Path, conn: redis.Redis) -> tupl
 
 
 def one_job(http: httpx.Client, body: dict[str, Any]) -> float:
-    """POST with `Prefer: wait` (answered when the job ends; long-poll if it did not within the
-    wait) → PNG in hand; returns the seconds it took."""
+    """POST with `Prefer: wait` and `Accept: image/png` (answered with the PNG when the job ends in
+    time; else the job, then a long-poll and the PNG's URL) → PNG in hand; returns the seconds."""
     t0 = time.perf_counter()
-    r = http.post("/generate", json=body, headers={"Prefer": "wait=30"})
-    if r.status_code not in (200, 202):
-        raise RuntimeError(f"POST /generate: {r.status_code} {r.text[:200]}")
-    job = r.json()
-    while job["status"] not in TERMINAL:
-        job = http.get(f"/jobs/{job['id']}", params={"wait": 30}).json()
-    job_id = job["id"]
-    if job["status"] != "succeeded":
-        raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
-    png = http.get(job["images"][0]["url"])
+    r = http.post("/generate", json=body, headers={"Prefer": "wait=30", "Accept": "image/png"})
+    if r.status_code == 200 and r.headers.get("content-type") == "image/png":
+        png = r
+    else:
+        if r.status_code not in (200, 202):
+            raise RuntimeError(f"POST /generate: {r.status_code} {r.text[:200]}")
+        job = r.json()
+        while job["status"] not in TERMINAL:
+            job = http.get(f"/jobs/{job['id']}", params={"wait": 30}).json()
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
+        png = http.get(job["images"][0]["url"])
     if png.status_code != 200 or not png.content.startswith(b"\x89PNG"):
-        raise RuntimeError(f"image of {job_id}: {png.status_code}")
+        raise RuntimeError(f"POST /generate → PNG: {png.status_code} {png.text[:200]}")
     return time.perf_counter() - t0
 
 
