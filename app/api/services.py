@@ -26,7 +26,7 @@ from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, 
 from app.core import events
 from app.core.catalog import model_of_queue, served_models
 from app.core.config import Settings
-from app.core.enqueue import SCRIPT, SCRIPT_SHA, WAKE_MAXLEN, JobHash, script_args
+from app.core.enqueue import SCRIPT, SCRIPT_SHA, JobHash, script_args
 from app.core.errors import (
     ConflictError,
     GoneError,
@@ -39,6 +39,7 @@ from app.core.events import EventType, JobEvent
 from app.core.jobs import (
     MAX_SEED,
     MODELS_KEY,
+    TASK_GENERATE,
     ErrorCode,
     GenerationParams,
     JobStatus,
@@ -50,7 +51,7 @@ from app.core.jobs import (
     steptime_key,
     wake_key,
 )
-from app.core.queue import SERIALIZER, enqueue_task, fetch_job, get_queues
+from app.core.queue import SERIALIZER, fetch_job, get_queues
 
 SEEN_PREFIX = "imagegen:seen:"  # marks ids we issued, so an expired job answers 410, not 404
 SEEN_GRACE = 7 * 86400
@@ -60,9 +61,6 @@ IDEMPOTENCY_TTL = 86400
 STATE_TTL = 1.0  # seconds `submit` trusts its copy of a model's queue state and defaults
 BLOCK_MS = 2000  # one blocking stream read; below the Redis client's socket timeout
 ETA_LOOKAHEAD = 100  # jobs ahead whose parameters are read for an ETA; the rest are extrapolated
-# In-memory only (set after the job was saved): the (queue position, ETA) `submit` measured, so
-# the 202 body needs no further Redis reads. `view` takes it out.
-PLACEMENT = "_placement"
 
 ImageUrl = Callable[[str, int], str]
 
@@ -70,7 +68,7 @@ ImageUrl = Callable[[str, int], str]
 @dataclass
 class _QueueState:
     """What `submit` knows of a model's queues: re-read at most every STATE_TTL seconds (or near
-    capacity), and its lengths refreshed by every write, which reads them back in its MULTI/EXEC."""
+    capacity), and its lengths refreshed by every write, whose script call reads them back."""
 
     read_at: float
     lengths: list[int]  # waiting jobs per priority, highest first
@@ -164,7 +162,7 @@ class JobService:
         self._writes = _Writes(aredis) if aredis is not None else None
         self.queues = get_queues(redis, settings.model)
         self._other_queues: dict[str, list[Queue]] = {}
-        self._job_hashes: dict[str, JobHash] = {}  # per queue name
+        self._job_hashes: dict[tuple[str, str], JobHash] = {}  # per queue name and task
         self._state: dict[str, _QueueState] = {}
 
     @property
@@ -199,15 +197,17 @@ class JobService:
         job_id: str | None = None,
         owner: str | None = None,
         model: str | None = None,
-        enqueue: Callable[..., Job] = enqueue_task,
-    ) -> Job:
-        """Queue a job (under `job_id` when an idempotency key reserved one) on the queue of `model`
-        (see `route`); `enqueue` puts it there (another task than text-to-image: variations).
+        task: str = TASK_GENERATE,
+        before: Callable[[Pipeline, str], None] | None = None,
+    ) -> Placed:
+        """Queue a job of `task` (under `job_id` when an idempotency key reserved one) on the queue of
+        `model` (see `route`); `before` writes what the job needs first (the input image of a
+        variations job), in the same round trip.
 
-        Usually one Redis round trip, a MULTI/EXEC write, however long the queue is; a read of
+        The write is one script call (see `app.core.enqueue`), as in `submit_async`; a read of
         the queue state (lengths, workers, step times, the model's defaults) goes first when the
         cached one is stale (see `_fresh_state`). The queue position and ETA of the 202 body come
-        from the replies (see `view`).
+        from the script's reply.
         """
         model = self.route(model)
         self._check_sizes(params)
@@ -217,10 +217,16 @@ class JobService:
                 self._queue_reads(pipe, model)
                 state = self._read_state(model, pipe.execute())
         admitted = self._admit(params, model, state, priority, webhook, owner)
-        job, pipe = self._record(admitted, model, job_id, enqueue)
-        written = pipe.execute()
-        job.meta[PLACEMENT] = admitted.place(written[-len(state.lengths) :])
-        return job
+        queue = self._model_queues(model)[admitted.rank]
+        job_hash = self._job_hashes.get((queue.name, task)) or self._job_hash(queue, task)
+        job_id, created, args = self._script_args(admitted, model, job_id, job_hash)
+        try:
+            lengths = self._write(job_id, args, before)
+        except NoScriptError:  # Redis restarted or its scripts were flushed since the last load
+            self.redis.script_load(SCRIPT)
+            lengths = self._write(job_id, args, before)
+        position, eta = admitted.place(lengths)
+        return Placed(job_id, priority, created, admitted.params_json, position, eta)
 
     async def submit_async(
         self,
@@ -245,11 +251,31 @@ class JobService:
             self._queue_reads(read, model)
             state = self._read_state(model, await read.execute())
         admitted = self._admit(params, model, state, priority, webhook, owner)
-        queues = self._model_queues(model)
-        queue = queues[admitted.rank]
-        job_hash = self._job_hashes.get(queue.name)
+        queue = self._model_queues(model)[admitted.rank]
+        job_hash = self._job_hashes.get((queue.name, TASK_GENERATE))
         if job_hash is None:  # the first job on this queue: RQ reads the server's version once
-            job_hash = await asyncio.to_thread(self._job_hash, queue)
+            job_hash = await asyncio.to_thread(self._job_hash, queue, TASK_GENERATE)
+        job_id, created, args = self._script_args(admitted, model, job_id, job_hash)
+        try:
+            lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
+        except NoScriptError:  # Redis restarted or its scripts were flushed since the last load
+            await self.aredis.script_load(SCRIPT)
+            lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
+        position, eta = admitted.place(lengths)
+        return Placed(job_id, priority, created, admitted.params_json, position, eta)
+
+    def _write(self, job_id: str, args: list[Any], before: Callable[[Pipeline, str], None] | None) -> Any:
+        """`before`'s writes, then the script call, in one round trip; returns the script's reply."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            if before is not None:
+                before(pipe, job_id)
+            pipe.evalsha(SCRIPT_SHA, *args)
+            return pipe.execute()[-1]
+
+    def _script_args(
+        self, admitted: _Admitted, model: str, job_id: str | None, job_hash: JobHash
+    ) -> tuple[str, datetime.datetime, list[Any]]:
+        """The job's id, creation time and the arguments of its script call (after the SHA1)."""
         job_id = job_id or str(uuid.uuid4())
         created = datetime.datetime.now(datetime.UTC)
         total = admitted.params.num_inference_steps or 0
@@ -262,22 +288,16 @@ class JobService:
             created,
             seen_key=SEEN_PREFIX + job_id,
             seen_ttl=self._seen_ttl,
-            index_key=index_key(owner),
+            index_key=index_key(admitted.meta.get("owner")),
             queued_event=queued.model_dump_json(exclude_none=True),
             event_ttl=self.event_ttl,
             wake_stream=wake_key(model),
-            model_queue_keys=[q.key for q in queues],
+            model_queue_keys=[q.key for q in self._model_queues(model)],
         )
-        try:
-            lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
-        except NoScriptError:  # Redis restarted or its scripts were flushed since the last load
-            await self.aredis.script_load(SCRIPT)
-            lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
-        position, eta = admitted.place(lengths)
-        return Placed(job_id, priority, created, admitted.params_json, position, eta)
+        return job_id, created, args
 
-    def _job_hash(self, queue: Queue) -> JobHash:
-        job_hash = self._job_hashes[queue.name] = JobHash(queue, self.settings)
+    def _job_hash(self, queue: Queue, task: str) -> JobHash:
+        job_hash = self._job_hashes[(queue.name, task)] = JobHash(queue, self.settings, task)
         return job_hash
 
     def _check_sizes(self, params: GenerationParams) -> None:
@@ -354,33 +374,6 @@ class JobService:
         params_json = params.model_dump(mode="json")
         own_work = self._work(params_json, params.num_inference_steps or 0, state.steptimes)
         return _Admitted(params, params_json, meta, rank, own_work, state)
-
-    def _record(
-        self, admitted: _Admitted, model: str, job_id: str | None, enqueue: Callable[..., Job]
-    ) -> tuple[Job, Pipeline]:
-        """Record RQ's enqueue (given a pipeline, RQ only records its commands there), then our
-        marker, listing index, `queued` event and workers' wake-up, and the queue lengths read back,
-        as one MULTI/EXEC."""
-        queues = self._model_queues(model)
-        pipe = self.redis.pipeline()
-        pipe.multi()  # before any command: RQ asks for MULTI itself unless it was already given
-        job = enqueue(
-            queues[admitted.rank],
-            admitted.params,
-            self.settings,
-            job_id=job_id or str(uuid.uuid4()),
-            meta=admitted.meta,
-            pipeline=pipe,
-        )
-        pipe.set(SEEN_PREFIX + job.id, 1, ex=self._seen_ttl)
-        pipe.zadd(index_key(admitted.meta.get("owner")), {job.id: time.time()})
-        total = admitted.params.num_inference_steps or 0
-        queued = events.make_event(EventType.queued, job.id, "queued", progress={"step": 0, "total": total})
-        events.publish(pipe, queued, self.event_ttl)
-        pipe.xadd(wake_key(model), {"job": job.id}, maxlen=WAKE_MAXLEN, approximate=True)
-        for queue in queues:
-            pipe.llen(queue.key)
-        return job, pipe
 
     def _model_queues(self, model: str) -> list[Queue]:
         """A model's queues, built once (a Queue caches the Redis version RQ reads on enqueue)."""
@@ -583,7 +576,6 @@ class JobService:
         )
 
     def view(self, job: Job, image_url: ImageUrl) -> JobView:
-        placement = job.meta.pop(PLACEMENT, None) if job.meta else None
         meta = job.meta or {}
         status = status_from_rq(job.get_status(refresh=False), meta)
         params: dict[str, Any] = meta.get("params") or (job.kwargs or {}).get("params") or {}
@@ -598,8 +590,6 @@ class JobService:
             progress = {"step": progress.get("total", total), "total": progress.get("total", total)}
         elif status in (JobStatus.failed, JobStatus.canceled):
             error = JobErrorInfo(**meta["error"]) if meta.get("error") else self._rq_failure(job)
-        elif status is JobStatus.queued and placement is not None:
-            position, eta = placement
         elif status is JobStatus.queued:
             position = self.queue_position(job)
             eta = self._eta_queued(job, params, position)

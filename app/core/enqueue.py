@@ -5,7 +5,9 @@ RQ's enqueue builds a `Job` object, serializes it and records a dozen commands; 
 of `POST /generate` that and parsing a MULTI/EXEC's replies cost more than everything else in the
 request. Here RQ's write for a queue is recorded once (on a pipeline that is never executed) and
 only what differs between jobs is filled in: the id, the time stamps, the arguments and the meta.
-A script runs atomically, like MULTI/EXEC, but it is one command with one reply.
+A script runs atomically, like MULTI/EXEC, but it is one command with one reply. Every
+submission goes this way: `POST /generate` on the asyncio client, variations and the OpenAI routes
+on the blocking one (a variations job's input image is written just before, in the same round trip).
 `tests/unit/test_submit.py` checks the result against RQ's own enqueue, field by field.
 """
 
@@ -23,7 +25,7 @@ from rq.utils import utcformat
 
 from app.core import events
 from app.core.config import Settings
-from app.core.jobs import GenerationParams
+from app.core.jobs import TASK_GENERATE, GenerationParams
 from app.core.queue import SERIALIZER, enqueue_task
 
 WAKE_MAXLEN = 100  # entries kept in a wake stream (workers only wait for the next one)
@@ -54,13 +56,15 @@ PER_JOB = ("created_at", "enqueued_at", "data", "meta")  # the hash fields that 
 
 
 class JobHash:
-    """RQ's hash for text-to-image jobs on one queue, taken from a recording of RQ's own enqueue."""
+    """RQ's hash for the jobs of one task on one queue, taken from a recording of RQ's own enqueue
+    (the task's arguments are replaced per job)."""
 
-    def __init__(self, queue: Queue, settings: Settings) -> None:
+    def __init__(self, queue: Queue, settings: Settings, task: str = TASK_GENERATE) -> None:
         self.queue = queue
         pipe = queue.connection.pipeline()
         pipe.multi()  # recorded, never executed (RQ reads the server version once, on the Queue)
-        enqueue_task(queue, GenerationParams(prompt="-"), settings, job_id=str(uuid.uuid4()), pipeline=pipe)
+        job_id = str(uuid.uuid4())
+        enqueue_task(queue, GenerationParams(prompt="-"), settings, job_id=job_id, pipeline=pipe, task=task)
         stack = [args for args, _ in pipe.command_stack]
         pipe.reset()
         names = [str(c[0]) for c in stack]

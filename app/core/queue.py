@@ -14,12 +14,13 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.core.jobs import TASK_GENERATE, GenerationParams, Priority, queue_name
+from app.core.jobs import TASK_GENERATE, TASK_VARIATIONS, GenerationParams, Priority, queue_name
 
 if TYPE_CHECKING:
     from app.core.config import Settings
 
 SERIALIZER = JSONSerializer
+DESCRIPTIONS = {TASK_GENERATE: "generate", TASK_VARIATIONS: "variations"}
 
 
 def connect(url: str, *, timeout: float = 5.0) -> Redis:
@@ -74,9 +75,9 @@ def enqueue_task(
     meta: dict[str, Any] | None = None,
     pipeline: Pipeline | None = None,
     task: str = TASK_GENERATE,
-    description: str = "generate",
 ) -> Job:
-    """Put one job of `task` on the queue: JSON arguments, a random UUID, explicit TTLs.
+    """Put one job of `task` on the queue: JSON arguments, a random UUID, explicit TTLs, and the
+    task's short name as its description (what `rq info` shows).
 
     With `pipeline`, RQ only records its commands there (the RPUSH onto the queue comes last) and
     nothing is written until the caller executes it.
@@ -92,7 +93,7 @@ def enqueue_task(
         result_ttl=settings.result_ttl,
         failure_ttl=settings.failure_ttl,
         ttl=None,
-        description=description,
+        description=DESCRIPTIONS[task],
         pipeline=pipeline,
     )
 

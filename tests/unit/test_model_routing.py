@@ -73,13 +73,14 @@ def test_only_models_with_a_live_worker_are_served(redis_db) -> None:
 
 def test_jobs_route_to_a_served_model_and_its_queues(service: JobService, redis_db) -> None:
     publish(redis_db, "other")
-    job = service.submit(GenerationParams(prompt="x"), model="other", priority=Priority.high)
-    assert job.origin == queue_name("other", Priority.high)
+    placed = service.submit(GenerationParams(prompt="x"), model="other", priority=Priority.high)
+    job = service.get(placed.id)
+    assert job.origin == queue_name("other", Priority.high) and placed.position == 0
     assert job.kwargs["params"]["num_inference_steps"] == 3  # the routed model's defaults filled it
     view = service.view(job, lambda i, n: "")
     assert view.priority is Priority.high and view.queue_position == 0
     default = service.submit(GenerationParams(prompt="x"))  # no worker needed for the default model
-    assert default.origin == queue_name("main")
+    assert service.get(default.id).origin == queue_name("main")
     with pytest.raises(InvalidRequestError) as info_:
         service.submit(GenerationParams(prompt="x"), model="missing")
     assert info_.value.details[0]["served"] == ["other"]

@@ -13,8 +13,8 @@ from rq.job import Job, JobStatus
 from app.api.services import JobService, Placed
 from app.core.config import Settings
 from app.core.errors import RateLimitedError
-from app.core.jobs import GenerationParams, Priority
-from app.core.queue import SERIALIZER, connect_async
+from app.core.jobs import TASK_VARIATIONS, GenerationParams, Priority
+from app.core.queue import SERIALIZER, connect_async, enqueue_task
 from tests.procs import RedisServer
 
 # Fields RQ stamps with the time or the id, so two equal submissions differ there.
@@ -39,33 +39,53 @@ def command_calls(redis_db, name: str) -> int:
     return int(stats["calls"]) if stats else 0
 
 
-@pytest.mark.parametrize("owner", [None, "key-1"])
-def test_async_submit_writes_what_rqs_own_enqueue_writes(redis_db, redis_server: RedisServer, owner) -> None:
-    params = GenerationParams(prompt="a red circle", seed=3, width=32, height=32, num_inference_steps=4)
-    webhook = {"url": "https://example.com/hook", "events": ["succeeded"]}
-    sync_job = make_service(redis_db, redis_server).submit(params, owner=owner, webhook=webhook)
-    placed = asyncio.run(submit_async(make_service(redis_db, redis_server), params, owner=owner, webhook=webhook))
-    a, b = redis_db.hgetall(sync_job.key), redis_db.hgetall(Job.key_for(placed.id))
+def same_hash(redis_db, ours: str, rqs: str) -> None:
+    a, b = redis_db.hgetall(Job.key_for(rqs)), redis_db.hgetall(Job.key_for(ours))
     assert set(a) == set(b)
     assert {k: v for k, v in a.items() if k not in VOLATILE} == {k: v for k, v in b.items() if k not in VOLATILE}
     assert SERIALIZER.loads(zlib.decompress(b[b"data"])) == SERIALIZER.loads(zlib.decompress(a[b"data"]))
-    fetched = Job.fetch(placed.id, connection=redis_db, serializer=SERIALIZER)
-    assert fetched.get_status() == JobStatus.QUEUED and fetched.kwargs == sync_job.kwargs
-    rq_written = Job.fetch(sync_job.id, connection=redis_db, serializer=SERIALIZER)
+    fetched = Job.fetch(ours, connection=redis_db, serializer=SERIALIZER)
+    rq_written = Job.fetch(rqs, connection=redis_db, serializer=SERIALIZER)
+    assert fetched.get_status() == JobStatus.QUEUED and fetched.kwargs == rq_written.kwargs
     assert fetched.func_name == rq_written.func_name and fetched.meta == rq_written.meta
-    queue = "rq:queue:imagegen:main:normal"
-    assert redis_db.lrange(queue, 0, -1) == [sync_job.id.encode(), placed.id.encode()]
-    assert redis_db.sismember("rq:queues", queue)
+
+
+@pytest.mark.parametrize("owner", [None, "key-1"])
+def test_a_submission_writes_what_rqs_own_enqueue_writes(redis_db, redis_server: RedisServer, owner) -> None:
+    params = GenerationParams(prompt="a red circle", seed=3, width=32, height=32, num_inference_steps=4)
+    webhook = {"url": "https://example.com/hook", "events": ["succeeded"]}
+    service = make_service(redis_db, redis_server)
+    placed = asyncio.run(submit_async(service, params, owner=owner, webhook=webhook))
+    meta: dict[str, Any] = {"webhook": webhook} | ({"owner": owner} if owner else {})
+    queue = service.queues[1]
+    rqs = enqueue_task(queue, GenerationParams(**placed.params), service.settings, meta=meta)
+    same_hash(redis_db, placed.id, rqs.id)
+    assert redis_db.lrange(queue.key, 0, -1) == [placed.id.encode(), rqs.id.encode()]
+    assert redis_db.sismember("rq:queues", queue.key)
     # Our own keys went in the same script call: the seen marker, listing index and `queued` event.
-    assert redis_db.ttl(f"imagegen:seen:{placed.id}") == redis_db.ttl(f"imagegen:seen:{sync_job.id}")
+    assert 0 < redis_db.ttl(f"imagegen:seen:{placed.id}") <= service._seen_ttl
     index = "imagegen:index" if owner is None else f"imagegen:index:{owner}"
     assert redis_db.zscore(index, placed.id) is not None
     stream = f"imagegen:events:{placed.id}"
-    assert redis_db.xlen(stream) == 1 and redis_db.ttl(stream) == redis_db.ttl(f"imagegen:events:{sync_job.id}")
+    assert redis_db.xlen(stream) == 1 and 0 < redis_db.ttl(stream) <= service.event_ttl
+    assert redis_db.xlen("imagegen:wake:main") == 1  # an idle worker's wake-up
     # The 202 body shows what GET /jobs/{id} shows for the job once read back.
-    service = make_service(redis_db, redis_server)
     url = lambda i, n: ""  # noqa: E731
+    fetched = Job.fetch(placed.id, connection=redis_db, serializer=SERIALIZER)
     assert service.view_placed(placed) == service.view(fetched, url).model_copy(update={"eta_seconds": placed.eta})
+
+
+def test_a_variations_submission_writes_its_input_then_rqs_hash(redis_db, redis_server: RedisServer) -> None:
+    from app.api.routes.variations import store_input
+    from app.core.variations import VariationParams, input_key
+
+    service = make_service(redis_db, redis_server)
+    params = VariationParams(prompt="like this", strength=0.5, seed=1, width=32, height=32, num_inference_steps=4)
+    placed = service.submit(params, task=TASK_VARIATIONS, before=store_input(b"png bytes", 60))
+    assert redis_db.get(input_key(placed.id)) == b"png bytes" and 0 < redis_db.ttl(input_key(placed.id)) <= 60
+    rqs = enqueue_task(service.queues[1], VariationParams(**placed.params), service.settings, task=TASK_VARIATIONS)
+    same_hash(redis_db, placed.id, rqs.id)
+    assert Job.fetch(placed.id, connection=redis_db, serializer=SERIALIZER).description == "variations"
 
 
 def test_async_submit_reloads_its_script_after_a_flush(redis_db, redis_server: RedisServer) -> None:
@@ -91,10 +111,10 @@ def test_the_202_placement_counts_higher_priorities_first(redis_db, redis_server
     normal = service.submit(GenerationParams(prompt="n"))
     high = service.submit(GenerationParams(prompt="h"), priority=Priority.high)
     later = service.submit(GenerationParams(prompt="n2"))
-    got = [service.view(j, url).queue_position for j in (low, normal, high, later)]
+    got = [p.position for p in (low, normal, high, later)]
     assert got == [0, 0, 0, 2]  # each one's position at the moment it was queued
-    # A fresh read (no placement carried) gives today's positions.
-    again = [service.get(j.id) for j in (low, normal, high, later)]
+    # A fresh read gives today's positions.
+    again = [service.get(p.id) for p in (low, normal, high, later)]
     assert [service.view(j, url).queue_position for j in again] == [3, 1, 0, 2]
 
 
@@ -104,10 +124,18 @@ def test_a_submission_is_one_round_trip_while_the_queue_state_is_fresh(redis_db,
     redis_db.config_resetstat()
     for i in range(5):
         service.submit(GenerationParams(prompt=f"p{i}"))
-    # Per job: one MULTI/EXEC, with the three queue lengths read back inside it; no separate read.
-    assert command_calls(redis_db, "multi") == 5 and command_calls(redis_db, "exec") == 5
+    # Per job: one script call, with the three queue lengths read back inside it; no separate read.
+    assert command_calls(redis_db, "evalsha") == 5 and command_calls(redis_db, "multi") == 0
     assert command_calls(redis_db, "llen") == 5 * 3
     assert command_calls(redis_db, "hgetall") == 0 and command_calls(redis_db, "scard") == 0
+
+
+def test_a_sync_submission_reloads_its_script_after_a_flush(redis_db, redis_server: RedisServer) -> None:
+    service = make_service(redis_db, redis_server)
+    first = service.submit(GenerationParams(prompt="one"))
+    redis_db.script_flush()  # as after a Redis restart
+    second = service.submit(GenerationParams(prompt="two"))
+    assert redis_db.lrange("rq:queue:imagegen:main:normal", 0, -1) == [first.id.encode(), second.id.encode()]
 
 
 def test_the_queue_bound_holds_with_the_cached_state(redis_db, redis_server: RedisServer) -> None:
@@ -118,7 +146,7 @@ def test_the_queue_bound_holds_with_the_cached_state(redis_db, redis_server: Red
         service.submit(GenerationParams(prompt="one too many"))
     # Another API process (or a worker) changed the queue meanwhile: near the bound we re-read.
     redis_db.delete("rq:queue:imagegen:main:high", "rq:queue:imagegen:main:low")
-    assert service.submit(GenerationParams(prompt="fits again")).origin == "imagegen:main:normal"
+    assert service.get(service.submit(GenerationParams(prompt="fits again")).id).origin == "imagegen:main:normal"
     service.submit(GenerationParams(prompt="fourth"))
     service.submit(GenerationParams(prompt="fifth"))
     assert redis_db.llen("rq:queue:imagegen:main:normal") == 5

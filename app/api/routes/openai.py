@@ -206,8 +206,8 @@ async def create_images(
     except ValidationError as exc:  # a check of ours OpenAI's schema lacks (e.g. a blank prompt): 400, not 500
         raise validation_error(exc) from None
     await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
-    job = await run_in_threadpool(partial(jobs.submit, params, owner=principal.owner, model=body.model))
-    return await answer_with_images(job, body.response_format, request, response, jobs, store, settings)
+    placed = await run_in_threadpool(partial(jobs.submit, params, owner=principal.owner, model=body.model))
+    return await answer_with_images(placed.id, body.response_format, request, response, jobs, store, settings)
 
 
 async def check_model_and_size(
@@ -232,7 +232,7 @@ async def check_model_and_size(
 
 
 async def answer_with_images(
-    job: Job,
+    job_id: str,
     response_format: str | None,
     request: Request,
     response: Response,
@@ -242,9 +242,9 @@ async def answer_with_images(
 ) -> ImagesResponse:
     """Wait (bounded by IMAGEGEN_OPENAI_TIMEOUT) for a submitted job and answer in OpenAI's shape:
     URLs of our image endpoint or the PNGs in base64; failures and time-outs as OpenAI errors."""
-    job_header = {"X-Imagegen-Job-Id": job.id}
+    job_header = {"X-Imagegen-Job-Id": job_id}
     timeout = float(getattr(settings, "openai_timeout", DEFAULT_TIMEOUT))
-    job = await _wait(jobs, job.id, timeout)
+    job = await _wait(jobs, job_id, timeout)
 
     def image_url(job_id: str, i: int) -> str:
         return str(request.url_for("get_image", job_id=job_id, index=str(i)))

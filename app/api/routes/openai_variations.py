@@ -19,12 +19,12 @@ from app.api.bodies import validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
 from app.api.openai_schemas import ImagesResponse
 from app.api.routes.openai import OPENAI_ERRORS, OpenAIError, OpenAIRoute, answer_with_images, check_model_and_size
-from app.api.routes.variations import enqueue_variations
+from app.api.routes.variations import store_input
 from app.api.uploads import normalized_png, read_upload
 from app.core import errors
 from app.core.auth import charge
 from app.core.images import MAX_INPUT_BYTES
-from app.core.jobs import MAX_SEED, Scheduler
+from app.core.jobs import MAX_SEED, TASK_VARIATIONS, Scheduler
 from app.core.variations import VariationParams
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
@@ -123,7 +123,8 @@ async def create_variations(
         job_id=str(uuid.uuid4()),
         owner=principal.owner,
         model=fields.model,
-        enqueue=enqueue_variations(png, jobs.event_ttl),
+        task=TASK_VARIATIONS,
+        before=store_input(png, jobs.event_ttl),
     )
-    job = await run_in_threadpool(submit)
-    return await answer_with_images(job, fields.response_format, request, response, jobs, store, settings)
+    placed = await run_in_threadpool(submit)
+    return await answer_with_images(placed.id, fields.response_format, request, response, jobs, store, settings)

@@ -9,15 +9,13 @@ family (worker.variations): the CLIP image embedding on Kandinsky 2.2, img2img e
 from __future__ import annotations
 
 import hashlib
-import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ConfigDict, Field, ValidationError
 from redis.client import Pipeline
-from rq import Queue
-from rq.job import Job
 
 from app.api.bodies import inline_schema, validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep
@@ -28,8 +26,7 @@ from app.core.auth import charge
 from app.core.config import Settings
 from app.core.errors import InvalidRequestError
 from app.core.images import MAX_INPUT_BYTES, MAX_INPUT_SIDE
-from app.core.jobs import TASK_VARIATIONS, GenerationParams, Priority, WebhookEvents
-from app.core.queue import enqueue_task
+from app.core.jobs import TASK_VARIATIONS, Priority, WebhookEvents
 from app.core.variations import VariationParams, input_key
 from app.core.webhooks import WebhookTargetError, check_target
 
@@ -74,32 +71,14 @@ def _body_schema() -> dict[str, Any]:
     }
 
 
-def enqueue_variations(png: bytes, input_ttl: int):
-    """An `enqueue` for JobService.submit that stores the input image, then queues the task."""
+def store_input(png: bytes, input_ttl: int) -> Callable[[Pipeline, str], None]:
+    """For JobService.submit's `before`: the input image, written ahead of the job in the same
+    round trip (a worker may take the job the moment it is queued)."""
 
-    def enqueue(
-        queue: Queue,
-        params: GenerationParams,
-        settings: Settings,
-        *,
-        job_id: str,
-        meta: dict[str, Any],
-        pipeline: Pipeline | None = None,
-    ) -> Job:
-        # Written before the job in the same transaction: a worker may take it the moment it is queued.
-        (pipeline or queue.connection).set(input_key(job_id), png, ex=input_ttl)
-        return enqueue_task(
-            queue,
-            params,
-            settings,
-            job_id=job_id,
-            meta=meta,
-            pipeline=pipeline,
-            task=TASK_VARIATIONS,
-            description="variations",
-        )
+    def before(pipe: Pipeline, job_id: str) -> None:
+        pipe.set(input_key(job_id), png, ex=input_ttl)
 
-    return enqueue
+    return before
 
 
 def parse_fields(upload: Upload) -> VariationRequest:
@@ -165,20 +144,21 @@ async def create_variations(
             jobs.claim_idempotency_key, idempotency_key, digest.hexdigest(), principal.owner
         )
     if existing is not None:
-        job = existing
         response.status_code = status.HTTP_200_OK
-    else:
-        await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
-        job = await run_in_threadpool(
-            lambda: jobs.submit(
-                params,
-                priority=fields.priority,
-                job_id=job_id or str(uuid.uuid4()),
-                owner=principal.owner,
-                model=fields.model,
-                webhook=webhook,
-                enqueue=enqueue_variations(png, jobs.event_ttl),
-            )
+        response.headers["Location"] = f"/jobs/{existing.id}"
+        return await run_in_threadpool(jobs.view, existing, image_url(request))
+    await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
+    placed = await run_in_threadpool(
+        lambda: jobs.submit(
+            params,
+            priority=fields.priority,
+            job_id=job_id,
+            owner=principal.owner,
+            model=fields.model,
+            webhook=webhook,
+            task=TASK_VARIATIONS,
+            before=store_input(png, jobs.event_ttl),
         )
-    response.headers["Location"] = f"/jobs/{job.id}"
-    return await run_in_threadpool(jobs.view, job, image_url(request))
+    )
+    response.headers["Location"] = f"/jobs/{placed.id}"
+    return jobs.view_placed(placed)  # no Redis reads for a job just placed
