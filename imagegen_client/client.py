@@ -218,6 +218,22 @@ def _held(wait: float | None) -> dict[str, Any]:
     return {"headers": {"Prefer": f"wait={wait:.3g}"}, "timeout": wait + REQUEST_TIMEOUT}
 
 
+def _image_request(prompt: str, params: Mapping[str, Any], deadline: float | None) -> dict[str, Any]:
+    """`image()`'s POST: held until the job ends, asking for the PNG itself before the job."""
+    if params.get("num_images") not in (None, 1):
+        raise ValueError("image() makes one image; use generate() and download() for several")
+    held = _held(_post_wait(deadline, None))
+    headers = {**held.pop("headers", {}), "Accept": "image/png, application/json;q=0.5"}
+    return {"json": _submit_body(prompt, params), "headers": headers, **held}
+
+
+def _png_or_job(response: httpx.Response) -> bytes | Job:
+    _checked(response)
+    if response.headers.get("content-type", "").startswith("image/png"):
+        return response.content
+    return Job.from_json(response.json())
+
+
 def _post_wait(deadline: float | None, callback: ProgressCallback | None) -> float | None:
     """How long `generate` lets the POST wait: not at all when progress is wanted (events do that)."""
     if callback is not None:
@@ -368,6 +384,21 @@ class Client:
             return job.raise_for_status()
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.wait(job.id, timeout=left, on_progress=on_progress).raise_for_status()
+
+    def image(self, prompt: str, *, timeout: float | None = None, **params: Any) -> bytes:
+        """Make one image and return its PNG bytes (raises `ImagegenError` if the job failed).
+
+        The POST asks for the PNG itself (`Prefer: wait`, `Accept: image/png`): where the server
+        answers with it, prompt to image is one request; otherwise (an older server, a job still
+        running when the server's wait ends) the job is waited for and its image downloaded."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = _png_or_job(self._request("POST", "/generate", **_image_request(prompt, params, deadline)))
+        if isinstance(job, bytes):
+            return job
+        if not job.done:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            job = self.wait(job.id, timeout=left)
+        return self.download(job.raise_for_status().id)
 
     def wait(self, job_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Job:
         """Block until the job ends (any terminal status) and return it.
@@ -546,6 +577,16 @@ class AsyncClient:
             return job.raise_for_status()
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         return (await self.wait(job.id, timeout=left, on_progress=on_progress)).raise_for_status()
+
+    async def image(self, prompt: str, *, timeout: float | None = None, **params: Any) -> bytes:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = _png_or_job(await self._request("POST", "/generate", **_image_request(prompt, params, deadline)))
+        if isinstance(job, bytes):
+            return job
+        if not job.done:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            job = await self.wait(job.id, timeout=left)
+        return await self.download(job.raise_for_status().id)
 
     async def wait(self, job_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -155,6 +155,43 @@ def test_generate_waits_in_the_post_where_the_server_allows(honoured: bool) -> N
     assert [c for c, _ in calls] == expected
 
 
+@pytest.mark.parametrize("png_in_post", [True, False])
+def test_image_is_one_request_where_the_server_answers_with_the_png(png_in_post: bool) -> None:
+    calls: list[tuple[str, str | None]] = []
+    job_id = str(uuid.uuid4())
+    done = {"id": job_id, "status": "succeeded", "params": {}, "progress": {"step": 2, "total": 2}}
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append((f"{request.method} {request.url.path}", request.headers.get("accept")))
+        if request.method == "POST" and png_in_post:
+            return httpx.Response(200, content=b"\x89PNG one", headers={"content-type": "image/png"})
+        if request.method == "POST":  # a server that answers with the job (older, or JSON only)
+            return httpx.Response(200, json=done)
+        return httpx.Response(200, content=b"\x89PNG two", headers={"content-type": "image/png"})
+
+    async def from_async_client() -> bytes:
+        async with AsyncClient("http://scripted", transport=httpx.MockTransport(server)) as client:
+            return await client.image("a red circle", timeout=10, seed=1)
+
+    with Client("http://scripted", transport=httpx.MockTransport(server)) as client:
+        png = client.image("a red circle", timeout=10, seed=1)
+        with pytest.raises(ValueError):
+            client.image("several", num_images=2)
+    assert asyncio.run(from_async_client()) == png == (b"\x89PNG one" if png_in_post else b"\x89PNG two")
+    assert calls[0] == ("POST /generate", "image/png, application/json;q=0.5")
+    one = ["POST /generate"] + ([] if png_in_post else [f"GET /jobs/{job_id}/images/0"])
+    assert [c for c, _ in calls] == one * 2  # the blocking client, then the asyncio one
+
+
+def test_client_image_against_the_real_service(stack: Stack) -> None:
+    with Client(stack.base_url) as client:
+        png = client.image("a red circle on a blue background", seed=5, num_inference_steps=3, width=32, height=32)
+        assert png.startswith(b"\x89PNG")
+        with pytest.raises(ImagegenError) as info:
+            client.image("", seed=5)
+        assert info.value.status == 422
+
+
 def test_client_stands_alone() -> None:
     # The package ships to users without the server: importing it must not pull in app/ or worker/.
     code = "import sys, imagegen_client.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'app', 'worker'}))"
