@@ -68,7 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Prefer"],
+            # What a browser page may read of our answers besides the body.
+            expose_headers=["Location", "Content-Location", "Preference-Applied", "Retry-After", "X-Imagegen-Job-Id"],
         )
     app.add_middleware(UploadAwareBodySizeLimit, max_bytes=settings.max_body_bytes)  # image routes allow more
     app.state.metrics = Metrics(app)

@@ -115,8 +115,11 @@ def test_cors_off_by_default_and_explicit_origins(stack: Stack, tmp_path) -> Non
     env = stack.env | {"IMAGEGEN_CORS_ORIGINS": "https://app.example"}
     api, base = start_api(env, tmp_path / "api.log")
     try:
-        r = httpx.options(base + "/generate", headers=preflight)
+        r = httpx.options(base + "/generate", headers=preflight | {"Access-Control-Request-Headers": "prefer"})
         assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "prefer" in r.headers["access-control-allow-headers"].lower()  # waiting in the POST
+        r = httpx.post(base + "/generate", json={"prompt": "x"}, headers={"Origin": "https://app.example"})
+        assert {"location", "preference-applied"} <= set(r.headers["access-control-expose-headers"].lower().split(", "))
         r = httpx.options(base + "/generate", headers=preflight | {"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
     finally:
