@@ -460,8 +460,9 @@ class JobService:
             if got:
                 after = got[-1][0]
 
-    async def wait_async(self, job_id: str, timeout: float) -> None:
-        """Like `wait` for async routes: returns when terminal or after `timeout` seconds."""
+    async def wait_async(self, job_id: str, timeout: float) -> JobEvent | None:
+        """Like `wait` for async routes: returns when terminal or after `timeout` seconds, with the
+        terminal event when it was read here (None when RQ's status said so, or on time-out)."""
         assert self.aredis is not None
         deadline = time.monotonic() + timeout
         after = "0"
@@ -471,7 +472,7 @@ class JobService:
             if look:
                 status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
                 if status is None or status_from_rq(status.decode(), {}).is_terminal():
-                    return
+                    return None
             result: Any = await self.aredis.xread(
                 {key: after}, count=500, block=max(1, int(min(remaining, 2.0) * 1000))
             )
@@ -479,8 +480,10 @@ class JobService:
             for _, entries in result or []:
                 decoded = events.decode(entries)
                 after = decoded[-1][0]
-                if any(ev.type.is_terminal() for _, ev in decoded):
-                    return
+                for _, event in decoded:
+                    if event.type.is_terminal():
+                        return event
+        return None
 
     async def stream(self, job_id: str, after: str = "0"):
         """Yield (stream id, event) from `after` until a terminal event (synthesised if RQ ended the

@@ -121,11 +121,15 @@ def test_prefer_wait_answers_the_post_when_the_job_ends(stack: Stack) -> None:
 def test_prefer_wait_with_accept_png_answers_with_the_image(stack: Stack) -> None:
     png = {"Prefer": "wait=30", "Accept": "image/png"}
     with stack.client() as http:
-        r = http.post("/generate", json={"prompt": "straight to pixels", "seed": 3, **FAST}, headers=png)
+        body, keyed = {"prompt": "straight to pixels", "seed": 3, **FAST}, {**png, "Idempotency-Key": "pixels"}
+        r = http.post("/generate", json=body, headers=keyed)  # answered on the job's `succeeded` event
         assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
         job_id = r.headers["location"].removeprefix("/jobs/")
         assert r.headers["content-location"] == f"/jobs/{job_id}/images/0"
         assert r.content == http.get(f"/jobs/{job_id}/images/0").content  # the stored PNG, byte for byte
+        again = http.post("/generate", json=body, headers=keyed)  # already ended: read from the job
+        assert again.status_code == 200 and again.content == r.content
+        assert again.headers["location"] == f"/jobs/{job_id}"
         # Several images: the job as JSON (each image has its URL).
         r = http.post("/generate", json={"prompt": "two", "num_images": 2, **FAST}, headers=png)
         assert r.status_code == 200 and len(r.json()["images"]) == 2

@@ -14,6 +14,7 @@ from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, GenerateRequest, Job
 from app.api.services import JobService
 from app.core.auth import charge, is_limited
 from app.core.errors import ConflictError, GoneError, InvalidRequestError
+from app.core.events import EventType
 from app.core.jobs import JobStatus
 from app.core.storage import ImageStore
 from app.core.webhooks import WebhookTargetError, check_target
@@ -129,8 +130,15 @@ async def finished_response(
     """The job once it has ended, or after `wait` seconds: 200 when it ended, else 202. A client
     that asks for `image/png` (and made one image) gets the PNG itself when the job succeeded."""
     store = request.app.state.store if wants_png(request.headers.get("accept")) else None
-    view, png = await view_after_wait(jobs, job_id, wait, request, store)
+    ended = await jobs.wait_async(job_id, wait)
     applied = {"Preference-Applied": f"wait={wait:g}"}
+    if store is not None and ended is not None and ended.type is EventType.succeeded and len(ended.images or []) == 1:
+        # The `succeeded` event follows RQ's success record and the stored PNG: the bytes need no
+        # read of the job itself.
+        png = await run_in_threadpool(store.get, job_id, 0)
+        if png is not None:
+            return png_bytes(job_id, png, applied)
+    view, png = await read_view(jobs, job_id, request, store)
     if store is not None and view.status.is_terminal() and int(view.params.get("num_images") or 1) == 1:
         return png_response(view, png, applied)
     if status_code is None:
@@ -138,12 +146,17 @@ async def finished_response(
     return job_response(view, status_code, applied)
 
 
-async def view_after_wait(
-    jobs: JobService, job_id: str, wait: float, request: Request, store: ImageStore | None = None
-) -> tuple[JobView, bytes | None]:
-    """The job's view once it has ended, or after `wait` seconds (long-poll and `Prefer: wait`);
-    with `store`, also its first PNG if it succeeded with one image."""
+async def view_after_wait(jobs: JobService, job_id: str, wait: float, request: Request) -> JobView:
+    """The job's view once it has ended, or after `wait` seconds (the long-poll)."""
     await jobs.wait_async(job_id, wait)
+    view, _ = await read_view(jobs, job_id, request)
+    return view
+
+
+async def read_view(
+    jobs: JobService, job_id: str, request: Request, store: ImageStore | None = None
+) -> tuple[JobView, bytes | None]:
+    """The job's view; with `store`, also its first PNG if it succeeded with one image."""
     url = image_url(request)
 
     def read() -> tuple[JobView, bytes | None]:  # one hop: read, then present
@@ -180,7 +193,11 @@ def png_response(view: JobView, png: bytes | None, headers: dict[str, str]) -> R
         raise ConflictError(f"job {view.id} ended {view.status.value}{why}; it has no images", code="job_not_succeeded")
     if png is None:
         raise GoneError(f"image 0 of job {view.id} has expired")
-    location = {"Location": f"/jobs/{view.id}", "Content-Location": f"/jobs/{view.id}/images/0"}
+    return png_bytes(view.id, png, headers)
+
+
+def png_bytes(job_id: str, png: bytes, headers: dict[str, str]) -> Response:
+    location = {"Location": f"/jobs/{job_id}", "Content-Location": f"/jobs/{job_id}/images/0"}
     return Response(png, media_type="image/png", headers={**location, **headers})
 
 

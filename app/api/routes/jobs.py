@@ -41,8 +41,7 @@ async def get_job(
 ) -> JobView:
     job = await run_in_threadpool(jobs.get, job_id, principal.owner)
     if wait > 0 and not jobs.status(job).is_terminal():
-        view, _ = await view_after_wait(jobs, job.id, wait, request)
-        return view
+        return await view_after_wait(jobs, job.id, wait, request)
     return await run_in_threadpool(jobs.view, job, image_url(request))
 
 
