@@ -147,7 +147,10 @@ def test_error_paths(stack: Stack) -> None:
         assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
         done = stack.wait(http, slow["id"], timeout=240)
         assert http.get(f"/jobs/{slow['id']}/images/1").status_code == 404
-        assert http.get(f"/jobs/{slow['id']}/images/x").status_code == 404
+        # Not an index: a 404, never a file name (a superscript digit, a name too long for the disk).
+        for index in ("x", "\u00b2", "٣", "9" * 300, "-1"):
+            r = http.get(f"/jobs/{slow['id']}/images/{index}")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (index, r.text)
         assert http.get(done["images"][0]["url"]).status_code == 200
 
 

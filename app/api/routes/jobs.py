@@ -130,14 +130,19 @@ def get_image(
     job_id: str, index: str, request: Request, jobs: JobsDep, store: StoreDep, principal: PrincipalDep
 ) -> Response:
     job = jobs.get(job_id, principal.owner)
-    view = jobs.view(job, image_url(request))
+    number = int(index) if index.isascii() and index.isdigit() and len(index) <= 3 else None  # never a path part
+    if jobs.status(job) is JobStatus.succeeded and number is not None:  # the common case: no result read
+        png = store.get(job.id, number)
+        if png is not None:
+            return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    view = jobs.view(job, image_url(request))  # why there is no image
     if view.status is not JobStatus.succeeded:
         if view.status.is_terminal():
             raise ConflictError(f"job {job.id} ended {view.status.value}; it has no images", code="job_not_succeeded")
         raise ConflictError(f"job {job.id} is {view.status.value}; images are ready when it succeeds", code="not_ready")
-    if not index.isdigit() or int(index) >= len(view.images):
-        raise NotFoundError(f"job {job.id} has {len(view.images)} image(s); no index {index!r}")
-    png = store.get(job.id, int(index))
+    if number is None or number >= len(view.images):
+        raise NotFoundError(f"job {job.id} has {len(view.images)} image(s); no index {index[:20]!r}")
+    png = store.get(job.id, number)
     if png is None:
         raise GoneError(f"image {index} of job {job.id} has expired")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
