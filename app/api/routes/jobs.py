@@ -131,18 +131,19 @@ def get_image(
 ) -> Response:
     job = jobs.get(job_id, principal.owner)
     number = int(index) if index.isascii() and index.isdigit() and len(index) <= 3 else None  # never a path part
-    if jobs.status(job) is JobStatus.succeeded and number is not None:  # the common case: no result read
-        png = store.get(job.id, number)
-        if png is not None:
-            return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
-    view = jobs.view(job, image_url(request))  # why there is no image
-    if view.status is not JobStatus.succeeded:
-        if view.status.is_terminal():
-            raise ConflictError(f"job {job.id} ended {view.status.value}; it has no images", code="job_not_succeeded")
-        raise ConflictError(f"job {job.id} is {view.status.value}; images are ready when it succeeds", code="not_ready")
-    if number is None or number >= len(view.images):
-        raise NotFoundError(f"job {job.id} has {len(view.images)} image(s); no index {index[:20]!r}")
-    png = store.get(job.id, number)
-    if png is None:
+    succeeded = jobs.status(job) is JobStatus.succeeded
+    png = store.get(job.id, number) if succeeded and number is not None else None  # no result read
+    if png is None:  # say why there is no image
+        view = jobs.view(job, image_url(request))
+        if view.status is not JobStatus.succeeded:
+            if view.status.is_terminal():
+                raise ConflictError(
+                    f"job {job.id} ended {view.status.value}; it has no images", code="job_not_succeeded"
+                )
+            raise ConflictError(
+                f"job {job.id} is {view.status.value}; images are ready when it succeeds", code="not_ready"
+            )
+        if number is None or number >= len(view.images):
+            raise NotFoundError(f"job {job.id} has {len(view.images)} image(s); no index {index[:20]!r}")
         raise GoneError(f"image {index} of job {job.id} has expired")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
