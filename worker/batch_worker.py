@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from redis.exceptions import RedisError
+from rq.executions import Execution
 from rq.job import Job
 from rq.utils import now as utcnow
 from rq.worker import WorkerStatus
@@ -39,7 +40,6 @@ from worker.worker import ImagegenWorker
 if TYPE_CHECKING:
     from PIL.Image import Image
     from redis.client import Pipeline
-    from rq.executions import Execution
     from rq.queue import Queue
 
     from worker.batching import BatchEngine, Request
@@ -61,6 +61,20 @@ for i, id in ipairs(ARGV) do
   end
 end
 return taken
+"""
+
+# Part of each admitted job's registration transaction: unless its cancel flag (KEYS[1]) is set,
+# record its resolved parameters in the job's hash (KEYS[2]) and announce `started` on its event
+# stream (KEYS[3]) as `events.publish` does (ARGV: meta, stream length, event JSON, stream TTL).
+# Answers 1 for a canceled job, which then records nothing here and ends as canceled.
+START_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 1
+end
+redis.call('HSET', KEYS[2], 'meta', ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return 0
 """
 
 
@@ -107,7 +121,7 @@ class BatchingWorker(ImagegenWorker):
         # Redis: one thread does it while the next step computes.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         try:
-            self._admit(job, queue)
+            self._admit([(job, queue)])
             while self.slots:
                 self._tick()
         except Exception:
@@ -215,11 +229,12 @@ class BatchingWorker(ImagegenWorker):
             return
         keys = [key for q, _ in chosen for key in (q.key, q.intermediate_queue_key)]
         taken = self._claim_script(keys=keys, args=[j.id for _, j in chosen])
-        for (q, job), got in zip(chosen, taken, strict=True):
-            if got:
-                job.redis_server_version = self.get_redis_server_version()
-                log.info("job %s: joins the batch (%d active)", job.id, len(self.slots) + 1)
-                self._admit(job, q)
+        claimed = [(job, q) for (q, job), got in zip(chosen, taken, strict=True) if got]
+        for job, _ in claimed:
+            job.redis_server_version = self.get_redis_server_version()
+            log.info("job %s: joins the batch", job.id)
+        if claimed:
+            self._admit(claimed)
 
     def _shape_of(self, job: Job) -> tuple[int, Any]:
         """Rows and shape a waiting job would add; (1, None) when it will be refused or fail at once."""
@@ -233,32 +248,68 @@ class BatchingWorker(ImagegenWorker):
 
     # -- one job's lifecycle ------------------------------------------------------------------
 
-    def _admit(self, job: Job, queue: Queue) -> None:
-        """Register the job with RQ as `perform_job` would, resolve its parameters, start sampling."""
+    def _admit(self, taken: list[tuple[Job, Queue]]) -> None:
+        """Register jobs with RQ as `perform_job` would (execution in the started registry, status
+        `started`, heartbeats, out of the intermediate list), record their resolved parameters and
+        announce their start, all in one transaction for every job taken together; then start
+        sampling them. A job whose cancel flag is already set is registered and ends as canceled."""
         ctx = _context()
-        reason = self.refusal_reason(job)
-        if reason is not None:
-            self.refuse(job, queue, reason)
-            return
-        execution = self.prepare_execution(job)
-        try:
-            self.prepare_job_execution(job)
-            job.started_at = utcnow()
-            params = self._resolve(job, ctx)
+        ready: list[tuple[Job, Queue, GenerationParams]] = []
+        for job, queue in taken:
+            reason = self.refusal_reason(job)
+            if reason is not None:
+                self.refuse(job, queue, reason)
+                continue
             try:
-                request = self.engine.start(params)
-            except Exception as exc:
-                raise _sampling_failure(job, exc) from None
-        except Exception:
-            self._finalize_failure(job, queue, execution, sys.exc_info())
+                ready.append((job, queue, self._resolve(job, ctx)))
+            except tasks.JobFailedError:
+                failure = sys.exc_info()
+                execution = self.prepare_execution(job)
+                self.prepare_job_execution(job)
+                self._finalize_failure(job, queue, execution, failure)
+        if not ready:
             return
-        steps = params.num_inference_steps or request.total
-        with self._lock:
-            self.slots.append(Slot(job, queue, execution, params, request, steps))
+        keep = max(ctx.settings.result_ttl, ctx.settings.failure_ttl)
+        ttl = self.get_heartbeat_ttl(ready[0][0])
+        started: list[tuple[Job, Queue, GenerationParams, Execution, events.JobEvent, int]] = []
+        with self.connection.pipeline() as pipe:  # MULTI/EXEC, as RQ's own two preparation steps
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            self.heartbeat(ttl, pipeline=pipe)
+            for job, queue, params in ready:
+                execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+                self.executions[execution.id] = execution
+                job.heartbeat(utcnow(), ttl, pipeline=pipe)
+                job.prepare_for_execution(self.name, pipeline=pipe)
+                pipe.persist(job.key)
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                reply = len(pipe.command_stack)  # where this job's START_SCRIPT answer lands
+                event = events.make_event(EventType.started, job.id, "running", progress=job.meta["progress"])
+                keys = (cancel_key(job.id), job.key, events.stream_key(job.id))
+                data = event.model_dump_json(exclude_none=True)
+                pipe.eval(START_SCRIPT, 3, *keys, job._serialize_meta(), events.STREAM_MAXLEN, data, keep)
+                started.append((job, queue, params, execution, event, reply))
+            replies = pipe.execute()
+        self.procline(f"Processing {len(self.slots) + len(started)} jobs")
+        for job, queue, params, execution, event, reply in started:
+            try:
+                if replies[reply]:
+                    raise tasks._fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)
+                self._announce(job, event)
+                try:
+                    request = self.engine.start(params)
+                except Exception as exc:
+                    raise _sampling_failure(job, exc) from None
+            except Exception:
+                self._finalize_failure(job, queue, execution, sys.exc_info())
+                continue
+            steps = params.num_inference_steps or request.total
+            with self._lock:
+                self.slots.append(Slot(job, queue, execution, params, request, steps))
 
     def _resolve(self, job: Job, ctx: tasks.WorkerContext) -> GenerationParams:
-        """The task's first two steps: validate, fill defaults and seed, record, announce."""
-        # 1. Validate again: the queue may hold jobs from another producer or an older API.
+        """The task's first steps, without Redis: validate, fill defaults and seed, note warnings.
+        The parameters land in `job.meta`, which `_admit` writes with the job's registration."""
+        # Validate again: the queue may hold jobs from another producer or an older API.
         try:
             params = GenerationParams.model_validate((job.kwargs or {}).get("params"))
         except ValidationError as exc:
@@ -266,22 +317,14 @@ class BatchingWorker(ImagegenWorker):
         params = ctx.runtime.info.fill(params)
         if params.seed is None:
             params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-        total = params.num_inference_steps or 0
-        if ctx.connection.exists(cancel_key(job.id)):
-            raise tasks._fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)
-        # 2. Record the resolved parameters and any warnings, then announce the start.
         warnings = []
         tokens = ctx.runtime.count_tokens(params.prompt)
         if tokens > ctx.runtime.info.max_tokens:
             warnings.append(
                 f"prompt is {tokens} tokens; the text encoder reads only the first {ctx.runtime.info.max_tokens}"
             )
-        progress = {"step": 0, "total": total}
+        progress = {"step": 0, "total": params.num_inference_steps or 0}
         job.meta.update(params=params.model_dump(mode="json"), warnings=warnings, progress=progress)
-        with self.connection.pipeline(transaction=False) as pipe:  # one round trip for both
-            pipe.hset(job.key, "meta", job._serialize_meta())
-            self._emit(pipe, job, EventType.started, progress, max(ctx.settings.result_ttl, ctx.settings.failure_ttl))
-            pipe.execute()
         return params
 
     def _step(self, slots: list[Slot]) -> None:
@@ -351,6 +394,10 @@ class BatchingWorker(ImagegenWorker):
         # EventSink.emit, with the stream write on the shared pipeline.
         event = events.make_event(type_, job.id, "running", progress=progress)
         events.publish(pipe, event, ttl)
+        self._announce(job, event)
+
+    def _announce(self, job: Job, event: events.JobEvent) -> None:
+        """An event's webhook delivery, if the job asked for one (its stream entry is written apart)."""
         sink = self.events
         url = wants(job.meta or {}, event)
         if url and sink is not None and sink.sender is not None:

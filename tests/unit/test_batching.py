@@ -153,6 +153,68 @@ def test_a_claimed_job_waits_in_the_intermediate_list_until_it_starts(env, redis
     assert queue.get_job_ids() == [job.id] and redis_db.llen(queue.intermediate_queue_key) == 0
 
 
+def test_jobs_taken_together_start_in_one_round_trip_as_rq_would_start_them(env, redis_db, monkeypatch) -> None:
+    """Registration, resolved parameters and `started` events for every job admitted together go
+    out in one transaction, and leave the same records as RQ's own two preparation steps."""
+    from redis.connection import AbstractConnection
+
+    engine, store, queue, _, make = env
+    jobs = [enqueue(queue, prompt=f"p{i}", num_inference_steps=2) for i in range(3)]
+    reference = enqueue(queue, prompt="ref", num_inference_steps=2)
+    worker = make()
+    for _ in range(4):  # as the claim does: each job waits in the intermediate list until it starts
+        redis_db.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
+    taken = [(Job.fetch(j.id, connection=redis_db, serializer=JSONSerializer), queue) for j in jobs]
+    sent: list[object] = []
+    send = AbstractConnection.send_packed_command
+
+    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        sent.append(command)
+        return send(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    worker._admit(taken)
+    assert len(sent) == 1
+    monkeypatch.undo()
+    ref = Job.fetch(reference.id, connection=redis_db, serializer=JSONSerializer)
+    ref_execution = worker.prepare_execution(ref)
+    worker.prepare_job_execution(ref)  # RQ's way, for comparison
+    assert [s.job.id for s in worker.slots] == [j.id for j in jobs]
+    started = StartedJobRegistry(queue=queue)
+    ref_hash = redis_db.hgetall(ref.key)
+    ref_ttl = redis_db.ttl(ref.key)
+    for job, slot in zip(jobs, worker.slots, strict=True):
+        stored = redis_db.hgetall(job.key)
+        assert stored.keys() == ref_hash.keys() | {b"meta"} and redis_db.ttl(job.key) == ref_ttl == -1
+        assert stored[b"status"] == b"started" and stored[b"worker_name"] == worker.name.encode()
+        assert redis_db.hgetall(slot.execution.key).keys() == redis_db.hgetall(ref_execution.key).keys()
+        assert job.id in started.get_job_ids()
+        job.refresh()
+        assert job.meta["params"]["prompt"] == slot.params.prompt and job.meta["progress"] == {"step": 0, "total": 2}
+        assert kinds(redis_db, job.id) == ["started"]
+    assert redis_db.llen(queue.intermediate_queue_key) == 0
+    assert redis_db.hget(worker.key, "state") == b"busy"
+
+
+def test_a_job_canceled_before_it_starts_ends_canceled_without_starting(env, redis_db) -> None:
+    """The cancel flag is read in the registration transaction: the job is never announced as
+    started, records a cancel at step 0, and the jobs around it run as usual."""
+    engine, store, queue, _, make = env
+    lone = enqueue(queue, prompt="lone", num_inference_steps=2)  # the first job, taken by RQ's loop
+    first = enqueue(queue, prompt="first", num_inference_steps=2)
+    joining = enqueue(queue, prompt="joining", num_inference_steps=2)  # claimed between steps
+    redis_db.set(cancel_key(lone.id), 1)
+    redis_db.set(cancel_key(joining.id), 1)
+    make().work(burst=True)
+    for job in (lone, joining):
+        job.refresh()
+        assert job.get_status() == "failed" and job.meta["error"]["code"] == "canceled"
+        assert job.meta["canceled_at_step"] == 0 and kinds(redis_db, job.id) == ["canceled"]
+    assert first.get_status(refresh=True) == "finished"
+    assert engine.ticks == [["first"], ["first"]]
+    assert StartedJobRegistry(queue=queue).get_job_ids() == []
+
+
 def test_jobs_finishing_together_are_decoded_together(env) -> None:
     engine, store, queue, _, make = env
     jobs = [enqueue(queue, prompt=f"p{i}", num_inference_steps=2 if i < 3 else 3) for i in range(4)]
