@@ -33,7 +33,6 @@ from app.core import events
 from app.core.events import EventType
 from app.core.jobs import ALLOWED_TASKS, MAX_SEED, TASK_GENERATE, ErrorCode, GenerationParams, cancel_key, image_seed
 from worker import tasks
-from worker.events import wants
 from worker.png import encode_png
 from worker.worker import ImagegenWorker
 
@@ -397,11 +396,8 @@ class BatchingWorker(ImagegenWorker):
         self._announce(job, event)
 
     def _announce(self, job: Job, event: events.JobEvent) -> None:
-        """An event's webhook delivery, if the job asked for one (its stream entry is written apart)."""
-        sink = self.events
-        url = wants(job.meta or {}, event)
-        if url and sink is not None and sink.sender is not None:
-            sink.sender.submit(url, event)
+        if self.events is not None:
+            self.events.deliver(job, event)
 
     def _finish(self, slot: Slot, ctx: tasks.WorkerContext, images: list[Image]) -> None:
         """Store a finished job's images, then record its success with RQ (on the finisher thread)."""

@@ -75,14 +75,22 @@ class EventSink:
         self.settings = settings
         self.sender = sender
 
+    @property
+    def ttl(self) -> int:
+        """Seconds a job's event stream is kept: as long as the job itself."""
+        return max(self.settings.result_ttl, self.settings.failure_ttl)
+
     def emit(self, job: Job, type_: EventType, status: str, **fields: Any) -> JobEvent:
         event = events.make_event(type_, job.id, status, **fields)
-        ttl = max(self.settings.result_ttl, self.settings.failure_ttl)
         try:
-            events.publish(self.connection, event, ttl)
+            events.publish(self.connection, event, self.ttl)
         except Exception:  # losing one event must not fail the job; status still lives in RQ
             log.warning("job %s: could not publish %s event", job.id, type_, exc_info=True)
+        self.deliver(job, event)
+        return event
+
+    def deliver(self, job: Job, event: JobEvent) -> None:
+        """Hand an event (already in the job's stream) to the webhook sender, if the job subscribed."""
         url = wants(job.meta or {}, event)
         if url and self.sender is not None:
             self.sender.submit(url, event)
-        return event

@@ -23,9 +23,9 @@ from rq.utils import as_text
 from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, WorkerStatus
 
-from app.core import metrics
+from app.core import events, metrics
 from app.core.catalog import model_of_queue
-from app.core.events import EventType
+from app.core.events import EventType, JobEvent
 from app.core.jobs import ALLOWED_TASKS, ErrorCode, status_from_rq, wake_key
 from worker.events import EventSink
 
@@ -108,6 +108,7 @@ class ImagegenWorker(SimpleWorker):
         # Set `shutdown_grace` seconds after a warm shutdown began with a job still running; the
         # task checks it at every step and hands the job back to the queue.
         self.requeue_requested = threading.Event()
+        self._succeeding: dict[str, JobEvent | None] = {}  # job id -> its succeeded event, while RQ records it
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         busy = self.get_state() == WorkerStatus.BUSY
@@ -163,17 +164,32 @@ class ImagegenWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
     # Terminal events go out only after RQ has stored the outcome, so a client that reacts to
-    # `succeeded` by downloading the image never races the job's own status.
+    # `succeeded` by downloading the image never races the job's own status. On success they go out
+    # with it: RQ writes the outcome in one transaction and calls `cleanup_execution` last before
+    # EXEC, where the event and the job's metrics join that transaction (one round trip, not three).
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
-        super().handle_job_success(job, queue, started_job_registry, execution)
-        if self.events is not None:  # first the event (a client is waiting on it), then the metrics
+        event = None
+        if self.events is not None:
             result = job._result or {}
             images = [dict(img, url=f"/jobs/{job.id}/images/{img['index']}") for img in result.get("images", [])]
             total = (job.meta.get("progress") or {}).get("total", 0)
-            self.events.emit(
-                job, EventType.succeeded, "succeeded", images=images, progress={"step": total, "total": total}
-            )
-        self._record(job, "succeeded", len((job._result or {}).get("images", [])))
+            progress = {"step": total, "total": total}
+            event = events.make_event(EventType.succeeded, job.id, "succeeded", images=images, progress=progress)
+        self._succeeding[job.id] = event
+        try:
+            super().handle_job_success(job, queue, started_job_registry, execution)
+        finally:
+            del self._succeeding[job.id]
+        if event is not None and self.events is not None:
+            self.events.deliver(job, event)
+
+    def cleanup_execution(self, job: Job, pipeline: Any, execution: Any = None) -> None:
+        super().cleanup_execution(job, pipeline, execution)
+        if job.id in self._succeeding:  # inside RQ's success transaction (see handle_job_success)
+            event = self._succeeding[job.id]
+            if event is not None and self.events is not None:
+                events.publish(pipeline, event, self.events.ttl)
+            metrics.record_job(pipeline, "succeeded", len((job._result or {}).get("images", [])), _timings(job))
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # RQ also renews the job's heartbeat here, to cover a success callback; imagegen's jobs
@@ -199,17 +215,11 @@ class ImagegenWorker(SimpleWorker):
         self.events.emit(job, EventType(status.value), status.value, error=error, progress=job.meta.get("progress"))
 
     def _record(self, job: Job, status: str, images: int) -> None:
-        """Shared metrics (read by the API's /metrics): final status, images, latencies."""
-        timings = {}
-        if job.enqueued_at and job.started_at:
-            timings["queue_wait"] = (job.started_at - job.enqueued_at).total_seconds()
-        if job.enqueued_at and job.ended_at:
-            timings["total"] = (job.ended_at - job.enqueued_at).total_seconds()
-        sampling_ms = (job.meta.get("timings") or {}).get("sampling_ms")
-        if sampling_ms is not None:
-            timings["sampling"] = sampling_ms / 1000
+        """Shared metrics (read by the API's /metrics) of a job that did not succeed."""
         try:
-            metrics.record_job(self.connection, status, images, timings)
+            with self.connection.pipeline(transaction=False) as pipe:
+                metrics.record_job(pipe, status, images, _timings(job))
+                pipe.execute()
         except Exception:
             log.warning("could not record metrics for job %s", job.id, exc_info=True)
 
@@ -248,3 +258,16 @@ class ImagegenWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # Short TTL: the job counts as abandoned a few missed beats after the worker dies.
         return int(self.heartbeat_interval * 3) + 5
+
+
+def _timings(job: Job) -> dict[str, float]:
+    """A finished job's latencies for the metrics: queue wait, sampling, total (seconds)."""
+    timings = {}
+    if job.enqueued_at and job.started_at:
+        timings["queue_wait"] = (job.started_at - job.enqueued_at).total_seconds()
+    if job.enqueued_at and job.ended_at:
+        timings["total"] = (job.ended_at - job.enqueued_at).total_seconds()
+    sampling_ms = (job.meta.get("timings") or {}).get("sampling_ms")
+    if sampling_ms is not None:
+        timings["sampling"] = sampling_ms / 1000
+    return timings

@@ -36,15 +36,14 @@ def observe(pipe: Redis | Pipeline, name: str, seconds: float) -> None:
     pipe.hincrby(key, "count", 1)
 
 
-def record_job(redis: Redis, status: str, images: int, timings: dict[str, float]) -> None:
-    with redis.pipeline(transaction=False) as pipe:
-        pipe.hincrby(JOBS, status, 1)
-        if images:
-            pipe.incrby(IMAGES, images)
-        for name, seconds in timings.items():
-            if name in HISTOGRAMS and seconds >= 0:
-                observe(pipe, name, seconds)
-        pipe.execute()
+def record_job(pipe: Pipeline, status: str, images: int, timings: dict[str, float]) -> None:
+    """Count a finished job on `pipe` (the caller's pipeline or transaction, executed by the caller)."""
+    pipe.hincrby(JOBS, status, 1)
+    if images:
+        pipe.incrby(IMAGES, images)
+    for name, seconds in timings.items():
+        if name in HISTOGRAMS and seconds >= 0:
+            observe(pipe, name, seconds)
 
 
 def read_histogram(redis: Redis, name: str) -> tuple[list[tuple[str, float]], float]:

@@ -199,6 +199,43 @@ def test_events_are_written_in_order_and_terminal_last(env, redis_db) -> None:
     assert last.progress == {"step": 3, "total": 3}
 
 
+def test_success_event_and_metrics_are_written_in_rqs_success_transaction(env, redis_db, monkeypatch) -> None:
+    """Recording a success is RQ's WATCH, its read of the dependents, and one MULTI/EXEC that also
+    carries the `succeeded` event and the job's metrics: the event cannot be seen before the outcome."""
+    from redis.connection import AbstractConnection
+
+    from app.core import metrics
+
+    runtime, store, queue, worker = env
+    job = enqueue(queue, prompt="fine", num_inference_steps=2)
+    sent: list[bytes] = []
+    recording = []
+    send, succeed = AbstractConnection.send_packed_command, ImagegenWorker.handle_job_success
+
+    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        if recording:
+            parts = [command] if isinstance(command, bytes | str) else command
+            sent.append(b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in parts))
+        return send(self, command, check_health)
+
+    def recorded(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        recording.append(True)
+        try:
+            return succeed(self, *args, **kwargs)
+        finally:
+            recording.clear()
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    monkeypatch.setattr(ImagegenWorker, "handle_job_success", recorded)
+    worker.work(burst=True)
+    assert len(sent) == 3 and b"WATCH" in sent[0]
+    transaction = sent[-1]
+    assert b"MULTI" in transaction and b"EXEC" in transaction and b"XADD" in transaction
+    assert metrics.JOBS.encode() in transaction and job.key.encode() in transaction
+    assert _events(redis_db, job.id)[-1] == "succeeded" and job.get_status(refresh=True) == "finished"
+    assert redis_db.hget(metrics.JOBS, "succeeded") == b"1" and redis_db.get(metrics.IMAGES) == b"1"
+
+
 def test_a_job_dequeued_by_a_worker_that_died_before_starting_it_is_requeued(env, redis_db) -> None:
     runtime, store, queue, worker = env
     job = enqueue(queue, prompt="orphan")
