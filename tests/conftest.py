@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,40 @@ import pytest
 from tests.procs import RedisServer, Stack, service_env, start_api, start_redis, start_worker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class RoundTrips:
+    """Every batch of commands a Redis client sends (one per round trip) while `record()` is open,
+    as bytes; for tests that pin how many round trips a step takes and what each one carries."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from redis.connection import AbstractConnection
+
+        self.sent: list[bytes] = []
+        self._on = False
+        send = AbstractConnection.send_packed_command
+
+        def recorded(conn, command, check_health=True):  # type: ignore[no-untyped-def]
+            if self._on:
+                parts = [command] if isinstance(command, bytes | str) else command
+                self.sent.append(b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in parts))
+            return send(conn, command, check_health)
+
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", recorded)
+
+    @contextmanager
+    def record(self) -> Iterator[list[bytes]]:
+        self.sent.clear()
+        self._on = True
+        try:
+            yield self.sent
+        finally:
+            self._on = False
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> RoundTrips:
+    return RoundTrips(monkeypatch)
 
 
 @pytest.fixture(scope="session")

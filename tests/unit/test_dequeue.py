@@ -44,25 +44,15 @@ def test_the_highest_priority_job_moves_to_its_intermediate_list(redis_db) -> No
     assert normal.get_job_ids() == [second_normal.id]
 
 
-def test_the_claim_reads_the_job_in_the_same_round_trip(redis_db, monkeypatch) -> None:
+def test_the_claim_reads_the_job_in_the_same_round_trip(redis_db, round_trips) -> None:
     """The job comes back from the claim script itself, the same as RQ's fetch would build it; a
     queued id whose hash is gone is skipped."""
-    from redis.connection import AbstractConnection
-
     high, normal, low = get_queues(redis_db, "m")
     ghost = enqueue(normal, "gone")
     redis_db.delete(ghost.key)
     job = enqueue(normal, "n1", meta={"owner": "k"}, result_ttl=77)
-    sent: list[object] = []
-    send = AbstractConnection.send_packed_command
-
-    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
-        sent.append(command)
-        return send(self, command, check_health)
-
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
-    got = dequeue([high, normal, low], timeout=None)
-    monkeypatch.undo()
+    with round_trips.record() as sent:
+        got = dequeue([high, normal, low], timeout=None)
     assert got is not None and got[1] is normal and len(sent) == 2  # the ghost's claim, then this job's
     fetched = Job.fetch(job.id, connection=redis_db, serializer=JSONSerializer)
     assert got[0].to_dict() == fetched.to_dict() and got[0].meta == {"owner": "k"} and got[0].result_ttl == 77

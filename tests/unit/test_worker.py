@@ -199,33 +199,20 @@ def test_events_are_written_in_order_and_terminal_last(env, redis_db) -> None:
     assert last.progress == {"step": 3, "total": 3}
 
 
-def test_success_event_and_metrics_are_written_in_rqs_success_transaction(env, redis_db, monkeypatch) -> None:
+def test_success_event_and_metrics_join_rqs_success_transaction(env, redis_db, monkeypatch, round_trips) -> None:
     """Recording a success is RQ's WATCH, its read of the dependents, and one MULTI/EXEC that also
     carries the `succeeded` event and the job's metrics: the event cannot be seen before the outcome."""
-    from redis.connection import AbstractConnection
-
     from app.core import metrics
 
     runtime, store, queue, worker = env
     job = enqueue(queue, prompt="fine", num_inference_steps=2)
-    sent: list[bytes] = []
-    recording = []
-    send, succeed = AbstractConnection.send_packed_command, ImagegenWorker.handle_job_success
-
-    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
-        if recording:
-            parts = [command] if isinstance(command, bytes | str) else command
-            sent.append(b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in parts))
-        return send(self, command, check_health)
+    succeed, sent = ImagegenWorker.handle_job_success, []
 
     def recorded(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        recording.append(True)
-        try:
-            return succeed(self, *args, **kwargs)
-        finally:
-            recording.clear()
+        with round_trips.record() as trips:
+            succeed(self, *args, **kwargs)
+        sent.extend(trips)
 
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
     monkeypatch.setattr(ImagegenWorker, "handle_job_success", recorded)
     worker.work(burst=True)
     assert len(sent) == 3 and b"WATCH" in sent[0]
