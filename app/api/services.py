@@ -445,44 +445,22 @@ class JobService:
         return fetch_job(self.redis, job.id) or job, event
 
     # -- wait -----------------------------------------------------------------------------
-    def wait(self, job_id: str, timeout: float) -> Job:
-        """Block (on the job's event stream, not by polling) until terminal or `timeout`."""
-        deadline = time.monotonic() + timeout
-        after = "0"
-        while True:
-            job = self.get(job_id)
-            if self.status(job).is_terminal():
-                return job
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return job
-            got = events.read(self.redis, job.id, after, block_ms=max(1, int(min(remaining, BLOCK_MS / 1000) * 1000)))
-            if got:
-                after = got[-1][0]
-
     async def wait_async(self, job_id: str, timeout: float) -> JobEvent | None:
-        """Like `wait` for async routes: returns when terminal or after `timeout` seconds, with the
-        terminal event when it was read here (None when RQ's status said so, or on time-out)."""
+        """Wait until the job ends or `timeout` seconds pass; returns the terminal event when it was
+        read here (None when RQ's status said so, or on time-out). Blocks on the job's end stream,
+        which only the terminal event reaches, so its progress never wakes the wait."""
         assert self.aredis is not None
         deadline = time.monotonic() + timeout
-        after = "0"
-        key = events.stream_key(job_id)
-        look = True  # at RQ's status: first, and after a quiet read (an end with no event, e.g. a lost worker)
+        key = events.end_key(job_id)
+        # RQ's status is read first and after each quiet block: a job can end without an event
+        # (a lost worker's job failed by maintenance).
         while (remaining := deadline - time.monotonic()) > 0:
-            if look:
-                status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
-                if status is None or status_from_rq(status.decode(), {}).is_terminal():
-                    return None
-            result: Any = await self.aredis.xread(
-                {key: after}, count=500, block=max(1, int(min(remaining, 2.0) * 1000))
-            )
-            look = not result
+            status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
+            if status is None or status_from_rq(status.decode(), {}).is_terminal():
+                return None
+            result: Any = await self.aredis.xread({key: "0"}, count=1, block=max(1, int(min(remaining, 2.0) * 1000)))
             for _, entries in result or []:
-                decoded = events.decode(entries)
-                after = decoded[-1][0]
-                for _, event in decoded:
-                    if event.type.is_terminal():
-                        return event
+                return events.decode(entries)[0][1]
         return None
 
     async def stream(self, job_id: str, after: str = "0"):

@@ -50,11 +50,29 @@ def make_event(type_: EventType, job_id: str, status: str, **fields: Any) -> Job
     return JobEvent(type=type_, job_id=job_id, status=status, timestamp=time.time(), **fields)
 
 
+def end_key(job_id: str) -> str:
+    """A stream that holds only the job's terminal event: what waiters for the end read, so that
+    no progress event wakes them (or costs the sampling worker their CPU time)."""
+    return f"imagegen:ended:{job_id}"
+
+
 def publish(conn: Redis | Pipeline, event: JobEvent, ttl: int) -> None:
-    """Append to the job's stream (bounded) and keep the stream as long as the job."""
+    """Append to the job's stream (bounded), and a terminal event to its end stream too; both are
+    kept as long as the job. On a client (not a pipeline) this is one round trip."""
+    from redis.client import Pipeline
+
+    if not isinstance(conn, Pipeline):
+        with conn.pipeline(transaction=False) as pipe:
+            publish(pipe, event, ttl)
+            pipe.execute()
+        return
+    data = {"data": event.model_dump_json(exclude_none=True)}
     key = stream_key(event.job_id)
-    conn.xadd(key, {"data": event.model_dump_json(exclude_none=True)}, maxlen=STREAM_MAXLEN, approximate=True)
+    conn.xadd(key, data, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
     conn.expire(key, ttl)
+    if event.type.is_terminal():
+        conn.xadd(end_key(event.job_id), data)  # type: ignore[arg-type]
+        conn.expire(end_key(event.job_id), ttl)
 
 
 def decode(entries: list[Any]) -> list[tuple[str, JobEvent]]:

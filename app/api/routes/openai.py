@@ -16,7 +16,6 @@ from datetime import UTC
 from functools import partial
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -52,9 +51,6 @@ from app.core.storage import ImageStore
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0  # seconds, until Settings carries `openai_timeout`
-# Without an async Redis client each waiting request holds a thread; a limiter of its own keeps them
-# from starving the default pool that every other (sync) route of the API runs on.
-_WAITERS = anyio.CapacityLimiter(64)
 
 
 class OpenAIError(Exception):
@@ -164,10 +160,8 @@ _FAILURE_STATUS = {
 
 async def _wait(jobs: JobService, job_id: str, timeout: float) -> Job:
     """The job once terminal, or as it stands when `timeout` runs out."""
-    if jobs.aredis is not None:  # blocks on the event stream without holding a thread
-        await jobs.wait_async(job_id, timeout)
-        return await run_in_threadpool(jobs.get, job_id)
-    return await anyio.to_thread.run_sync(jobs.wait, job_id, timeout, limiter=_WAITERS)
+    await jobs.wait_async(job_id, timeout)  # blocks on the job's end stream without holding a thread
+    return await run_in_threadpool(jobs.get, job_id)
 
 
 def _created(job: Job) -> int:

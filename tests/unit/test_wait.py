@@ -1,0 +1,77 @@
+"""Waiting for a job's end (`JobService.wait_async`, behind `Prefer: wait`, `?wait=` and the OpenAI
+route) on a real redis-server: only the terminal event wakes the wait, and a job that ends without
+one (a lost worker's, failed by maintenance) is still noticed by its status."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from rq.job import Job
+
+from app.core import events
+from app.core.events import EventType
+from app.core.jobs import GenerationParams
+from tests.unit.test_submit import make_service
+
+
+def test_the_end_stream_holds_only_the_terminal_event(redis_db) -> None:
+    for step in (1, 2):
+        events.publish(redis_db, events.make_event(EventType.progress, "j", "running", progress={"step": step}), 60)
+    events.publish(redis_db, events.make_event(EventType.failed, "j", "failed", error={"code": "x"}), 60)
+    assert [e.type for _, e in events.read(redis_db, "j")] == [EventType.progress, EventType.progress, EventType.failed]
+    ended = events.decode(redis_db.xrange(events.end_key("j")))
+    assert [e.type for _, e in ended] == [EventType.failed]
+    assert 0 < redis_db.ttl(events.end_key("j")) <= 60 and 0 < redis_db.ttl(events.stream_key("j")) <= 60
+
+
+def test_progress_never_wakes_a_waiter_and_the_terminal_event_ends_the_wait(redis_db, redis_server) -> None:
+    service = make_service(redis_db, redis_server)
+    job_id = service.submit(GenerationParams(prompt="p")).id
+    redis_db.hset(Job.key_for(job_id), "status", "started")
+
+    async def scenario() -> tuple[int, Any, bool]:
+        assert service.aredis is not None
+        blocking_reads = 0
+        xread = service.aredis.xread
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal blocking_reads
+            blocking_reads += 1
+            return await xread(*args, **kwargs)
+
+        service.aredis.xread = counted  # type: ignore[method-assign]
+        try:
+            waiter = asyncio.create_task(service.wait_async(job_id, 10))
+            await asyncio.sleep(0.1)
+            for step in range(1, 4):
+                progress = events.make_event(EventType.progress, job_id, "running", progress={"step": step})
+                events.publish(redis_db, progress, 60)
+                await asyncio.sleep(0.05)
+            pending = not waiter.done()
+            events.publish(redis_db, events.make_event(EventType.succeeded, job_id, "succeeded"), 60)
+            return blocking_reads, await asyncio.wait_for(waiter, 5), pending
+        finally:
+            await service.aredis.aclose()
+
+    reads, ended, pending_through_progress = asyncio.run(scenario())
+    assert pending_through_progress and ended is not None and ended.type is EventType.succeeded
+    assert reads == 1  # the one block that the terminal event answered
+
+
+def test_a_job_that_ends_without_an_event_is_noticed_by_its_status(redis_db, redis_server) -> None:
+    service = make_service(redis_db, redis_server)
+    job_id = service.submit(GenerationParams(prompt="p")).id
+    redis_db.hset(Job.key_for(job_id), "status", "started")
+
+    async def scenario() -> Any:
+        assert service.aredis is not None
+        try:
+            waiter = asyncio.create_task(service.wait_async(job_id, 10))
+            await asyncio.sleep(0.1)
+            redis_db.hset(Job.key_for(job_id), "status", "failed")  # as maintenance fails a lost job
+            return await asyncio.wait_for(waiter, 5)  # seen after the next quiet block (2 s)
+        finally:
+            await service.aredis.aclose()
+
+    assert asyncio.run(scenario()) is None
