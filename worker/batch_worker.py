@@ -1,9 +1,10 @@
 """`BatchingWorker`: serves several jobs at once with step-level batching (`IMAGEGEN_MAX_BATCH` > 1).
 
 RQ's loop hands over the first job as usual; the worker then keeps a batching session open while
-any job is active. Between denoising ticks (at most every `CHECK_INTERVAL`) it claims more
-waiting jobs of the same image size (highest priority first, never skipping past an incompatible
-one, so order is kept) and reads the cancel flags; it registers each job with RQ exactly as
+any job is active. Between denoising ticks (at most every `CHECK_INTERVAL`, and only once the
+model's wake stream moved: a job was queued or a cancel asked for) it claims more waiting jobs of
+the same image size (highest priority first, never skipping past an incompatible one, so order is
+kept) and reads the cancel flags; it registers each job with RQ exactly as
 `perform_job` would (execution in the started registry, status `started`, heartbeats), runs one
 batched UNet step for all of them, and finishes every job the moment its own last step is done.
 Each job keeps its own generator, progress, events, cancel flag, timeout and outcome; one job
@@ -30,8 +31,18 @@ from rq.utils import now as utcnow
 from rq.worker import WorkerStatus
 
 from app.core import events
+from app.core.catalog import model_of_queue
 from app.core.events import EventType
-from app.core.jobs import ALLOWED_TASKS, MAX_SEED, TASK_GENERATE, ErrorCode, GenerationParams, cancel_key, image_seed
+from app.core.jobs import (
+    ALLOWED_TASKS,
+    MAX_SEED,
+    TASK_GENERATE,
+    ErrorCode,
+    GenerationParams,
+    cancel_key,
+    image_seed,
+    wake_key,
+)
 from worker import tasks
 from worker.png import encode_png
 from worker.worker import ImagegenWorker
@@ -45,7 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECK_INTERVAL = 0.02  # seconds between reads of the queue heads and cancel flags during a session
+CHECK_INTERVAL = 0.02  # seconds at least between reads of the queue heads and cancel flags
+RECHECK_INTERVAL = 1.0  # ...and at most, when the model's wake stream did not move (as an idle worker)
+WATCH_BLOCK_MS = 250  # how long the wake-stream watcher blocks before it looks whether the session ended
 # Move each candidate id from its queue (KEYS[2i-1]) to that queue's intermediate list (KEYS[2i]),
 # as RQ's own single-queue dequeue does. The one LREM that removes it owns the job, so two workers
 # can never claim the same job, and an id already taken (or canceled) is simply skipped. Until the
@@ -93,19 +106,34 @@ class Slot:
 
 class BatchingWorker(ImagegenWorker):
     def __init__(
-        self, *args: Any, engine: BatchEngine, max_batch: int, check_interval: float = CHECK_INTERVAL, **kwargs: Any
+        self,
+        *args: Any,
+        engine: BatchEngine,
+        max_batch: int,
+        check_interval: float = CHECK_INTERVAL,
+        recheck_interval: float = RECHECK_INTERVAL,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.engine = engine
         self.max_batch = max_batch
         self.check_interval = check_interval
+        self.recheck_interval = recheck_interval
         self._checked_at = -math.inf  # when the queue heads and cancel flags were last read
+        # The model's wake stream moves with every job queued and every cancel (see `_watch`): the
+        # queues and flags are read again only after it moved, while jobs may be waiting, or every
+        # `recheck_interval` (jobs queued without a wake-up, e.g. RQ's own retries).
+        self._wake_key = wake_key(model_of_queue(self.queues[0].name) or self.queues[0].name)
+        self._wake_seen: tuple[int, int] = (0, 0)  # newest wake-stream id the watcher saw
+        self._checked_through: tuple[int, int] | None = None  # the stream's newest id at the last read
+        self._maybe_waiting = True  # the last read saw queued jobs, or did not look at the queues
         self.clock = time.monotonic
         self.slots: list[Slot] = []
         # Guards `slots` against the heartbeat thread; held while a slot's heartbeat is written so
         # a job never gets a heartbeat after its execution was cleaned up.
         self._lock = threading.Lock()
         self._claim_script = self.connection.register_script(CLAIM_SCRIPT)
+        self._watcher: threading.Thread | None = None
 
     # -- the session --------------------------------------------------------------------------
 
@@ -119,10 +147,16 @@ class BatchingWorker(ImagegenWorker):
         # Storing a finished job's images and recording its outcome is mostly waiting on disk and
         # Redis: one thread does it while the next step computes.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+        self._checked_at, self._checked_through = -math.inf, None  # the first step reads them
         try:
             self._admit([(job, queue)])
             while self.slots:
                 self._tick()
+                if self._checked_through is not None and self._watcher is None:
+                    self._watcher = threading.Thread(
+                        target=self._watch, args=(self._checked_through, stop), name="wake-watch", daemon=True
+                    )
+                    self._watcher.start()
         except Exception:
             # A cold shutdown (SystemExit) leaves the jobs to abandoned-job recovery instead.
             self._abandon_all(sys.exc_info())
@@ -131,6 +165,7 @@ class BatchingWorker(ImagegenWorker):
             self._finisher.shutdown(wait=True)  # every finished job is recorded before the session ends
             stop.set()
             beat.join()
+            self._watcher = None  # it returns within WATCH_BLOCK_MS
         self.set_state(WorkerStatus.IDLE)
 
     def _tick(self) -> None:
@@ -148,25 +183,33 @@ class BatchingWorker(ImagegenWorker):
             return
         # 3. One round trip: the heads of the queues (while there is room and no stop was asked
         #    for) and the cancel flags of the active jobs; at most every `check_interval` seconds,
-        #    so that short steps (a lone job on a small model) do not each wait for Redis.
+        #    so that short steps (a lone job on a small model) do not each wait for Redis, and
+        #    only when something may have changed (see `_check_due`).
         slots = list(self.slots)
         room = 0 if self._stop_requested else self.max_batch - self._rows()
         replies: list[Any] = [0] * len(slots)
         now = self.clock()
-        if now - self._checked_at >= self.check_interval:
+        heads: list[Any] = []
+        if self._check_due(now):
             self._checked_at = now
             try:
                 with self.connection.pipeline(transaction=False) as pipe:
+                    # The stream's newest id first: whatever is queued or canceled after it moves it on.
+                    pipe.xrevrange(self._wake_key, count=1)
                     for q in self._ordered_queues if room > 0 else ():
                         pipe.lrange(q.key, 0, room - 1)
                     for slot in slots:
                         pipe.exists(cancel_key(slot.job.id))
-                    replies = pipe.execute()
+                    newest, *replies = pipe.execute()
+                self._checked_through = _stream_id(newest[0][0]) if newest else (0, 0)
+                heads = replies[: len(replies) - len(slots)]
+                self._maybe_waiting = room <= 0 or any(heads)
             except RedisError:
                 # Redis is away: keep sampling, as the one-job task does; results are stored once it
                 # is back, or the jobs are re-run once this worker is found to have lost them.
                 log.warning("queues and cancel flags not checked (Redis unavailable)")
-        heads, flags = replies[: len(replies) - len(slots)], replies[len(replies) - len(slots) :]
+                replies = [0] * len(slots)
+        flags = replies[len(replies) - len(slots) :]
         # 4. End canceled and timed-out jobs; admit waiting jobs of the same shape.
         self._check_cancels_and_timeouts(slots, flags)
         if any(heads):
@@ -197,6 +240,30 @@ class BatchingWorker(ImagegenWorker):
                     continue
             self._remove(slot)
             self._finisher.submit(self._finish, slot, ctx, images)
+
+    def _check_due(self, now: float) -> bool:
+        if now - self._checked_at < self.check_interval:
+            return False
+        return (
+            self._checked_through is None  # the session's first step
+            or self._maybe_waiting
+            or self._wake_seen > self._checked_through  # a job was queued or a cancel asked for
+            or now - self._checked_at >= self.recheck_interval
+        )
+
+    def _watch(self, after: tuple[int, int], stop: threading.Event) -> None:
+        """Note the newest id of the model's wake stream while the session lasts (a thread that
+        blocks on Redis, so the sampling loop itself never waits to learn that nothing changed)."""
+        last = f"{after[0]}-{after[1]}"
+        while not stop.is_set():
+            try:
+                got: Any = self.connection.xread({self._wake_key: last}, count=100, block=WATCH_BLOCK_MS)
+            except RedisError:
+                stop.wait(0.5)  # the sampling loop falls back to its periodic reads meanwhile
+                continue
+            if got:
+                last = _text(got[0][1][-1][0])
+                self._wake_seen = max(self._wake_seen, _stream_id(last))
 
     # -- claiming -----------------------------------------------------------------------------
 
@@ -486,3 +553,8 @@ def _sampling_failure(job: Job, exc: BaseException | None) -> tasks.JobFailedErr
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stream_id(value: Any) -> tuple[int, int]:
+    ms, _, seq = _text(value).partition("-")
+    return int(ms), int(seq or 0)

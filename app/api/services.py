@@ -49,6 +49,7 @@ from app.core.jobs import (
     parse_job_id,
     status_from_rq,
     steptime_key,
+    wake,
     wake_key,
 )
 from app.core.queue import SERIALIZER, fetch_job, get_queues
@@ -429,8 +430,13 @@ class JobService:
         status = self.status(job)
         if status.is_terminal():
             raise ConflictError(f"job {job.id} already ended {status.value}", code="job_finished")
-        # The flag reaches a running job at its next step, and a job a worker is just picking up.
-        self.redis.set(cancel_key(job.id), 1, ex=self.event_ttl)
+        # The flag reaches a running job at its next step, and a job a worker is just picking up;
+        # the wake-up has a batching worker read it now rather than at its next periodic look.
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(cancel_key(job.id), 1, ex=self.event_ttl)
+            if (model := model_of_queue(job.origin)) is not None:
+                wake(pipe, model, cancel=job.id)
+            pipe.execute()
         if status is JobStatus.running:
             return job, None
         try:

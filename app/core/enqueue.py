@@ -25,10 +25,8 @@ from rq.utils import utcformat
 
 from app.core import events
 from app.core.config import Settings
-from app.core.jobs import TASK_GENERATE, GenerationParams
+from app.core.jobs import TASK_GENERATE, WAKE_MAXLEN, GenerationParams
 from app.core.queue import SERIALIZER, enqueue_task
-
-WAKE_MAXLEN = 100  # entries kept in a wake stream (workers only wait for the next one)
 
 # KEYS: rq:queues, the job's queue, the job's hash, seen marker, listing index, event stream, the
 #       model's wake stream, then every queue of the model (their lengths come back)

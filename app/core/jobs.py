@@ -132,10 +132,20 @@ def queue_name(model: str, priority: Priority = Priority.normal) -> str:
     return f"{QUEUE_PREFIX}{model}:{Priority(priority).value}"
 
 
+WAKE_MAXLEN = 100  # entries kept in a wake stream (workers only wait for the next one)
+
+
 def wake_key(model: str) -> str:
-    """A stream the API appends to with every job it queues for `model`: idle workers block on it
-    (see `worker.worker.ClaimingQueue`) instead of popping the queues themselves."""
+    """A stream the API appends to with every job it queues for `model` and every cancel of one of
+    its running jobs: idle workers block on it (see `worker.worker.ClaimingQueue`) instead of
+    popping the queues themselves, and batching workers read their queues and cancel flags between
+    steps only after it moved (see `worker.batch_worker`)."""
     return f"imagegen:wake:{model}"
+
+
+def wake(conn: Any, model: str, **fields: str) -> None:
+    """Append to the model's wake stream (on a client or a pipeline)."""
+    conn.xadd(wake_key(model), fields or {"wake": "1"}, maxlen=WAKE_MAXLEN, approximate=True)
 
 
 def cancel_key(job_id: str) -> str:

@@ -90,7 +90,7 @@ def env(redis_db, tmp_path):
     high = Queue("imagegen:fake:high", connection=redis_db, serializer=JSONSerializer)
     normal = Queue("imagegen:fake:normal", connection=redis_db, serializer=JSONSerializer)
 
-    def make(max_batch: int = 8, check_interval: float = 0.0) -> BatchingWorker:
+    def make(max_batch: int = 8, check_interval: float = 0.0, recheck_interval: float = 0.0) -> BatchingWorker:
         return BatchingWorker(
             [high, normal],
             connection=redis_db,
@@ -100,6 +100,7 @@ def env(redis_db, tmp_path):
             engine=engine,  # type: ignore[arg-type]
             max_batch=max_batch,
             check_interval=check_interval,  # the fake's steps take no time: by default, check at every one
+            recheck_interval=recheck_interval,  # ...whether or not the wake stream moved
         )
 
     yield engine, store, normal, high, make
@@ -380,6 +381,46 @@ def test_queues_and_cancel_flags_are_read_at_most_every_check_interval(env, redi
     assert engine.ticks == [["first"]] * 3 + [["late"]] * 2
     first.refresh()
     assert first.meta["error"]["code"] == "canceled" and first.meta["canceled_at_step"] == 3
+
+
+def test_between_steps_queues_and_flags_are_read_only_after_the_wake_stream_moves(env, redis_db) -> None:
+    """A lone job is not slowed by a Redis read before every step: after the session's first read,
+    the worker reads its queues and cancel flags again only once a job was queued or a cancel asked
+    for (both append to the model's wake stream, as the API does), or after `recheck_interval`."""
+    from app.core.jobs import wake, wake_key
+
+    engine, store, queue, _, make = env
+    keep = enqueue(queue, prompt="keep", num_inference_steps=16)
+    drop = enqueue(queue, prompt="drop", num_inference_steps=8)
+    worker = make(recheck_interval=60.0)
+    reads_before = redis_db.info("commandstats").get("cmdstat_xrevrange", {}).get("calls", 0)
+    late: list[Job] = []
+
+    def stir(**fields: str) -> None:  # ...and wait until the worker's watcher has seen it
+        wake(redis_db, "fake", **fields)
+        ms, seq = redis_db.xinfo_stream(wake_key("fake"))["last-generated-id"].decode().split("-")
+        deadline = time.monotonic() + 5
+        while worker._wake_seen < (int(ms), int(seq)) and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    def step(tick: int, requests) -> None:
+        if tick == 3:  # what DELETE /jobs/{id} does for a running job
+            redis_db.set(cancel_key(drop.id), 1)
+            stir(cancel=drop.id)
+        if tick == 5:  # what POST /generate does
+            late.append(enqueue(queue, prompt="late", num_inference_steps=2))
+            stir()
+
+    engine.on_tick = step
+    worker.work(burst=True)
+    reads = redis_db.info("commandstats")["cmdstat_xrevrange"]["calls"] - reads_before
+    drop.refresh()
+    assert drop.meta["error"]["code"] == "canceled" and drop.meta["canceled_at_step"] == 3
+    assert ["keep", "late"] in engine.ticks  # joined the running batch, not after it
+    assert late[0].get_status(refresh=True) == "finished" and keep.get_status(refresh=True) == "finished"
+    # The first step's read (which admitted `drop`), one more while it might have left jobs
+    # waiting, one after each wake-up, and one more after `late` was seen: not one per step.
+    assert len(engine.ticks) == 16 and 4 <= reads <= 6
 
 
 def test_a_job_whose_images_cannot_be_stored_fails_alone(env, redis_db, monkeypatch) -> None:

@@ -75,3 +75,17 @@ def test_a_job_that_ends_without_an_event_is_noticed_by_its_status(redis_db, red
             await service.aredis.aclose()
 
     assert asyncio.run(scenario()) is None
+
+
+def test_canceling_a_running_job_flags_it_and_moves_its_models_wake_stream(redis_db, redis_server) -> None:
+    """A batching worker reads cancel flags between steps only after the wake stream moved."""
+    from app.core.jobs import cancel_key, wake_key
+
+    service = make_service(redis_db, redis_server)
+    job_id = service.submit(GenerationParams(prompt="p")).id
+    redis_db.hset(Job.key_for(job_id), "status", "started")
+    before = redis_db.xlen(wake_key("main"))
+    _, event = service.cancel(service.get(job_id))
+    assert event is None and redis_db.get(cancel_key(job_id)) == b"1"  # a running job stops at its next step
+    assert redis_db.xlen(wake_key("main")) == before + 1
+    assert redis_db.xrevrange(wake_key("main"), count=1)[0][1] == {b"cancel": job_id.encode()}
