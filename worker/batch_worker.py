@@ -261,7 +261,7 @@ class BatchingWorker(ImagegenWorker):
             except RedisError:
                 stop.wait(0.5)  # the sampling loop falls back to its periodic reads meanwhile
                 continue
-            if got:
+            if got and not stop.is_set():  # a finished session's watcher writes nothing more
                 last = _text(got[0][1][-1][0])
                 self._wake_seen = max(self._wake_seen, _stream_id(last))
 
@@ -354,7 +354,13 @@ class BatchingWorker(ImagegenWorker):
                 data = event.model_dump_json(exclude_none=True)
                 pipe.eval(START_SCRIPT, 3, *keys, job._serialize_meta(), events.STREAM_MAXLEN, data, keep)
                 started.append((job, queue, params, execution, event, reply))
-            replies = pipe.execute()
+            try:
+                replies = pipe.execute()
+            except Exception:
+                # Not started: the jobs stay in their intermediate lists for RQ's maintenance.
+                for _, _, _, execution, _, _ in started:
+                    self.executions.pop(execution.id, None)
+                raise
         self.procline(f"Processing {len(self.slots) + len(started)} jobs")
         for job, queue, params, execution, event, reply in started:
             try:

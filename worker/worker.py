@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from rq import worker_registration
@@ -92,6 +93,14 @@ class ClaimingQueue(Queue):
             connection.xread({keys[-1]: value}, count=1, block=max(1, int(min(remaining, WAKE_WAIT) * 1000)))
 
 
+@dataclass
+class _Success:
+    """What a success adds to RQ's success transaction (see `ImagegenWorker.handle_job_success`)."""
+
+    event: JobEvent | None
+    written: bool = False
+
+
 class ImagegenWorker(SimpleWorker):
     queue_class = ClaimingQueue
 
@@ -110,7 +119,7 @@ class ImagegenWorker(SimpleWorker):
         # Set `shutdown_grace` seconds after a warm shutdown began with a job still running; the
         # task checks it at every step and hands the job back to the queue.
         self.requeue_requested = threading.Event()
-        self._succeeding: dict[str, JobEvent | None] = {}  # job id -> its succeeded event, while RQ records it
+        self._succeeding: dict[str, _Success] = {}  # jobs whose success RQ is recording
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         busy = self.get_state() == WorkerStatus.BUSY
@@ -177,21 +186,30 @@ class ImagegenWorker(SimpleWorker):
             total = (job.meta.get("progress") or {}).get("total", 0)
             progress = {"step": total, "total": total}
             event = events.make_event(EventType.succeeded, job.id, "succeeded", images=images, progress=progress)
-        self._succeeding[job.id] = event
+        success = _Success(event)
+        self._succeeding[job.id] = success
         try:
             super().handle_job_success(job, queue, started_job_registry, execution)
         finally:
             del self._succeeding[job.id]
+        if not success.written:  # an RQ that no longer cleans up in its transaction: write them after
+            with self.connection.pipeline(transaction=False) as pipe:
+                self._write_success(pipe, job, success)
+                pipe.execute()
         if event is not None and self.events is not None:
             self.events.deliver(job, event)
 
     def cleanup_execution(self, job: Job, pipeline: Any, execution: Any = None) -> None:
         super().cleanup_execution(job, pipeline, execution)
-        if job.id in self._succeeding:  # inside RQ's success transaction (see handle_job_success)
-            event = self._succeeding[job.id]
-            if event is not None and self.events is not None:
-                events.publish(pipeline, event, self.events.ttl)
-            metrics.record_job(pipeline, "succeeded", len((job._result or {}).get("images", [])), _timings(job))
+        success = self._succeeding.get(job.id)
+        if success is not None:  # inside RQ's success transaction (again, if RQ retries it)
+            self._write_success(pipeline, job, success)
+
+    def _write_success(self, pipe: Any, job: Job, success: _Success) -> None:
+        if success.event is not None and self.events is not None:
+            events.publish(pipe, success.event, self.events.ttl)
+        metrics.record_job(pipe, "succeeded", len((job._result or {}).get("images", [])), _timings(job))
+        success.written = True
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # RQ also renews the job's heartbeat here, to cover a success callback; imagegen's jobs

@@ -223,6 +223,21 @@ def test_success_event_and_metrics_join_rqs_success_transaction(env, redis_db, m
     assert redis_db.hget(metrics.JOBS, "succeeded") == b"1" and redis_db.get(metrics.IMAGES) == b"1"
 
 
+def test_the_success_event_is_still_written_if_rq_stops_cleaning_up_in_its_transaction(
+    env, redis_db, monkeypatch
+) -> None:
+    from rq.worker import SimpleWorker
+
+    from app.core import metrics
+
+    runtime, store, queue, worker = env
+    monkeypatch.setattr(ImagegenWorker, "cleanup_execution", SimpleWorker.cleanup_execution)
+    job = enqueue(queue, prompt="fine", num_inference_steps=2)
+    worker.work(burst=True)
+    assert job.get_status(refresh=True) == "finished" and _events(redis_db, job.id)[-1] == "succeeded"
+    assert redis_db.hget(metrics.JOBS, "succeeded") == b"1"
+
+
 def test_a_job_dequeued_by_a_worker_that_died_before_starting_it_is_requeued(env, redis_db) -> None:
     runtime, store, queue, worker = env
     job = enqueue(queue, prompt="orphan")
