@@ -44,6 +44,7 @@ from app.core.jobs import (
     wake_key,
 )
 from worker import tasks
+from worker.events import record_start
 from worker.png import encode_png
 from worker.worker import ImagegenWorker
 
@@ -73,20 +74,6 @@ for i, id in ipairs(ARGV) do
   end
 end
 return taken
-"""
-
-# Part of each admitted job's registration transaction: unless its cancel flag (KEYS[1]) is set,
-# record its resolved parameters in the job's hash (KEYS[2]) and announce `started` on its event
-# stream (KEYS[3]) as `events.publish` does (ARGV: meta, stream length, event JSON, stream TTL).
-# Answers 1 for a canceled job, which then records nothing here and ends as canceled.
-START_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 1
-end
-redis.call('HSET', KEYS[2], 'meta', ARGV[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return 0
 """
 
 
@@ -348,11 +335,9 @@ class BatchingWorker(ImagegenWorker):
                 job.prepare_for_execution(self.name, pipeline=pipe)
                 pipe.persist(job.key)
                 pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-                reply = len(pipe.command_stack)  # where this job's START_SCRIPT answer lands
+                reply = len(pipe.command_stack)  # where this job's answer (1: canceled) lands
                 event = events.make_event(EventType.started, job.id, "running", progress=job.meta["progress"])
-                keys = (cancel_key(job.id), job.key, events.stream_key(job.id))
-                data = event.model_dump_json(exclude_none=True)
-                pipe.eval(START_SCRIPT, 3, *keys, job._serialize_meta(), events.STREAM_MAXLEN, data, keep)
+                record_start(pipe, job, event, keep)
                 started.append((job, queue, params, execution, event, reply))
             try:
                 replies = pipe.execute()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core import events, webhooks
 from app.core.events import EventType, JobEvent
+from app.core.jobs import cancel_key
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -65,6 +66,29 @@ class WebhookSender:
                 )
             except Exception:
                 log.exception("webhook delivery to %s crashed", url)
+
+
+# A job's start, written with one call: unless its cancel flag (KEYS[1]) is set, record its resolved
+# parameters in the job's hash (KEYS[2]) and announce `started` on its event stream (KEYS[3]) as
+# `events.publish` does (ARGV: meta, stream length, event JSON, stream TTL). Answers 1 for a
+# canceled job, which then records nothing here and ends as canceled.
+START_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 1
+end
+redis.call('HSET', KEYS[2], 'meta', ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return 0
+"""
+
+
+def record_start(conn: Any, job: Job, event: JobEvent, ttl: int) -> Any:
+    """Run START_SCRIPT for `job` (its meta as it stands) on a client (the answer: 1 if canceled)
+    or a pipeline (the answer comes with the pipeline's)."""
+    keys = (cancel_key(job.id), job.key, events.stream_key(job.id))
+    data = event.model_dump_json(exclude_none=True)
+    return conn.eval(START_SCRIPT, 3, *keys, job._serialize_meta(), events.STREAM_MAXLEN, data, ttl)
 
 
 class EventSink:

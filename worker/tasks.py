@@ -1,7 +1,7 @@
 """The RQ task the API enqueues by dotted path (`worker.tasks.generate`).
 
 The worker binds its loaded runtime, image store and event sink here once at start-up (`bind`);
-the task then resolves parameters, samples with progress and cancel checks at every step, and
+the task then resolves parameters, samples with progress and cancel checks between steps, and
 stores the PNGs. Terminal events are written by the worker class once RQ has recorded the outcome.
 """
 
@@ -19,8 +19,9 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from app.core.events import EventType
+from app.core.events import EventType, make_event, publish
 from app.core.jobs import MAX_SEED, ErrorCode, GenerationParams, cancel_key, image_seed, steptime_key
+from worker.events import record_start
 from worker.png import encode_png
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.1  # seconds between progress writes/events (≤ 10/s); the last step always goes out
+CANCEL_INTERVAL = 0.02  # seconds at least between reads of a running job's cancel flag
 STEPTIME_WEIGHT = 0.3  # weight of the newest measurement in the moving average used for ETAs
 
 
@@ -109,36 +111,51 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
     assert request.seed is not None
     total = request.num_inference_steps or 0
     flag = cancel_key(job.id)
-    if ctx.connection.exists(flag):  # canceled between dequeue and start
-        raise _fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)
 
-    # 2. Record the resolved parameters and any warnings, then announce the start.
+    # 2. Record the resolved parameters and any warnings and announce the start, in one call that
+    #    also reads the cancel flag (canceled between dequeue and start: nothing is announced).
     warnings = []
     tokens = ctx.runtime.count_tokens(request.prompt)
     if tokens > ctx.runtime.info.max_tokens:
         warnings.append(
             f"prompt is {tokens} tokens; the text encoder reads only the first {ctx.runtime.info.max_tokens}"
         )
-    job.meta.update(params=request.model_dump(mode="json"), warnings=warnings, progress={"step": 0, "total": total})
-    job.save_meta()
-    ctx.events.emit(job, EventType.started, "running", progress={"step": 0, "total": total})
+    progress = {"step": 0, "total": total}
+    job.meta.update(params=request.model_dump(mode="json"), warnings=warnings, progress=progress)
+    event = make_event(EventType.started, job.id, "running", progress=progress)
+    if record_start(ctx.connection, job, event, ctx.events.ttl):
+        raise _fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)
+    ctx.events.deliver(job, event)
 
-    # 3. Sample. Every step checks the cancel flag (one EXISTS); progress goes out at most 10/s.
-    last_write = 0.0
+    # 3. Sample. The cancel flag is read between steps, at most every CANCEL_INTERVAL (one EXISTS),
+    #    progress goes out at most 10/s; both in one round trip when both are due.
+    last_write = last_check = time.monotonic()
 
     def on_step(step: int, steps: int) -> None:
-        nonlocal last_write
+        nonlocal last_write, last_check
         if ctx.should_requeue():
             raise RequeueError
         now = time.monotonic()
+        check = step < steps and now - last_check >= CANCEL_INTERVAL  # after the last step: nothing to stop
+        report = step == steps or now - last_write >= PROGRESS_INTERVAL
+        if not (check or report):
+            return
         try:
-            if ctx.connection.exists(flag):
+            with ctx.connection.pipeline(transaction=False) as pipe:
+                if check:
+                    last_check = now
+                    pipe.exists(flag)
+                if report:
+                    last_write = now
+                    job.meta["progress"] = {"step": step, "total": steps}
+                    pipe.hset(job.key, "meta", job._serialize_meta())
+                    event = make_event(EventType.progress, job.id, "running", progress={"step": step, "total": steps})
+                    publish(pipe, event, ctx.events.ttl)
+                replies = pipe.execute()
+            if check and replies[0]:
                 raise CanceledError(step, steps)
-            if step == steps or now - last_write >= PROGRESS_INTERVAL:
-                last_write = now
-                job.meta["progress"] = {"step": step, "total": steps}
-                job.save_meta()
-                ctx.events.emit(job, EventType.progress, "running", progress={"step": step, "total": steps})
+            if report:
+                ctx.events.deliver(job, event)
         except RedisError:
             # Redis is away: keep sampling; the result is stored when it returns, or the job is
             # re-run once the worker is found to have lost it.

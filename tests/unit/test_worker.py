@@ -160,8 +160,9 @@ def _events(redis_db, job_id: str) -> list[str]:
     return [e.type.value for _, e in events.read(redis_db, job_id)]
 
 
-def test_cancel_flag_stops_sampling_at_the_next_step(env, redis_db) -> None:
+def test_cancel_flag_stops_sampling_at_the_next_step(env, redis_db, monkeypatch) -> None:
     runtime, store, queue, worker = env
+    monkeypatch.setattr(tasks, "CANCEL_INTERVAL", 0.0)  # the fake's steps take no time: read it at every one
     job = enqueue(queue, prompt="to cancel", num_inference_steps=50, seed=1)
     original = runtime.generate
 
@@ -182,6 +183,38 @@ def test_cancel_flag_stops_sampling_at_the_next_step(env, redis_db) -> None:
     assert _events(redis_db, job.id)[0] == "started" and _events(redis_db, job.id)[-1] == "canceled"
     after.refresh()
     assert after.get_status() == "finished"
+
+
+def test_the_cancel_flag_is_read_at_most_every_cancel_interval(env, redis_db, round_trips) -> None:
+    """Short steps do not each wait for Redis: the flag is read at most every CANCEL_INTERVAL, and
+    a cancel still stops the job within that interval of steps."""
+    runtime, store, queue, worker = env
+    runtime.step_delay = 0.004
+    job = enqueue(queue, prompt="to cancel", num_inference_steps=60, seed=1)
+    original = runtime.generate
+    timing: dict[str, float] = {}
+
+    def generate_and_cancel_at_step_20(params, on_step):
+        def step(i: int, n: int) -> None:
+            if i == 1:
+                timing["start"] = time.monotonic()
+            if i == 20:
+                redis_db.set(cancel_key(job.id), 1)
+            on_step(i, n)
+            timing["end"] = time.monotonic()
+
+        return original(params, step)
+
+    runtime.generate = generate_and_cancel_at_step_20
+    with round_trips.record() as sent:
+        worker.work(burst=True)
+    job.refresh()
+    assert job.meta["error"]["code"] == "canceled" and job.meta["canceled_at_step"] >= 20
+    flag = f"{cancel_key(job.id)}".encode()
+    reads = sum(1 for batch in sent if b"$6\r\nEXISTS\r\n" in batch and flag in batch)
+    # While sampling, at most one read per interval: fewer reads than steps.
+    assert 1 <= reads <= (timing["end"] - timing["start"]) / tasks.CANCEL_INTERVAL + 1
+    assert reads < job.meta["canceled_at_step"]
 
 
 def test_events_are_written_in_order_and_terminal_last(env, redis_db) -> None:
