@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import sys
 import threading
 import time
@@ -35,7 +34,6 @@ from app.core.catalog import model_of_queue
 from app.core.events import EventType
 from app.core.jobs import (
     ALLOWED_TASKS,
-    MAX_SEED,
     TASK_GENERATE,
     ErrorCode,
     GenerationParams,
@@ -364,24 +362,10 @@ class BatchingWorker(ImagegenWorker):
                 self.slots.append(Slot(job, queue, execution, params, request, steps))
 
     def _resolve(self, job: Job, ctx: tasks.WorkerContext) -> GenerationParams:
-        """The task's first steps, without Redis: validate, fill defaults and seed, note warnings.
-        The parameters land in `job.meta`, which `_admit` writes with the job's registration."""
-        # Validate again: the queue may hold jobs from another producer or an older API.
-        try:
-            params = GenerationParams.model_validate((job.kwargs or {}).get("params"))
-        except ValidationError as exc:
-            raise tasks._fail(job, ErrorCode.invalid_params, tasks._first_error(exc)) from None
-        params = ctx.runtime.info.fill(params)
-        if params.seed is None:
-            params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-        warnings = []
-        tokens = ctx.runtime.count_tokens(params.prompt)
-        if tokens > ctx.runtime.info.max_tokens:
-            warnings.append(
-                f"prompt is {tokens} tokens; the text encoder reads only the first {ctx.runtime.info.max_tokens}"
-            )
-        progress = {"step": 0, "total": params.num_inference_steps or 0}
-        job.meta.update(params=params.model_dump(mode="json"), warnings=warnings, progress=progress)
+        """The task's first steps, without Redis: the parameters land in `job.meta`, which `_admit`
+        writes with the job's registration."""
+        params = tasks.resolve(ctx, job, (job.kwargs or {}).get("params"))
+        tasks.note_params(ctx, job, params)
         return params
 
     def _step(self, slots: list[Slot]) -> None:

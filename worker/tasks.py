@@ -93,7 +93,12 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
     assert job is not None
 
     prepared = time.perf_counter()
-    # 1. Validate again: the queue may hold jobs from another producer or an older API.
+    return run_job(ctx, job, resolve(ctx, job, params), prepared)
+
+
+def resolve(ctx: WorkerContext, job: Job, params: Any) -> GenerationParams:
+    """Step 1 of a task: validate again (the queue may hold jobs from another producer or an older
+    API), fill the model's defaults, draw a seed if none was given."""
     try:
         request = GenerationParams.model_validate(params)
     except ValidationError as exc:
@@ -101,7 +106,21 @@ def generate(params: dict[str, Any]) -> dict[str, Any]:
     request = ctx.runtime.info.fill(request)
     if request.seed is None:
         request = request.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-    return run_job(ctx, job, request, prepared)
+    return request
+
+
+def note_params(ctx: WorkerContext, job: Job, request: GenerationParams) -> dict[str, int]:
+    """Put the resolved parameters, any warnings and step 0 in `job.meta` (written with the start);
+    returns that progress."""
+    warnings = []
+    tokens = ctx.runtime.count_tokens(request.prompt)
+    if tokens > ctx.runtime.info.max_tokens:
+        warnings.append(
+            f"prompt is {tokens} tokens; the text encoder reads only the first {ctx.runtime.info.max_tokens}"
+        )
+    progress = {"step": 0, "total": request.num_inference_steps or 0}
+    job.meta.update(params=request.model_dump(mode="json"), warnings=warnings, progress=progress)
+    return progress
 
 
 def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: float) -> dict[str, Any]:
@@ -109,19 +128,11 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
     `ctx.runtime.generate` (progress and cancel at every step), store the PNGs. Other tasks
     (worker.variations) reuse it with a context whose runtime samples differently."""
     assert request.seed is not None
-    total = request.num_inference_steps or 0
     flag = cancel_key(job.id)
 
     # 2. Record the resolved parameters and any warnings and announce the start, in one call that
     #    also reads the cancel flag (canceled between dequeue and start: nothing is announced).
-    warnings = []
-    tokens = ctx.runtime.count_tokens(request.prompt)
-    if tokens > ctx.runtime.info.max_tokens:
-        warnings.append(
-            f"prompt is {tokens} tokens; the text encoder reads only the first {ctx.runtime.info.max_tokens}"
-        )
-    progress = {"step": 0, "total": total}
-    job.meta.update(params=request.model_dump(mode="json"), warnings=warnings, progress=progress)
+    progress = note_params(ctx, job, request)
     event = make_event(EventType.started, job.id, "running", progress=progress)
     if record_start(ctx.connection, job, event, ctx.events.ttl):
         raise _fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)

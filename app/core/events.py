@@ -12,10 +12,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+from redis.client import Pipeline
 
 if TYPE_CHECKING:
     from redis import Redis
-    from redis.client import Pipeline
 
 STREAM_MAXLEN = 1000
 
@@ -59,8 +59,6 @@ def end_key(job_id: str) -> str:
 def publish(conn: Redis | Pipeline, event: JobEvent, ttl: int) -> None:
     """Append to the job's stream (bounded), and a terminal event to its end stream too; both are
     kept as long as the job. On a client (not a pipeline) this is one round trip."""
-    from redis.client import Pipeline
-
     if not isinstance(conn, Pipeline):
         with conn.pipeline(transaction=False) as pipe:
             publish(pipe, event, ttl)
