@@ -55,6 +55,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.proc.stop()
 
 
+@pytest.fixture(scope="session")
+def quiet_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server no stack uses, for tests that read its server-wide `commandstats`: the
+    session's stacks keep polling `redis_server` (an idle worker claims every second)."""
+    server = start_redis(tmp_path_factory.mktemp("redis-quiet"))
+    yield server
+    server.proc.stop()
+
+
+@pytest.fixture
+def quiet_db(quiet_redis_server: RedisServer):
+    """A flushed database of `quiet_redis_server`, its command counts reset."""
+    client = quiet_redis_server.client(db=15)
+    client.flushdb()
+    client.config_resetstat()
+    yield client
+    client.flushdb()
+
+
 @pytest.fixture
 def redis_db(redis_server: RedisServer):
     """A flushed database 15 of the session's real redis-server (for unit tests of Redis code)."""

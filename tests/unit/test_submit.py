@@ -35,6 +35,7 @@ async def submit_async(service: JobService, params: GenerationParams, **kw) -> P
 
 
 def command_calls(redis_db, name: str) -> int:
+    """Server-wide: only for `quiet_db`, which no running stack polls."""
     stats = redis_db.info("commandstats").get(f"cmdstat_{name}")
     return int(stats["calls"]) if stats else 0
 
@@ -118,16 +119,18 @@ def test_the_202_placement_counts_higher_priorities_first(redis_db, redis_server
     assert [service.view(j, url).queue_position for j in again] == [3, 1, 0, 2]
 
 
-def test_a_submission_is_one_round_trip_while_the_queue_state_is_fresh(redis_db, redis_server: RedisServer) -> None:
-    service = make_service(redis_db, redis_server)
+def test_a_submission_is_one_round_trip_while_the_queue_state_is_fresh(
+    quiet_db, quiet_redis_server: RedisServer
+) -> None:
+    service = make_service(quiet_db, quiet_redis_server)
     service.submit(GenerationParams(prompt="first"))  # reads the queue state, then writes
-    redis_db.config_resetstat()
+    quiet_db.config_resetstat()
     for i in range(5):
         service.submit(GenerationParams(prompt=f"p{i}"))
     # Per job: one script call, with the three queue lengths read back inside it; no separate read.
-    assert command_calls(redis_db, "evalsha") == 5 and command_calls(redis_db, "multi") == 0
-    assert command_calls(redis_db, "llen") == 5 * 3
-    assert command_calls(redis_db, "hgetall") == 0 and command_calls(redis_db, "scard") == 0
+    assert command_calls(quiet_db, "evalsha") == 5 and command_calls(quiet_db, "multi") == 0
+    assert command_calls(quiet_db, "llen") == 5 * 3
+    assert command_calls(quiet_db, "hgetall") == 0 and command_calls(quiet_db, "scard") == 0
 
 
 def test_a_sync_submission_reloads_its_script_after_a_flush(redis_db, redis_server: RedisServer) -> None:
@@ -154,8 +157,8 @@ def test_the_queue_bound_holds_with_the_cached_state(redis_db, redis_server: Red
         asyncio.run(submit_async(service, GenerationParams(prompt="full again")))
 
 
-def test_concurrent_async_submissions_share_one_round_trip(redis_db, redis_server: RedisServer) -> None:
-    service = make_service(redis_db, redis_server)
+def test_concurrent_async_submissions_share_one_round_trip(quiet_db, quiet_redis_server: RedisServer) -> None:
+    service = make_service(quiet_db, quiet_redis_server)
     assert service.aredis is not None
     pipelines = 0
     make_pipeline = service.aredis.pipeline
@@ -168,7 +171,7 @@ def test_concurrent_async_submissions_share_one_round_trip(redis_db, redis_serve
     async def burst() -> list[Placed]:
         try:
             await service.submit_async(GenerationParams(prompt="first"))  # reads the queue state
-            redis_db.config_resetstat()
+            quiet_db.config_resetstat()
             service.aredis.pipeline = counted  # type: ignore[method-assign,union-attr]
             return await asyncio.gather(*(service.submit_async(GenerationParams(prompt=f"p{i}")) for i in range(8)))
         finally:
@@ -177,9 +180,9 @@ def test_concurrent_async_submissions_share_one_round_trip(redis_db, redis_serve
 
     jobs = asyncio.run(burst())
     # Eight requests that were ready together: one pipeline between them, one script call per job.
-    assert pipelines == 1 and command_calls(redis_db, "evalsha") == 8
-    assert command_calls(redis_db, "rpush") == 8 and command_calls(redis_db, "llen") == 8 * 3
-    assert redis_db.lrange("rq:queue:imagegen:main:normal", 1, -1) == [j.id.encode() for j in jobs]
+    assert pipelines == 1 and command_calls(quiet_db, "evalsha") == 8
+    assert command_calls(quiet_db, "rpush") == 8 and command_calls(quiet_db, "llen") == 8 * 3
+    assert quiet_db.lrange("rq:queue:imagegen:main:normal", 1, -1) == [j.id.encode() for j in jobs]
     # Each one's 202 placement comes from its own reply.
     assert [j.position for j in jobs] == list(range(1, 9))
 
