@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import MethodType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from app.core.jobs import GenerationParams, ModelInfo, Scheduler, image_seed
@@ -243,7 +244,8 @@ def _model_info(name: str, pipe: Any, defaults: dict[str, Any]) -> ModelInfo:
 
 
 def _optimize(pipe: Any, settings: Settings) -> None:
-    """The GPU deployment switches: channels-last layout and `torch.compile` of the denoiser.
+    """Direct attention calls (always), then the GPU deployment switches: channels-last layout and
+    `torch.compile` of the denoiser.
 
     Attention already goes through PyTorch's SDPA (diffusers' default processor). Compilation
     happens at the first call (the warm-up) and again for each new batch shape, so with
@@ -251,6 +253,7 @@ def _optimize(pipe: Any, settings: Settings) -> None:
     """
     import torch
 
+    direct_attention(pipe)
     denoiser = getattr(pipe, "unet", None)
     if settings.channels_last:
         for module in (denoiser, getattr(pipe, "vae", None)):
@@ -258,3 +261,38 @@ def _optimize(pipe: Any, settings: Settings) -> None:
                 module.to(memory_format=torch.channels_last)
     if settings.compile and denoiser is not None:
         denoiser.compile()  # in place: the module keeps its class, so batching still recognises it
+
+
+def direct_attention(pipe: Any) -> int:
+    """Let the pipeline's attention modules call their processor without inspecting it each time.
+
+    diffusers' `Attention.forward` reads its processor's signature with `inspect` on every call, to
+    drop (and warn about) keyword arguments the processor does not take. The pipelines here pass
+    none, so that finds nothing, yet it costs tens of µs per call: 4–8 % of a tiny UNet's step on
+    this CPU, and on a GPU the launch-bound host time of every attention layer. Modules whose class
+    has its own `forward` are left alone; a call with extra arguments still takes diffusers' path.
+    Returns how many modules were switched.
+    """
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    stock = Attention.forward
+
+    def forward(
+        self: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None, **extra: Any
+    ) -> Any:
+        if extra:
+            return stock(self, hidden_states, encoder_hidden_states, attention_mask, **extra)
+        return self.processor(
+            self, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask
+        )
+
+    switched = 0
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for module in component.modules():
+            if isinstance(module, Attention) and type(module).forward is stock and "forward" not in vars(module):
+                module.forward = MethodType(forward, module)  # type: ignore[method-assign]
+                switched += 1
+    return switched

@@ -42,3 +42,49 @@ def test_compiled_unet_keeps_its_class_and_the_image(reference: np.ndarray) -> N
     assert isinstance(unet, UNet2DConditionModel)  # compiled in place: batching still recognises it
     assert unet._compiled_call_impl is not None
     assert np.abs(image - reference).max() <= 1
+
+
+def test_attention_modules_call_their_processor_directly_with_the_same_bits(monkeypatch) -> None:
+    """The loaded pipeline's attention layers skip diffusers' per-call `inspect.signature` of their
+    processor; each UNet output is bit for bit the stock module's, and a call with extra keyword
+    arguments still goes through diffusers' own filtering."""
+    import inspect
+
+    import torch
+    from diffusers import AutoPipelineForText2Image
+    from diffusers.models import attention_processor
+    from diffusers.models.attention_processor import Attention
+
+    from models.registry import resolve
+    from worker.runtime import DiffusersRuntime, direct_attention
+
+    ours = DiffusersRuntime.load(Settings(model="tiny-random")).pipe
+    stock = AutoPipelineForText2Image.from_pretrained(resolve("tiny-random"))
+    attention = [m for c in ours.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
+    attention = [m for m in attention if isinstance(m, Attention)]
+    assert len(attention) == 10 and all("forward" in vars(m) for m in attention)  # 8 in the UNet, 2 in the VAE
+    assert direct_attention(ours) == 0  # switching twice changes nothing
+
+    inspected = []
+    real_signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda obj, **kw: inspected.append(obj) or real_signature(obj, **kw))
+    config = ours.unet.config
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, config.in_channels, 32, 32, generator=generator)
+    text = torch.randn(3, 77, config.cross_attention_dim, generator=generator)
+    with torch.inference_mode():
+        for t in (1.0, 501.0, 981.0):
+            times = torch.full((3,), t)
+            expected = stock.unet(x, times, encoder_hidden_states=text, return_dict=False)[0]
+            assert len(inspected) == 8  # the stock UNet inspects at each of its attention layers...
+            inspected.clear()
+            got = ours.unet(x, times, encoder_hidden_states=text, return_dict=False)[0]
+            assert inspected == [] and torch.equal(got, expected)  # ...the loaded one at none
+        layer = next(m for m in ours.unet.modules() if isinstance(m, Attention))
+        hidden = torch.randn(1, 16, layer.query_dim, generator=generator)
+        plain = layer(hidden)
+        logged: list[str] = []
+        monkeypatch.setattr(attention_processor.logger, "warning", lambda message, *a, **kw: logged.append(message))
+        extra = layer(hidden, unexpected=1)
+    assert len(inspected) == 1 and torch.equal(extra, plain)
+    assert len(logged) == 1 and "unexpected" in logged[0]  # diffusers' own warning, as before
