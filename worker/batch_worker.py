@@ -320,7 +320,6 @@ class BatchingWorker(ImagegenWorker):
                 self._finalize_failure(job, queue, execution, failure)
         if not ready:
             return
-        keep = max(ctx.settings.result_ttl, ctx.settings.failure_ttl)
         ttl = self.get_heartbeat_ttl(ready[0][0])
         started: list[tuple[Job, Queue, GenerationParams, Execution, events.JobEvent, int]] = []
         with self.connection.pipeline() as pipe:  # MULTI/EXEC, as RQ's own two preparation steps
@@ -335,7 +334,7 @@ class BatchingWorker(ImagegenWorker):
                 pipe.lrem(queue.intermediate_queue_key, 1, job.id)
                 reply = len(pipe.command_stack)  # where this job's answer (1: canceled) lands
                 event = events.make_event(EventType.started, job.id, "running", progress=job.meta["progress"])
-                record_start(pipe, job, event, keep)
+                record_start(pipe, job, event, ctx.events.ttl)
                 started.append((job, queue, params, execution, event, reply))
             try:
                 replies = pipe.execute()
@@ -407,7 +406,6 @@ class BatchingWorker(ImagegenWorker):
         finisher thread (one pipeline) while the next step computes; that thread also records
         outcomes, so a job's progress always lands before its end."""
         now = time.monotonic()
-        ttl = max(ctx.settings.result_ttl, ctx.settings.failure_ttl)
         due = []
         for slot in self.slots:
             r = slot.request
@@ -419,7 +417,7 @@ class BatchingWorker(ImagegenWorker):
                 slot.job.meta["progress"] = progress
                 due.append((slot.job, slot.job._serialize_meta(), progress))  # as of this step
         if due:
-            self._finisher.submit(self._write_progress, due, ttl)
+            self._finisher.submit(self._write_progress, due, ctx.events.ttl)
 
     def _write_progress(self, due: list[tuple[Job, bytes, dict[str, int]]], ttl: int) -> None:
         try:

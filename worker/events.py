@@ -102,7 +102,7 @@ class EventSink:
     @property
     def ttl(self) -> int:
         """Seconds a job's event stream is kept: as long as the job itself."""
-        return max(self.settings.result_ttl, self.settings.failure_ttl)
+        return self.settings.event_ttl
 
     def emit(self, job: Job, type_: EventType, status: str, **fields: Any) -> JobEvent:
         event = events.make_event(type_, job.id, status, **fields)

@@ -168,7 +168,7 @@ class JobService:
 
     @property
     def event_ttl(self) -> int:
-        return max(self.settings.result_ttl, self.settings.failure_ttl)
+        return self.settings.event_ttl
 
     @property
     def _seen_ttl(self) -> int:

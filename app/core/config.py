@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     )
 
     @property
+    def event_ttl(self) -> int:
+        """Seconds a job's event streams (and cancel flag) are kept: as long as the job itself."""
+        return max(self.result_ttl, self.failure_ttl)
+
+    @property
     def auth_enabled(self) -> bool:
         return self.auth or bool(self.api_keys.strip())
 

@@ -149,7 +149,8 @@ def wake(conn: Any, model: str, **fields: str) -> None:
 
 
 def cancel_key(job_id: str) -> str:
-    """Set by `DELETE /jobs/{id}`; the worker checks it before every denoising step."""
+    """Set by `DELETE /jobs/{id}`; the worker reads it between denoising steps (see `worker.tasks` and
+    `worker.batch_worker` for how often)."""
     return f"imagegen:cancel:{job_id}"
 
 
