@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+ROUNDS = 3  # turns per batch size (at least one call each)
+
 
 def load_pipeline(model: str) -> Any:
     """The model's diffusers pipeline as the raw figures use it (quiet, no progress bars)."""
@@ -37,7 +39,7 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--seconds", type=float, default=3.0, help="time spent per batch size (at least 3 calls)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="time spent per batch size, over all rounds")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,18 +85,25 @@ def main() -> None:
                 engine.tick(requests)
             engine.decode_many(requests)  # as the worker decodes jobs finishing on the same step
 
-    run(1)  # warm-up
+    batches = [int(b) for b in args.batches.split(",")]
+    for batch in batches:
+        run(batch)  # warm-up
+    # The batch sizes take turns, ROUNDS times: this machine's speed drifts from minute to minute,
+    # and measuring each size in one stretch let the drift pick the "best" batch.
+    times: dict[int, list[float]] = {batch: [] for batch in batches}
+    for _ in range(ROUNDS):
+        for batch in batches:
+            deadline = time.perf_counter() + args.seconds / ROUNDS
+            calls = 0
+            while calls < 1 or time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                run(batch)
+                times[batch].append(time.perf_counter() - t0)
+                calls += 1
     results = {}
-    for batch in [int(b) for b in args.batches.split(",")]:
-        run(batch)
-        times = []
-        deadline = time.perf_counter() + args.seconds
-        while len(times) < 3 or time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            run(batch)
-            times.append(time.perf_counter() - t0)
-        median = statistics.median(times)
-        results[batch] = {"images_per_s": batch / median, "call_ms": median * 1000, "calls": len(times)}
+    for batch in batches:
+        median = statistics.median(times[batch])
+        results[batch] = {"images_per_s": batch / median, "call_ms": median * 1000, "calls": len(times[batch])}
         print(f"  {args.mode} batch {batch}: {batch / median:.2f} img/s ({median * 1000:.1f} ms/call)", file=sys.stderr)
     print(json.dumps({"mode": args.mode, "batches": results}))
 
