@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import redis
 
+from app.core import metrics
 from tests.procs import PYTHON, ROOT, Proc, free_port, service_env, spawn, start_redis, wait_for
 
 RESULTS = ROOT / "bench" / "results"
@@ -138,14 +139,17 @@ def one_job(http: httpx.Client, body: dict[str, Any]) -> float:
     return time.perf_counter() - t0
 
 
-def load(base: str, params: dict[str, Any], clients: int, jobs: int, warmup: int) -> dict[str, Any]:
+def load(
+    base: str, params: dict[str, Any], clients: int, jobs: int, warmup: int, conn: redis.Redis | None = None
+) -> dict[str, Any]:
     """Closed loop: each client submits its next job once it holds the previous one's PNG.
 
     Throughput is measured in the steady state: over the window between the `warmup`-th and the
     `warmup + jobs`-th completion, with every client still submitting until the window closes (the
     jobs in flight then finish outside it). Counting up to the last job instead would take in the
     drain, where fewer and fewer clients are left and the batch empties; that figure is kept as
-    `span_images_per_s`.
+    `span_images_per_s`. With `conn`, the worker's `imagegen_batch_jobs` histogram is read as the
+    window opens and closes: how many jobs its steps held in between, on average.
     """
     lock = threading.Lock()
     done_at: list[float] = []  # completion times, in order
@@ -153,6 +157,12 @@ def load(base: str, params: dict[str, Any], clients: int, jobs: int, warmup: int
     errors: list[str] = []
     submitted = iter(range(1 << 30))
     target = warmup + jobs
+    tallies: list[tuple[float, float]] = []  # (steps, jobs summed over them) at the window's ends
+
+    def tally() -> None:
+        if conn is not None:
+            buckets, total = metrics.read_histogram(conn, metrics.BATCH_JOBS, metrics.BATCH_BUCKETS)
+            tallies.append((buckets[-1][1], total))  # the +Inf bucket holds every step
 
     def client() -> None:
         # Plain HTTP on loopback: no TLS context (loading the CA bundle costs ~40 ms of CPU per client).
@@ -172,6 +182,8 @@ def load(base: str, params: dict[str, Any], clients: int, jobs: int, warmup: int
                 with lock:
                     done_at.append(end)
                     spans.append((i, end - took, end))
+                    if len(done_at) in (warmup, target):
+                        tally()
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -186,7 +198,9 @@ def load(base: str, params: dict[str, Any], clients: int, jobs: int, warmup: int
     # submission to the last PNG, the drain included.
     after = [(begin, end) for i, begin, end in spans if i >= warmup]
     span_wall = max(end for _, end in after) - min(begin for begin, _ in after)
+    steps = tallies[1][0] - tallies[0][0] if len(tallies) == 2 else 0.0
     return {
+        "jobs_per_step": (tallies[1][1] - tallies[0][1]) / steps if steps else None,
         "clients": clients,
         "jobs": len(latencies),
         "errors": len(errors),
@@ -354,7 +368,7 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) ->
                 # The raw best batch right before and after the load phase, as its baseline.
                 best = out["raw"]["best_batch"]
                 before = raw_one.throughput(best, args.seconds)
-                loaded = load(base, params, args.clients, n, warmup=args.clients)
+                loaded = load(base, params, args.clients, n, warmup=args.clients, conn=conn)
                 after = raw_one.throughput(best, args.seconds)
                 loaded["raw_alongside"] = {"batch": best, "before": before, "after": after}
                 out[key] = {"load": loaded, "idle": idle(base, params, args.idle, raw_one)}
@@ -435,7 +449,9 @@ def table(results: dict[str, Any]) -> str:
                 f"| service under load, MAX_BATCH={mb}: {ld['clients']} clients, {ld['jobs']} jobs | "
                 f"{ld['images_per_s']:.2f} img/s = {ratio_best:.2f}× raw best, {ratio_1:.2f}× raw batch 1"
                 f" (whole span with the drain: {ld['span_images_per_s'] / raw_['best_images_per_s']:.2f}×){alongside}; "
-                f"p50 {ld['p50_ms']:.0f} ms, p95 {ld['p95_ms']:.0f} ms, errors {ld['errors']} | {target} |"
+                f"p50 {ld['p50_ms']:.0f} ms, p95 {ld['p95_ms']:.0f} ms, errors {ld['errors']}"
+                + (f"; {ld['jobs_per_step']:.1f} jobs per step" if ld.get("jobs_per_step") else "")
+                + f" | {target} |"
             )
             overhead = idl["p50_ms"] - idl["raw_p50_ms"]
             rows.append(

@@ -18,6 +18,7 @@ import math
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from rq.job import Job
 from rq.utils import now as utcnow
 from rq.worker import WorkerStatus
 
-from app.core import events
+from app.core import events, metrics
 from app.core.catalog import model_of_queue
 from app.core.events import EventType
 from app.core.jobs import (
@@ -119,6 +120,8 @@ class BatchingWorker(ImagegenWorker):
         self._lock = threading.Lock()
         self._claim_script = self.connection.register_script(CLAIM_SCRIPT)
         self._watcher: threading.Thread | None = None
+        # Batched steps by how many jobs they held, not yet written (with the next progress write).
+        self._batch_jobs: Counter[int] = Counter()
 
     # -- the session --------------------------------------------------------------------------
 
@@ -147,6 +150,8 @@ class BatchingWorker(ImagegenWorker):
             self._abandon_all(sys.exc_info())
             raise
         finally:
+            if self._batch_jobs:  # steps since the last progress write (e.g. of a canceled last job)
+                self._finisher.submit(self._write_progress, [], 0, self._take_batch_tally())
             self._finisher.shutdown(wait=True)  # every finished job is recorded before the session ends
             stop.set()
             beat.join()
@@ -370,6 +375,7 @@ class BatchingWorker(ImagegenWorker):
     def _step(self, slots: list[Slot]) -> None:
         """One batched step; if it fails, retry each job alone so only the culprit fails."""
         before = [s.request.step for s in slots]
+        self._batch_jobs[len(slots)] += 1
         try:
             self.engine.tick([s.request for s in slots])
             return
@@ -404,7 +410,8 @@ class BatchingWorker(ImagegenWorker):
     def _report_progress(self, ctx: tasks.WorkerContext) -> None:
         """Progress for every job, at most 10 per second each, the last step always. Written by the
         finisher thread (one pipeline) while the next step computes; that thread also records
-        outcomes, so a job's progress always lands before its end."""
+        outcomes, so a job's progress always lands before its end. The tally of jobs per batched
+        step (the `imagegen_batch_jobs` histogram) rides along."""
         now = time.monotonic()
         due = []
         for slot in self.slots:
@@ -417,14 +424,20 @@ class BatchingWorker(ImagegenWorker):
                 slot.job.meta["progress"] = progress
                 due.append((slot.job, slot.job._serialize_meta(), progress))  # as of this step
         if due:
-            self._finisher.submit(self._write_progress, due, ctx.events.ttl)
+            self._finisher.submit(self._write_progress, due, ctx.events.ttl, self._take_batch_tally())
 
-    def _write_progress(self, due: list[tuple[Job, bytes, dict[str, int]]], ttl: int) -> None:
+    def _take_batch_tally(self) -> Counter[int]:
+        tally, self._batch_jobs = self._batch_jobs, Counter()
+        return tally
+
+    def _write_progress(self, due: list[tuple[Job, bytes, dict[str, int]]], ttl: int, tally: Counter[int]) -> None:
         try:
             with self.connection.pipeline(transaction=False) as pipe:
                 for job, meta, progress in due:
                     pipe.hset(job.key, "meta", meta)
                     self._emit(pipe, job, EventType.progress, progress, ttl)
+                if tally:
+                    metrics.observe_counts(pipe, metrics.BATCH_JOBS, tally, metrics.BATCH_BUCKETS)
                 pipe.execute()
         except RedisError:
             log.warning("progress not recorded (Redis unavailable)")

@@ -37,6 +37,9 @@ class RedisCollector:
             for name, doc in store.HISTOGRAMS.items():
                 buckets, total = store.read_histogram(redis, name)
                 yield HistogramMetricFamily(f"imagegen_job_{name}_seconds", doc, buckets=buckets, sum_value=total)
+            buckets, total = store.read_histogram(redis, store.BATCH_JOBS, store.BATCH_BUCKETS)
+            doc = "Jobs denoised together per step of a batching worker (IMAGEGEN_MAX_BATCH > 1)"
+            yield HistogramMetricFamily("imagegen_batch_jobs", doc, buckets=buckets, sum_value=total)
             depth = GaugeMetricFamily("imagegen_queue_depth", "Jobs waiting, per priority", labels=["priority"])
             for queue in state.jobs.queues:
                 depth.add_metric([queue.name.rsplit(":", 1)[1]], float(redis.llen(queue.key)))

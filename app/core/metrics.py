@@ -5,6 +5,7 @@ figures reach one scrape (counters and histogram buckets as Redis hashes; no per
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,6 +22,10 @@ HISTOGRAMS = {
     "sampling": "Seconds spent denoising and decoding",
     "total": "Seconds from submission to the end of the job",
 }
+# Jobs denoised together in one step of a batching worker (`IMAGEGEN_MAX_BATCH` > 1): how full its
+# batches run, e.g. to choose `IMAGEGEN_MAX_BATCH` or the number of workers.
+BATCH_JOBS = "batch_jobs"
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 
 
 def _hist_key(name: str) -> str:
@@ -29,11 +34,25 @@ def _hist_key(name: str) -> str:
 
 def observe(pipe: Redis | Pipeline, name: str, seconds: float) -> None:
     """Add one observation: its bucket (cumulated when read), the sum and the count."""
-    bucket = next((b for b in BUCKETS if seconds <= b), math.inf)
+    observe_counts(pipe, name, {seconds: 1})
+
+
+def observe_counts(
+    pipe: Redis | Pipeline,
+    name: str,
+    counts: Mapping[float, int] | Mapping[int, int],
+    buckets: tuple[float, ...] = BUCKETS,
+) -> None:
+    """Add `n` observations of each `value` in `counts` (a caller's tally, written at once)."""
+    per_bucket: dict[float, int] = {}
+    for value, n in counts.items():
+        bucket = next((b for b in buckets if value <= b), math.inf)
+        per_bucket[bucket] = per_bucket.get(bucket, 0) + n
     key = _hist_key(name)
-    pipe.hincrby(key, repr(bucket), 1)
-    pipe.hincrbyfloat(key, "sum", seconds)
-    pipe.hincrby(key, "count", 1)
+    for bucket, n in per_bucket.items():
+        pipe.hincrby(key, repr(bucket), n)
+    pipe.hincrbyfloat(key, "sum", sum(value * n for value, n in counts.items()))
+    pipe.hincrby(key, "count", sum(counts.values()))
 
 
 def record_job(pipe: Pipeline, status: str, images: int, timings: dict[str, float]) -> None:
@@ -46,12 +65,14 @@ def record_job(pipe: Pipeline, status: str, images: int, timings: dict[str, floa
             observe(pipe, name, seconds)
 
 
-def read_histogram(redis: Redis, name: str) -> tuple[list[tuple[str, float]], float]:
+def read_histogram(
+    redis: Redis, name: str, bounds: tuple[float, ...] = BUCKETS
+) -> tuple[list[tuple[str, float]], float]:
     """Cumulative (le, count) pairs in Prometheus order, and the sum."""
     raw = {k.decode(): float(v) for k, v in (redis.hgetall(_hist_key(name)) or {}).items()}  # type: ignore[union-attr]
     cumulative = 0.0
     buckets = []
-    for b in (*BUCKETS, math.inf):
+    for b in (*bounds, math.inf):
         cumulative += raw.get(repr(b), 0.0)
         buckets.append(("+Inf" if b == math.inf else repr(b), cumulative))
     return buckets, raw.get("sum", 0.0)

@@ -12,6 +12,7 @@ from datetime import datetime
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from rq.registry import StartedJobRegistry
 
 from app.core.jobs import queue_name
@@ -85,6 +86,11 @@ def test_concurrent_jobs_share_a_batch_and_match_their_solo_runs(batch_stack: St
         assert job["images"][0]["seed"] == params["seed"]
     assert together == alone  # batch invariance, byte for byte
     assert len(set(together)) == len(JOBS)
+    # /metrics counted those shared steps: the first 9 held more than 8 jobs each.
+    with s.client() as http:
+        families = {f.name: f.samples for f in text_string_to_metric_families(http.get("/metrics").text)}
+    buckets = {x.labels["le"]: x.value for x in families["imagegen_batch_jobs"] if x.name.endswith("_bucket")}
+    assert buckets["16.0"] - buckets["8.0"] >= 1, buckets
 
 
 def test_cancel_of_one_batched_job_leaves_the_others(batch_stack: Stack) -> None:

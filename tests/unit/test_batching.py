@@ -17,7 +17,7 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from app.core import events
+from app.core import events, metrics
 from app.core.config import Settings
 from app.core.jobs import TASK_GENERATE, TASK_VARIATIONS, GenerationParams, cancel_key, image_seed
 from app.core.storage import LocalImageStore
@@ -134,6 +134,28 @@ def test_waiting_jobs_share_ticks_and_each_keeps_its_own_lifecycle(env, redis_db
         assert seen[0] == "started" and seen[-1] == "succeeded" and set(seen[1:-1]) == {"progress"}
     assert StartedJobRegistry(queue=queue).get_job_ids() == []
     assert redis_db.llen(queue.intermediate_queue_key) == 0  # each claimed job left it when it started
+
+
+def test_every_batched_step_is_counted_by_how_many_jobs_it_held(env, redis_db) -> None:
+    """The `imagegen_batch_jobs` histogram: one observation per batched step, written with the
+    progress, and at the end of a session for steps after the last progress write."""
+    engine, _, queue, _, make = env
+    for i in range(4):
+        enqueue(queue, prompt=f"p{i}", num_inference_steps=2 + i)
+    make().work(burst=True)
+    assert [len(t) for t in engine.ticks] == [4, 4, 3, 2, 1]
+    buckets, total = metrics.read_histogram(redis_db, metrics.BATCH_JOBS, metrics.BATCH_BUCKETS)
+    assert dict(buckets) == {"1.0": 1, "2.0": 2, "4.0": 5, "8.0": 5, "16.0": 5, "32.0": 5, "64.0": 5,
+                             "128.0": 5, "+Inf": 5} and total == 14  # fmt: skip
+    # A lone job canceled at its 3rd step: no progress is due after its first (one write per
+    # PROGRESS_INTERVAL), so its later steps are written when the session ends.
+    drop = enqueue(queue, prompt="drop", num_inference_steps=50)
+    engine.ticks.clear()
+    engine.on_tick = lambda tick, requests: redis_db.set(cancel_key(drop.id), 1) if tick == 3 else None
+    make().work(burst=True)
+    assert kinds(redis_db, drop.id) == ["started", "progress", "canceled"]
+    buckets, total = metrics.read_histogram(redis_db, metrics.BATCH_JOBS, metrics.BATCH_BUCKETS)
+    assert dict(buckets)["1.0"] == 1 + len(engine.ticks) == 4 and dict(buckets)["+Inf"] == 8 and total == 17
 
 
 def test_a_claimed_job_waits_in_the_intermediate_list_until_it_starts(env, redis_db, monkeypatch) -> None:
@@ -453,10 +475,10 @@ def test_progress_is_written_off_the_sampling_thread_and_before_each_end(env, re
     writers: set[str] = set()
     real = BatchingWorker._write_progress
 
-    def spy(self, due, ttl) -> None:
+    def spy(self, due, ttl, tally) -> None:
         writers.add(threading.current_thread().name)
         time.sleep(0.01)  # a slow Redis: the sampling thread must not wait for it
-        real(self, due, ttl)
+        real(self, due, ttl, tally)
 
     monkeypatch.setattr(BatchingWorker, "_write_progress", spy)
     engine.on_tick = lambda tick, requests: redis_db.set(cancel_key(drop.id), 1) if tick == 4 else None
