@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.02  # seconds at least between reads of the queue heads and cancel flags
 RECHECK_INTERVAL = 1.0  # ...and at most, when the model's wake stream did not move (as an idle worker)
+LINGER_POLL = 0.002  # seconds between looks at the wake stream while an emptied batch's jobs are recorded
 WATCH_BLOCK_MS = 250  # how long the wake-stream watcher blocks before it looks whether the session ended
 # Move each candidate id from its queue (KEYS[2i-1]) to that queue's intermediate list (KEYS[2i]),
 # as RQ's own single-queue dequeue does. The one LREM that removes it owns the job, so two workers
@@ -136,6 +137,7 @@ class BatchingWorker(ImagegenWorker):
         # Redis: one thread does it while the next step computes.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._checked_at, self._checked_through = -math.inf, None  # the first step reads them
+        self._recording: Future[None] | None = None  # the last finished job handed to the finisher
         try:
             self._admit([(job, queue)])
             while self.slots:
@@ -145,6 +147,8 @@ class BatchingWorker(ImagegenWorker):
                         target=self._watch, args=(self._checked_through, stop), name="wake-watch", daemon=True
                     )
                     self._watcher.start()
+                if not self.slots:
+                    self._linger()
         except Exception:
             # A cold shutdown (SystemExit) leaves the jobs to abandoned-job recovery instead.
             self._abandon_all(sys.exc_info())
@@ -229,7 +233,20 @@ class BatchingWorker(ImagegenWorker):
                     self._end_failed(slot, _sampling_failure(slot.job, exc))
                     continue
             self._remove(slot)
-            self._finisher.submit(self._finish, slot, ctx, images)
+            self._recording = self._finisher.submit(self._finish, slot, ctx, images)
+
+    def _linger(self) -> None:
+        """The batch emptied while the finisher still records its last jobs, whose clients may
+        already be sending their next ones: start whatever is queued meanwhile (read as soon as
+        the wake stream moves) instead of after every record and a new session. Without this,
+        jobs that finish together start again together, and clients that each submit after their
+        last result keep the worker in waves with a pause between them."""
+        while not self.slots and not self._stop_requested and self._recording is not None:
+            if self._watcher is not None and self._wake_seen > (self._checked_through or (0, 0)):
+                self._checked_at = -math.inf  # read the queues now, not after `check_interval`
+                self._tick()
+            elif not wait([self._recording], timeout=LINGER_POLL).not_done:
+                return
 
     def _check_due(self, now: float) -> bool:
         if now - self._checked_at < self.check_interval:

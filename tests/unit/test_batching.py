@@ -445,6 +445,40 @@ def test_between_steps_queues_and_flags_are_read_only_after_the_wake_stream_move
     assert len(engine.ticks) == 16 and reads == 5
 
 
+def test_a_job_queued_while_the_last_ones_are_recorded_starts_in_the_same_session(env, redis_db, monkeypatch) -> None:
+    """When the batch empties, the worker does not wait for the finisher to record every finished
+    job (and for a new session) before it takes the next: a job queued meanwhile, as a client does
+    once it has its result, starts while the records are still being written. Otherwise jobs that
+    finish together start again together, and a closed loop of clients runs in waves."""
+    from app.core.jobs import wake
+
+    engine, _, queue, _, make = env
+    first = [enqueue(queue, prompt=f"first {i}", num_inference_steps=3) for i in range(2)]
+    sessions, late = [], []
+    real_execute, real_finish = BatchingWorker.execute_job, BatchingWorker._finish
+
+    def execute_job(self, job, q) -> None:
+        sessions.append(job.id)
+        real_execute(self, job, q)
+
+    def slow_finish(self, slot, ctx, images) -> None:
+        if not late:  # the first result is out: its client sends the next job, as the API queues it
+            late.append(enqueue(queue, prompt="late", num_inference_steps=2))
+            wake(redis_db, "fake")
+        time.sleep(0.2)  # storing and recording take a while
+        real_finish(self, slot, ctx, images)
+
+    monkeypatch.setattr(BatchingWorker, "execute_job", execute_job)
+    monkeypatch.setattr(BatchingWorker, "_finish", slow_finish)
+    make(check_interval=0.02, recheck_interval=60.0).work(burst=True)
+    assert engine.ticks == [["first 0", "first 1"]] * 3 + [["late"]] * 2
+    assert sessions == [first[0].id]  # one session: the late job did not wait for a new one
+    late[0].refresh()
+    first[1].refresh()
+    assert late[0].get_status() == "finished"
+    assert late[0].started_at < first[1].ended_at  # started before the last record was written
+
+
 def test_a_job_whose_images_cannot_be_stored_fails_alone(env, redis_db, monkeypatch) -> None:
     engine, store, queue, _, make = env
     good = enqueue(queue, prompt="ok", num_inference_steps=2)
