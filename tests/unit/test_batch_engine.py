@@ -141,3 +141,23 @@ def test_the_decode_check_catches_batch_dependent_rows(engine, monkeypatch) -> N
     monkeypatch.setattr(vae, "decode", lambda x, return_dict: (real(x, return_dict=False)[0] + 1e-6 * x.shape[0],))
     assert not batching._decoded_rows_agree(engine, 8)
     assert not batching._decoded_rows_agree(engine, 8, lone=True)
+
+
+def test_prompts_are_encoded_on_one_thread_with_the_same_bits(engine, monkeypatch) -> None:
+    """A request's text encoding runs on the calling thread alone (a busy worker's other torch
+    threads would make each of its tiny ops wait) and gives the bits it gives on every thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as the worker runs
+    try:
+        seen: list[int] = []
+        real = engine.pipe.encode_prompt
+        monkeypatch.setattr(engine.pipe, "encode_prompt", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+        with torch.inference_mode():
+            ours = engine._embed("a green triangle")
+            stock = real("a green triangle", engine.device, 1, False)[0]  # on both threads
+        assert seen == [1] and torch.get_num_threads() == 2  # ...and both threads again after
+        assert torch.equal(ours, stock)
+    finally:
+        torch.set_num_threads(threads)
