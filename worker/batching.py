@@ -154,7 +154,9 @@ def one_thread() -> Iterator[None]:
     One prompt through the text encoder is dozens of tiny ops. Split across torch's threads, each
     waits for a helper thread that, in a busy worker, is asleep or sharing its core with the API and
     Redis: on tiny-random under 16 clients a prompt took ~5.6 ms that way (0.7 ms when idle). On
-    one thread it never waits. The bits are the same (checked on both tiny models).
+    one thread it never waits. Both tiny models give the same bits either way; where a model's
+    kernels round differently on one thread, batch invariance still holds, since the engine encodes
+    every prompt like this (only equality with the `IMAGEGEN_MAX_BATCH=1` path could change).
     """
     import torch
 
