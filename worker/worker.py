@@ -71,8 +71,9 @@ class ClaimingQueue(Queue):
         keys.append(wake_key(model_of_queue(queues[0].name) or queues[0].name))
         deadline = None if timeout is None else time.monotonic() + timeout
         job_cls = job_class or Job
+        claim = connection.register_script(CLAIM_NEXT)  # EVALSHA: the body is sent once per Redis, not per look
         while True:
-            position, value, *fields = connection.eval(CLAIM_NEXT, len(keys), *keys, job_cls.redis_job_namespace_prefix)
+            position, value, *fields = claim(keys=keys, args=[job_cls.redis_job_namespace_prefix])
             if position:
                 queue = queues[(position - 1) // 2]
                 flat = fields[0] if fields else []
