@@ -10,9 +10,21 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 ROUNDS = 3  # turns per batch size (at least one call each)
+
+
+def timed_calls(call: Callable[[], object], seconds: float, at_least: int) -> list[float]:
+    """Seconds per call of `call`, repeated for `seconds` and at least `at_least` times."""
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < at_least or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def load_pipeline(model: str) -> Any:
@@ -93,13 +105,7 @@ def main() -> None:
     times: dict[int, list[float]] = {batch: [] for batch in batches}
     for _ in range(ROUNDS):
         for batch in batches:
-            deadline = time.perf_counter() + args.seconds / ROUNDS
-            calls = 0
-            while calls < 1 or time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                run(batch)
-                times[batch].append(time.perf_counter() - t0)
-                calls += 1
+            times[batch] += timed_calls(lambda: run(batch), args.seconds / ROUNDS, at_least=1)  # noqa: B023
     results = {}
     for batch in batches:
         median = statistics.median(times[batch])

@@ -35,6 +35,7 @@ import httpx
 import redis
 
 from app.core import metrics
+from bench.raw import timed_calls
 from tests.procs import PYTHON, ROOT, Proc, free_port, service_env, spawn, start_redis, wait_for
 
 RESULTS = ROOT / "bench" / "results"
@@ -242,11 +243,7 @@ class RawOne:
     def throughput(self, batch: int, seconds: float) -> float:
         """Images/s at `batch`: the median of the calls made in `seconds` (at least 2), after a warm-up."""
         self(0, batch)
-        times: list[float] = []
-        deadline = time.perf_counter() + seconds
-        while len(times) < 2 or time.perf_counter() < deadline:
-            times.append(self(len(times) * batch, batch))
-        return batch / statistics.median(times)
+        return batch / statistics.median(timed_calls(lambda: self(0, batch), seconds, at_least=2))
 
 
 def idle(base: str, params: dict[str, Any], n: int, raw_one: RawOne) -> dict[str, Any]:

@@ -155,7 +155,7 @@ class BatchingWorker(ImagegenWorker):
             raise
         finally:
             if self._batch_jobs:  # steps since the last progress write (e.g. of a canceled last job)
-                self._finisher.submit(self._write_progress, [], 0, self._take_batch_tally())
+                self._finisher.submit(self._write_progress, [], _context().events.ttl, self._take_batch_tally())
             self._finisher.shutdown(wait=True)  # every finished job is recorded before the session ends
             stop.set()
             beat.join()
@@ -334,12 +334,15 @@ class BatchingWorker(ImagegenWorker):
                 self.refuse(job, queue, reason)
                 continue
             try:
-                ready.append((job, queue, self._resolve(job, ctx)))
+                params = tasks.resolve(ctx, job, (job.kwargs or {}).get("params"))
             except tasks.JobFailedError:
                 failure = sys.exc_info()
                 execution = self.prepare_execution(job)
                 self.prepare_job_execution(job)
                 self._finalize_failure(job, queue, execution, failure)
+                continue
+            tasks.note_params(ctx, job, params)  # into `job.meta`, written with the registration below
+            ready.append((job, queue, params))
         if not ready:
             return
         ttl = self.get_heartbeat_ttl(ready[0][0])
@@ -381,13 +384,6 @@ class BatchingWorker(ImagegenWorker):
             steps = params.num_inference_steps or request.total
             with self._lock:
                 self.slots.append(Slot(job, queue, execution, params, request, steps))
-
-    def _resolve(self, job: Job, ctx: tasks.WorkerContext) -> GenerationParams:
-        """The task's first steps, without Redis: the parameters land in `job.meta`, which `_admit`
-        writes with the job's registration."""
-        params = tasks.resolve(ctx, job, (job.kwargs or {}).get("params"))
-        tasks.note_params(ctx, job, params)
-        return params
 
     def _step(self, slots: list[Slot]) -> None:
         """One batched step; if it fails, retry each job alone so only the culprit fails."""
