@@ -66,6 +66,17 @@ REGISTRY: dict[str, ModelEntry] = {
             "Random-weight tiny Kandinsky 2.2 pipeline (unCLIP prior + decoder; noise; for tests).",
             builder="models.tiny_families:build_tiny_kandinsky",
         ),
+        ModelEntry(
+            "sd15-random",
+            "Random-weight pipeline of Stable Diffusion 1.5's size (512 px; noise; for GPU benchmarks).",
+            builder="models.sd15:build_sd15_random",
+            family="stable-diffusion",
+            width=512,
+            height=512,
+            num_inference_steps=25,
+            guidance_scale=7.5,
+            dtype="float16",
+        ),
         # Real checkpoints: downloaded once into the model cache (HF_HOME) on a GPU host.
         ModelEntry(
             "sd-1.5",

@@ -49,7 +49,7 @@ def main() -> int:
     if settings.max_batch > 1:
         from worker.batching import BatchEngine
 
-        engine = BatchEngine.create(runtime, settings.batch_invariant, max_rows=2 * settings.max_batch)  # or None
+        engine = BatchEngine.create(runtime, settings.invariant_batches, max_rows=2 * settings.max_batch)  # or None
     # Generation jobs run through the engine when there is one, else through the pipeline.
     (engine or runtime).warm_up()
     log.info("model %s ready in %.2fs (load + warm-up)", settings.model, time.perf_counter() - started)

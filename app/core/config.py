@@ -60,14 +60,23 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="Images a worker denoises together (step-level batching); 1 runs one job at a time."
     )
     max_queue: int = Field(1000, ge=1, description="Waiting jobs per model before POST /generate answers 429.")
-    batch_invariant: bool = Field(
-        True, description="With max_batch > 1: same PNG alone or batched (kernels checked at start; a little slower)."
+    batch_invariant: bool | None = Field(
+        None,
+        description="With max_batch > 1: same PNG alone or batched (kernels checked at start; a little slower). "
+        "Default: on with the CPU, off with CUDA, where the switches cannot give it (see `invariant_batches`).",
     )
 
     @property
     def event_ttl(self) -> int:
         """Seconds a job's event streams (and cancel flag) are kept: as long as the job itself."""
         return max(self.result_ttl, self.failure_ttl)
+
+    @property
+    def invariant_batches(self) -> bool:
+        """Whether the batching worker keeps batch invariance: as set, else only on the CPU. On a GPU,
+        cuBLAS and cuDNN pick kernels by batch size, which the CPU switches do not cover; they would
+        only cost time (images finishing together would be decoded one at a time)."""
+        return self.device == "cpu" if self.batch_invariant is None else self.batch_invariant
 
     @property
     def auth_enabled(self) -> bool:
