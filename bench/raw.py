@@ -27,8 +27,9 @@ def timed_calls(call: Callable[[], object], seconds: float, at_least: int) -> li
     return times
 
 
-def load_pipeline(model: str) -> Any:
+def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> Any:
     """The model's diffusers pipeline as the raw figures use it (quiet, no progress bars)."""
+    import torch
     from diffusers import AutoPipelineForText2Image
     from diffusers.utils import logging as dlogging
 
@@ -36,7 +37,7 @@ def load_pipeline(model: str) -> Any:
 
     dlogging.disable_progress_bar()
     dlogging.set_verbosity_error()
-    pipe = AutoPipelineForText2Image.from_pretrained(resolve(model))
+    pipe = AutoPipelineForText2Image.from_pretrained(resolve(model), torch_dtype=getattr(torch, dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["pipeline", "engine", "engine-noinv", "cold"], required=True)
     ap.add_argument("--model", default="tiny-random")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--height", type=int, default=64)
@@ -59,15 +62,16 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
     prompt = "a red circle on a blue background"
 
     def call(batch: int, steps: int = args.steps) -> None:
-        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+        generators = [torch.Generator(args.device).manual_seed(i) for i in range(batch)]
         with torch.inference_mode():
             pipe(prompt=[prompt] * batch, width=args.width, height=args.height, num_inference_steps=steps,
                  guidance_scale=args.guidance, generator=generators, output_type="pil")  # fmt: skip
 
+    # Every call ends with PIL images on the host, so the GPU's queue is drained when a call returns.
     if args.mode == "cold":
         # What the worker does before it is ready: load, then one 1-step warm-up image at native size.
         call(1, steps=1)
@@ -81,7 +85,7 @@ def main() -> None:
         from worker.batching import BatchEngine
         from worker.runtime import DiffusersRuntime
 
-        runtime = DiffusersRuntime.load(Settings(model=args.model))
+        runtime = DiffusersRuntime.load(Settings(model=args.model, device=args.device, dtype=args.dtype))
         rows = 2 * max(int(b) for b in args.batches.split(","))
         engine = BatchEngine.create(runtime, invariant=args.mode == "engine", max_rows=rows)
         assert engine is not None

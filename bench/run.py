@@ -2,8 +2,9 @@
 
 1. raw: the pipeline called in-process at batch 1 and at its best batch size (images/s); also the
    batching engine alone, with and without the batch-invariance switches (their cost).
-2. load: 16 concurrent HTTP clients → API → Redis → one worker (2 CPU threads): images/s in the
-   steady state, p50/p95, against the raw best batch measured right before and after.
+2. load: 16 concurrent HTTP clients → API → Redis → one worker (2 CPU threads, or the GPU with
+   `--device cuda`): images/s in the steady state, p50/p95, against the raw best batch measured
+   right before and after.
 3. idle: one job at a time, POST → long-poll → PNG in hand, minus the raw single-image time
    (measured in this process between the jobs).
 4. ingress: POST /generate with no worker, driven by wrk, next to a trivial FastAPI endpoint.
@@ -43,9 +44,10 @@ RESULTS = ROOT / "bench" / "results"
 MODEL_PARAMS = {
     "tiny-random": {"width": 64, "height": 64, "num_inference_steps": 10, "guidance_scale": 7.5},
     "tiny-shapes": {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scale": 7.5},
+    "sd15-random": {"width": 512, "height": 512, "num_inference_steps": 25, "guidance_scale": 7.5},  # GPU
 }
-# Batch sizes tried for "raw best batch" (the slower model stops at 16 to keep the run short).
-MODEL_BATCHES = {"tiny-shapes": "1,4,8,16"}
+# Batch sizes tried for "raw best batch" (the slower models stop at 16 to keep the run short).
+MODEL_BATCHES = {"tiny-shapes": "1,4,8,16", "sd15-random": "1,2,4,8,16"}
 PROMPT = "a red circle on a blue background"
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -62,9 +64,9 @@ def pct(values: list[float], q: float) -> float:
 # -- 1. raw ------------------------------------------------------------------------------------
 
 
-def raw(model: str, params: dict[str, Any], mode: str, batches: str, seconds: float, threads: int) -> dict[str, Any]:
-    args = [PYTHON, "-m", "bench.raw", "--mode", mode, "--model", model, "--threads", str(threads)]
-    args += ["--batches", batches, "--seconds", str(seconds), "--width", str(params["width"])]
+def raw(model: str, params: dict[str, Any], mode: str, batches: str, cli: argparse.Namespace) -> dict[str, Any]:
+    args = [PYTHON, "-m", "bench.raw", "--mode", mode, "--model", model, *_where(cli)]
+    args += ["--batches", batches, "--seconds", str(cli.seconds), "--width", str(params["width"])]
     args += ["--height", str(params["height"]), "--steps", str(params["num_inference_steps"])]
     args += ["--guidance", str(params["guidance_scale"])]
     out = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, check=True)
@@ -78,6 +80,11 @@ def raw(model: str, params: dict[str, Any], mode: str, batches: str, seconds: fl
         "best_batch": best,
         "best_images_per_s": batches_[best]["images_per_s"],
     }
+
+
+def _where(cli: argparse.Namespace) -> list[str]:
+    """bench.raw's arguments for the threads, device and dtype the run measures."""
+    return ["--threads", str(cli.threads), "--device", cli.device, "--dtype", cli.dtype]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -219,8 +226,9 @@ class RawOne:
     each load phase, because this machine's speed drifts from minute to minute (a baseline from the
     start of the run can be off by more than the overhead)."""
 
-    def __init__(self, model: str, params: dict[str, Any], threads: int) -> None:
-        self.model, self.params, self.threads = model, params, threads
+    def __init__(self, model: str, params: dict[str, Any], cli: argparse.Namespace) -> None:
+        self.model, self.params, self.threads = model, params, cli.threads
+        self.device, self.dtype = cli.device, cli.dtype
         self.pipe: Any = None
 
     def __call__(self, seed: int, batch: int = 1) -> float:
@@ -230,12 +238,12 @@ class RawOne:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
             from bench.raw import load_pipeline
 
-            self.pipe = load_pipeline(self.model)
+            self.pipe = load_pipeline(self.model, self.device, self.dtype)
         torch.set_num_threads(self.threads)
         p = self.params
         t0 = time.perf_counter()
         with torch.inference_mode():
-            generator = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+            generator = [torch.Generator(self.device).manual_seed(seed + i) for i in range(batch)]
             self.pipe(prompt=[PROMPT] * batch, width=p["width"], height=p["height"], generator=generator,
                       num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"])  # fmt: skip
         return time.perf_counter() - t0
@@ -294,9 +302,11 @@ def wrk(url: str, connections: int, seconds: int) -> dict[str, Any]:
 # -- 5. cold start -----------------------------------------------------------------------------
 
 
-def raw_cold(model: str, threads: int) -> float:
+def raw_cold(model: str, params: dict[str, Any], cli: argparse.Namespace) -> float:
+    """from_pretrained (onto the device) + one 1-step image at the model's benchmark size, in a fresh process."""
     t0 = time.perf_counter()
-    args = [PYTHON, "-m", "bench.raw", "--mode", "cold", "--model", model, "--threads", str(threads)]
+    args = [PYTHON, "-m", "bench.raw", "--mode", "cold", "--model", model, *_where(cli)]
+    args += ["--width", str(params["width"]), "--height", str(params["height"])]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -314,23 +324,27 @@ def raw_cold(model: str, threads: int) -> float:
 
 def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) -> dict[str, Any]:
     params = MODEL_PARAMS[model]
+    gpu = args.device != "cpu"
     out: dict[str, Any] = {"model": model, "params": params}
-    log(f"[{model}] 1. raw pipeline and engine ({args.threads} threads)")
+    log(f"[{model}] 1. raw pipeline and engine ({args.device}, {args.dtype}, {args.threads} threads)")
     batches = MODEL_BATCHES.get(model, args.batches) if not args.quick else args.batches
-    out["raw"] = raw(model, params, "pipeline", batches, args.seconds, args.threads)
-    out["engine"] = raw(model, params, "engine", batches, args.seconds, args.threads)
-    out["engine_no_invariance"] = raw(model, params, "engine-noinv", batches, args.seconds, args.threads)
+    out["raw"] = raw(model, params, "pipeline", batches, args)
+    if gpu:  # the invariance switches are CPU-only (a CUDA worker runs without them)
+        out["engine_no_invariance"] = raw(model, params, "engine-noinv", batches, args)
+    else:
+        out["engine"] = raw(model, params, "engine", batches, args)
+        out["engine_no_invariance"] = raw(model, params, "engine-noinv", batches, args)
 
     conn = server.client(0)
     conn.flushdb()
     env = service_env(server.url, tmp, model=model, threads=str(args.threads), worker_heartbeat="5")
     env.pop("IMAGEGEN_WEBHOOK_SECRET", None)
-    env["IMAGEGEN_LOG_LEVEL"] = "WARNING"
+    env.update(IMAGEGEN_LOG_LEVEL="WARNING", IMAGEGEN_DEVICE=args.device, IMAGEGEN_DTYPE=args.dtype)
 
     log(f"[{model}] 5. cold start ({args.cold} runs each)")
     cold_worker, cold_raw = [], []
     for i in range(args.cold):
-        cold_raw.append(raw_cold(model, args.threads))
+        cold_raw.append(raw_cold(model, params, args))
         proc, took = start_worker(env | {"IMAGEGEN_MAX_BATCH": str(args.max_batch)}, tmp / f"cold{i}.log", conn)
         cold_worker.append(took)
         proc.stop(signal.SIGKILL)
@@ -338,21 +352,21 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) ->
     out["cold"] = {"worker_s": statistics.median(cold_worker), "raw_s": statistics.median(cold_raw)}
 
     # The slower model and the one-at-a-time reference get fewer jobs (the figures settle quickly).
-    jobs = args.jobs if model == "tiny-random" else max(args.clients * 2, args.jobs // 2)
+    jobs = args.jobs if model == "tiny-random" or gpu else max(args.clients * 2, args.jobs // 2)
     api, base = start_api(env, tmp / f"api-{model}.log")
-    raw_one = RawOne(model, params, args.threads)
+    raw_one = RawOne(model, params, args)
     try:
-        # With MAX_BATCH=N: the figure the targets are about (2 threads, batch-invariant), one torch
-        # thread (leaving a core to the API, Redis and the clients), and invariance off. With 1: the
-        # one-job path, for reference.
-        variants = [(1, args.threads, True), (args.max_batch, args.threads, True)]
-        if args.threads > 1 and not args.quick:
+        # With MAX_BATCH=N: the figure the targets are about (2 threads, batch-invariant on the CPU),
+        # one torch thread (leaving a core to the API, Redis and the clients), and invariance off.
+        # With 1: the one-job path, for reference. A GPU runs the first two alone, without invariance.
+        variants = [(1, args.threads, not gpu), (args.max_batch, args.threads, not gpu)]
+        if args.threads > 1 and not args.quick and not gpu:
             variants.append((args.max_batch, 1, True))
-        if not args.quick:
+        if not args.quick and not gpu:
             variants.append((args.max_batch, args.threads, False))
         for max_batch, threads, invariant in variants:
             key = f"max_batch_{max_batch}" + ("" if threads == args.threads else f"_threads_{threads}")
-            key += "" if invariant else "_not_invariant"
+            key += "" if invariant or gpu else "_not_invariant"
             n = jobs if max_batch > 1 else max(args.clients * 2, jobs // 2)
             log(f"[{model}] 2-3. service, {key} ({threads} threads): load, then idle")
             worker_env = env | {
@@ -410,18 +424,19 @@ def args_max_batch(results: dict[str, Any]) -> int:
 
 def table(results: dict[str, Any]) -> str:
     rows = ["| figure | measured | target |", "|---|---|---|"]
-    ing = results["ingress"]
+    ing = results.get("ingress")
     for m in results["models"]:
-        name, raw_, eng, noinv = m["model"], m["raw"], m["engine"], m["engine_no_invariance"]
+        name, raw_, eng, noinv = m["model"], m["raw"], m.get("engine"), m["engine_no_invariance"]
         p = m["params"]
         rows.append(f"| **{name}** ({p['width']}×{p['height']}, {p['num_inference_steps']} steps, CFG) | | |")
         one = f"{raw_['batch1_images_per_s']:.2f} img/s ({raw_['batch1_ms']:.0f} ms per image)"
         rows.append(f"| raw pipeline, batch 1 | {one} | |")
         rows.append(f"| raw pipeline, best batch ({raw_['best_batch']}) | {raw_['best_images_per_s']:.2f} img/s | |")
-        rows.append(
-            f"| engine alone, best batch ({eng['best_batch']}), batch-invariant | {eng['best_images_per_s']:.2f} img/s"
-            f" (batch 1: {eng['batch1_images_per_s']:.2f}) | |"
-        )
+        if eng is not None:  # CPU runs only
+            rows.append(
+                f"| engine alone, best batch ({eng['best_batch']}), batch-invariant | "
+                f"{eng['best_images_per_s']:.2f} img/s (batch 1: {eng['batch1_images_per_s']:.2f}) | |"
+            )
         rows.append(
             f"| engine alone, best batch ({noinv['best_batch']}), without the invariance switches | "
             f"{noinv['best_images_per_s']:.2f} img/s (batch 1: {noinv['batch1_images_per_s']:.2f}) | |"
@@ -462,6 +477,8 @@ def table(results: dict[str, Any]) -> str:
             f"| cold start: worker start → ready | {cold['worker_s']:.2f} s vs raw {cold['raw_s']:.2f} s = "
             f"{cold['worker_s'] / cold['raw_s']:.2f}× | ≤ 1.2× raw |"
         )
+    if ing is None:  # --no-ingress
+        return "\n".join(rows)
     api, triv = ing["api"], ing["trivial"]
     rows.append("| **ingress** (wrk, 1 API process, no worker) | | |")
     rows.append(
@@ -480,6 +497,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny-random,tiny-shapes", help="skipped when the weights are missing")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the pipeline and worker run")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="half needs cuda")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--batches", default="1,4,8,16,32")
     ap.add_argument("--seconds", type=float, default=2.0, help="raw: seconds per batch size (at least 3 calls)")
@@ -489,13 +508,22 @@ def main() -> int:
     ap.add_argument("--cold", type=int, default=2)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--wrk-seconds", type=int, default=8)
+    ap.add_argument("--ingress", action=argparse.BooleanOptionalAction, default=True, help="measure ingress (wrk)")
     ap.add_argument("--quick", action="store_true", help="small counts, for trying the benchmark out")
     args = ap.parse_args()
     if args.quick:
         args.batches, args.seconds, args.jobs, args.idle, args.cold, args.wrk_seconds = "1,8,16", 1, 32, 8, 1, 3
-    if shutil.which("wrk") is None:
-        print("wrk is missing: apt-get install -y wrk", file=sys.stderr)
+    if args.ingress and shutil.which("wrk") is None:
+        print("wrk is missing: apt-get install -y wrk (or --no-ingress)", file=sys.stderr)
         return 2
+    if args.device == "cpu" and args.dtype != "float32":
+        print("--dtype float16/bfloat16 needs --device cuda", file=sys.stderr)
+        return 2
+    machine = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, no GPU"
+    if args.device == "cuda":
+        import torch
+
+        machine = machine.replace("no GPU", torch.cuda.get_device_name(0))
 
     from models.registry import REGISTRY
 
@@ -513,7 +541,7 @@ def main() -> int:
         server = start_redis(tmp / "redis")
         try:
             results: dict[str, Any] = {
-                "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, no GPU",
+                "machine": machine,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "args": vars(args),
                 "models": [],
@@ -522,7 +550,8 @@ def main() -> int:
                 results["models"].append(bench_model(m, args, tmp, server))
                 RESULTS.mkdir(parents=True, exist_ok=True)  # partial results survive an interrupted run
                 (RESULTS / "partial.json").write_text(json.dumps(results, indent=2))
-            results["ingress"] = ingress(args, tmp, server)
+            if args.ingress:
+                results["ingress"] = ingress(args, tmp, server)
         finally:
             server.proc.stop()
     results["seconds"] = round(time.time() - started, 1)
