@@ -73,7 +73,7 @@ def main() -> None:
 
     # Every call ends with PIL images on the host, so the GPU's queue is drained when a call returns.
     if args.mode == "cold":
-        # What the worker does before it is ready: load, then one 1-step warm-up image at native size.
+        # What the worker does before it is ready: load, then one 1-step warm-up image (at --width/--height).
         call(1, steps=1)
         print("ready", flush=True)
         return

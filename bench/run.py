@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -323,10 +324,14 @@ def raw_cold(model: str, params: dict[str, Any], cli: argparse.Namespace) -> flo
 # -- the run -----------------------------------------------------------------------------------
 
 
-def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) -> dict[str, Any]:
+def bench_model(
+    model: str, args: argparse.Namespace, tmp: Path, server: Any, out: dict[str, Any], save: Callable[[], None]
+) -> None:
+    """Every figure of one model, into `out`; `save` is called after each phase (the results so far
+    survive a run that is cut short, e.g. by a GPU lease's time limit)."""
     params = MODEL_PARAMS[model]
     gpu = args.device != "cpu"
-    out: dict[str, Any] = {"model": model, "params": params}
+    out.update(model=model, params=params)
     log(f"[{model}] 1. raw pipeline and engine ({args.device}, {args.dtype}, {args.threads} threads)")
     batches = MODEL_BATCHES.get(model, args.batches) if not args.quick else args.batches
     out["raw"] = raw(model, params, "pipeline", batches, args)
@@ -335,6 +340,7 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) ->
     else:
         out["engine"] = raw(model, params, "engine", batches, args)
         out["engine_no_invariance"] = raw(model, params, "engine-noinv", batches, args)
+    save()
 
     conn = server.client(0)
     conn.flushdb()
@@ -354,6 +360,7 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) ->
         proc.stop(signal.SIGKILL)
         conn.flushdb()
     out["cold"] = {"worker_s": statistics.median(cold_worker), "raw_s": statistics.median(cold_raw)}
+    save()
 
     # The slower model and the one-at-a-time reference get fewer jobs (the figures settle quickly).
     jobs = args.jobs if model == "tiny-random" or gpu else max(args.clients * 2, args.jobs // 2)
@@ -387,12 +394,12 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path, server: Any) ->
                 after = raw_one.throughput(best, args.seconds)
                 loaded["raw_alongside"] = {"batch": best, "before": before, "after": after}
                 out[key] = {"load": loaded, "idle": idle(base, params, args.idle, raw_one)}
+                save()
             finally:
                 worker.stop()
                 conn.delete("rq:workers")
     finally:
         api.stop()
-    return out
 
 
 INGRESS_ROUNDS = 2
@@ -550,10 +557,14 @@ def main() -> int:
                 "args": vars(args),
                 "models": [],
             }
-            for m in models:
-                results["models"].append(bench_model(m, args, tmp, server))
-                RESULTS.mkdir(parents=True, exist_ok=True)  # partial results survive an interrupted run
+
+            def save() -> None:  # partial results survive an interrupted run
+                RESULTS.mkdir(parents=True, exist_ok=True)
                 (RESULTS / "partial.json").write_text(json.dumps(results, indent=2))
+
+            for m in models:
+                results["models"].append({})
+                bench_model(m, args, tmp, server, results["models"][-1], save)
             if args.ingress:
                 results["ingress"] = ingress(args, tmp, server)
         finally:

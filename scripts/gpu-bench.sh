@@ -3,7 +3,8 @@
 # packages, nor Redis, nor a registry to fetch them from: installs the kit made by
 # scripts/gpu-kit.sh (KIT, default .whl), builds sd15-random (SD 1.5's size, random weights) and
 # runs bench.run on the GPU in float16, without ingress (no wrk there; it does not touch the GPU).
-# Extra arguments go to bench.run. Writes bench/results/latest.json, and copies it to $OUT if set.
+# Extra arguments go to bench.run. Writes bench/results/latest.json (partial.json while it runs)
+# and copies them to $OUT if set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=${KIT:-.whl}
@@ -27,6 +28,10 @@ export HF_HUB_OFFLINE=1 IMAGEGEN_MODEL_CACHE=${IMAGEGEN_MODEL_CACHE:-/tmp/imageg
 SECONDS=0
 python3 -c 'from models.registry import resolve; print("built", resolve("sd15-random"))'
 echo "sd15-random built in ${SECONDS}s"
-python3 -m bench.run --models sd15-random --device cuda --dtype float16 --no-ingress \
-  --jobs 64 --idle 10 --cold 1 --seconds 3 "$@"
-if [ -n "${OUT:-}" ]; then cp bench/results/latest.json "$OUT/"; fi
+# Ends by itself (BENCH_LIMIT seconds) before a lease's command limit, so that what was measured so
+# far (bench.run saves partial.json after every phase) is copied out either way.
+status=0
+timeout "${BENCH_LIMIT:-480}" python3 -m bench.run --models sd15-random --device cuda --dtype float16 --no-ingress \
+  --jobs 64 --idle 10 --cold 1 --seconds 3 "$@" || status=$?
+if [ -n "${OUT:-}" ]; then cp bench/results/latest.json bench/results/partial.json "$OUT/" 2>/dev/null || true; fi
+exit "$status"
