@@ -31,6 +31,7 @@ echo "sd15-random built in ${SECONDS}s"
 # Ends by itself (BENCH_LIMIT seconds) before a lease's command limit, so that what was measured so
 # far (bench.run saves partial.json after every phase) is copied out either way.
 status=0
+rm -f bench/results/latest.json bench/results/partial.json  # nothing from an earlier run is copied out
 timeout "${BENCH_LIMIT:-480}" python3 -m bench.run --models sd15-random --device cuda --dtype float16 --no-ingress \
   --jobs 64 --idle 10 --cold 1 --seconds 3 "$@" || status=$?
 if [ -n "${OUT:-}" ]; then cp bench/results/latest.json bench/results/partial.json "$OUT/" 2>/dev/null || true; fi
