@@ -53,7 +53,8 @@ def _imported_distributions() -> set[str]:
                 top = name.split(".")[0]
                 if top in sys.stdlib_module_names or top in LOCAL:
                     continue
-                found.update(canonicalize_name(d) for d in by_module[top])
+                # A module no installed distribution provides can only be an optional import.
+                found.update(canonicalize_name(d) for d in by_module.get(top, []))
     return found
 
 
