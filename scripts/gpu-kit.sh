@@ -3,7 +3,7 @@
 # CPython wheels of this project's packages that such a machine's image lacks (it has PyTorch,
 # transformers, numpy, pillow, httpx, prometheus-client, click and tqdm), at the versions installed
 # in .venv, and Debian's redis-server with the libraries it links that a CUDA image may not have.
-# Run it here (after `make setup`), then carry the folder to the GPU machine (bench/README.md, "GPU").
+# Run it here (after `make venv`), then carry the folder to the GPU machine (bench/README.md, "GPU").
 #   KIT=.whl PYVER=3.12 scripts/gpu-kit.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
