@@ -344,12 +344,11 @@ def bench_model(
 
     conn = server.client(0)
     conn.flushdb()
-    env = service_env(server.url, tmp, model=model, threads=str(args.threads), worker_heartbeat="5")
-    env.pop("IMAGEGEN_WEBHOOK_SECRET", None)
-    env.update(IMAGEGEN_LOG_LEVEL="WARNING", IMAGEGEN_DEVICE=args.device, IMAGEGEN_DTYPE=args.dtype)
     # The workers load the model the raw phase built (runs up to P built tiny-random again in the
     # run's own cache at the first cold start, which put half a build into that median of two).
-    env["IMAGEGEN_MODEL_CACHE"] = str(MODEL_CACHE)
+    settings = {"threads": str(args.threads), "device": args.device, "dtype": args.dtype, "log_level": "WARNING"}
+    env = service_env(server.url, tmp, model=model, worker_heartbeat="5", model_cache=str(MODEL_CACHE), **settings)
+    env.pop("IMAGEGEN_WEBHOOK_SECRET", None)
 
     log(f"[{model}] 5. cold start ({args.cold} runs each)")
     cold_worker, cold_raw = [], []

@@ -9,7 +9,7 @@ the model's family and request defaults, which the worker publishes with the mod
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,19 @@ class ModelEntry:
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
+SD_15 = ModelEntry(
+    "sd-1.5",
+    "Stable Diffusion 1.5 (512 px).",
+    hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    family="stable-diffusion",
+    width=512,
+    height=512,
+    num_inference_steps=25,
+    guidance_scale=7.5,
+    scheduler="dpmpp_2m",
+    dtype="float16",
+)
+
 REGISTRY: dict[str, ModelEntry] = {
     entry.name: entry
     for entry in (
@@ -66,30 +79,16 @@ REGISTRY: dict[str, ModelEntry] = {
             "Random-weight tiny Kandinsky 2.2 pipeline (unCLIP prior + decoder; noise; for tests).",
             builder="models.tiny_families:build_tiny_kandinsky",
         ),
-        ModelEntry(
-            "sd15-random",
-            "Random-weight pipeline of Stable Diffusion 1.5's size (512 px; noise; for GPU benchmarks).",
+        # SD 1.5's architecture with random weights, served with SD 1.5's defaults.
+        replace(
+            SD_15,
+            name="sd15-random",
+            description="Random-weight pipeline of Stable Diffusion 1.5's size (512 px; noise; for GPU benchmarks).",
+            hub_id=None,
             builder="models.sd15:build_sd15_random",
-            family="stable-diffusion",
-            width=512,
-            height=512,
-            num_inference_steps=25,
-            guidance_scale=7.5,
-            dtype="float16",
         ),
         # Real checkpoints: downloaded once into the model cache (HF_HOME) on a GPU host.
-        ModelEntry(
-            "sd-1.5",
-            "Stable Diffusion 1.5 (512 px).",
-            hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
-            family="stable-diffusion",
-            width=512,
-            height=512,
-            num_inference_steps=25,
-            guidance_scale=7.5,
-            scheduler="dpmpp_2m",
-            dtype="float16",
-        ),
+        SD_15,
         ModelEntry(
             "sd-turbo",
             "SD-Turbo: distilled SD 2.1, 1-4 steps without guidance (512 px).",

@@ -19,7 +19,7 @@ UNET_PARAMETERS = 859_520_964
 VAE_PARAMETERS = 83_653_863
 
 
-def sd15_models(vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, Any]:
+def sd15_models(tokenizer: Any) -> dict[str, Any]:
     """SD 1.5's UNet, VAE and text encoder, freshly initialised (call under `torch.device("meta")` to get
     the shapes without the memory)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -50,7 +50,7 @@ def sd15_models(vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, Any]
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=vocab_size,
+            vocab_size=len(tokenizer),
             hidden_size=768,
             intermediate_size=3072,
             num_hidden_layers=12,
@@ -58,29 +58,27 @@ def sd15_models(vocab_size: int, bos: int, eos: int, pad: int) -> dict[str, Any]
             max_position_embeddings=MAX_LENGTH,
             hidden_act="quick_gelu",
             projection_dim=768,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=pad,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
 
 
 def sd15_scheduler() -> Any:
-    """SD 1.5 ships PNDM's config; this is DPM-Solver++ 2M with those betas, the sampler the registry's
-    `sd-1.5` entry defaults to, so the raw pipeline and the service sample alike."""
-    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
+    """DPM-Solver++ 2M on the betas and step offset of SD 1.5's published (PNDM) sampler config: the
+    sampler the registry's `sd-1.5` entry defaults to, so the raw pipeline and the service sample alike."""
+    from diffusers import DPMSolverMultistepScheduler
 
-    pndm = PNDMScheduler(
+    return DPMSolverMultistepScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
         steps_offset=1,
+        algorithm_type="dpmsolver++",
     )
-    return DPMSolverMultistepScheduler.from_config(pndm.config, algorithm_type="dpmsolver++")
 
 
 def build_sd15_random(out_dir: str | Path, seed: int = 0) -> Path:
@@ -91,7 +89,7 @@ def build_sd15_random(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed)
-    models = sd15_models(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    models = sd15_models(tokenizer)
     pipe = StableDiffusionPipeline(
         **models,
         scheduler=sd15_scheduler(),

@@ -21,7 +21,7 @@ def test_the_models_have_sd15s_published_sizes() -> None:
 
     tokenizer = build_clip_tokenizer()
     with torch.device("meta"):
-        models = sd15_models(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        models = sd15_models(tokenizer)
     assert _count(models["unet"]) == UNET_PARAMETERS == 859_520_964
     assert _count(models["vae"]) == VAE_PARAMETERS == 83_653_863
     # Only the token table differs from SD's text encoder: one 768-wide row per token.
