@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
+	scripts/ensure-venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[worker,dev]'
@@ -29,5 +30,7 @@ lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 # Service vs raw pipeline on the tiny model(s): table on stdout, JSON in bench/results/latest.json.
+# Ingress is measured with Debian's wrk (installed here when root; else bench.run names the command).
 bench: venv redis-server
+	@command -v wrk >/dev/null || scripts/apt-install.sh wrk || true
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run

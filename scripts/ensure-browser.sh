@@ -3,13 +3,6 @@
 # install it when root, else say the one command. Never fatal: without a browser those tests skip.
 set -uo pipefail
 command -v chromium >/dev/null 2>&1 && exit 0
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing chromium (Debian package) for the browser tests..." >&2
-  if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; then
-    exit 0
-  fi
-  echo "could not install chromium; the browser tests will be skipped" >&2
-  exit 0
-fi
-echo "chromium is missing, so the browser tests will be skipped. Install it with:  sudo apt-get install -y chromium" >&2
+"$(dirname "$0")/apt-install.sh" chromium && exit 0
+echo "without chromium the browser tests will be skipped" >&2
 exit 0

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
         30.0, ge=0, description="Seconds a stopping worker gives its job before requeueing it."
     )
     openai_timeout: float = Field(
-        120.0, gt=0, description="Seconds POST /v1/images/generations waits for its job before answering 504."
+        120.0, gt=0, description="Seconds the /v1/images routes wait for their job before answering 504."
     )
     auth: bool = Field(False, description="Require API keys (on by itself when IMAGEGEN_API_KEYS is set).")
     api_keys: str = Field("", description="Comma-separated API keys; more can be stored hashed in Redis.")

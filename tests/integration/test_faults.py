@@ -195,6 +195,11 @@ def test_job_timeout_and_full_queue(env) -> None:
         slow = http.post("/generate", json=LONG | {"width": 256, "height": 256}).json()
         done = _wait(http, slow["id"], 60)
         assert done["status"] == "failed" and done["error"]["code"] == "timeout", done
+        # On /v1 the job's own time limit is a failure (500), not the route's wait limit (504).
+        v1 = http.post("/v1/images/generations", json={"prompt": "long", "size": "256x256", "num_inference_steps": 150},
+                       timeout=90)  # fmt: skip
+        assert v1.status_code == 500, v1.text
+        assert v1.json()["error"]["code"] == "timeout" and v1.json()["error"]["type"] == "server_error"
 
         _running_on(server, http.post("/generate", json=LONG | {"num_inference_steps": 40}).json()["id"])
         answers = [http.post("/generate", json=TINY) for _ in range(5)]

@@ -80,6 +80,17 @@ def test_gpu_worker_reserves_a_gpu_and_shares_volumes() -> None:
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert gpu["environment"]["IMAGEGEN_DEVICE"] == "cuda"
     assert any(v.endswith(":/cache") for v in gpu["volumes"])
+    # Tokens and offline mode reach the worker that downloads weights from the environment or `.env`.
+    assert gpu["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
+    assert gpu["environment"]["HF_HUB_OFFLINE"] == "${HF_HUB_OFFLINE:-0}"
     for name in ("api", "worker", "worker-gpu"):
         assert "results:/results" in SERVICES[name]["volumes"]
         assert SERVICES[name]["environment"]["IMAGEGEN_RESULTS_DIR"] == "/results"
+
+
+def test_documented_compose_commands_name_registry_models() -> None:
+    # A hub id would run without the registry's sampler, steps, guidance and fp16 weight variant.
+    text = (ROOT / "README.md").read_text() + (ROOT / "docker-compose.yml").read_text()
+    named = re.findall(r"IMAGEGEN_MODEL=(\S+)\s+docker compose", text)
+    assert len(named) >= 4
+    assert [m for m in named if m not in REGISTRY] == []

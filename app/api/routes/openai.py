@@ -50,8 +50,6 @@ from app.core.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 120.0  # seconds, until Settings carries `openai_timeout`
-
 
 class OpenAIError(Exception):
     """An error to answer in OpenAI's shape."""
@@ -149,12 +147,13 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": OpenAIErrorEnvelope, "description": text} for code, text in _ERROR_TEXT.items()
 }
 
-# How a failed job's error code maps to an HTTP status for a synchronous caller.
+# How a failed job's error code maps to an HTTP status for a synchronous caller; any other is a 500.
+# A job that ran past IMAGEGEN_JOB_TIMEOUT failed (500, code `timeout`): 504 is kept for a job
+# still running at this route's own wait limit, which goes on.
 _FAILURE_STATUS = {
     ErrorCode.invalid_params.value: 400,
     ErrorCode.refused.value: 400,
     ErrorCode.canceled.value: 409,
-    ErrorCode.timeout.value: 504,
 }
 
 
@@ -237,7 +236,7 @@ async def answer_with_images(
     """Wait (bounded by IMAGEGEN_OPENAI_TIMEOUT) for a submitted job and answer in OpenAI's shape:
     URLs of our image endpoint or the PNGs in base64; failures and time-outs as OpenAI errors."""
     job_header = {"X-Imagegen-Job-Id": job_id}
-    timeout = float(getattr(settings, "openai_timeout", DEFAULT_TIMEOUT))
+    timeout = settings.openai_timeout
     job = await _wait(jobs, job_id, timeout)
 
     def image_url(job_id: str, i: int) -> str:
