@@ -31,9 +31,13 @@ SCHEDULER_CLASSES: dict[Scheduler, tuple[str, dict[str, Any]]] = {
     Scheduler.euler_a: ("EulerAncestralDiscreteScheduler", {}),
     Scheduler.dpmpp_2m: ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     Scheduler.unipc: ("UniPCMultistepScheduler", {}),
-    Scheduler.pndm: ("PNDMScheduler", {}),
+    # PLMS alone, as Stable Diffusion runs it: the Runge-Kutta warm-up needs at least 4 steps.
+    Scheduler.pndm: ("PNDMScheduler", {"skip_prk_steps": True}),
 }
 DEFAULTS_FILE = "imagegen.json"  # optional per-model defaults saved next to model_index.json
+# Requests may ask for up to this many times a model's native width and height (and never more
+# than the API's IMAGEGEN_MAX_WIDTH/_HEIGHT); `max_width`/`max_height` in imagegen.json override it.
+MAX_SIZE_FACTOR = 8
 
 
 class Runtime(Protocol):
@@ -188,11 +192,11 @@ class DiffusersRuntime:
 
 
 def check_size(info: ModelInfo, params: GenerationParams) -> None:
-    """Refuse sizes the model would silently round (Kandinsky rounds up to its MoVQ multiple)."""
-    for name in ("width", "height"):
-        value = getattr(params, name)
-        if value is not None and value % info.size_multiple:
-            raise ValueError(f"{name}: must be a multiple of {info.size_multiple} for {info.name}")
+    """Refuse sizes the model would silently round (Kandinsky rounds up to its MoVQ multiple) or
+    that are beyond its `max_width`/`max_height`."""
+    problem = info.size_problem(params)
+    if problem is not None:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
 
 
 def _read_defaults(source: str) -> dict[str, Any]:
@@ -230,16 +234,19 @@ def _model_info(name: str, pipe: Any, defaults: dict[str, Any]) -> ModelInfo:
     by_class = {cls_name: enum for enum, (cls_name, _) in SCHEDULER_CLASSES.items()}
     scheduler = by_class.get(type(pipe.scheduler).__name__, Scheduler.euler)
     tokenizer = _tokenizer(pipe)
+    width, height = defaults.get("width", native), defaults.get("height", native)
     return ModelInfo(
         name=name,
         family=defaults.get("family") or _family(pipe),
-        width=defaults.get("width", native),
-        height=defaults.get("height", native),
+        width=width,
+        height=height,
         num_inference_steps=defaults.get("num_inference_steps", 25),
         guidance_scale=defaults.get("guidance_scale", 7.5),
         scheduler=Scheduler(defaults.get("scheduler", scheduler.value)),
         max_tokens=getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77,
         size_multiple=multiple,
+        max_width=defaults.get("max_width", MAX_SIZE_FACTOR * width),
+        max_height=defaults.get("max_height", MAX_SIZE_FACTOR * height),
     )
 
 

@@ -104,6 +104,9 @@ def resolve(ctx: WorkerContext, job: Job, params: Any) -> GenerationParams:
     except ValidationError as exc:
         raise _fail(job, ErrorCode.invalid_params, _first_error(exc)) from None
     request = ctx.runtime.info.fill(request)
+    problem = ctx.runtime.info.size_problem(request)
+    if problem is not None:
+        raise _fail(job, ErrorCode.invalid_params, f"{problem[0]}: {problem[1]}")
     if request.seed is None:
         request = request.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
     return request

@@ -362,12 +362,12 @@ class JobService:
             params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
         if info is not None:
             params = info.fill(params)
-            for name in ("width", "height"):
-                if getattr(params, name) % info.size_multiple:
-                    msg = f"must be a multiple of {info.size_multiple} for model {model}"
-                    raise InvalidRequestError(
-                        f"{name}: {msg}", code="validation_error", details=[{"loc": ["body", name], "msg": msg}]
-                    )
+            problem = info.size_problem(params)
+            if problem is not None:
+                name, msg = problem
+                raise InvalidRequestError(
+                    f"{name}: {msg}", code="validation_error", details=[{"loc": ["body", name], "msg": msg}]
+                )
         meta: dict[str, Any] = {"webhook": webhook} if webhook else {}
         if owner is not None:
             meta["owner"] = owner

@@ -101,6 +101,11 @@ class ModelInfo(BaseModel):
     max_tokens: int = 77
     # Width and height must be multiples of this (Kandinsky's MoVQ needs 64 on real checkpoints).
     size_multiple: int = 8
+    # The largest width and height this model takes (None: only the API's bounds). Work grows with
+    # the square of the pixel count in attention, so a tiny model asked for 1024 px would hold its
+    # worker for many minutes inside single native calls that no time limit can interrupt.
+    max_width: int | None = None
+    max_height: int | None = None
 
     def fill(self, params: GenerationParams) -> GenerationParams:
         """Return params with every unset default taken from this model."""
@@ -109,6 +114,19 @@ class ModelInfo(BaseModel):
             if getattr(params, name) is None:
                 updates[name] = getattr(self, name)
         return params.model_copy(update=updates)
+
+    def size_problem(self, params: GenerationParams) -> tuple[str, str] | None:
+        """(field, message) for a width or height this model cannot take, else None; checked by
+        the API at submission and again by the worker (jobs may come from other producers)."""
+        for name, limit in (("width", self.max_width), ("height", self.max_height)):
+            value = getattr(params, name)
+            if value is None:
+                continue
+            if value % self.size_multiple:
+                return name, f"must be a multiple of {self.size_multiple} for model {self.name}"
+            if limit is not None and value > limit:
+                return name, f"must be at most {limit} for model {self.name}"
+        return None
 
 
 class Priority(enum.StrEnum):

@@ -65,6 +65,7 @@ def test_url_format_points_at_our_image_endpoint(stack: Stack) -> None:
     [
         ({"size": "33x33"}, "size"),  # not a multiple of 8
         ({"size": "4096x4096"}, "size"),  # over the server's bounds
+        ({"size": "512x512"}, "size"),  # over the model's bound (8× its native size)
         ({"size": "big"}, "size"),
         ({"n": 11}, "n"),
         ({"model": "dall-e-3"}, "model"),
@@ -94,6 +95,8 @@ def test_error_shapes_on_v1_and_elsewhere(stack: Stack) -> None:
             "param": "prompt",
             "code": "missing_required_param",
         }
+        r = http.post("/v1/images/generations", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "The request has no JSON body."
         r = http.get("/v1/nowhere")
         assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
         # The rest of the API keeps its own envelope.

@@ -117,6 +117,7 @@ def test_error_paths(stack: Stack) -> None:
             ({"prompt": "x", "num_images": 11}, "num_images"),
             ({"prompt": "x", "width": 30}, "width"),
             ({"prompt": "x", "height": 4096}, "height"),
+            ({"prompt": "x", "width": 512}, "width"),  # beyond 8× tiny-random's native 32 px
             ({"prompt": "x", "guidance_scale": 31}, "guidance_scale"),
             ({"prompt": "x", "seed": 2**32}, "seed"),
             ({"prompt": "x", "scheduler": "nope"}, "scheduler"),
@@ -128,6 +129,8 @@ def test_error_paths(stack: Stack) -> None:
             assert r.status_code == 422, (body, r.text)
             err = r.json()["error"]
             assert err["code"] == "validation_error" and field in err["message"], err
+            if body.get("width") == 512:
+                assert "at most 256 for model tiny-random" in err["message"], err
         r = http.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
         r = http.post("/generate", data={"prompt": "x"})  # a form post (curl -d): JSON is what we read

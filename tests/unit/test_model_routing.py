@@ -113,3 +113,10 @@ def test_family_native_size_and_size_multiple_are_read_off_the_pipeline() -> Non
     with pytest.raises(ValueError, match="multiple of 64"):
         check_size(info, GenerationParams(prompt="x", width=520, height=512))
     check_size(info, GenerationParams(prompt="x", width=576, height=512))
+    # Up to 8× the native size unless imagegen.json or the registry says otherwise.
+    assert (info.max_width, info.max_height) == (6144, 6144)
+    small = _model_info("s", KandinskyV22CombinedPipeline(), {"width": 64, "height": 128, "max_width": 128})
+    assert (small.max_width, small.max_height) == (128, 1024)
+    with pytest.raises(ValueError, match="width: must be at most 128 for model s"):
+        check_size(small, GenerationParams(prompt="x", width=192, height=64))
+    check_size(small, GenerationParams(prompt="x", width=128, height=1024))

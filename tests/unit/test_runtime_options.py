@@ -88,3 +88,22 @@ def test_attention_modules_call_their_processor_directly_with_the_same_bits(monk
         extra = layer(hidden, unexpected=1)
     assert len(inspected) == 1 and torch.equal(extra, plain)
     assert len(logged) == 1 and "unexpected" in logged[0]  # diffusers' own warning, as before
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_pndm_samples_any_number_of_steps(steps: int) -> None:
+    # From a model whose own sampler is another (no `skip_prk_steps` in its config): PNDM's
+    # Runge-Kutta warm-up failed below 4 steps, which the API allows.
+    import diffusers
+    import torch
+
+    from app.core.jobs import Scheduler
+    from worker.runtime import SCHEDULER_CLASSES
+
+    cls_name, extra = SCHEDULER_CLASSES[Scheduler.pndm]
+    scheduler = getattr(diffusers, cls_name).from_config(diffusers.DDIMScheduler().config, **extra)
+    scheduler.set_timesteps(steps)
+    x = torch.ones(1, 4, 8, 8)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+    assert len(scheduler.timesteps) >= steps and torch.isfinite(x).all()

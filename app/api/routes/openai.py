@@ -89,7 +89,8 @@ def _from_validation(exc: RequestValidationError) -> OpenAIError:
     if first.get("type") == "extra_forbidden":
         return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_param")
     if first.get("type") == "missing":
-        return OpenAIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_param")
+        message = f"Missing required parameter: '{param}'." if param else "The request has no JSON body."
+        return OpenAIError(400, message, param=param, code="missing_required_param")
     message = f"Invalid '{param}': {first.get('msg', 'invalid value')}." if param else str(first.get("msg"))
     return OpenAIError(400, message, param=param, code="invalid_value")
 
@@ -102,6 +103,7 @@ def _from_domain(exc: errors.ImagegenError) -> OpenAIError:
     if isinstance(exc.details, list) and exc.details and isinstance(exc.details[0], dict):
         loc = [str(p) for p in exc.details[0].get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
+        param = {"width": "size", "height": "size"}.get(param or "", param)  # /v1 asks for both as `size`
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, errors.UnavailableError) else None
     return OpenAIError(status, exc.message, param=param, code=exc.code, headers=headers)
 
