@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import logging
 import math
 import secrets
 import time
@@ -16,7 +17,7 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
@@ -57,13 +58,27 @@ from app.core.queue import SERIALIZER, fetch_job, get_queues
 SEEN_PREFIX = "imagegen:seen:"  # marks ids we issued, so an expired job answers 410, not 404
 SEEN_GRACE = 7 * 86400
 INDEX_KEY = "imagegen:index"  # sorted set: job id -> created time (for listing)
+log = logging.getLogger(__name__)
 IDEMPOTENCY_PREFIX = "imagegen:idem:"
 IDEMPOTENCY_TTL = 86400
+# Frees an Idempotency-Key whose request failed before its job was written (a 4xx, a full queue),
+# so that a retry is answered anew; never once the job exists.
+RELEASE_KEY_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 STATE_TTL = 1.0  # seconds `submit` trusts its copy of a model's queue state and defaults
 BLOCK_MS = 2000  # one blocking stream read; below the Redis client's socket timeout
 ETA_LOOKAHEAD = 100  # jobs ahead whose parameters are read for an ETA; the rest are extrapolated
 
 ImageUrl = Callable[[str, int], str]
+
+
+def _idempotency_key(key: str, owner: str | None) -> str:
+    # Scoped per API key: one client's key can never return another client's job.
+    return IDEMPOTENCY_PREFIX + hashlib.sha256(f"{owner}:{key}".encode()).hexdigest()
 
 
 @dataclass
@@ -387,9 +402,10 @@ class JobService:
     def claim_idempotency_key(self, key: str, body_hash: str, owner: str | None = None) -> tuple[str, Job | None]:
         """Reserve a job id for `key`. Returns (id, None) when this request owns the key and should
         submit under that id, or (id, job) with the job an earlier identical request made."""
+        if not key.strip():
+            raise InvalidRequestError("Idempotency-Key: must not be empty", code="validation_error")
         job_id = str(uuid.uuid4())
-        # Scoped per API key: one client's key can never return another client's job.
-        redis_key = IDEMPOTENCY_PREFIX + hashlib.sha256(f"{owner}:{key}".encode()).hexdigest()
+        redis_key = _idempotency_key(key, owner)
         if self.redis.set(redis_key, f"{body_hash}:{job_id}", nx=True, ex=IDEMPOTENCY_TTL):
             return job_id, None
         stored = (self.redis.get(redis_key) or b"").decode()  # type: ignore[union-attr]
@@ -405,6 +421,14 @@ class JobService:
                 return stored_id, job
             time.sleep(0.01)
         raise UnavailableError("the original request with this Idempotency-Key is still being processed", retry_after=1)
+
+    def release_idempotency_key(self, key: str, body_hash: str, job_id: str, owner: str | None = None) -> None:
+        """Undo `claim_idempotency_key` for a request that failed before writing job `job_id`."""
+        try:
+            keys = (_idempotency_key(key, owner), Job.key_for(job_id))
+            self.redis.eval(RELEASE_KEY_SCRIPT, 2, *keys, f"{body_hash}:{job_id}")
+        except RedisError:  # the claim then simply lasts; a retry is told the original is pending
+            log.warning("could not release an Idempotency-Key after a failed request", exc_info=True)
 
     # -- look up --------------------------------------------------------------------------
     def get(self, raw_id: str, owner: str | None = None) -> Job:
@@ -510,7 +534,10 @@ class JobService:
         upper: str = "+inf"
         if cursor is not None:
             try:
-                upper = f"({float(cursor)!r}"
+                score = float(cursor)
+                if not math.isfinite(score):  # Redis takes no NaN, and no page starts at infinity
+                    raise ValueError(cursor)
+                upper = f"({score!r}"
             except ValueError:
                 raise InvalidRequestError(
                     "cursor: not a cursor returned by this endpoint", code="validation_error"

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -48,9 +49,8 @@ class Upload:
 
 
 def _invalid(field: str, message: str) -> InvalidRequestError:
-    return InvalidRequestError(
-        f"{field}: {message}", code="validation_error", details=[{"loc": ["body", field], "msg": message}]
-    )
+    loc = ["body"] if field == "body" else ["body", field]
+    return InvalidRequestError(f"{field}: {message}", code="validation_error", details=[{"loc": loc, "msg": message}])
 
 
 async def read_upload(request: Request, image_field: str = "image") -> Upload:
@@ -101,8 +101,10 @@ async def _read_json(request: Request, image_field: str) -> Upload:
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise HTTPException(400, detail="request body is not valid JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # nesting past the stack: invalid too
+        # The same answer as a malformed JSON body on any other route (400 malformed_json / invalid_json).
+        error = {"type": "json_invalid", "loc": ("body",), "msg": "request body is not valid JSON", "input": None}
+        raise RequestValidationError([error]) from None
     if not isinstance(body, dict):
         raise _invalid("body", "must be a JSON object")
     encoded = body.pop(image_field, None)

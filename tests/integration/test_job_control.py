@@ -165,8 +165,19 @@ def test_sse_stream_and_resume(stack: Stack) -> None:
         with connect_sse(http, "GET", f"/jobs/{job['id']}/events", headers=headers) as source:
             rest = [(e.event, e.id) for e in source.iter_sse()]
         assert rest == [(k, i) for k, i, _ in events[2:]]
-        r = http.get(f"/jobs/{job['id']}/events", headers={"Last-Event-ID": "bogus"})
-        assert r.status_code == 422
+        # Ids Redis would refuse mid-stream are refused up front (they broke the open stream).
+        for bogus in (
+            "bogus",
+            "1-",
+            "0-",
+            "-1",
+            "18446744073709551616",
+            "99999999999999999999-0",
+            "1" * 64,
+            "²".encode("latin-1"),
+        ):
+            r = http.get(f"/jobs/{job['id']}/events", headers={"Last-Event-ID": bogus})
+            assert r.status_code == 422, (bogus, r.status_code)
 
 
 def test_webhooks_signed_retried_and_in_order(stack: Stack) -> None:
@@ -225,6 +236,16 @@ def test_idempotency_key(stack: Stack) -> None:
         assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_conflict"
         other = http.post("/generate", json=body, headers={"Idempotency-Key": "k-2"})
         assert other.status_code == 202 and other.json()["id"] != answers[0].json()["id"]
+        # A request refused before its job was written does not hold its key: the retry is
+        # answered anew (it was a 503 "still being processed" for 24 h).
+        too_big = body | {"width": 4096}
+        for _ in range(2):
+            r = http.post("/generate", json=too_big, headers={"Idempotency-Key": "k-3"})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text
+        fixed = http.post("/generate", json=body, headers={"Idempotency-Key": "k-3"})
+        assert fixed.status_code == 202, fixed.text
+        r = http.post("/generate", json=body, headers={"Idempotency-Key": ""})
+        assert r.status_code == 422 and "Idempotency-Key" in r.json()["error"]["message"]
 
 
 def test_listing_is_newest_first_paginated_and_filtered(stack: Stack) -> None:
@@ -239,7 +260,8 @@ def test_listing_is_newest_first_paginated_and_filtered(stack: Stack) -> None:
         ok = http.get("/jobs", params={"status": "succeeded", "limit": 100}).json()["jobs"]
         assert all(j["status"] == "succeeded" for j in ok) and set(mine) <= {j["id"] for j in ok}
         assert http.get("/jobs", params={"status": "nope"}).status_code == 422
-        assert http.get("/jobs", params={"cursor": "x"}).status_code == 422
+        for cursor in ("x", "nan", "NaN", "inf"):
+            assert http.get("/jobs", params={"cursor": cursor}).status_code == 422, cursor
 
 
 @pytest.mark.parametrize("which", ["short_ttl_stack", "redis_store_stack"])

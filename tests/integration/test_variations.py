@@ -131,7 +131,18 @@ def test_bad_uploads_are_clear_4xx(vstack: Stack) -> None:
         ("json no image", {"json": {"seed": 1}}, 422, "validation_error"),
         ("json bad base64", {"json": {"image": "@@@not base64"}}, 422, "validation_error"),
         ("json array", {"json": [1, 2]}, 422, ""),
-        ("malformed json", {"content": b"{nope", "headers": {"content-type": "application/json"}}, 400, ""),
+        (
+            "malformed json",
+            {"content": b"{nope", "headers": {"content-type": "application/json"}},
+            400,
+            "malformed_json",
+        ),
+        (
+            "deeply nested json",
+            {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}},
+            400,
+            "malformed_json",
+        ),
         ("text body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, ""),
         ("too big body", {"content": b"x" * (7 << 20), "headers": {"content-type": "application/json"}}, 413, ""),
     ]

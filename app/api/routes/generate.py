@@ -95,16 +95,21 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
             return await finished_response(jobs, existing.id, wait, request, status.HTTP_200_OK)
         view = await run_in_threadpool(jobs.view, existing, image_url(request))
         return job_response(view, status.HTTP_200_OK)
-    if is_limited(principal, settings.rate_limit_images):  # else no Redis to ask, so no thread hop
-        await run_in_threadpool(charge, redis, principal, "images", body.num_images, settings.rate_limit_images)
-    job = await jobs.submit_async(
-        body.generation_params(),
-        priority=body.priority,
-        webhook=webhook,
-        job_id=job_id,
-        owner=principal.owner,
-        model=body.model,
-    )
+    try:
+        if is_limited(principal, settings.rate_limit_images):  # else no Redis to ask, so no thread hop
+            await run_in_threadpool(charge, redis, principal, "images", body.num_images, settings.rate_limit_images)
+        job = await jobs.submit_async(
+            body.generation_params(),
+            priority=body.priority,
+            webhook=webhook,
+            job_id=job_id,
+            owner=principal.owner,
+            model=body.model,
+        )
+    except Exception:
+        if job_id is not None and idempotency_key is not None:  # a retry with this key is answered anew
+            await run_in_threadpool(jobs.release_idempotency_key, idempotency_key, body_hash, job_id, principal.owner)
+        raise
     if wait:
         return await finished_response(jobs, job.id, wait, request)
     return job_response(jobs.view_placed(job), status.HTTP_202_ACCEPTED)  # no Redis reads for a job just placed

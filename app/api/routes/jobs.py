@@ -115,8 +115,13 @@ async def job_events(
 
 
 def _valid_stream_id(value: str) -> bool:
-    head, _, tail = value.partition("-")
-    return head.isdigit() and (tail == "" or tail.isdigit())
+    """A Redis stream id Redis itself accepts: `ms` or `ms-seq`, each a 64-bit unsigned integer."""
+    head, dash, tail = value.partition("-")
+    return all(_u64(part) for part in ((head, tail) if dash else (head,)))
+
+
+def _u64(part: str) -> bool:
+    return 0 < len(part) <= 20 and part.isascii() and part.isdigit() and int(part) < 2**64
 
 
 @router.get(

@@ -147,18 +147,25 @@ async def create_variations(
         response.status_code = status.HTTP_200_OK
         response.headers["Location"] = f"/jobs/{existing.id}"
         return await run_in_threadpool(jobs.view, existing, image_url(request))
-    await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
-    placed = await run_in_threadpool(
-        lambda: jobs.submit(
-            params,
-            priority=fields.priority,
-            job_id=job_id,
-            owner=principal.owner,
-            model=fields.model,
-            webhook=webhook,
-            task=TASK_VARIATIONS,
-            before=store_input(png, jobs.event_ttl),
+    try:
+        await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
+        placed = await run_in_threadpool(
+            lambda: jobs.submit(
+                params,
+                priority=fields.priority,
+                job_id=job_id,
+                owner=principal.owner,
+                model=fields.model,
+                webhook=webhook,
+                task=TASK_VARIATIONS,
+                before=store_input(png, jobs.event_ttl),
+            )
         )
-    )
+    except Exception:
+        if job_id is not None and idempotency_key is not None:  # a retry with this key is answered anew
+            await run_in_threadpool(
+                jobs.release_idempotency_key, idempotency_key, digest.hexdigest(), job_id, principal.owner
+            )
+        raise
     response.headers["Location"] = f"/jobs/{placed.id}"
     return jobs.view_placed(placed)  # no Redis reads for a job just placed
