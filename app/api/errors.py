@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.core import errors
 
@@ -79,6 +80,8 @@ def _validation(request: Request, exc: Exception) -> JSONResponse:
 
 def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI wraps it as "error parsing the body"
+        return client_gone(request)
     code = HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     return envelope(exc.status_code, code, message, headers=getattr(exc, "headers", None))
@@ -89,6 +92,13 @@ def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     return envelope(
         503, "unavailable", "the job store (Redis) is unreachable; retry shortly", headers={"Retry-After": "5"}
     )
+
+
+def client_gone(request: Request, exc: Exception | None = None) -> JSONResponse:
+    """The client closed the connection before its whole body arrived: nobody reads this answer.
+    499, as nginx logs it, keeps such requests out of the server errors in logs and metrics."""
+    log.info("client closed the connection during %s %s", request.method, request.url.path)
+    return envelope(499, "client_closed_request", "the client closed the connection before sending its body")
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -102,4 +112,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, _unexpected)

@@ -24,7 +24,7 @@ from rq.job import Job
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, Timings
-from app.core import events
+from app.core import events, metrics
 from app.core.catalog import model_of_queue, served_models
 from app.core.config import Settings
 from app.core.enqueue import SCRIPT, SCRIPT_SHA, JobHash, script_args
@@ -469,7 +469,10 @@ class JobService:
             return job, None
         job.meta["error"] = {"code": ErrorCode.canceled.value, "message": "canceled before it started"}
         job.save_meta()
-        self.redis.expire(job.key, self.settings.failure_ttl)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.expire(job.key, self.settings.failure_ttl)
+            metrics.record_job(pipe, JobStatus.canceled.value, 0, {})  # no worker will count it
+            pipe.execute()
         event = events.make_event(EventType.canceled, job.id, "canceled", error=job.meta["error"])
         events.publish(self.redis, event, self.event_ttl)
         return fetch_job(self.redis, job.id) or job, event

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from httpx_sse import connect_sse
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.core.webhooks import verify
 from tests.procs import WEBHOOK_SECRET, Stack, WebhookReceiver, service_env, start_api, wait_for
@@ -29,6 +30,12 @@ def wait_running(stack: Stack, http: httpx.Client, job_id: str, min_step: int = 
             return job
         assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
         time.sleep(0.02)
+
+
+def canceled_total(http: httpx.Client) -> float:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    jobs = next(f for f in families if f.name == "imagegen_jobs")
+    return sum(s.value for s in jobs.samples if s.labels.get("status") == "canceled")
 
 
 def test_queue_positions_priorities_eta_and_cancel(stack: Stack) -> None:
@@ -63,6 +70,8 @@ def test_queue_positions_priorities_eta_and_cancel(stack: Stack) -> None:
         assert later["eta_seconds"] < first["eta_seconds"]
 
         # Cancel a queued job: 200, it never starts.
+        canceled = lambda: canceled_total(http)  # noqa: E731
+        before = canceled()
         r = http.delete(f"/jobs/{waiting[4]['id']}")
         assert r.status_code == 200 and r.json()["status"] == "canceled"
         # Cancel the running job: 202, it stops at its next step; the worker moves on at once.
@@ -73,6 +82,7 @@ def test_queue_positions_priorities_eta_and_cancel(stack: Stack) -> None:
         step = int(done["error"]["message"].split("step ")[1].split(" ")[0])
         assert r.json()["progress"]["step"] <= step < 150
         assert http.get(f"/jobs/{blocker['id']}/images/0").status_code == 409
+        assert canceled() == before + 2  # the queued one counts too, with no worker to count it
 
         # Priority order held: the urgent job finished before every normal one started.
         finished = {j["id"]: stack.wait(http, j["id"]) for j in [urgent, *waiting[:4]]}

@@ -58,3 +58,28 @@ def test_timings_and_json_logs(stack: Stack) -> None:
     assert about, "no worker log line carries the job id"
     api_lines = [json.loads(line) for line in stack.api.output().splitlines() if line.startswith("{")]
     assert any(job["id"] in line["msg"] for line in api_lines)  # access log lines name the job's URL
+
+
+def test_a_client_gone_mid_body_is_no_server_error(stack: Stack) -> None:
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = urlsplit(stack.base_url)
+    for path in ("/generate", "/v1/images/generations"):
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            sock.sendall(head.encode() + b'{"prompt": "x"')  # 14 of the 100 bytes, then gone
+    deadline = time.monotonic() + 10
+    while True:  # the server notices the closed connection on its own time
+        requests = scrape(stack)["imagegen_http_requests"]
+        gone = [
+            value(requests, "imagegen_http_requests_total", route=p, code="499")
+            for p in ("/generate", "/v1/images/generations")
+        ]
+        if all(gone) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert all(n >= 1 for n in gone), gone
+    assert value(requests, "imagegen_http_requests_total", code="500") == 0
+    assert "unhandled error" not in stack.api.output()

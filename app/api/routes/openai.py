@@ -25,10 +25,12 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.api.bodies import validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
-from app.api.errors import STATUS
+from app.api.errors import STATUS, client_gone
 from app.api.openai_schemas import (
     ImageDatum,
     ImagesGenerationRequest,
@@ -123,6 +125,12 @@ class OpenAIRoute(APIRoute):
                 return _from_validation(exc).response()
             except errors.ImagegenError as exc:
                 return _from_domain(exc).response()
+            except ClientDisconnect:
+                return client_gone(request)
+            except StarletteHTTPException as exc:  # FastAPI's own, e.g. a body it could not read
+                if isinstance(exc.__cause__, ClientDisconnect):
+                    return client_gone(request)
+                return OpenAIError(exc.status_code, str(exc.detail), code="invalid_request").response()
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
                 message = "the job store (Redis) is unreachable; retry shortly"
