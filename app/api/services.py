@@ -76,6 +76,11 @@ ETA_LOOKAHEAD = 100  # jobs ahead whose parameters are read for an ETA; the rest
 ImageUrl = Callable[[str, int], str]
 
 
+def _stream_order(ident: str) -> tuple[int, int]:
+    ms, _, seq = ident.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _idempotency_key(key: str, owner: str | None) -> str:
     # Scoped per API key: one client's key can never return another client's job.
     return IDEMPOTENCY_PREFIX + hashlib.sha256(f"{owner}:{key}".encode()).hexdigest()
@@ -496,11 +501,22 @@ class JobService:
                 return events.decode(entries)[0][1]
         return None
 
+    async def _ended_by(self, key: str, after: str) -> str | None:
+        """The id of the stream's terminal event when it is at or before `after`, else None."""
+        assert self.aredis is not None
+        newest: Any = await self.aredis.xrevrange(key, count=1)
+        if not newest:
+            return None
+        ident, event = events.decode(newest)[0]
+        return ident if event.type.is_terminal() and _stream_order(ident) <= _stream_order(after) else None
+
     async def stream(self, job_id: str, after: str = "0"):
         """Yield (stream id, event) from `after` until a terminal event (synthesised if RQ ended the
         job without one, e.g. a lost worker), for Server-Sent Events."""
         assert self.aredis is not None
         key = events.stream_key(job_id)
+        if after != "0" and await self._ended_by(key, after) is not None:
+            return  # a client resuming after the last event: there is nothing more to send
         while True:
             result: Any = await self.aredis.xread({key: after}, count=100, block=BLOCK_MS)
             if result:
@@ -514,6 +530,9 @@ class JobService:
             if status is None:
                 return  # expired while we watched
             if status_from_rq(status.decode(), {}).is_terminal():
+                last = await self._ended_by(key, after)
+                if last is not None:  # its terminal event is already behind `after`
+                    return
                 job = await asyncio.to_thread(self.get, job_id)
                 view = await asyncio.to_thread(self.view, job, lambda i, n: f"/jobs/{i}/images/{n}")
                 yield (

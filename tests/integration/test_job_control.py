@@ -175,6 +175,10 @@ def test_sse_stream_and_resume(stack: Stack) -> None:
         with connect_sse(http, "GET", f"/jobs/{job['id']}/events", headers=headers) as source:
             rest = [(e.event, e.id) for e in source.iter_sse()]
         assert rest == [(k, i) for k, i, _ in events[2:]]
+        # Resuming after the terminal event (or beyond it) sends nothing: it sent that event again.
+        for last in (events[-1][1], "18446744073709551615-18446744073709551615"):
+            with connect_sse(http, "GET", f"/jobs/{job['id']}/events", headers={"Last-Event-ID": last}) as source:
+                assert [(e.event, e.id) for e in source.iter_sse()] == [], last
         # Ids Redis would refuse mid-stream are refused up front (they broke the open stream).
         for bogus in (
             "bogus",
