@@ -77,6 +77,7 @@ def main() -> int:
             shutdown_grace=settings.shutdown_grace,
             worker_ttl=int(settings.worker_heartbeat * 4) + 15,
             maintenance_interval=settings.maintenance_interval,
+            model_info=runtime.info,
             **batching,
         )
         tasks.bind(tasks.WorkerContext(runtime, store, settings, connection, sink, worker.requeue_requested.is_set))

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
 from rq import worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
@@ -27,7 +28,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from app.core import events, metrics
 from app.core.catalog import model_of_queue
 from app.core.events import EventType, JobEvent
-from app.core.jobs import ALLOWED_TASKS, ErrorCode, status_from_rq, wake_key
+from app.core.jobs import ALLOWED_TASKS, MODELS_KEY, ErrorCode, ModelInfo, status_from_rq, wake_key
 from worker.events import EventSink
 
 log = logging.getLogger(__name__)
@@ -111,16 +112,46 @@ class ImagegenWorker(SimpleWorker):
         heartbeat_interval: float = 5.0,
         events: EventSink | None = None,
         shutdown_grace: float = 30.0,
+        model_info: ModelInfo | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.heartbeat_interval = heartbeat_interval
         self.events = events
         self.shutdown_grace = shutdown_grace
+        self.model_info = model_info  # what it publishes in MODELS_KEY (see `_register_again_if_lost`)
         # Set `shutdown_grace` seconds after a warm shutdown began with a job still running; the
         # task checks it at every step and hands the job back to the queue.
         self.requeue_requested = threading.Event()
         self._succeeding: dict[str, _Success] = {}  # jobs whose success RQ is recording
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        self._register_again_if_lost()
+
+    def _register_again_if_lost(self) -> None:
+        """Redis lost its data while this worker lived (restarted without persistence, flushed):
+        RQ's heartbeats only refresh the worker's own key, so it would go on serving unlisted, and
+        `/readyz`, `GET /models` and model routing would not see it. Write its registration and
+        its model again."""
+        queue_key = worker_registration.WORKERS_BY_QUEUE_KEY % self.queues[0].name
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.sismember(queue_key, self.key)
+                pipe.hexists(MODELS_KEY, self.model_info.name if self.model_info else "")
+                registered, listed = pipe.execute()
+            if registered and (listed or self.model_info is None):
+                return
+            log.warning("this worker's registration is gone from Redis (data lost?); registering again")
+            with self.connection.pipeline() as pipe:
+                pipe.hset(self.key, mapping=self.serialize())
+                worker_registration.register(self, pipe)
+                pipe.expire(self.key, self.worker_ttl + 60)
+                if self.model_info is not None:
+                    pipe.hset(MODELS_KEY, self.model_info.name, self.model_info.model_dump_json())
+                pipe.execute()
+        except RedisError:
+            log.warning("could not check this worker's registration (Redis unavailable)")
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         busy = self.get_state() == WorkerStatus.BUSY

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def test_readyz_follows_worker_and_redis(tmp_path) -> None:
     server = start_redis(tmp_path / "redis")
-    env = service_env(server.url, tmp_path)
+    env = service_env(server.url, tmp_path, maintenance_interval="1")
     worker = start_worker(env, tmp_path / "worker.log", ready=server.client())
     api, base = start_api(env, tmp_path / "api.log")
     try:
@@ -50,6 +50,15 @@ def test_readyz_follows_worker_and_redis(tmp_path) -> None:
             server.restart()
             wait_for(lambda: http.get(f"/jobs/{job['id']}").status_code == 200, 30, "API reconnects")
             assert http.get(f"/jobs/{job['id']}").json()["status"] == "succeeded"
+
+            # Redis loses its data (restarted without persistence, flushed): the live worker lists
+            # itself and its model again at its next maintenance, and serves on.
+            server.client().flushall()
+            assert http.get("/readyz").status_code == 503
+            wait_for(lambda: http.get("/readyz").status_code == 200, 30, "the worker registers again")
+            assert [m["name"] for m in http.get("/models").json()["models"]] == ["tiny-random"]
+            job = http.post("/generate", json={"prompt": "after the flush", "num_inference_steps": 2}).json()
+            wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "succeeded", 60, "job after the flush")
     finally:
         api.stop()
         worker.stop()
