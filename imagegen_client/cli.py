@@ -146,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(COMMANDS[args.command](client, args))
     except ImagegenError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        if exc.code == "validation_error":  # the server refused an argument's value (e.g. -n 0)
+            return EXIT_USAGE
     except OSError as exc:  # the output folder or a file could not be written
         print(f"{PROG}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
     except KeyboardInterrupt:

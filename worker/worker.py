@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from rq import worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
+from rq.job_lifecycle import call_exception_handlers
 from rq.queue import Queue
 from rq.registry import clean_registries
 from rq.utils import as_text
@@ -152,6 +153,24 @@ class ImagegenWorker(SimpleWorker):
                 pipe.execute()
         except RedisError:
             log.warning("could not check this worker's registration (Redis unavailable)")
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """RQ logs every failing job's traceback at ERROR. An outcome of ours (canceled, refused,
+        invalid, timed out; a sampling error was logged with its traceback where it happened) or a
+        hand-back at shutdown is one line instead, at INFO for cancels and hand-backs."""
+        from worker.tasks import JobFailedError, RequeueError
+
+        exc = exc_info[1] if len(exc_info) > 1 else None
+        if not isinstance(exc, JobFailedError | RequeueError):
+            super().handle_exception(job, *exc_info)
+            return
+        if isinstance(exc, RequeueError):
+            log.info("job %s: handed back to the queue at shutdown", job.id)
+        elif exc.code is ErrorCode.canceled:
+            log.info("job %s: %s", job.id, exc.message)
+        else:
+            log.warning("job %s: failed (%s): %s", job.id, exc.code.value, exc.message)
+        call_exception_handlers(self._exc_handlers, job, *exc_info)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         busy = self.get_state() == WorkerStatus.BUSY

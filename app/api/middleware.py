@@ -28,7 +28,7 @@ class BodySizeLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await self._reject(send)
+                    await self._reject(send, scope)
                     return
         seen = 0
         started = False
@@ -52,12 +52,13 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, scope)
 
-    async def _reject(self, send: Any) -> None:
-        body = json.dumps(
-            {"error": {"code": "payload_too_large", "message": f"request body over {self.max_bytes} bytes"}}
-        ).encode()
+    async def _reject(self, send: Any, scope: Scope) -> None:
+        error: dict[str, Any] = {"code": "payload_too_large", "message": f"request body over {self.max_bytes} bytes"}
+        if scope.get("path", "").startswith("/v1/"):  # OpenAI's error shape there, as for every /v1 error
+            error |= {"type": "invalid_request_error", "param": None}
+        body = json.dumps({"error": error}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.jobs import MAX_SEED, GenerationParams, Scheduler
 
-SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+SIZE_RE = re.compile(r"^\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*$")  # ASCII digits only (\d takes "６")
 
 
 class ImagesGenerationRequest(BaseModel):
@@ -21,6 +21,7 @@ class ImagesGenerationRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {"prompt": "a red circle on a blue background", "n": 2, "size": "64x64", "response_format": "url"},
@@ -30,7 +31,7 @@ class ImagesGenerationRequest(BaseModel):
     )
 
     prompt: str = Field(..., min_length=1, max_length=1000, description="What to draw.")
-    model: str | None = Field(None, description="Must be the served model's name when given.")
+    model: str | None = Field(None, max_length=200, description="A model a live worker serves (GET /v1/models).")
     n: int = Field(1, ge=1, le=10, description="Images to make; image i uses seed + i.")
     size: str | None = Field(None, description='"WxH", multiples of 8 within the server\'s bounds; default native.')
     response_format: Literal["url", "b64_json"] = "url"

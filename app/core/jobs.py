@@ -61,7 +61,8 @@ class GenerationParams(BaseModel):
     Optional fields left as None are filled from the served model's defaults.
     """
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+    # NaN and infinity (which Python's JSON reader takes) are refused as such, not as "over 30".
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, allow_inf_nan=False)
 
     prompt: str = Field(..., min_length=1, max_length=1000, description="What to draw.")
     negative_prompt: str | None = Field(None, max_length=1000, description="What to steer away from.")

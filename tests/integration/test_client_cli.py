@@ -237,18 +237,19 @@ def test_console_script_generate_status_cancel(stack: Stack, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "code"),
     [
-        ["generate", "x", "-n", "0"],  # the server refuses it (422)
-        ["generate", "x", "-n", "lots"],  # argparse refuses it
-        ["generate", "x", "--size", "big"],
-        ["status", "not-a-job"],
-        ["frobnicate"],
-        ["--url", "http://127.0.0.1:9", "status", str(uuid.uuid4())],  # nothing listens there
+        (["generate", "x", "-n", "0"], 2),  # the server refuses it (422): a bad argument all the same
+        (["generate", "x", "--size", "33x33"], 2),
+        (["generate", "x", "-n", "lots"], 2),  # argparse refuses it
+        (["generate", "x", "--size", "big"], 2),
+        (["status", "not-a-job"], 1),
+        (["frobnicate"], 2),
+        (["--url", "http://127.0.0.1:9", "status", str(uuid.uuid4())], 1),  # nothing listens there
     ],
 )
-def test_cli_errors_are_one_line(stack: Stack, args: list[str]) -> None:
+def test_cli_errors_are_one_line(stack: Stack, args: list[str], code: int) -> None:
     r = cli(args, stack.base_url)
-    assert r.returncode != 0 and r.stdout == ""
+    assert r.returncode == code and r.stdout == "", (r.returncode, r.stderr)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("imagegen"), r.stderr
     assert "Traceback" not in r.stderr

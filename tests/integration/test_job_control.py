@@ -83,6 +83,11 @@ def test_queue_positions_priorities_eta_and_cancel(stack: Stack) -> None:
         assert r.json()["progress"]["step"] <= step < 150
         assert http.get(f"/jobs/{blocker['id']}/images/0").status_code == 409
         assert canceled() == before + 2  # the queued one counts too, with no worker to count it
+        # A cancel is an outcome, not an error: one line at INFO in the worker's log, no traceback.
+        lines = [json.loads(line) for line in stack.workers[0].output().splitlines() if line.startswith("{")]
+        about = [line for line in lines if line.get("job_id") == blocker["id"] or blocker["id"] in line["msg"]]
+        assert any("canceled" in line["msg"] for line in about), about
+        assert [line for line in about if line["level"] == "ERROR" or "Traceback" in str(line)] == []
 
         # Priority order held: the urgent job finished before every normal one started.
         finished = {j["id"]: stack.wait(http, j["id"]) for j in [urgent, *waiting[:4]]}

@@ -67,6 +67,8 @@ def test_url_format_points_at_our_image_endpoint(stack: Stack) -> None:
         ({"size": "4096x4096"}, "size"),  # over the server's bounds
         ({"size": "512x512"}, "size"),  # over the model's bound (8× its native size)
         ({"size": "big"}, "size"),
+        ({"size": "\uff16\uff14x\uff16\uff14"}, "size"),  # fullwidth digits
+        ({"model": "m" * 300}, "model"),
         ({"n": 11}, "n"),
         ({"model": "dall-e-3"}, "model"),
         ({"extra_body": {"num_inference_steps": 0}}, "num_inference_steps"),
@@ -97,6 +99,8 @@ def test_error_shapes_on_v1_and_elsewhere(stack: Stack) -> None:
         }
         r = http.post("/v1/images/generations", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["message"] == "The request has no JSON body."
+        r = http.post("/v1/images/generations", content=b" " * (1 << 20), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
         r = http.get("/v1/nowhere")
         assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
         # The rest of the API keeps its own envelope.

@@ -131,6 +131,11 @@ def test_error_paths(stack: Stack) -> None:
             assert err["code"] == "validation_error" and field in err["message"], err
             if body.get("width") == 512:
                 assert "at most 256 for model tiny-random" in err["message"], err
+        # Python's JSON reader takes NaN; it is refused as such (it was "should be at most 30").
+        r = http.post(
+            "/generate", content=b'{"prompt":"x","guidance_scale":NaN}', headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 422 and "finite number" in r.json()["error"]["message"], r.text
         r = http.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
         r = http.post("/generate", data={"prompt": "x"})  # a form post (curl -d): JSON is what we read

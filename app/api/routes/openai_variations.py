@@ -33,7 +33,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 class ImagesVariationRequest(BaseModel):
     """The form fields besides `image`: OpenAI's, then ours."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = Field(None, max_length=200)
     n: int = Field(1, ge=1, le=10)
