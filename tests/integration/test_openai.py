@@ -101,6 +101,9 @@ def test_error_shapes_on_v1_and_elsewhere(stack: Stack) -> None:
         assert r.status_code == 400 and r.json()["error"]["message"] == "The request has no JSON body."
         r = http.post("/v1/images/generations", content=b" " * (1 << 20), headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        r = http.get("/v1/images/generations")
+        assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
+        assert r.json()["error"]["code"] == "method_not_allowed"
         r = http.get("/v1/nowhere")
         assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
         # The rest of the API keeps its own envelope.

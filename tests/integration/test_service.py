@@ -131,6 +131,9 @@ def test_error_paths(stack: Stack) -> None:
             assert err["code"] == "validation_error" and field in err["message"], err
             if body.get("width") == 512:
                 assert "at most 256 for model tiny-random" in err["message"], err
+        # A preference the server cannot use is ignored (RFC 7240), however long: it was a 422.
+        r = http.post("/generate", json={"prompt": "x", **FAST}, headers={"Prefer": "respond-async; " + "x" * 400})
+        assert r.status_code == 202, r.text
         # Python's JSON reader takes NaN; it is refused as such (it was "should be at most 30").
         r = http.post(
             "/generate", content=b'{"prompt":"x","guidance_scale":NaN}', headers={"content-type": "application/json"}

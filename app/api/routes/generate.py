@@ -67,7 +67,7 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
     # pass instead of FastAPI's parameter solving), and the app's objects taken from app.state.
     body = await read_json(request, GenerateRequest)
     idempotency_key = header(request, "idempotency-key")
-    prefer = header(request, "prefer")
+    prefer = request.headers.get("prefer")  # never refused: preferences a server cannot honour are ignored (RFC 7240)
     jobs: JobService = request.app.state.jobs
     # The common request (no webhook, idempotency key or rate limit) is one Redis script call on
     # the asyncio client and never leaves the event loop; the rest runs in worker threads.

@@ -284,5 +284,17 @@ def list_models(settings: SettingsDep, redis: RedisDep) -> ModelList:
     "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False, name="openai_unknown"
 )
 def unknown(path: str, request: Request) -> Response:
-    # Unknown /v1 paths answer in OpenAI's shape too, so SDK users see a readable error.
+    # Unknown /v1 paths answer in OpenAI's shape too, so SDK users see a readable error; a known
+    # path asked with another method is a 405 naming the methods it takes.
+    from app.api.routes import openai_variations  # it builds on this module
+
+    allowed = sorted(
+        method
+        for route in (*router.routes, *openai_variations.router.routes)
+        if isinstance(route, APIRoute) and route.name != "openai_unknown" and route.path_regex.match(request.url.path)
+        for method in route.methods or ()
+    )
+    if allowed:
+        message = f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}"
+        raise OpenAIError(405, message, code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
     raise OpenAIError(404, f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
