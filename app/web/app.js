@@ -4,6 +4,7 @@
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 const EVENT_TYPES = ["queued", "started", "progress", "succeeded", "failed", "canceled"];
 const POLL_MS = 400;
+const KEY_STORE = "imagegen.apiKey"; // localStorage: the API key, when the server requires one
 
 const $ = (id) => document.getElementById(id);
 const form = $("form");
@@ -21,8 +22,21 @@ const ui = {
 
 let active = null; // {id, prompt, source, timer, done}
 
+form.api_key.value = localStorage.getItem(KEY_STORE) || "";
+form.api_key.addEventListener("change", () => {
+  const key = form.api_key.value.trim();
+  if (key) localStorage.setItem(KEY_STORE, key);
+  else localStorage.removeItem(KEY_STORE);
+});
+
+// With a key, every request carries `Authorization: Bearer <key>`.
+function authorized(headers) {
+  const key = form.api_key.value.trim();
+  return key ? { ...headers, authorization: `Bearer ${key}` } : headers;
+}
+
 async function api(method, path, body) {
-  const init = { method, headers: { accept: "application/json" } };
+  const init = { method, headers: authorized({ accept: "application/json" }) };
   if (body !== undefined) {
     init.headers["content-type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -35,7 +49,9 @@ async function api(method, path, body) {
     // not JSON (e.g. a proxy's error page): the status says enough
   }
   if (!res.ok) {
-    const err = new Error((data && data.error && data.error.message) || `HTTP ${res.status}`);
+    let message = (data && data.error && data.error.message) || `HTTP ${res.status}`;
+    if (res.status === 401) message = `${message}: this server requires an API key (enter it above)`;
+    const err = new Error(message);
     err.status = res.status;
     throw err;
   }
@@ -89,7 +105,8 @@ function stopFollowing(job) {
 // Live updates over SSE; if the server has no event stream (or it fails before saying anything),
 // fall back to polling GET /jobs/{id}.
 function follow(job) {
-  if (!window.EventSource) return poll(job);
+  // EventSource cannot send an Authorization header: with a key, poll.
+  if (!window.EventSource || form.api_key.value.trim()) return poll(job);
   const source = new EventSource(`/jobs/${encodeURIComponent(job.id)}/events`);
   job.source = source;
   let heard = false;
@@ -164,11 +181,25 @@ function render(job, view) {
   end(job, view.warnings && view.warnings.length ? view.warnings.join("; ") : "");
 }
 
+// An image needs the key too when the server requires one: then it is fetched and shown from a blob.
+async function showImage(url, img, link) {
+  if (!form.api_key.value.trim()) {
+    img.src = link.href = url;
+    return;
+  }
+  try {
+    const res = await fetch(url, { headers: authorized({}) });
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    img.src = link.href = URL.createObjectURL(await res.blob());
+  } catch (err) {
+    showError(`image ${url}: ${err.message}`);
+  }
+}
+
 function card(prompt, image) {
   const figure = document.createElement("figure");
   figure.className = "card";
   const img = document.createElement("img");
-  img.src = image.url;
   img.alt = prompt;
   img.width = image.width;
   img.height = image.height;
@@ -185,8 +216,8 @@ function card(prompt, image) {
   const size = document.createElement("span");
   size.textContent = `${image.width}×${image.height}`;
   const save = document.createElement("a");
-  save.href = image.url;
   save.download = `imagegen-${image.seed}.png`;
+  showImage(image.url, img, save);
   save.textContent = "download";
   meta.append(seed, size, save);
   caption.append(text, meta);

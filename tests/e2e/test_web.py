@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import ROOT, Stack
+from tests.procs import ROOT, Stack, start_api
 
 pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
@@ -24,6 +24,9 @@ ARGS = [
     "--no-first-run",
 ]
 SCREENSHOT = "/tmp/imagegen-web.png"
+ONE_IMAGE_SHOWN = (
+    "(() => { const i = document.querySelector('#gallery img'); return i && i.complete && i.naturalWidth > 0; })()"
+)
 
 
 def _chromium() -> str | None:
@@ -116,8 +119,41 @@ def test_polls_when_the_server_has_no_event_stream(page: Any) -> None:
     fill(page, prompt="polled", seed=11, num_inference_steps=3, width=32, height=32)
     page.click("#generate")
     page.wait_for_function(
-        "(() => { const i = document.querySelector('#gallery img'); return i && i.complete && i.naturalWidth > 0; })()",
+        ONE_IMAGE_SHOWN,
         timeout=90_000,
     )
     assert page.locator("#gallery .seed").all_inner_texts() == ["seed 11"]
     assert page.errors == []
+
+
+def test_with_api_keys_the_page_sends_the_key(browser: Any, stack: Stack, tmp_path: Any) -> None:
+    # A second API process on the stack's Redis that requires keys; the stack's worker serves it.
+    key = "web-page-key-0123456789abcdef"
+    api, base = start_api(stack.env | {"IMAGEGEN_API_KEYS": key}, tmp_path / "api.log")
+    context = browser.new_context(viewport={"width": 1100, "height": 760}, base_url=base)
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto("/")
+        fill(page, prompt="needs a key", seed=5, num_inference_steps=3, width=32, height=32)
+        page.click("#generate")
+        page.wait_for_function("!document.querySelector('#error').hidden", timeout=10_000)
+        assert "API key" in page.inner_text("#error")
+
+        fill(page, api_key=key)
+        page.dispatch_event("#api_key", "change")
+        page.click("#generate")
+        page.wait_for_function(
+            ONE_IMAGE_SHOWN,
+            timeout=90_000,
+        )
+        assert page.locator("#gallery .seed").all_inner_texts() == ["seed 5"]
+        assert page.get_attribute("#gallery a[download]", "href").startswith("blob:")
+        # Kept in this browser: a reload still has it.
+        page.reload()
+        assert page.input_value("#api_key") == key
+        assert errors == []
+    finally:
+        context.close()
+        api.stop()
