@@ -374,8 +374,8 @@ class JobService:
         if waiting >= s.max_queue:
             times = state.steptimes
             per_job = sum(times.values()) / len(times) * (info.num_inference_steps if info else 25) if times else 1.0
-            # Roughly when a tenth of the backlog has drained.
-            retry_after = max(1, math.ceil(waiting * per_job / state.workers / 10))
+            # Roughly when a tenth of the backlog, and at least one job, has drained.
+            retry_after = max(1, math.ceil(max(1.0, waiting / 10) * per_job / state.workers))
             raise RateLimitedError(f"the queue is full ({waiting} jobs waiting); retry later", retry_after=retry_after)
         # 2. Fill the request from the model's defaults.
         if params.seed is None:

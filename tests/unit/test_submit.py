@@ -157,6 +157,16 @@ def test_the_queue_bound_holds_with_the_cached_state(redis_db, redis_server: Red
         asyncio.run(submit_async(service, GenerationParams(prompt="full again")))
 
 
+def test_a_full_queue_asks_to_retry_once_a_job_has_drained(redis_db, redis_server: RedisServer) -> None:
+    service = make_service(redis_db, redis_server, max_queue=3)
+    redis_db.hset("imagegen:steptime:main", "64x64", 0.5)  # 25 steps (no worker's defaults): 12.5 s a job
+    for i in range(3):
+        service.submit(GenerationParams(prompt=f"p{i}"))
+    with pytest.raises(RateLimitedError) as info:
+        service.submit(GenerationParams(prompt="one too many"))
+    assert info.value.retry_after == 13  # was 4 (a tenth of the backlog: 0.3 jobs)
+
+
 def test_concurrent_async_submissions_share_one_round_trip(quiet_db, quiet_redis_server: RedisServer) -> None:
     service = make_service(quiet_db, quiet_redis_server)
     assert service.aredis is not None
