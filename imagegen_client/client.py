@@ -26,6 +26,7 @@ URL_ENV = "IMAGEGEN_URL"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 REQUEST_TIMEOUT = 30.0  # seconds for one ordinary request
 SSE_READ_TIMEOUT = 30.0  # the server pings idle streams well within this; silence longer means a dead link
+KEEPALIVE_GAP = 10.0  # seconds between the server's keep-alives on a quiet event stream
 LONGPOLL_MAX = 25.0  # seconds per long-poll request (the server allows up to 60)
 LONGPOLL_PROGRESS = 1.0  # shorter long-polls when a progress callback wants to see each step
 POLL_INTERVAL = 0.25  # seconds between plain polls
@@ -444,13 +445,16 @@ class Client:
                         raise error_from_response(response)
                     for sse in source.iter_sse():
                         last_id = sse.id or last_id
-                        if not sse.data:
-                            continue
-                        event = JobEvent.from_json(json.loads(sse.data), sse.event, sse.id)
-                        report(event)
-                        if event.status in TERMINAL:
-                            return self.get(job_id)
-                        self._timed_out(job_id, deadline, timeout)  # events keep coming; the clock still runs
+                        if sse.data:
+                            event = JobEvent.from_json(json.loads(sse.data), sse.event, sse.id)
+                            report(event)
+                            if event.status in TERMINAL:
+                                return self.get(job_id)
+                        # Keep-alives count too: a queued job sends nothing else, and each one
+                        # restarts the read timeout.
+                        self._timed_out(job_id, deadline, timeout)
+                        if _remaining(deadline) < KEEPALIVE_GAP:  # the next may come after the deadline
+                            return self._wait_longpoll(job_id, deadline, timeout, report)
             except httpx.ConnectError as exc:
                 raise _transport_error(self.base_url, exc) from None
             except httpx.TransportError:
@@ -627,13 +631,14 @@ class AsyncClient:
                         raise error_from_response(response)
                     async for sse in source.aiter_sse():
                         last_id = sse.id or last_id
-                        if not sse.data:
-                            continue
-                        event = JobEvent.from_json(json.loads(sse.data), sse.event, sse.id)
-                        report(event)
-                        if event.status in TERMINAL:
-                            return await self.get(job_id)
-                        await self._timed_out(job_id, deadline, timeout)
+                        if sse.data:
+                            event = JobEvent.from_json(json.loads(sse.data), sse.event, sse.id)
+                            report(event)
+                            if event.status in TERMINAL:
+                                return await self.get(job_id)
+                        await self._timed_out(job_id, deadline, timeout)  # keep-alives too (see Client)
+                        if _remaining(deadline) < KEEPALIVE_GAP:
+                            return await self._wait_longpoll(job_id, deadline, timeout, report)
             except httpx.ConnectError as exc:
                 raise _transport_error(self.base_url, exc) from None
             except httpx.TransportError:

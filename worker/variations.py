@@ -157,8 +157,11 @@ class VariationSampler:
         assert request.width is not None and request.height is not None
         start = fit_image(self.image, request.width, request.height)
         # img2img runs int(steps * strength) steps; one-step models (turbo) would run none, so
-        # stretch the schedule until at least one step falls at the requested noise level.
-        schedule = max(steps, math.ceil(1 / request.strength - 1e-9))
+        # stretch the schedule until at least one step falls at the requested noise level, never
+        # past the training timesteps (a strength of 1e-9 asked for a 10^9-step schedule and
+        # exhausted the machine's memory; the API refuses strengths under 0.001).
+        limit = int(getattr(scheduler.config, "num_train_timesteps", 1000))
+        schedule = min(limit, max(steps, math.ceil(1 / request.strength - 1e-9)))
 
         def callback(p: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             # img2img runs only the last `strength` share of the steps; report against the requested

@@ -26,7 +26,7 @@ class VariationParams(GenerationParams):
 
     prompt: str = Field("", max_length=1000, description="Optional text guiding img2img variations.")
     strength: float = Field(
-        0.75, gt=0, le=1, description="img2img only: how much of the input is re-drawn (1 = all of it)."
+        0.75, ge=0.001, le=1, description="img2img only: how much of the input is re-drawn (0.001-1; 1 = all of it)."
     )
 
     @field_validator("prompt")

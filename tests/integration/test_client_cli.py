@@ -9,7 +9,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -116,6 +118,29 @@ class ScriptedServer:
             return httpx.Response(422, json={"error": {"code": "validation_error", "message": "wait: unknown"}})
         status = self.views.pop(0) if len(self.views) > 1 else self.views[0]
         return httpx.Response(200, json=self.view(status))
+
+
+def test_wait_keeps_its_deadline_while_a_queued_job_only_gets_keep_alives() -> None:
+    job_id = str(uuid.uuid4())
+    queued = {"id": job_id, "status": "queued", "params": {}, "progress": {"step": 0, "total": 2}}
+
+    def keep_alives() -> Iterator[bytes]:
+        for _ in range(60):  # 6 s of keep-alives (the server sends one every 10 s), then the stream ends
+            yield b"event: keepalive\r\n\r\n"
+            time.sleep(0.1)
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=keep_alives())
+        return httpx.Response(200, json=queued)  # the long-poll: still queued
+
+    with Client("http://scripted", transport=httpx.MockTransport(server)) as client:
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            client.wait(job_id, timeout=1)
+        # Each keep-alive restarted the read timeout, so the wait ran on while the job stayed queued
+        # (until the stream ended here; past 100 s for a 12 s timeout against the real server).
+        assert time.monotonic() - started < 4
 
 
 @pytest.mark.parametrize(("longpoll", "mode"), [(True, "longpoll"), (False, "poll")])

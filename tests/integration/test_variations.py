@@ -179,6 +179,13 @@ def test_low_strength_still_runs_a_step(vstack: Stack) -> None:
         job = vstack.wait(http, upload(http, strength="0.1", num_inference_steps="2").json()["id"])
     assert job["status"] == "succeeded", job
     assert job["progress"] == {"step": 2, "total": 2}
+    with vstack.client() as http:
+        # The weakest strength the API takes stretches the schedule to the training timesteps and
+        # no further (1e-9 asked for 10^9 steps and exhausted the machine's memory): still one step.
+        job = vstack.wait(http, upload(http, strength="0.001", num_inference_steps="2").json()["id"])
+        assert job["status"] == "succeeded", job
+        r = upload(http, strength="1e-9")
+        assert r.status_code == 422 and "strength" in r.json()["error"]["message"], r.text
 
 
 def test_cancel_a_running_variation(vstack: Stack) -> None:

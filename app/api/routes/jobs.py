@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import JobsDep, PrincipalDep, SettingsDep, StoreDep
 from app.api.routes.generate import MAX_WAIT, image_url, view_after_wait
@@ -111,7 +111,16 @@ async def job_events(
         async for ident, event in jobs.stream(job.id, after):
             yield {"event": event.type.value, "id": ident, "data": event.model_dump_json(exclude_none=True)}
 
-    return EventSourceResponse(messages(), ping=10, send_timeout=30)
+    # Keep-alives are `keepalive` events without data, not comments: browsers skip them (no data),
+    # while clients that read every event see them and can keep a deadline while nothing happens.
+    return EventSourceResponse(messages(), ping=KEEPALIVE_S, send_timeout=30, ping_message_factory=_keepalive)
+
+
+KEEPALIVE_S = 10
+
+
+def _keepalive() -> ServerSentEvent:
+    return ServerSentEvent(event="keepalive")
 
 
 def _valid_stream_id(value: str) -> bool:

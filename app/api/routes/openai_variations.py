@@ -41,7 +41,7 @@ class ImagesVariationRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = "url"
     user: str | None = Field(None, max_length=256)
     prompt: str = Field("", max_length=1000)
-    strength: float = Field(0.75, gt=0, le=1)
+    strength: float = Field(0.75, ge=0.001, le=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(None, ge=1, le=150)
     guidance_scale: float | None = Field(None, ge=0, le=30)
