@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from imagegen_client.client import DEFAULT_URL, URL_ENV, Client, ImagegenError, JobEvent
+from imagegen_client.client import DEFAULT_URL, URL_ENV, Client, ImagegenError, JobEvent, resolve_url
 
 PROG = "imagegen"
 EXIT_FAILED = 1  # the server refused, the job failed, or the files could not be written
@@ -36,6 +37,26 @@ def _size(value: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def _finite(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = _finite(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of seconds above 0")
+    return number
+
+
+def _job_id(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("a job id is required")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Generate images with an imagegen server.")
     url_help = f"server URL (default: ${URL_ENV} or {DEFAULT_URL})"
@@ -51,18 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="random seed (image i uses seed + i); random if missing")
     gen.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from")
     gen.add_argument("--steps", type=int, dest="num_inference_steps", metavar="N", help="denoising steps")
-    gen.add_argument("--guidance", type=float, dest="guidance_scale", metavar="G", help="guidance scale")
+    gen.add_argument("--guidance", type=_finite, dest="guidance_scale", metavar="G", help="guidance scale")
     gen.add_argument("--size", type=_size, metavar="WxH", help="image size, multiples of 8 (default: native)")
     gen.add_argument("--scheduler", help="sampler: ddim, euler, euler_a, dpmpp_2m, unipc, pndm")
     gen.add_argument("--priority", choices=["high", "normal", "low"], help="queue priority")
     gen.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR", help="folder for the PNGs")
-    gen.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up waiting after S seconds")
+    gen.add_argument("--timeout", type=_seconds, default=600.0, metavar="S", help="give up waiting after S seconds")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     status = sub.add_parser("status", parents=[common], help="print a job as JSON")
-    status.add_argument("job_id")
+    status.add_argument("job_id", type=_job_id)
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
-    cancel.add_argument("job_id")
+    cancel.add_argument("job_id", type=_job_id)
     return parser
 
 
@@ -140,7 +161,14 @@ COMMANDS: dict[str, Any] = {"generate": _generate, "status": _status, "cancel": 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        resolve_url(args.url)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2
+    if args.command == "generate" and args.output.exists() and not args.output.is_dir():
+        parser.error(f"-o {args.output}: exists and is not a folder")  # before any job is submitted
     try:
         with Client(args.url) as client:
             return int(COMMANDS[args.command](client, args))

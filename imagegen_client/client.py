@@ -200,11 +200,22 @@ class _Reporter:
 
 # -- wire helpers shared by both clients ----------------------------------------------------------
 def resolve_url(base_url: str | None) -> str:
-    return (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    """The server URL (argument, else $IMAGEGEN_URL, else the default); ValueError when it is not an
+    http(s) URL with a host."""
+    url = (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid server URL {url!r}: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"invalid server URL {url!r}: expected http(s)://host[:port]")
+    return url
 
 
 def _job_path(job_id: str) -> str:
     # Ids are UUIDs; quoting keeps anything else from walking to another route.
+    if not str(job_id).strip():
+        raise ValueError("a job id is required")
     return f"/jobs/{quote(str(job_id), safe='')}"
 
 
@@ -232,7 +243,7 @@ def _png_or_job(response: httpx.Response) -> bytes | Job:
     _checked(response)
     if response.headers.get("content-type", "").startswith("image/png"):
         return response.content
-    return Job.from_json(response.json())
+    return Job.from_json(_job_json(response))
 
 
 def _post_wait(deadline: float | None, callback: ProgressCallback | None) -> float | None:
@@ -265,13 +276,35 @@ def _transport_error(base_url: str, exc: httpx.TransportError) -> ImagegenError:
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
-    if response.status_code >= 400:
+    if response.status_code >= 300:  # redirects are not followed: the URL is not one of ours
         raise error_from_response(response)
     return response
 
 
+def _job_json(response: httpx.Response) -> dict[str, Any]:
+    """A job's JSON, or ImagegenError for an answer that is not one (a URL that is not an imagegen server)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "id" not in body or "status" not in body:
+        kind = response.headers.get("content-type", "no content type").partition(";")[0]
+        message = f"{response.request.url} answered HTTP {response.status_code} with {kind}, not a job"
+        message += ": is it an imagegen server?"
+        raise ImagegenError(response.status_code, "unexpected_response", message)
+    return body
+
+
+def _job_or_none(response: httpx.Response) -> Job | None:
+    """The job in an answer that may carry one (a cancel's), else None."""
+    try:
+        return Job.from_json(_job_json(response))
+    except ImagegenError:
+        return None
+
+
 def _job_from(response: httpx.Response) -> Job:
-    return Job.from_json(_checked(response).json())
+    return Job.from_json(_job_json(_checked(response)))
 
 
 def _is_event_stream(response: httpx.Response) -> bool:
@@ -370,8 +403,7 @@ class Client:
     def cancel(self, job_id: str) -> Job:
         """Cancel (`DELETE /jobs/{id}`): a queued job ends at once, a running one at its next step."""
         response = _checked(self._request("DELETE", _job_path(job_id)))
-        body = response.json() if response.content else None
-        return Job.from_json(body) if isinstance(body, dict) and "id" in body else self.get(job_id)
+        return _job_or_none(response) or self.get(job_id)
 
     def generate(
         self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any
@@ -383,8 +415,7 @@ class Client:
         job = self.submit(prompt, wait=_post_wait(deadline, on_progress), **params)
         if job.done:
             return job.raise_for_status()
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.wait(job.id, timeout=left, on_progress=on_progress).raise_for_status()
+        return self._wait_until(job.id, deadline, timeout, on_progress).raise_for_status()
 
     def image(self, prompt: str, *, timeout: float | None = None, **params: Any) -> bytes:
         """Make one image and return its PNG bytes (raises `ImagegenError` if the job failed).
@@ -397,8 +428,7 @@ class Client:
         if isinstance(job, bytes):
             return job
         if not job.done:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            job = self.wait(job.id, timeout=left)
+            job = self._wait_until(job.id, deadline, timeout, None)
         return self.download(job.raise_for_status().id)
 
     def wait(self, job_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Job:
@@ -407,7 +437,12 @@ class Client:
         `on_progress(event)` is called on every change of status or step. Raises `WaitTimeout`
         after `timeout` seconds (None: no limit); the job keeps running on the server.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._wait_until(job_id, None if timeout is None else time.monotonic() + timeout, timeout, on_progress)
+
+    def _wait_until(
+        self, job_id: str, deadline: float | None, timeout: float | None, on_progress: ProgressCallback | None
+    ) -> Job:
+        """`wait` until `deadline`; `timeout` is what a WaitTimeout reports (the caller's whole wait)."""
         report = _Reporter(on_progress)
         if self.mode == "sse":
             job = self._wait_sse(job_id, deadline, timeout, report)
@@ -569,8 +604,7 @@ class AsyncClient:
 
     async def cancel(self, job_id: str) -> Job:
         response = _checked(await self._request("DELETE", _job_path(job_id)))
-        body = response.json() if response.content else None
-        return Job.from_json(body) if isinstance(body, dict) and "id" in body else await self.get(job_id)
+        return _job_or_none(response) or await self.get(job_id)
 
     async def generate(
         self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any
@@ -579,8 +613,7 @@ class AsyncClient:
         job = await self.submit(prompt, wait=_post_wait(deadline, on_progress), **params)
         if job.done:
             return job.raise_for_status()
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return (await self.wait(job.id, timeout=left, on_progress=on_progress)).raise_for_status()
+        return (await self._wait_until(job.id, deadline, timeout, on_progress)).raise_for_status()
 
     async def image(self, prompt: str, *, timeout: float | None = None, **params: Any) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -588,12 +621,16 @@ class AsyncClient:
         if isinstance(job, bytes):
             return job
         if not job.done:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            job = await self.wait(job.id, timeout=left)
+            job = await self._wait_until(job.id, deadline, timeout, None)
         return await self.download(job.raise_for_status().id)
 
     async def wait(self, job_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
+        return await self._wait_until(job_id, deadline, timeout, on_progress)
+
+    async def _wait_until(
+        self, job_id: str, deadline: float | None, timeout: float | None, on_progress: ProgressCallback | None
+    ) -> Job:
         report = _Reporter(on_progress)
         if self.mode == "sse":
             job = await self._wait_sse(job_id, deadline, timeout, report)

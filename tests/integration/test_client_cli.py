@@ -143,6 +143,33 @@ def test_wait_keeps_its_deadline_while_a_queued_job_only_gets_keep_alives() -> N
         assert time.monotonic() - started < 4
 
 
+def test_answers_that_are_not_jobs_are_imagegen_errors() -> None:
+    job_id = str(uuid.uuid4())
+    queued = {"id": job_id, "status": "queued", "params": {}, "progress": {"step": 0, "total": 2}}
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/generate":
+            return httpx.Response(202, json=queued)
+        if request.url.path == f"/jobs/{job_id}":
+            return httpx.Response(200, json=queued)  # the long-poll: still queued
+        if request.url.path.endswith("/events"):
+            return httpx.Response(404, json={"error": {"code": "not_found", "message": "Not Found"}})
+        return httpx.Response(200, text="<html>a web server</html>", headers={"content-type": "text/html"})
+
+    with Client("http://scripted", transport=httpx.MockTransport(server)) as client:
+        with pytest.raises(ImagegenError) as info:  # was a bare JSONDecodeError
+            client.get(str(uuid.uuid4()))
+        assert info.value.code == "unexpected_response" and "text/html" in info.value.message
+        with pytest.raises(ValueError, match="job id"):
+            client.get("")
+        client.mode = "longpoll"
+        with pytest.raises(WaitTimeout) as timed_out:  # reports the caller's timeout, not what was left
+            client.generate("x", timeout=0.5)
+        assert "after 0.5 s" in str(timed_out.value), timed_out.value
+    with pytest.raises(ValueError, match="invalid server URL"):
+        Client("http://[::1")
+
+
 @pytest.mark.parametrize(("longpoll", "mode"), [(True, "longpoll"), (False, "poll")])
 def test_wait_falls_back_when_the_server_lacks_events(longpoll: bool, mode: str) -> None:
     server = ScriptedServer(longpoll)
@@ -271,6 +298,11 @@ def test_console_script_generate_status_cancel(stack: Stack, tmp_path: Path) -> 
         (["status", "not-a-job"], 1),
         (["frobnicate"], 2),
         (["--url", "http://127.0.0.1:9", "status", str(uuid.uuid4())], 1),  # nothing listens there
+        (["--url", "http://[::1", "status", str(uuid.uuid4())], 2),  # not a URL
+        (["status", ""], 2),
+        (["generate", "x", "--guidance", "nan"], 2),
+        (["generate", "x", "--timeout", "0"], 2),  # refused before submitting, not after
+        (["generate", "x", "-o", "README.md"], 2),  # a file, not a folder: before the job runs
     ],
 )
 def test_cli_errors_are_one_line(stack: Stack, args: list[str], code: int) -> None:
