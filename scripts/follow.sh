@@ -5,9 +5,8 @@ set -euo pipefail
 prompt=${1:?usage: follow.sh PROMPT [EXTRA_JSON e.g. '"seed":7']}
 extra=${2:-}
 url=${IMAGEGEN_URL:-http://127.0.0.1:8000}
-body=$(python3 -c 'import json,sys; d={"prompt": sys.argv[1]}; d.update(json.loads("{"+sys.argv[2]+"}")); print(json.dumps(d))' "$prompt" "$extra")
-id=$(curl -sS --fail-with-body -XPOST "$url/generate" -H 'content-type: application/json' -d "$body" |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+. "$(dirname "$0")/_submit.sh"
+id=$(submit_job "$prompt" "$extra")
 echo "job $id" >&2
 # -N: no buffering, so each event prints as it arrives; the server closes after the last one.
 curl -sS -N -H 'accept: text/event-stream' "$url/jobs/$id/events"

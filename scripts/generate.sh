@@ -6,9 +6,8 @@ prompt=${1:?usage: generate.sh PROMPT OUT.png [EXTRA_JSON e.g. '"seed":7']}
 out=${2:?usage: generate.sh PROMPT OUT.png [EXTRA_JSON]}
 extra=${3:-}
 url=${IMAGEGEN_URL:-http://127.0.0.1:8000}
-body=$(python3 -c 'import json,sys; d={"prompt": sys.argv[1]}; d.update(json.loads("{"+sys.argv[2]+"}")); print(json.dumps(d))' "$prompt" "$extra")
-job=$(curl -sS --fail-with-body -XPOST "$url/generate" -H 'content-type: application/json' -d "$body")
-id=$(printf '%s' "$job" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+. "$(dirname "$0")/_submit.sh"
+id=$(submit_job "$prompt" "$extra")
 echo "job $id queued" >&2
 for _ in $(seq 600); do
   state=$(curl -sS "$url/jobs/$id")

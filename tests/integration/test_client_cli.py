@@ -310,3 +310,24 @@ def test_cli_errors_are_one_line(stack: Stack, args: list[str], code: int) -> No
     assert r.returncode == code and r.stdout == "", (r.returncode, r.stderr)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("imagegen"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "url", "code", "says"),
+    [
+        ("generate.sh", ["x", "never.png", '"seed":-1'], None, 1, "HTTP 422"),
+        ("follow.sh", ["x", '"width":33'], None, 1, "HTTP 422"),
+        ("generate.sh", ["x", "never.png", '"seed":'], None, 2, "not JSON"),
+        ("follow.sh", ["x"], "http://127.0.0.1:9", 1, "cannot reach"),
+    ],
+)
+def test_curl_scripts_show_the_servers_refusal(
+    stack: Stack, tmp_path: Path, script: str, args: list[str], url: str | None, code: int, says: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    env["IMAGEGEN_URL"] = url or stack.base_url
+    r = subprocess.run(
+        [str(ROOT / "scripts" / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == code and says in r.stderr, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and r.stdout == ""
