@@ -116,7 +116,7 @@ async def _read_json(request: Request, image_field: str) -> Upload:
         declared = match["type"]
         encoded = encoded[match.end() :]
     try:
-        data = base64.b64decode(encoded, validate=True)
+        data = base64.b64decode("".join(encoded.split()), validate=True)  # line breaks as `base64` wraps them
     except (binascii.Error, ValueError):
         raise _invalid(image_field, "not valid base64") from None
     return Upload(data, declared, body)

@@ -92,8 +92,8 @@ def normalize_image(
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB pixels; transparent areas become white rather than whatever colour they hide."""
-    if image.mode == "P":
-        image = image.convert("RGBA")
+    if image.mode == "P" or (image.mode in ("1", "L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA")  # a palette, or one colour marked transparent (PNG's tRNS)
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

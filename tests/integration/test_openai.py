@@ -101,6 +101,8 @@ def test_error_shapes_on_v1_and_elsewhere(stack: Stack) -> None:
         assert r.status_code == 400 and r.json()["error"]["message"] == "The request has no JSON body."
         r = http.post("/v1/images/generations", content=b" " * (1 << 20), headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        r = http.post("/v1/images/variations", content=b"hello", headers={"content-type": "text/plain"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
         r = http.get("/v1/images/generations")
         assert r.status_code == 405 and r.headers["allow"] == "POST", r.text
         assert r.json()["error"]["code"] == "method_not_allowed"

@@ -96,8 +96,10 @@ def test_json_base64_and_data_urls_match_the_multipart_result(vstack: Stack) -> 
         b = vstack.wait(http, http.post("/variations", json=body | {"image": encoded}).json()["id"])
         url = "data:image/png;base64," + encoded
         c = vstack.wait(http, http.post("/variations", json=body | {"image": url}).json()["id"])
-        blobs = [http.get(j["images"][0]["url"]).content for j in (a, b, c)]
-        assert blobs[0] == blobs[1] == blobs[2]  # same re-encoded input, seed and parameters
+        wrapped = base64.encodebytes(SOURCE).decode()  # lines of 76 characters, as `base64` prints them
+        d = vstack.wait(http, http.post("/variations", json=body | {"image": wrapped}).json()["id"])
+        blobs = [http.get(j["images"][0]["url"]).content for j in (a, b, c, d)]
+        assert blobs[0] == blobs[1] == blobs[2] == blobs[3]  # same re-encoded input, seed and parameters
         # img2img ran half the steps, yet progress ends at the requested total.
         assert a["progress"] == {"step": 4, "total": 4}
         stronger = vstack.wait(http, upload(http, seed="3", strength="1.0").json()["id"])
@@ -227,6 +229,7 @@ def test_openai_sdk_create_variation(vstack: Stack) -> None:
     with pytest.raises(openai.APIStatusError) as info:
         client.images.create_variation(image=("in.png", b"not an image", "image/png"))
     assert info.value.status_code == 415 and info.value.body["param"] == "image"  # type: ignore[index]
+    assert info.value.body["code"] == "unsupported_media_type"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.create_variation(image=("in.png", SOURCE, "image/png"), size="33x32")
     assert bad.value.body["param"] == "size"  # type: ignore[index]

@@ -58,6 +58,16 @@ def test_metadata_is_dropped_and_transparency_becomes_white() -> None:
     assert "secret" not in out.info and out.getpixel((0, 0)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize(("mode", "key"), [("RGB", (0, 0, 255)), ("L", 29)])
+def test_a_colour_marked_transparent_becomes_white(mode: str, key: object) -> None:
+    # PNG's tRNS chunk on RGB or grey images: one colour is transparent (it kept its colour before).
+    source = Image.new(mode, (6, 6), key)  # type: ignore[arg-type]
+    source.putpixel((0, 0), (200, 40, 20) if mode == "RGB" else 200)
+    out = decode(normalize_image(encode(source, "PNG", transparency=key)))
+    assert out.getpixel((3, 3)) == (255, 255, 255)
+    assert out.getpixel((0, 0)) == ((200, 40, 20) if mode == "RGB" else (200, 200, 200))
+
+
 def test_palette_grey_and_16_bit_inputs_are_converted() -> None:
     for image in (Image.new("P", (4, 4)), Image.new("L", (4, 4), 9), Image.new("I;16", (4, 4), 4000)):
         out = decode(normalize_image(encode(image, "PNG")))

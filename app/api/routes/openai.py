@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from app.api.bodies import validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
-from app.api.errors import STATUS, client_gone
+from app.api.errors import HTTP_CODES, STATUS, client_gone
 from app.api.openai_schemas import (
     ImageDatum,
     ImagesGenerationRequest,
@@ -130,7 +130,8 @@ class OpenAIRoute(APIRoute):
             except StarletteHTTPException as exc:  # FastAPI's own, e.g. a body it could not read
                 if isinstance(exc.__cause__, ClientDisconnect):
                     return client_gone(request)
-                return OpenAIError(exc.status_code, str(exc.detail), code="invalid_request").response()
+                code = HTTP_CODES.get(exc.status_code, "invalid_request")
+                return OpenAIError(exc.status_code, str(exc.detail), code=code).response()
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
                 message = "the job store (Redis) is unreachable; retry shortly"

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from app.api.bodies import validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
+from app.api.errors import HTTP_CODES
 from app.api.openai_schemas import ImagesResponse
 from app.api.routes.openai import OPENAI_ERRORS, OpenAIError, OpenAIRoute, answer_with_images, check_model_and_size
 from app.api.routes.variations import store_input
@@ -100,7 +101,8 @@ async def create_variations(
         fields = _fields(upload.fields)
         png = await normalized_png(upload, fit=max(settings.max_width, settings.max_height))
     except HTTPException as exc:  # OpenAIRoute maps only our own errors
-        raise OpenAIError(exc.status_code, str(exc.detail), param="image") from None
+        code = HTTP_CODES.get(exc.status_code, "invalid_request")  # e.g. unsupported_media_type
+        raise OpenAIError(exc.status_code, str(exc.detail), param="image", code=code) from None
     except errors.ImagegenError as exc:
         status = 413 if isinstance(exc, errors.PayloadTooLargeError) else 400
         raise OpenAIError(status, exc.message, param="image", code=exc.code) from None
