@@ -88,16 +88,17 @@ def main() -> int:
     stopping = False
     try:
         while True:
-            worker = new_worker()
+            worker = None
             try:
                 wait_for_redis(connection, log)
+                worker = new_worker()  # RQ names its connection here: Redis must answer
                 connection.hset(MODELS_KEY, runtime.info.name, runtime.info.model_dump_json())
                 worker.work(with_scheduler=False, logging_level=settings.log_level)
             except RedisError as exc:
                 log.warning("lost Redis (%s); reconnecting", exc)
             except StopRequested:
                 pass
-            stopping = worker._shutdown_requested_date is not None
+            stopping = worker is not None and worker._shutdown_requested_date is not None
             if stopping:
                 break
             log.warning("worker loop ended without a stop request; restarting it")

@@ -167,7 +167,11 @@ class BatchingWorker(ImagegenWorker):
         # 1. Registry maintenance, as RQ's loop does between jobs: a busy session must still
         #    recover the jobs of dead workers.
         if self.should_run_maintenance_tasks:
-            self.run_maintenance_tasks()
+            try:
+                self.run_maintenance_tasks()
+            except RedisError:  # as for the reads below: keep sampling, maintain once Redis is back
+                self.last_cleaned_at = utcnow()  # type: ignore[assignment]  # retry after the interval, not every step
+                log.warning("registry maintenance skipped (Redis unavailable)")
         # 2. Hand everything back past the shutdown grace.
         if ctx.should_requeue():
             for slot in list(self.slots):
@@ -417,8 +421,9 @@ class BatchingWorker(ImagegenWorker):
                 log.info("job %s: canceled at step %d/%d", job.id, slot.reported, slot.steps)
                 error = tasks._fail(job, ErrorCode.canceled, str(canceled), canceled_at_step=slot.reported)
                 self._end_failed(slot, error)
-            elif job.timeout and job.started_at and (now - job.started_at).total_seconds() > job.timeout:
-                self._end_failed(slot, tasks._fail(job, ErrorCode.timeout, f"job ran past its {job.timeout} s limit"))
+            elif (limit := job.timeout or 0) > 0 and job.started_at and (now - job.started_at).total_seconds() > limit:
+                # RQ's -1 means no limit.
+                self._end_failed(slot, tasks._fail(job, ErrorCode.timeout, f"job ran past its {limit} s limit"))
 
     def _report_progress(self, ctx: tasks.WorkerContext) -> None:
         """Progress for every job, at most 10 per second each, the last step always. Written by the

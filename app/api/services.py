@@ -81,6 +81,24 @@ def _stream_order(ident: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def _job_params(job: Job) -> dict[str, Any]:
+    """A job's parameters, resolved by its worker or as submitted; {} for anything else (a job
+    planted by another producer may carry any JSON there)."""
+    kwargs = job.kwargs if isinstance(job.kwargs, dict) else {}
+    for params in ((job.meta or {}).get("params"), kwargs.get("params")):
+        if isinstance(params, dict) and params:
+            return params
+    return {}
+
+
+def _int(value: Any) -> int:
+    """A parameter as an int for estimates; 0 when it is missing or not a number."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _idempotency_key(key: str, owner: str | None) -> str:
     # Scoped per API key: one client's key can never return another client's job.
     return IDEMPOTENCY_PREFIX + hashlib.sha256(f"{owner}:{key}".encode()).hexdigest()
@@ -614,8 +632,8 @@ class JobService:
     def view(self, job: Job, image_url: ImageUrl) -> JobView:
         meta = job.meta or {}
         status = status_from_rq(job.get_status(refresh=False), meta)
-        params: dict[str, Any] = meta.get("params") or (job.kwargs or {}).get("params") or {}
-        total = int(params.get("num_inference_steps") or 0)
+        params = _job_params(job)
+        total = _int(params.get("num_inference_steps"))
         progress = meta.get("progress") or {"step": 0, "total": total}
         images: list[ImageRef] = []
         error = None
@@ -683,20 +701,20 @@ class JobService:
         """Seconds of sampling for `steps_left` steps of a job, from measured per-step times."""
         if not times:
             return None
-        w, h = int(params.get("width") or 0), int(params.get("height") or 0)
+        w, h = _int(params.get("width")), _int(params.get("height"))
         per_step = times.get(f"{w}x{h}")
         if per_step is None:  # scale the nearest measured size by pixel count
             size, value = min(times.items(), key=lambda kv: abs(_pixels(kv[0]) - w * h))
             per_step = value * (w * h) / max(1, _pixels(size))
-        return per_step * steps_left * int(params.get("num_images") or 1)
+        return per_step * steps_left * (_int(params.get("num_images")) or 1)
 
     def _remaining(self, params: dict[str, Any], step: int) -> float | None:
-        total = int(params.get("num_inference_steps") or 0)
+        total = _int(params.get("num_inference_steps"))
         return self._work(params, max(0, total - step), self._steptimes())
 
     def _eta_queued(self, job: Job, params: dict[str, Any], position: int | None) -> float | None:
         times = self._steptimes()
-        own = self._work(params, int(params.get("num_inference_steps") or 0), times)
+        own = self._work(params, _int(params.get("num_inference_steps")), times)
         if own is None or position is None:
             return None
         ahead_ids: list[str] = []
@@ -715,9 +733,9 @@ class JobService:
             if other is None:
                 continue
             meta = other.meta or {}
-            p = meta.get("params") or (other.kwargs or {}).get("params") or {}
+            p = _job_params(other)
             step = (meta.get("progress") or {}).get("step", 0)
-            total += self._work(p, int(p.get("num_inference_steps") or 0) - step, times) or 0.0
+            total += self._work(p, _int(p.get("num_inference_steps")) - step, times) or 0.0
             seen += 1
         if position > seen and seen:  # more waiting than we read: extrapolate their average
             total += (total - own) / seen * (position - seen)

@@ -35,6 +35,11 @@ def test_readyz_follows_worker_and_redis(tmp_path) -> None:
             wait_for(lambda: http.get("/readyz").status_code == 200, 20, "ready again")
             wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] == "succeeded", 60, "queued job done")
 
+            # Redis dies while the worker samples a job, and stays away a few seconds: the worker's
+            # loop drops, then waits for Redis instead of exiting (it died building its next loop).
+            slow = {"prompt": "running when redis dies", "num_inference_steps": 150, "width": 64, "height": 64}
+            running = http.post("/generate", json=slow).json()
+            wait_for(lambda: http.get(f"/jobs/{running['id']}").json()["status"] == "running", 30, "the slow job runs")
             # Redis dies: 503 with Retry-After, never a 500 or a hang.
             server.proc.stop(signal.SIGKILL)
             started = time.monotonic()
@@ -45,11 +50,15 @@ def test_readyz_follows_worker_and_redis(tmp_path) -> None:
             r = http.post("/generate", json={"prompt": "while redis is down"})
             assert r.status_code == 503 and r.headers["retry-after"]
             assert time.monotonic() - started < 30
+            time.sleep(3)
 
             # Redis comes back (same data dir, AOF): the API recovers by itself and the job is still there.
             server.restart()
             wait_for(lambda: http.get(f"/jobs/{job['id']}").status_code == 200, 30, "API reconnects")
             assert http.get(f"/jobs/{job['id']}").json()["status"] == "succeeded"
+            wait_for(lambda: http.get("/readyz").status_code == 200, 30, "the worker serves again")
+            assert worker.alive(), worker.output()[-2000:]
+            http.delete(f"/jobs/{running['id']}")
 
             # Redis loses its data (restarted without persistence, flushed): the live worker lists
             # itself and its model again at its next maintenance, and serves on.

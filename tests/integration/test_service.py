@@ -108,6 +108,12 @@ def test_failed_job_has_a_readable_error_and_worker_keeps_serving(stack: Stack) 
         assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_succeeded"
         ok = stack.wait(http, stack.submit(http, prompt="after the failure", **FAST)["id"])
         assert ok["status"] == "succeeded"
+        # Parameters that are not an object at all: the worker fails the job, and the API still
+        # answers for it (and for the jobs queued behind it, whose ETA reads it) instead of a 500.
+        odd = queue.enqueue(TASK_GENERATE, kwargs={"params": "hello"}, job_id=str(uuid.uuid4()))
+        assert http.get(f"/jobs/{odd.id}").status_code == 200
+        job = stack.wait(http, odd.id)
+        assert job["status"] == "failed" and job["error"]["code"] == "invalid_params"
 
 
 def test_error_paths(stack: Stack) -> None:

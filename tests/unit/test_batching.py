@@ -522,3 +522,14 @@ def test_progress_is_written_off_the_sampling_thread_and_before_each_end(env, re
     assert kinds(redis_db, drop.id) == ["started"] + ["progress"] * 4 + ["canceled"]
     drop.refresh()
     assert drop.meta["error"]["code"] == "canceled" and drop.meta["progress"] == {"step": 4, "total": 5}, drop.meta
+
+
+def test_rqs_no_limit_timeout_is_no_limit(env, redis_db) -> None:
+    engine, store, queue, _, make = env
+    # RQ's -1 means "no limit"; the batch read it as a limit already passed.
+    unlimited = queue.enqueue(
+        TASK_GENERATE, kwargs={"params": {"prompt": "no limit", "num_inference_steps": 3}}, job_timeout=-1
+    )
+    make().work(burst=True)
+    unlimited.refresh()
+    assert unlimited.get_status() == "finished", unlimited.meta.get("error")
