@@ -4,6 +4,7 @@ implementation. Owns torch; the API never imports this module.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -172,7 +173,7 @@ class DiffusersRuntime:
         self.pipe.scheduler = scheduler
         decoder = getattr(self.pipe, "decoder_pipe", None)
         if decoder is not None:
-            decoder.scheduler = scheduler
+            decoder.scheduler = _taking_generator(scheduler)
         return scheduler
 
     def _family_kwargs(self, on_step: StepCallback, steps: int) -> dict[str, Any]:
@@ -189,6 +190,20 @@ class DiffusersRuntime:
             "prior_guidance_scale": float(self.options.get("prior_guidance_scale", 4.0)),
             "prior_callback_on_step_end": prior_callback,
         }
+
+
+def _taking_generator(scheduler: Any) -> Any:
+    """The scheduler, made to accept (and ignore) `generator` in `step` when it has no use for it:
+    Kandinsky's decoder passes one to every sampler, and PNDM's and UniPC's `step` refuse it."""
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        return scheduler
+    step = type(scheduler).step
+
+    def step_without_generator(*args: Any, generator: Any = None, **kwargs: Any) -> Any:
+        return step(scheduler, *args, **kwargs)
+
+    scheduler.step = step_without_generator  # this instance only: the runtime keeps one per sampler
+    return scheduler
 
 
 def check_size(info: ModelInfo, params: GenerationParams) -> None:
