@@ -34,7 +34,6 @@ def main() -> int:
     from redis.exceptions import RedisError
     from rq.exceptions import StopRequested
 
-    from app.core.jobs import MODELS_KEY
     from app.core.queue import SERIALIZER, connect, get_queues
     from app.core.storage import LocalImageStore, make_store
     from worker import tasks
@@ -92,7 +91,6 @@ def main() -> int:
             try:
                 wait_for_redis(connection, log)
                 worker = new_worker()  # RQ names its connection here: Redis must answer
-                connection.hset(MODELS_KEY, runtime.info.name, runtime.info.model_dump_json())
                 worker.work(with_scheduler=False, logging_level=settings.log_level)
             except RedisError as exc:
                 log.warning("lost Redis (%s); reconnecting", exc)

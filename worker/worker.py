@@ -120,7 +120,7 @@ class ImagegenWorker(SimpleWorker):
         self.heartbeat_interval = heartbeat_interval
         self.events = events
         self.shutdown_grace = shutdown_grace
-        self.model_info = model_info  # what it publishes in MODELS_KEY (see `_register_again_if_lost`)
+        self.model_info = model_info  # what it publishes in MODELS_KEY (see `publish_model`)
         # Set `shutdown_grace` seconds after a warm shutdown began with a job still running; the
         # task checks it at every step and hands the job back to the queue.
         self.requeue_requested = threading.Event()
@@ -130,11 +130,19 @@ class ImagegenWorker(SimpleWorker):
         super().run_maintenance_tasks()
         self._register_again_if_lost()
 
+    def register_birth(self) -> None:
+        super().register_birth()
+        self.publish_model()
+
+    def publish_model(self) -> None:
+        """Put this worker's model in MODELS_KEY, where the API reads its defaults and routing."""
+        if self.model_info is not None:
+            self.connection.hset(MODELS_KEY, self.model_info.name, self.model_info.model_dump_json())
+
     def _register_again_if_lost(self) -> None:
         """Redis lost its data while this worker lived (restarted without persistence, flushed):
         RQ's heartbeats only refresh the worker's own key, so it would go on serving unlisted, and
-        `/readyz`, `GET /models` and model routing would not see it. Write its registration and
-        its model again."""
+        `/readyz`, `GET /models` and model routing would not see it. Register it and its model again."""
         queue_key = worker_registration.WORKERS_BY_QUEUE_KEY % self.queues[0].name
         try:
             with self.connection.pipeline(transaction=False) as pipe:
@@ -144,13 +152,8 @@ class ImagegenWorker(SimpleWorker):
             if registered and (listed or self.model_info is None):
                 return
             log.warning("this worker's registration is gone from Redis (data lost?); registering again")
-            with self.connection.pipeline() as pipe:
-                pipe.hset(self.key, mapping=self.serialize())
-                worker_registration.register(self, pipe)
-                pipe.expire(self.key, self.worker_ttl + 60)
-                if self.model_info is not None:
-                    pipe.hset(MODELS_KEY, self.model_info.name, self.model_info.model_dump_json())
-                pipe.execute()
+            self.connection.delete(self.key)  # a heartbeat since may have left a bare hash RQ takes for a live twin
+            self.register_birth()
         except RedisError:
             log.warning("could not check this worker's registration (Redis unavailable)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import logging
@@ -10,7 +11,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -445,7 +446,27 @@ class JobService:
             time.sleep(0.01)
         raise UnavailableError("the original request with this Idempotency-Key is still being processed", retry_after=1)
 
-    def release_idempotency_key(self, key: str, body_hash: str, job_id: str, owner: str | None = None) -> None:
+    @contextlib.asynccontextmanager
+    async def idempotent(
+        self, key: str | None, body_hash: Callable[[], str], owner: str | None = None
+    ) -> AsyncIterator[tuple[str | None, Job | None]]:
+        """Around the code that writes a request's job: claim its Idempotency-Key (when it has one)
+        and yield (the job id to submit under, the job an earlier identical request made), both
+        None without a key. If that code fails before the job exists (a 4xx, a full queue), the
+        key is freed so that a retry is answered anew."""
+        if key is None:
+            yield None, None
+            return
+        digest = body_hash()
+        job_id, existing = await asyncio.to_thread(self.claim_idempotency_key, key, digest, owner)
+        try:
+            yield job_id, existing
+        except Exception:
+            if existing is None:
+                await asyncio.to_thread(self._release_idempotency_key, key, digest, job_id, owner)
+            raise
+
+    def _release_idempotency_key(self, key: str, body_hash: str, job_id: str, owner: str | None) -> None:
         """Undo `claim_idempotency_key` for a request that failed before writing job `job_id`."""
         try:
             keys = (_idempotency_key(key, owner), Job.key_for(job_id))

@@ -83,19 +83,14 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
         except WebhookTargetError as exc:
             raise InvalidRequestError(f"webhook: {exc}", code="validation_error") from None
         webhook = {"url": body.webhook, "events": [e.value for e in body.webhook_events]}
-    job_id, existing = None, None
-    if idempotency_key is not None:
-        body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-        job_id, existing = await run_in_threadpool(
-            jobs.claim_idempotency_key, idempotency_key, body_hash, principal.owner
-        )
     wait = prefer_wait(prefer)
-    if existing is not None:
-        if wait:
-            return await finished_response(jobs, existing.id, wait, request, status.HTTP_200_OK)
-        view = await run_in_threadpool(jobs.view, existing, image_url(request))
-        return job_response(view, status.HTTP_200_OK)
-    try:
+    body_hash = lambda: hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # noqa: E731
+    async with jobs.idempotent(idempotency_key, body_hash, principal.owner) as (job_id, existing):
+        if existing is not None:
+            if wait:
+                return await finished_response(jobs, existing.id, wait, request, status.HTTP_200_OK)
+            view = await run_in_threadpool(jobs.view, existing, image_url(request))
+            return job_response(view, status.HTTP_200_OK)
         if is_limited(principal, settings.rate_limit_images):  # else no Redis to ask, so no thread hop
             await run_in_threadpool(charge, redis, principal, "images", body.num_images, settings.rate_limit_images)
         job = await jobs.submit_async(
@@ -106,10 +101,6 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
             owner=principal.owner,
             model=body.model,
         )
-    except Exception:
-        if job_id is not None and idempotency_key is not None:  # a retry with this key is answered anew
-            await run_in_threadpool(jobs.release_idempotency_key, idempotency_key, body_hash, job_id, principal.owner)
-        raise
     if wait:
         return await finished_response(jobs, job.id, wait, request)
     return job_response(jobs.view_placed(job), status.HTTP_202_ACCEPTED)  # no Redis reads for a job just placed

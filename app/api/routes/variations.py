@@ -136,18 +136,17 @@ async def create_variations(
     png = await normalized_png(upload, fit=max(settings.max_width, settings.max_height))
     params = fields.variation_params()
     webhook = await run_in_threadpool(_webhook, fields, settings)
-    job_id, existing = None, None
-    if idempotency_key is not None:
+
+    def body_hash() -> str:
         digest = hashlib.sha256(png)
         digest.update(fields.model_dump_json().encode())
-        job_id, existing = await run_in_threadpool(
-            jobs.claim_idempotency_key, idempotency_key, digest.hexdigest(), principal.owner
-        )
-    if existing is not None:
-        response.status_code = status.HTTP_200_OK
-        response.headers["Location"] = f"/jobs/{existing.id}"
-        return await run_in_threadpool(jobs.view, existing, image_url(request))
-    try:
+        return digest.hexdigest()
+
+    async with jobs.idempotent(idempotency_key, body_hash, principal.owner) as (job_id, existing):
+        if existing is not None:
+            response.status_code = status.HTTP_200_OK
+            response.headers["Location"] = f"/jobs/{existing.id}"
+            return await run_in_threadpool(jobs.view, existing, image_url(request))
         await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
         placed = await run_in_threadpool(
             lambda: jobs.submit(
@@ -161,11 +160,5 @@ async def create_variations(
                 before=store_input(png, jobs.event_ttl),
             )
         )
-    except Exception:
-        if job_id is not None and idempotency_key is not None:  # a retry with this key is answered anew
-            await run_in_threadpool(
-                jobs.release_idempotency_key, idempotency_key, digest.hexdigest(), job_id, principal.owner
-            )
-        raise
     response.headers["Location"] = f"/jobs/{placed.id}"
     return jobs.view_placed(placed)  # no Redis reads for a job just placed
