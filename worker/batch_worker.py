@@ -87,6 +87,8 @@ class Slot:
     params: GenerationParams
     request: Request
     steps: int  # the step count clients see (num_inference_steps)
+    load_s: float  # from taking the job to the start of its sampling (registration, parameters)
+    began: float  # `time.perf_counter()` when its sampling began (text encoding, noise)
     last_write: float = 0.0
     reported: int = 0
 
@@ -237,7 +239,8 @@ class BatchingWorker(ImagegenWorker):
                     self._end_failed(slot, _sampling_failure(slot.job, exc))
                     continue
             self._remove(slot)
-            self._recording = self._finisher.submit(self._finish, slot, ctx, images)
+            sampling_s = time.perf_counter() - slot.began
+            self._recording = self._finisher.submit(self._finish, slot, ctx, images, sampling_s)
 
     def _linger(self) -> None:
         """The batch emptied while the finisher still records its last jobs, whose clients may
@@ -331,6 +334,7 @@ class BatchingWorker(ImagegenWorker):
         announce their start, all in one transaction for every job taken together; then start
         sampling them. A job whose cancel flag is already set is registered and ends as canceled."""
         ctx = _context()
+        taken_at = time.perf_counter()
         ready: list[tuple[Job, Queue, GenerationParams]] = []
         for job, queue in taken:
             reason = self.refusal_reason(job)
@@ -378,6 +382,7 @@ class BatchingWorker(ImagegenWorker):
                 if replies[reply]:
                     raise tasks._fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)
                 self._announce(job, event)
+                began = time.perf_counter()
                 try:
                     request = self.engine.start(params)
                 except Exception as exc:
@@ -387,7 +392,7 @@ class BatchingWorker(ImagegenWorker):
                 continue
             steps = params.num_inference_steps or request.total
             with self._lock:
-                self.slots.append(Slot(job, queue, execution, params, request, steps))
+                self.slots.append(Slot(job, queue, execution, params, request, steps, began - taken_at, began))
 
     def _step(self, slots: list[Slot]) -> None:
         """One batched step; if it fails, retry each job alone so only the culprit fails."""
@@ -419,6 +424,7 @@ class BatchingWorker(ImagegenWorker):
             if flag:
                 canceled = tasks.CanceledError(slot.reported, slot.steps)
                 log.info("job %s: canceled at step %d/%d", job.id, slot.reported, slot.steps)
+                job.meta["progress"] = {"step": slot.reported, "total": slot.steps}  # the last write may be older
                 error = tasks._fail(job, ErrorCode.canceled, str(canceled), canceled_at_step=slot.reported)
                 self._end_failed(slot, error)
             elif (limit := job.timeout or 0) > 0 and job.started_at and (now - job.started_at).total_seconds() > limit:
@@ -470,12 +476,16 @@ class BatchingWorker(ImagegenWorker):
         if self.events is not None:
             self.events.deliver(job, event)
 
-    def _finish(self, slot: Slot, ctx: tasks.WorkerContext, images: list[Image]) -> None:
-        """Store a finished job's images, then record its success with RQ (on the finisher thread)."""
+    def _finish(self, slot: Slot, ctx: tasks.WorkerContext, images: list[Image], sampling_s: float) -> None:
+        """Store a finished job's images, then record its success with RQ (on the finisher thread).
+
+        Its timings are wall time, as on the one-job path: sampling from its text encoding to its
+        decoded images (steps shared with other jobs count in full)."""
         job, params = slot.job, slot.params
         assert params.seed is not None
         try:
             try:
+                stored = time.perf_counter()
                 results = []
                 for index, image in enumerate(images):
                     seed = image_seed(params.seed, index)
@@ -485,6 +495,7 @@ class BatchingWorker(ImagegenWorker):
                 log.exception("job %s: storing failed", job.id)
                 self._end_failed(slot, _sampling_failure(job, exc), on_finisher=True)
                 return
+            job.meta["timings"] = tasks.timings(slot.load_s, sampling_s, time.perf_counter() - stored)
             log.info("job %s: %d image(s), %.3fs of batched sampling", job.id, len(results), slot.request.work_s)
             self._finalize_success(job, slot.queue, slot.execution, {"images": results})
             tasks._record_steptime(ctx, params, slot.request.work_s)  # after: the client waits for the outcome

@@ -176,7 +176,7 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
             log.warning("job %s: progress not recorded (Redis unavailable)", job.id)
 
     started = time.perf_counter()
-    load_ms = (started - prepared) * 1000
+    load_s = started - prepared
     try:
         images = _generate_or_split(ctx, job, request, on_step)
     except RequeueError:
@@ -185,6 +185,7 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
         raise
     except CanceledError as exc:
         log.info("job %s: canceled at step %d/%d", job.id, exc.step, exc.total)
+        job.meta["progress"] = {"step": exc.step, "total": exc.total}  # the last write may be older
         raise _fail(job, ErrorCode.canceled, str(exc), canceled_at_step=exc.step) from None
     except JobTimeoutException:
         raise _fail(job, ErrorCode.timeout, f"job ran past its {job.timeout} s limit") from None
@@ -203,15 +204,16 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
         seed = image_seed(request.seed, index)
         ctx.store.put(job.id, index, encode_png(image, request, seed), ttl=ctx.settings.result_ttl)
         results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
-    encode_ms = (time.perf_counter() - started - sampling_s) * 1000
-    job.meta["timings"] = {
-        "load_ms": round(load_ms, 3),
-        "sampling_ms": round(sampling_s * 1000, 3),
-        "encode_ms": round(encode_ms, 3),
-    }
-    job.save_meta()
+    # Saved with the job's success (`ImagegenWorker.handle_job_success`), in RQ's transaction.
+    job.meta["timings"] = timings(load_s, sampling_s, time.perf_counter() - started - sampling_s)
     log.info("job %s: %d image(s) in %.3fs", job.id, len(results), sampling_s)
     return {"images": results}
+
+
+def timings(load_s: float, sampling_s: float, encode_s: float) -> dict[str, float]:
+    """A job's `timings` meta (milliseconds), as `GET /jobs/<id>` shows it."""
+    return {"load_ms": round(load_s * 1000, 3), "sampling_ms": round(sampling_s * 1000, 3),
+            "encode_ms": round(encode_s * 1000, 3)}  # fmt: skip
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -231,7 +231,7 @@ class ImagegenWorker(SimpleWorker):
     # Terminal events go out only after RQ has stored the outcome, so a client that reacts to
     # `succeeded` by downloading the image never races the job's own status. On success they go out
     # with it: RQ writes the outcome in one transaction and calls `cleanup_execution` last before
-    # EXEC, where the event and the job's metrics join that transaction (one round trip, not three).
+    # EXEC, where the event, the job's meta and its metrics join that transaction (one round trip).
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         event = None
         if self.events is not None:
@@ -260,6 +260,8 @@ class ImagegenWorker(SimpleWorker):
             self._write_success(pipeline, job, success)
 
     def _write_success(self, pipe: Any, job: Job, success: _Success) -> None:
+        # RQ's success leaves the job's meta alone; its timings (set by the task or the batch) go here.
+        pipe.hset(job.key, "meta", job._serialize_meta())
         if success.event is not None and self.events is not None:
             events.publish(pipe, success.event, self.events.ttl)
         metrics.record_job(pipe, "succeeded", len((job._result or {}).get("images", [])), _timings(job))

@@ -84,6 +84,7 @@ def test_concurrent_jobs_share_a_batch_and_match_their_solo_runs(batch_stack: St
     for job, params in zip(done, JOBS, strict=True):
         assert job["progress"] == {"step": params["num_inference_steps"], "total": params["num_inference_steps"]}
         assert job["images"][0]["seed"] == params["seed"]
+        assert job["timings"]["sampling_ms"] > 0 and job["timings"]["encode_ms"] > 0
     assert together == alone  # batch invariance, byte for byte
     assert len(set(together)) == len(JOBS)
     # /metrics counted those shared steps: the first 9 held more than 8 jobs each.

@@ -132,6 +132,11 @@ def test_waiting_jobs_share_ticks_and_each_keeps_its_own_lifecycle(env, redis_db
         assert image.getpixel((0, 0)) == (10 * i, 0, 0)
         seen = kinds(redis_db, job.id)
         assert seen[0] == "started" and seen[-1] == "succeeded" and set(seen[1:-1]) == {"progress"}
+        timings = job.meta["timings"]  # as the one-job path records them
+        assert set(timings) == {"load_ms", "sampling_ms", "encode_ms"} and min(timings.values()) >= 0
+        assert timings["sampling_ms"] > 0 and timings["encode_ms"] > 0
+    # ...and the sampling histogram counts every one of them.
+    assert dict(metrics.read_histogram(redis_db, "sampling")[0])["+Inf"] == 4
     assert StartedJobRegistry(queue=queue).get_job_ids() == []
     assert redis_db.llen(queue.intermediate_queue_key) == 0  # each claimed job left it when it started
 
@@ -298,6 +303,8 @@ def test_cancel_of_one_job_leaves_the_others(env, redis_db) -> None:
     drop.refresh()
     keep.refresh()
     assert drop.meta["error"]["code"] == "canceled" and drop.meta["canceled_at_step"] == 3
+    assert drop.meta["progress"] == {"step": 3, "total": 6}  # where it stopped, not its last progress write
+    assert list(events.read(redis_db, drop.id))[-1][1].progress == {"step": 3, "total": 6}
     assert store.get(drop.id, 0) is None
     assert kinds(redis_db, drop.id)[-1] == "canceled"
     assert keep.get_status() == "finished" and store.get(keep.id, 0) is not None
@@ -461,12 +468,12 @@ def test_a_job_queued_while_the_last_ones_are_recorded_starts_in_the_same_sessio
         sessions.append(job.id)
         real_execute(self, job, q)
 
-    def slow_finish(self, slot, ctx, images) -> None:
+    def slow_finish(self, slot, ctx, images, sampling_s) -> None:
         if not late:  # the first result is out: its client sends the next job, as the API queues it
             late.append(enqueue(queue, prompt="late", num_inference_steps=2))
             wake(redis_db, "fake")
         time.sleep(0.2)  # storing and recording take a while
-        real_finish(self, slot, ctx, images)
+        real_finish(self, slot, ctx, images, sampling_s)
 
     monkeypatch.setattr(BatchingWorker, "execute_job", execute_job)
     monkeypatch.setattr(BatchingWorker, "_finish", slow_finish)

@@ -215,6 +215,11 @@ def test_the_cancel_flag_is_read_at_most_every_cancel_interval(env, redis_db, ro
     # While sampling, at most one read per interval: fewer reads than steps.
     assert 1 <= reads <= (timing["end"] - timing["start"]) / tasks.CANCEL_INTERVAL + 1
     assert reads < job.meta["canceled_at_step"]
+    # The job and its last event show the step it stopped at, not the last progress write's.
+    stopped = {"step": job.meta["canceled_at_step"], "total": 60}
+    from app.core import events
+
+    assert job.meta["progress"] == stopped and list(events.read(redis_db, job.id))[-1][1].progress == stopped
 
 
 def test_events_are_written_in_order_and_terminal_last(env, redis_db) -> None:
