@@ -8,8 +8,12 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 from redis.asyncio import Connection as AsyncConnection
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry as AsyncRedisRetry
+from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -23,6 +27,13 @@ SERIALIZER = JSONSerializer
 DESCRIPTIONS = {TASK_GENERATE: "generate", TASK_VARIATIONS: "variations"}
 
 
+# A command on a connection that failed (closed by a Redis restart while it sat in the pool) is
+# sent once more on a new connection; `from_url` alone never retries. Timeouts are not retried,
+# so a hung Redis still fails a request after `timeout`. Resending is safe for what the services
+# send: reads, and writes that are idempotent (the submission script writes a job only once).
+RETRY_ERRORS = (RedisConnectionError,)
+
+
 def connect(url: str, *, timeout: float = 5.0) -> Redis:
     """A Redis client that fails fast (no hanging requests when Redis is down)."""
     return Redis.from_url(
@@ -30,6 +41,7 @@ def connect(url: str, *, timeout: float = 5.0) -> Redis:
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         health_check_interval=30,
+        retry=RedisRetry(NoBackoff(), 1, supported_errors=RETRY_ERRORS),
     )
 
 
@@ -52,6 +64,7 @@ def connect_async(url: str, *, timeout: float = 5.0) -> AsyncRedis:
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         health_check_interval=30,
+        retry=AsyncRedisRetry(NoBackoff(), 1, supported_errors=RETRY_ERRORS),
         connection_class=PackingConnection,
     )
 

@@ -72,3 +72,30 @@ def test_readyz_follows_worker_and_redis(tmp_path) -> None:
         api.stop()
         worker.stop()
         server.proc.stop()
+
+
+def test_no_request_fails_once_a_restarted_redis_is_back(tmp_path) -> None:
+    """A Redis restart leaves the API's pooled connections closed by the server: the first command
+    on each must reconnect and go on, not answer 503 (one per pooled connection, as it did)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = start_redis(tmp_path / "redis")
+    env = service_env(server.url, tmp_path)
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http, ThreadPoolExecutor(16) as pool:
+
+            def burst() -> list[httpx.Response]:  # fills both clients' pools with connections
+                posts = list(pool.map(lambda i: http.post("/generate", json={"prompt": f"p{i}"}), range(48)))
+                assert {r.status_code for r in posts} == {202}, posts[0].text
+                return posts + list(pool.map(lambda r: http.get(f"/jobs/{r.json()['id']}"), posts))
+
+            jobs = burst()
+            server.restart()  # same data directory: the jobs are kept
+            after = burst()
+            codes = [r.status_code for r in after]
+            assert codes.count(200) == 48, [r.text for r in after if r.status_code >= 500][:2]
+            assert all(http.get(f"/jobs/{r.json()['id']}").status_code == 200 for r in jobs[:48])
+    finally:
+        api.stop()
+        server.proc.stop()

@@ -105,6 +105,24 @@ def test_async_submit_reloads_its_script_after_a_flush(redis_db, redis_server: R
     assert redis_db.lrange("rq:queue:imagegen:main:normal", 0, -1) == [j.id.encode() for j in jobs]
 
 
+def test_a_resent_submission_queues_its_job_once(redis_db, redis_server: RedisServer) -> None:
+    """The clients resend a command once when its connection fails (`app.core.queue.connect`); if
+    Redis ran the script before the connection broke, the second call must not queue it again."""
+    service = make_service(redis_db, redis_server)
+    assert service._writes is not None
+    write = service._writes.write
+
+    async def twice(*command: Any) -> Any:
+        await write(*command)  # ran, but its reply was lost with the connection
+        return await write(*command)
+
+    service._writes.write = twice  # type: ignore[method-assign]
+    placed = asyncio.run(submit_async(service, GenerationParams(prompt="once")))
+    assert redis_db.lrange("rq:queue:imagegen:main:normal", 0, -1) == [placed.id.encode()]
+    assert redis_db.xlen(f"imagegen:events:{placed.id}") == 1 and redis_db.xlen("imagegen:wake:main") == 1
+    assert placed.position == 0  # first in line, as the first call answered
+
+
 def test_the_202_placement_counts_higher_priorities_first(redis_db, redis_server: RedisServer) -> None:
     service = make_service(redis_db, redis_server)
     url = lambda i, n: ""  # noqa: E731
