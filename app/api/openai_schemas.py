@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.core.jobs import MAX_SEED, GenerationParams, Scheduler
+from app.core.jobs import MAX_SEED, GenerationParams, Scheduler, not_bool
 
 SIZE_RE = re.compile(r"^\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*$")  # ASCII digits only (\d takes "６")
 
@@ -45,6 +45,10 @@ class ImagesGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, le=150)
     guidance_scale: float | None = Field(None, ge=0, le=30)
     scheduler: Scheduler | None = None
+
+    _numbers_not_bool = field_validator("n", "seed", "num_inference_steps", "guidance_scale", mode="before")(
+        lambda v: not_bool(v)
+    )
 
 
 class ImageDatum(BaseModel):

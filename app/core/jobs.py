@@ -55,6 +55,13 @@ class ErrorCode(enum.StrEnum):
     internal_error = "internal_error"
 
 
+def not_bool(value: Any) -> Any:
+    """Refuse `true`/`false` for a number (pydantic's lax mode, which form fields need, takes them as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
 class GenerationParams(BaseModel):
     """What a client may ask for. Names follow diffusers' pipeline arguments.
 
@@ -73,6 +80,11 @@ class GenerationParams(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=30, description="Classifier-free guidance strength.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; picked by the server if missing.")
     scheduler: Scheduler | None = Field(None, description="Sampler; default: the model's own.")
+
+    @field_validator("num_images", "width", "height", "num_inference_steps", "guidance_scale", "seed", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        return not_bool(v)
 
     @field_validator("width", "height")
     @classmethod

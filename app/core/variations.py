@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from app.core.jobs import GenerationParams
+from app.core.jobs import GenerationParams, not_bool
 
 INPUT_PREFIX = "imagegen:input:"
 
@@ -28,6 +28,8 @@ class VariationParams(GenerationParams):
     strength: float = Field(
         0.75, ge=0.001, le=1, description="img2img only: how much of the input is re-drawn (0.001-1; 1 = all of it)."
     )
+
+    _strength_not_bool = field_validator("strength", mode="before")(lambda v: not_bool(v))
 
     @field_validator("prompt")
     @classmethod

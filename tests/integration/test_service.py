@@ -130,6 +130,8 @@ def test_error_paths(stack: Stack) -> None:
             ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
             ({"prompt": "x", "surprise": 1}, "surprise"),
             ({"prompt": 5}, "prompt"),
+            ({"prompt": "x", "num_images": True}, "num_images"),  # taken as 1 by pydantic's lax mode
+            ({"prompt": "x", "guidance_scale": False}, "guidance_scale"),
         ]:
             r = http.post("/generate", json=body)
             assert r.status_code == 422, (body, r.text)

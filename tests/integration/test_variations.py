@@ -133,6 +133,7 @@ def test_bad_uploads_are_clear_4xx(vstack: Stack) -> None:
         ("json no image", {"json": {"seed": 1}}, 422, "validation_error"),
         ("json bad base64", {"json": {"image": "@@@not base64"}}, 422, "validation_error"),
         ("json array", {"json": [1, 2]}, 422, ""),
+        ("json bool strength", {"json": {"image": base64.b64encode(SOURCE).decode(), "strength": True}}, 422, ""),
         (
             "malformed json",
             {"content": b"{nope", "headers": {"content-type": "application/json"}},
