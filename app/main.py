@@ -38,10 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = connect(settings.redis_url)
         aredis = connect_async(settings.redis_url)
+        watch = connect_async(settings.redis_url, max_connections=settings.max_streams)
         app.state.settings = settings
         app.state.redis = redis
         app.state.store = make_store(settings, redis)
-        app.state.jobs = JobService(settings, redis, aredis)
+        app.state.jobs = JobService(settings, redis, aredis, watch)
         app.state.queue = app.state.jobs.queues[1]
         tune_gc()
         try:
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             redis.close()
             await aredis.aclose()
+            await watch.aclose()
 
     app = FastAPI(title="imagegen", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)

@@ -72,6 +72,7 @@ return 0
 """
 STATE_TTL = 1.0  # seconds `submit` trusts its copy of a model's queue state and defaults
 BLOCK_MS = 2000  # one blocking stream read; below the Redis client's socket timeout
+POLL_MS = 500  # between non-blocking stream reads, once `max_streams` reads block (see `JobService._xread`)
 ETA_LOOKAHEAD = 100  # jobs ahead whose parameters are read for an ETA; the rest are extrapolated
 
 ImageUrl = Callable[[str, int], str]
@@ -195,10 +196,16 @@ class _Writes:
 
 
 class JobService:
-    def __init__(self, settings: Settings, redis: Redis, aredis: AsyncRedis | None = None) -> None:
+    def __init__(
+        self, settings: Settings, redis: Redis, aredis: AsyncRedis | None = None, watch: AsyncRedis | None = None
+    ) -> None:
         self.settings = settings
         self.redis = redis
         self.aredis = aredis
+        # Blocking stream reads (SSE, long-polls) hold a connection each for up to BLOCK_MS: they
+        # get a client of their own, and at most `max_streams` of them block at once (see `_xread`).
+        self.watch = watch or aredis
+        self._blocking = 0
         self._writes = _Writes(aredis) if aredis is not None else None
         self.queues = get_queues(redis, settings.model)
         self._other_queues: dict[str, list[Queue]] = {}
@@ -535,10 +542,27 @@ class JobService:
             status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
             if status is None or status_from_rq(status.decode(), {}).is_terminal():
                 return None
-            result: Any = await self.aredis.xread({key: "0"}, count=1, block=max(1, int(min(remaining, 2.0) * 1000)))
+            result: Any = await self._xread({key: "0"}, 1, max(1, int(min(remaining, 2.0) * 1000)))
             for _, entries in result or []:
                 return events.decode(entries)[0][1]
         return None
+
+    async def _xread(self, streams: dict[Any, Any], count: int, block_ms: int) -> Any:
+        """XREAD that blocks up to `block_ms` on the watch client while fewer than `max_streams`
+        reads block; past that, one read that does not block, on the shared client, and a pause of
+        up to POLL_MS when it found nothing. Followers then see events up to POLL_MS later, and no
+        number of them can take every connection from submissions (or exhaust the pool: a 503)."""
+        assert self.watch is not None and self.aredis is not None
+        if self._blocking < self.settings.max_streams:
+            self._blocking += 1  # one event loop per process: no lock needed
+            try:
+                return await self.watch.xread(streams, count=count, block=block_ms)
+            finally:
+                self._blocking -= 1
+        result = await self.aredis.xread(streams, count=count)
+        if not result:
+            await asyncio.sleep(min(block_ms, POLL_MS) / 1000)
+        return result
 
     async def _ended_by(self, key: str, after: str) -> str | None:
         """The id of the stream's terminal event when it is at or before `after`, else None."""
@@ -557,7 +581,7 @@ class JobService:
         if after != "0" and await self._ended_by(key, after) is not None:
             return  # a client resuming after the last event: there is nothing more to send
         while True:
-            result: Any = await self.aredis.xread({key: after}, count=100, block=BLOCK_MS)
+            result: Any = await self._xread({key: after}, 100, BLOCK_MS)
             if result:
                 for ident, event in events.decode(result[0][1]):
                     after = ident

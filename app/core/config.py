@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="Images a worker denoises together (step-level batching); 1 runs one job at a time."
     )
     max_queue: int = Field(1000, ge=1, description="Waiting jobs per model before POST /generate answers 429.")
+    max_streams: int = Field(
+        256,
+        ge=1,
+        description="Event streams and long-polls one API process follows with blocking Redis reads (one "
+        "connection each); past it, they poll every half second on the shared connections instead.",
+    )
     batch_invariant: bool | None = Field(
         None,
         description="With max_batch > 1: same PNG alone or batched (kernels checked at start; a little slower). "

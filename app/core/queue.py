@@ -6,6 +6,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
+from redis.asyncio import BlockingConnectionPool as AsyncBlockingConnectionPool
 from redis.asyncio import Connection as AsyncConnection
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry as AsyncRedisRetry
@@ -56,17 +57,25 @@ class PackingConnection(AsyncConnection):
         return self._packer.pack(*args)
 
 
-def connect_async(url: str, *, timeout: float = 5.0) -> AsyncRedis:
+def connect_async(url: str, *, timeout: float = 5.0, max_connections: int = 100) -> AsyncRedis:
     """The asyncio twin of `connect`, for async routes (submissions, SSE, long-poll). Over TCP its
-    connections pack commands with hiredis (TLS and Unix sockets keep redis-py's own classes)."""
-    return AsyncRedis.from_url(
+    connections pack commands with hiredis (TLS and Unix sockets keep redis-py's own classes).
+
+    With all `max_connections` in use, a command waits (up to `timeout`) for one to come free;
+    redis-py's default pool fails it at once ("Too many connections"). Blocking stream reads get a
+    client of their own (`JobService`), so they cannot take every connection from submissions."""
+    pool = AsyncBlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         health_check_interval=30,
         retry=AsyncRedisRetry(NoBackoff(), 1, supported_errors=RETRY_ERRORS),
-        connection_class=PackingConnection,
     )
+    if pool.connection_class is AsyncConnection:  # plain TCP (not TLS, not a Unix socket)
+        pool.connection_class = PackingConnection
+    return AsyncRedis(connection_pool=pool)
 
 
 def get_queue(connection: Redis, model: str, priority: Priority = Priority.normal) -> Queue:

@@ -99,3 +99,45 @@ def test_no_request_fails_once_a_restarted_redis_is_back(tmp_path) -> None:
     finally:
         api.stop()
         server.proc.stop()
+
+
+def test_followers_past_max_streams_poll_and_leave_submissions_their_connections(tmp_path) -> None:
+    """Each SSE stream or long-poll blocked in Redis holds a connection. Past IMAGEGEN_MAX_STREAMS
+    they poll instead, so followers never take the connections submissions need (at 100 blocked
+    reads, redis-py's pool refused every further command: POST /generate answered 503)."""
+    import asyncio
+
+    server = start_redis(tmp_path / "redis")
+    env = service_env(server.url, tmp_path, max_streams="4")
+    api, base = start_api(env, tmp_path / "api.log")
+
+    async def scenario() -> tuple[list[str], list[str], list[int], int]:
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=100)) as http:
+            job = (await http.post("/generate", json={"prompt": "followed by many"})).json()
+
+            async def follow() -> str:
+                kinds = []
+                async with http.stream("GET", f"/jobs/{job['id']}/events") as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("event:") and "keepalive" not in line:
+                            kinds.append(line.split(":", 1)[1].strip())
+                return ",".join(kinds)
+
+            async def long_poll() -> str:
+                return (await http.get(f"/jobs/{job['id']}?wait=20")).json()["status"]
+
+            streams = [asyncio.create_task(follow()) for _ in range(24)]
+            polls = [asyncio.create_task(long_poll()) for _ in range(8)]
+            await asyncio.sleep(2)
+            blocked = server.client().info("clients")["blocked_clients"]
+            posts = [(await http.post("/generate", json={"prompt": f"p{i}"})).status_code for i in range(5)]
+            assert (await http.delete(f"/jobs/{job['id']}")).status_code == 200
+            return await asyncio.gather(*streams), await asyncio.gather(*polls), posts, blocked
+
+    try:
+        streams, polls, posts, blocked = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        api.stop()
+        server.proc.stop()
+    assert blocked <= 4 and posts == [202] * 5
+    assert streams == ["queued,canceled"] * 24 and polls == ["canceled"] * 8
