@@ -19,9 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     rm = sub.add_parser("revoke", help="revoke keys by name or digest prefix")
     rm.add_argument("name_or_prefix")
     args = parser.parse_args(argv)
-    redis = connect(Settings().redis_url)
+    settings = Settings()
+    redis = connect(settings.redis_url)
     if args.command == "create":
         print(store_key(redis, args.name))
+        if not settings.auth_enabled:
+            print("note: IMAGEGEN_AUTH is off here: the API checks keys only with it on", file=sys.stderr)
     elif args.command == "list":
         for prefix, meta in list_keys(redis):
             print(f"{prefix}  {meta['name']}  {meta['created']}")

@@ -5,11 +5,14 @@ Settings are read and Redis is connected when the app is created / started, neve
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from redis import Redis
+from redis.exceptions import RedisError
 
 from app import __version__
 from app.api import errors
@@ -20,11 +23,13 @@ from app.api.routes import generate, health, jobs, models, openai, openai_variat
 from app.api.services import JobService
 from app.api.uploads import UploadAwareBodySizeLimit
 from app.core import logs
+from app.core.auth import KEYS_HASH
 from app.core.config import Settings
 from app.core.process import tune_gc
 from app.core.queue import connect, connect_async
 from app.core.storage import make_store
 
+log = logging.getLogger(__name__)
 DESCRIPTION = """Text-to-image over HTTP: a CLIP text encoder conditions a diffusion model that
 denoises random noise into an image. Submit with `POST /generate`, poll `GET /jobs/{id}`, then
 download `GET /jobs/{id}/images/{index}`."""
@@ -44,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = make_store(settings, redis)
         app.state.jobs = JobService(settings, redis, aredis, watch)
         app.state.queue = app.state.jobs.queues[1]
+        _warn_unchecked_keys(settings, redis)
         tune_gc()
         try:
             yield
@@ -88,3 +94,18 @@ def __getattr__(name: str) -> FastAPI:
         globals()["app"] = application
         return application
     raise AttributeError(name)
+
+
+def _warn_unchecked_keys(settings: Settings, redis: Redis) -> None:
+    """Keys stored with `python -m app.keys` protect nothing while auth is off: say so at start."""
+    if settings.auth_enabled:
+        return
+    try:
+        stored = int(redis.hlen(KEYS_HASH))  # type: ignore[arg-type]
+    except RedisError:
+        return  # /readyz reports Redis
+    if stored:
+        log.warning(
+            "%d API key(s) are stored in Redis but IMAGEGEN_AUTH is off: requests are accepted without a key",
+            stored,
+        )

@@ -181,3 +181,21 @@ def test_bad_job_ids_never_reach_redis(stack: Stack) -> None:
     assert any("PING" in c.upper() for c in seen), "the monitor saw nothing: the check would be vacuous"
     # The ids as sent ("..%2F") or decoded ("../"); a Lua script's body may hold its ` .. ` operator.
     assert not [c for c in seen if any(b in c for b in ("..%2F", "../", "rq:job:x", "x" * 300, "imagegen:index"))]
+
+
+def test_stored_keys_with_auth_off_are_pointed_out(redis_server: RedisServer, tmp_path) -> None:
+    """Keys created in Redis protect nothing until auth is on (the compose file could not turn it
+    on): the CLI and the API's start-up both say so, and requests are then accepted without a key."""
+    env = service_env(f"redis://127.0.0.1:{redis_server.port}/7", tmp_path)
+    redis_server.client(7).flushdb()
+    created = subprocess.run(
+        [PYTHON, "-m", "app.keys", "create", "dave"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert created.returncode == 0 and created.stdout.startswith("ig_"), created.stderr
+    assert "IMAGEGEN_AUTH is off" in created.stderr
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        assert httpx.get(base + "/jobs").status_code == 200  # no key needed: auth is off
+        assert "1 API key(s) are stored in Redis but IMAGEGEN_AUTH is off" in api.output()
+    finally:
+        api.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 
@@ -94,3 +95,30 @@ def test_documented_compose_commands_name_registry_models() -> None:
     named = re.findall(r"IMAGEGEN_MODEL=(\S+)\s+docker compose", text)
     assert len(named) >= 4
     assert [m for m in named if m not in REGISTRY] == []
+
+
+def _compose_env(service: str, shell: dict[str, str]) -> dict[str, str]:
+    """A service's environment as compose fills in `${NAME:-default}` from the shell (or `.env`)."""
+
+    def fill(value: object) -> str:
+        return re.sub(
+            r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: shell.get(m[1]) or (m[2] or ""), str(value).split("  #")[0]
+        )
+
+    return {k: fill(v) for k, v in SERVICES[service]["environment"].items()}
+
+
+def test_compose_passes_access_control_to_the_api(monkeypatch) -> None:
+    """Keys made with `docker compose exec api python -m app.keys` are checked only with auth on,
+    which the compose file must be able to pass (it passed no access setting at all)."""
+    keys = {"IMAGEGEN_API_KEYS": "key-one-0123456789,key-two-0123456789"}
+    for shell, auth in [({}, False), (keys, True), ({"IMAGEGEN_AUTH": "true"}, True)]:
+        for service in ("api", "worker", "worker-gpu"):
+            env = _compose_env(service, shell | {"IMAGEGEN_RATE_LIMIT_REQUESTS": "60"})
+            for name in list(os.environ):
+                if name.startswith("IMAGEGEN_"):
+                    monkeypatch.delenv(name)
+            for name, value in env.items():
+                monkeypatch.setenv(name, value)
+            settings = Settings()  # every value compose passes parses, with and without the shell's
+            assert settings.auth_enabled is auth and settings.rate_limit_requests == 60, (service, shell)
