@@ -6,6 +6,7 @@ worker unchecked (no metadata, no animation, no decompression bombs, no truncate
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -13,6 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_INPUT_BYTES = 4 * 1024 * 1024
 MAX_INPUT_SIDE = 4096
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# Decodes at once per process: a small file can hold many pixels (a 2 KB PNG of 4096² pixels
+# needs ~130 MiB to decode and convert), so concurrent uploads must not multiply that.
+_DECODING = threading.BoundedSemaphore(2)
 # Declared types that say nothing about the format; the bytes decide.
 GENERIC_TYPES = {"", "application/octet-stream"}
 
@@ -52,6 +56,11 @@ def normalize_image(
     declared = _base_type(content_type)
     if declared not in GENERIC_TYPES and declared not in FORMATS.values():
         raise InputImageError(415, "unsupported_media_type", f"image: type {declared!r} is not PNG, JPEG or WebP")
+    with _DECODING:
+        return _normalize(data, declared, max_side, fit)
+
+
+def _normalize(data: bytes, declared: str, max_side: int, fit: int | None) -> bytes:
     with warnings.catch_warnings():
         # Pillow only warns between its pixel limit and twice it; treat that as the bomb it may be.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -76,9 +85,11 @@ def normalize_image(
             )
         try:
             image.seek(0)  # the first frame of an animation
+            if fit is not None and fmt == "JPEG":
+                image.draft("RGB", (fit, fit))  # JPEG decodes at 1/2, 1/4 or 1/8 scale, still ≥ `fit`
             image.load()  # decodes everything: truncated or corrupt data fails here
             image = ImageOps.exif_transpose(image) or image
-            rgb = _to_rgb(image)
+            rgb = _to_rgb(image, fit)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InputImageError(422, "invalid_image", "image: too many pixels (decompression bomb)") from None
         except Exception as exc:
@@ -90,15 +101,38 @@ def normalize_image(
     return out.getvalue()
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels; transparent areas become white rather than whatever colour they hide."""
+def _to_rgb(image: Image.Image, fit: int | None = None) -> Image.Image:
+    """RGB pixels; transparent areas become white rather than whatever colour they hide. An image
+    of more than twice `fit` on a side is first shrunk by a whole factor (box averaging), so the
+    copies below hold a fraction of its pixels: a 2 KB palette PNG of 4096² pixels otherwise took
+    about 200 MiB of the API's memory."""
+    factor = max(image.size) // fit if fit is not None else 1  # the result is still ≥ `fit`: thumbnail() ends it
     if image.mode == "P" or (image.mode in ("1", "L", "RGB") and "transparency" in image.info):
-        image = image.convert("RGBA")  # a palette, or one colour marked transparent (PNG's tRNS)
+        image = _rgba(image, factor)  # a palette, or one colour marked transparent (PNG's tRNS)
+    else:
+        if image.mode == "1":
+            image = image.convert("L")
+        if image.mode.startswith("I;16"):
+            image = image.point(lambda v: v / 256).convert("L")  # 16-bit grey has no direct RGB conversion
+        if factor >= 2:
+            image = image.reduce(factor)
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if image.mode.startswith("I;16"):
-        image = image.point(lambda v: v / 256).convert("L")  # 16-bit grey has no direct RGB conversion
     return image.convert("RGB")
+
+
+def _rgba(image: Image.Image, factor: int) -> Image.Image:
+    """`image.convert("RGBA").reduce(factor)`, converted a strip at a time when it shrinks: the
+    whole RGBA copy of a palette image is four times its size."""
+    if factor < 2:
+        return image.convert("RGBA")
+    width, height = image.size
+    out = Image.new("RGBA", (-(-width // factor), -(-height // factor)))
+    rows = factor * 64  # a multiple of the factor: the boxes never straddle two strips
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows))).convert("RGBA").reduce(factor)
+        out.paste(strip, (0, top // factor))
+    return out

@@ -130,3 +130,41 @@ def test_corrupt_data_after_a_valid_header_is_422() -> None:
     data = bytearray(encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG"))
     data[60:80] = b"\x00" * 20  # inside the compressed pixel data
     assert refused(bytes(data)).status == 422
+
+
+MEMORY_CHECK = """
+import io, json, resource
+from concurrent.futures import ThreadPoolExecutor
+from PIL import Image
+from app.core.images import normalize_image
+
+tiny = Image.new("P", (4096, 4096))
+tiny.putpalette([0, 0, 0, 255, 0, 0] * 128)
+tiny.paste(1, (0, 0, 2048, 4096))  # left half red
+buffer = io.BytesIO()
+tiny.save(buffer, "PNG", optimize=True)
+data = buffer.getvalue()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with ThreadPoolExecutor(8) as pool:
+    outs = list(pool.map(lambda _: normalize_image(data, fit=512), range(8)))
+out = Image.open(io.BytesIO(outs[0]))
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+print(json.dumps([len(data), grown, out.size, out.getpixel((10, 10)), out.getpixel((500, 10))]))
+"""
+
+
+def test_small_files_with_many_pixels_decode_in_bounded_memory() -> None:
+    """A ~20 KB palette PNG of 4096² pixels, 8 uploads at once (the API decodes in a thread pool):
+    each took ~200 MiB, all together 1.6 GiB. Now at most two decode at once, shrunk before the
+    colour conversions."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHECK], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    size, grown, shape, left, right = json.loads(done.stdout)
+    assert size < 64_000 and grown < 300, done.stdout  # bytes in; MiB of peak memory growth
+    assert shape == [512, 512] and left == [255, 0, 0] and right == [0, 0, 0]
