@@ -7,14 +7,17 @@ Receivers recompute it over the raw body and reject stale timestamps.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import logging
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 BACKOFF_BASE = 0.5  # seconds; doubles per attempt, capped at BACKOFF_CAP
 BACKOFF_CAP = 30.0
+DEADLINE = 30.0  # seconds one delivery attempt may take in all
 
 
 class WebhookTargetError(ValueError):
@@ -38,8 +42,13 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
 
 
 def _blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # IPv4 addresses carried inside IPv6 ones (mapped, 6to4, NAT64) are judged as themselves.
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return _blocked(embedded)
     return (
         ip.is_loopback
         or ip.is_private
@@ -52,28 +61,108 @@ def _blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
-def check_target(url: str, *, allow_private: bool, resolve: Callable[[str], list[str]] | None = None) -> None:
-    """Refuse non-HTTP(S) URLs and, unless allowed, hosts that resolve to internal addresses."""
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _parts(url: str) -> SplitResult:
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise WebhookTargetError("webhook URLs must not contain spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookTargetError("webhook must be an http(s) URL with a host")
     if parts.username or parts.password:
         raise WebhookTargetError("webhook URLs must not carry credentials")
-    if allow_private:
-        return
+    return parts
+
+
+def _addresses(parts: SplitResult, allow_private: bool, resolve: Callable[[str], list[str]] | None) -> list[str]:
+    assert parts.hostname is not None
     try:
-        addresses = (resolve or _resolve)(parts.hostname)
+        addresses = [a.split("%")[0] for a in (resolve or _resolve)(parts.hostname)]
     except OSError as exc:
         raise WebhookTargetError(f"webhook host {parts.hostname!r} does not resolve") from exc
-    for addr in addresses:
-        if _blocked(ipaddress.ip_address(addr.split("%")[0])):
+    if not addresses:
+        raise WebhookTargetError(f"webhook host {parts.hostname!r} does not resolve")
+    for addr in addresses if not allow_private else ():
+        if _blocked(ipaddress.ip_address(addr)):
             raise WebhookTargetError(
                 f"webhook host {parts.hostname!r} resolves to an internal address ({addr}); refused"
             )
+    return addresses
+
+
+def check_target(url: str, *, allow_private: bool, resolve: Callable[[str], list[str]] | None = None) -> None:
+    """Refuse non-HTTP(S) URLs and, unless allowed, hosts that resolve to internal addresses."""
+    parts = _parts(url)
+    if not allow_private:
+        _addresses(parts, allow_private, resolve)
 
 
 def _resolve(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context per process: loading the CA bundle costs ~40 ms of CPU per client."""
+    return httpx.create_ssl_context()
+
+
+def attempt(
+    url: str,
+    body: bytes,
+    *,
+    secret: str,
+    allow_private: bool,
+    deadline: float = DEADLINE,
+    resolve: Callable[[str], list[str]] | None = None,
+) -> bool | None:
+    """One signed POST of `body`: True when delivered (2xx/3xx), False when it must not be tried
+    again (refused target, a 4xx but 429), None when it may be retried.
+
+    The host is resolved and checked here, then the request goes to the address that was checked
+    (with the URL's `Host` and TLS name): a second lookup by the HTTP client could answer an
+    internal address (DNS rebinding). The whole attempt ends within about `deadline` seconds: a
+    receiver dribbling its answer would otherwise hold it for as long as it likes, since the
+    client's timeout applies to each read."""
+    try:
+        parts = _parts(url)
+        address = _addresses(parts, allow_private, resolve)[0]
+    except WebhookTargetError as exc:
+        log.warning("webhook %r refused: %s", url, exc)
+        return False
+    host = f"[{address}]" if ":" in address else address
+    pinned = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
+    ts = str(int(time.time()))
+    headers = {
+        "host": parts.netloc,
+        "content-type": "application/json",
+        "user-agent": "imagegen-webhook/1",
+        "x-imagegen-timestamp": ts,
+        "x-imagegen-signature": sign(secret, ts, body),
+    }
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    http = httpx.Client(timeout=min(10.0, deadline), follow_redirects=False, verify=_tls())
+    timer = threading.Timer(deadline, http.close)  # closing the client ends its request
+    timer.daemon = True
+    timer.start()
+    try:
+        response = http.post(pinned, content=body, headers=headers, extensions=extensions)
+    except Exception as exc:  # httpx's errors, and whatever a client closed under a request raises
+        log.info("webhook %r failed: %s", url, type(exc).__name__)
+        return None
+    finally:
+        timer.cancel()
+        http.close()
+    if response.status_code in RETRY_STATUSES:
+        log.info("webhook %r failed: HTTP %d", url, response.status_code)
+        return None
+    return response.status_code < 400
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before the next try after `attempts` failed ones."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1))
 
 
 def deliver(
@@ -83,38 +172,16 @@ def deliver(
     secret: str,
     max_attempts: int,
     allow_private: bool,
-    client: httpx.Client | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    resolve: Callable[[str], list[str]] | None = None,
 ) -> bool:
-    """POST `body` until a 2xx/3xx/4xx (but 429) answer or `max_attempts`; True when delivered."""
-    own = client is None
-    http = client or httpx.Client(timeout=10, follow_redirects=False)
-    try:
-        for attempt in range(1, max_attempts + 1):
-            try:
-                check_target(url, allow_private=allow_private)  # again: DNS may have changed since submit
-                ts = str(int(time.time()))
-                headers = {
-                    "content-type": "application/json",
-                    "user-agent": "imagegen-webhook/1",
-                    "x-imagegen-timestamp": ts,
-                    "x-imagegen-signature": sign(secret, ts, body),
-                }
-                response = http.post(url, content=body, headers=headers)
-                if response.status_code not in RETRY_STATUSES:
-                    return response.status_code < 400
-                reason = f"HTTP {response.status_code}"
-            except WebhookTargetError as exc:
-                log.warning("webhook %s refused: %s", url, exc)
-                return False
-            except httpx.HTTPError as exc:
-                reason = type(exc).__name__
-            if attempt < max_attempts:
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
-                log.info("webhook %s failed (%s); retry %d in %.1fs", url, reason, attempt, delay)
-                sleep(delay)
-        log.warning("webhook %s gave up after %d attempts", url, max_attempts)
-        return False
-    finally:
-        if own:
-            http.close()
+    """`attempt` until it delivers, refuses or `max_attempts` were made, with backoff between
+    tries; True when delivered. For a single event (the API's cancel); workers use `WebhookSender`."""
+    for tried in range(1, max_attempts + 1):
+        outcome = attempt(url, body, secret=secret, allow_private=allow_private, resolve=resolve)
+        if outcome is not None:
+            return outcome
+        if tried < max_attempts:
+            sleep(backoff(tried))
+    log.warning("webhook %r gave up after %d attempts", url, max_attempts)
+    return False

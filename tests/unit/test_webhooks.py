@@ -69,3 +69,148 @@ def test_delivery_gives_up_and_never_reaches_refused_targets() -> None:
         assert receiver.attempts == 3  # loopback refused: nothing was sent
     finally:
         receiver.close()
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "2002:a9fe:a9fe::",  # 6to4 of 169.254.169.254
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    ],
+)
+def test_ipv4_addresses_inside_ipv6_ones_are_judged_as_themselves(addr: str) -> None:
+    with pytest.raises(WebhookTargetError):
+        check_target("http://hooks.example/x", allow_private=False, resolve=lambda host: [addr])
+    check_target("http://hooks.example/x", allow_private=False, resolve=lambda host: ["2002:5db8:d70e::"])  # public
+
+
+@pytest.mark.parametrize(
+    "url", ["http://hooks.example/x\nERROR forged", "http://hooks.example/a b", "http://h.example/\x7f"]
+)
+def test_urls_with_spaces_or_control_characters_are_refused(url: str) -> None:
+    with pytest.raises(WebhookTargetError, match="control characters"):
+        check_target(url, allow_private=True)
+
+
+def test_the_request_goes_to_the_address_that_was_checked() -> None:
+    """DNS rebinding: the host is resolved once, checked, and connected to at that address (with
+    its own Host header), so a second lookup cannot lead the request elsewhere. `.invalid` never
+    resolves for the HTTP client itself."""
+    receiver = WebhookReceiver()
+    port = receiver.server.server_port
+    lookups: list[str] = []
+
+    def resolve(host: str) -> list[str]:
+        lookups.append(host)
+        return ["127.0.0.1"]
+
+    try:
+        ok = deliver(f"http://hooks.invalid:{port}/x", b"{}", secret="k", max_attempts=1, allow_private=True,
+                     resolve=resolve)  # fmt: skip
+    finally:
+        receiver.close()
+    assert ok and lookups == ["hooks.invalid"]
+    assert receiver.accepted[0][0]["host"] == f"hooks.invalid:{port}"
+
+
+def test_an_attempt_ends_by_its_deadline_when_the_receiver_dribbles() -> None:
+    """A receiver that sends a header line every 0.2 s never trips the client's per-read timeout;
+    the attempt still ends (closed under it) once its deadline passes."""
+    import socket
+    import threading
+    import time
+
+    from app.core.webhooks import attempt
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def dribble() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        while not stop.wait(0.2):
+            try:
+                conn.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                break
+        conn.close()
+
+    threading.Thread(target=dribble, daemon=True).start()
+    started = time.monotonic()
+    try:
+        outcome = attempt(f"http://127.0.0.1:{server.getsockname()[1]}/x", b"{}", secret="k", allow_private=True,
+                          deadline=1.0)  # fmt: skip
+    finally:
+        stop.set()
+        server.close()
+    assert outcome is None  # may be retried
+    assert time.monotonic() - started < 30  # it ended at all (the dribble goes on for ever)
+
+
+def _sender_settings():
+    from app.core.config import Settings
+
+    return Settings(webhook_secret="k", webhook_allow_private=True, webhook_max_attempts=6)
+
+
+def _event(kind: str, job: str, step: int = 0):
+    from app.core.events import EventType, make_event
+
+    return make_event(EventType(kind), job, "running", progress={"step": step, "total": 9})
+
+
+def test_a_failing_receiver_does_not_hold_up_another() -> None:
+    """Each URL waits out its own retries: one thread for all made every receiver wait until a
+    failing one had been given up on, event by event (about 15 s each here)."""
+    import time
+
+    from worker.events import WebhookSender
+
+    failing, healthy = WebhookReceiver(fail=10_000), WebhookReceiver()
+    sender = WebhookSender(_sender_settings())
+    try:
+        for kind in ("started", "progress", "succeeded"):
+            sender.submit(failing.url, _event(kind, "job-a"))
+        sender.submit(healthy.url, _event("started", "job-b"))
+        deadline = time.monotonic() + 30
+        while not healthy.accepted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert healthy.accepted, "never delivered"
+        assert failing.attempts < 6  # the failing URL's first event is still being retried
+    finally:
+        sender.close(timeout=0)
+        failing.close()
+        healthy.close()
+
+
+def test_a_waiting_progress_event_is_replaced_by_the_jobs_newer_one() -> None:
+    from worker.events import WebhookSender
+
+    sender = WebhookSender(_sender_settings(), threads=0)  # nothing delivers: look at what waits
+    url = "http://hooks.example/x"
+    for kind, job, step in [("started", "a", 0), ("progress", "a", 1), ("progress", "a", 2), ("progress", "b", 1),
+                            ("progress", "a", 3), ("succeeded", "a", 9)]:  # fmt: skip
+        sender.submit(url, _event(kind, job, step))
+    waiting = [json.loads(body) for _, _, body in sender._targets[url].pending]
+    assert [(e["type"], e["job_id"], e["progress"]["step"]) for e in waiting] == [
+        ("started", "a", 0), ("progress", "b", 1), ("progress", "a", 3), ("succeeded", "a", 9)]  # fmt: skip
+    for i in range(200):  # at most MAX_PENDING wait; progress goes first, the terminal events stay
+        sender.submit(url, _event("progress", f"job{i}", 1))
+    kinds = [json.loads(body)["type"] for _, _, body in sender._targets[url].pending]
+    assert len(kinds) == WebhookSender.MAX_PENDING and kinds[:1] == ["started"] and "succeeded" in kinds
+
+
+def test_close_delivers_what_waits_in_order() -> None:
+    from worker.events import WebhookSender
+
+    receiver = WebhookReceiver(fail=1)  # the first try fails: its retry still comes before the rest
+    sender = WebhookSender(_sender_settings())
+    try:
+        for kind, step in [("started", 0), ("progress", 4), ("succeeded", 9)]:
+            sender.submit(receiver.url, _event(kind, "job-a", step))
+        sender.close(timeout=20)
+    finally:
+        receiver.close()
+    assert [json.loads(body)["type"] for _, body in receiver.accepted] == ["started", "progress", "succeeded"]
