@@ -165,6 +165,7 @@ def test_error_paths(stack: Stack) -> None:
         r = http.get(f"/jobs/{slow['id']}/images/0")
         assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
         done = stack.wait(http, slow["id"], timeout=240)
+        assert http.get(f"/jobs/{slow['id']}/images/0").headers["x-content-type-options"] == "nosniff"
         assert http.get(f"/jobs/{slow['id']}/images/1").status_code == 404
         # Not an index: a 404, never a file name (a superscript digit, a name too long for the disk).
         for index in ("x", "\u00b2", "٣", "9" * 300, "-1"):

@@ -17,6 +17,7 @@ from app.core.jobs import JobStatus
 from app.core.webhooks import deliver
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+IMAGE_HEADERS = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
 
 
 @router.get("", response_model=JobList, responses=ERROR_RESPONSES, summary="Recent jobs, newest first")
@@ -160,4 +161,4 @@ def get_image(
         if number is None or number >= len(view.images):
             raise NotFoundError(f"job {job.id} has {len(view.images)} image(s); no index {index[:20]!r}")
         raise GoneError(f"image {index} of job {job.id} has expired")
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    return Response(png, media_type="image/png", headers=IMAGE_HEADERS)
