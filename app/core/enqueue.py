@@ -33,8 +33,11 @@ from app.core.queue import SERIALIZER, enqueue_task
 # ARGV: job id, seen TTL, index score, `queued` event JSON, event TTL, event stream length bound,
 #       wake stream length bound, the hash fields every job of the queue shares (a JSON list of
 #       field/value pairs, packed once per queue), then the job's own field/value pairs
-# A job that exists already is not written again: a call resent after a lost connection (see
-# `app.core.queue.connect`) must not queue the job twice.
+# Listing entries older than the seen marker's TTL name jobs that are gone for certain: each
+# submission drops them from its index (listing drops expired ones too, but only for a caller who
+# lists; an owner who never does kept every entry for ever). A job that exists already is not
+# written again: a call resent after a lost connection (see `app.core.queue.connect`) must not
+# queue the job twice.
 SCRIPT = """
 if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('SADD', KEYS[1], KEYS[2])
@@ -43,6 +46,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('RPUSH', KEYS[2], ARGV[1])
   redis.call('SET', KEYS[4], 1, 'EX', ARGV[2])
   redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[2])))
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', 'data', ARGV[4])
   redis.call('EXPIRE', KEYS[6], ARGV[5])
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[7], '*', 'job', ARGV[1])

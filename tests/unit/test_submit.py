@@ -123,6 +123,18 @@ def test_a_resent_submission_queues_its_job_once(redis_db, redis_server: RedisSe
     assert placed.position == 0  # first in line, as the first call answered
 
 
+def test_a_submission_drops_listing_entries_of_jobs_gone_for_certain(redis_db, redis_server: RedisServer) -> None:
+    """Listing drops expired entries only for an owner who lists; each submission now drops those
+    older than the seen marker's TTL, so an index no one reads stops growing."""
+    import time
+
+    service = make_service(redis_db, redis_server)
+    now = time.time()
+    redis_db.zadd("imagegen:index:k1", {"ancient": now - service._seen_ttl - 60, "recent": now - 3600})
+    placed = asyncio.run(submit_async(service, GenerationParams(prompt="new"), owner="k1"))
+    assert set(redis_db.zrange("imagegen:index:k1", 0, -1)) == {b"recent", placed.id.encode()}
+
+
 def test_the_202_placement_counts_higher_priorities_first(redis_db, redis_server: RedisServer) -> None:
     service = make_service(redis_db, redis_server)
     url = lambda i, n: ""  # noqa: E731
