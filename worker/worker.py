@@ -17,12 +17,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from rq import worker_registration
-from rq.exceptions import DequeueTimeout
+from rq.exceptions import AbandonedJobError, DequeueTimeout
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import call_exception_handlers
 from rq.queue import Queue
 from rq.registry import clean_registries
-from rq.utils import as_text
+from rq.utils import as_text, utcformat
 from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -125,6 +125,9 @@ class ImagegenWorker(SimpleWorker):
         # task checks it at every step and hands the job back to the queue.
         self.requeue_requested = threading.Event()
         self._succeeding: dict[str, _Success] = {}  # jobs whose success RQ is recording
+        # Jobs of dead workers that RQ's registry maintenance fails for good (see `_note_abandoned`).
+        self._lost: list[Job] = []
+        self.push_exc_handler(self._note_abandoned)
 
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
@@ -307,11 +310,40 @@ class ImagegenWorker(SimpleWorker):
                 try:
                     self._recover_orphans(queue)
                     clean_registries(queue, self._exc_handlers)
+                    self._announce_lost()
                     worker_registration.clean_worker_registry(queue)
                     queue.intermediate_queue.cleanup(self, queue)
                 finally:
                     queue.release_maintenance_lock()
         self.last_cleaned_at = utcnow()  # type: ignore[assignment]
+
+    def _note_abandoned(self, job: Job, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
+        """RQ's maintenance calls the exception handlers for every job whose worker died; those
+        without retries left it then fails in its own transaction, which none of our failure code
+        sees: no terminal event (webhooks, SSE), no metrics, no end time. Noted here, announced
+        once RQ has written the failure (`_announce_lost`)."""
+        if exc_type is AbandonedJobError and not (job.retries_left and job.retries_left > 0):
+            self._lost.append(job)
+        return True  # the other handlers run too
+
+    def _announce_lost(self) -> None:
+        lost, self._lost = self._lost, []
+        for job in lost:
+            try:
+                if job.get_status(refresh=True) != JobStatus.FAILED:
+                    continue
+                error = {"code": ErrorCode.worker_lost.value, "message": "the worker running this job was lost"}
+                job.meta["error"] = error
+                job.ended_at = utcnow()
+                with self.connection.pipeline(transaction=False) as pipe:
+                    pipe.hset(job.key, mapping={"meta": job._serialize_meta(), "ended_at": utcformat(job.ended_at)})
+                    metrics.record_job(pipe, JobStatus.FAILED.value, 0, _timings(job))
+                    pipe.execute()
+                log.warning("job %s: failed, its worker was lost (no retries left)", job.id, extra={"job_id": job.id})
+                if self.events is not None:
+                    self.events.emit(job, EventType.failed, "failed", error=error, progress=job.meta.get("progress"))
+            except RedisError:
+                log.warning("job %s: its loss could not be recorded (Redis unavailable)", job.id)
 
     def _recover_orphans(self, queue: Queue) -> None:
         for job_id in queue.started_job_registry.get_expired_job_ids():

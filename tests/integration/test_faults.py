@@ -104,6 +104,15 @@ def test_worker_killed_mid_job_is_rerun_then_fails_as_worker_lost(env) -> None:
         next(p for p in procs if p.pid == victim).stop(signal.SIGKILL)
         done = _wait(http, lost["id"], 90)
         assert done["status"] == "failed" and done["error"]["code"] == "worker_lost", done
+        # ...and says so like every other end: its terminal event, an end time and the metrics
+        # (RQ's maintenance failed it in a transaction of its own, which announced nothing).
+        from app.core import events
+
+        wait_for(lambda: bool(server.client().exists(events.end_key(lost["id"]))), 10, "the failed event")
+        kinds = [e.type.value for _, e in events.read(server.client(), lost["id"])]
+        assert kinds[-1] == "failed" and kinds.count("failed") == 1, kinds
+        assert http.get(f"/jobs/{lost['id']}").json()["finished_at"]
+        assert server.client().hget("imagegen:metrics:jobs", "failed") == b"1"
 
 
 def test_redis_kill9_loses_no_accepted_job(env) -> None:
