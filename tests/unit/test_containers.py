@@ -8,6 +8,7 @@ import shlex
 
 import yaml
 
+from app.api.routes.generate import MAX_WAIT
 from app.core.config import Settings
 from models.registry import REGISTRY
 from tests.procs import ROOT
@@ -122,3 +123,17 @@ def test_compose_passes_access_control_to_the_api(monkeypatch) -> None:
                 monkeypatch.setenv(name, value)
             settings = Settings()  # every value compose passes parses, with and without the shell's
             assert settings.auth_enabled is auth and settings.rate_limit_requests == 60, (service, shell)
+
+
+def test_compose_stops_give_workers_their_shutdown_grace() -> None:
+    """Docker SIGKILLs 10 s after SIGTERM unless told otherwise: a busy worker needs
+    IMAGEGEN_SHUTDOWN_GRACE to finish or hand its job back, the API its longest long-poll."""
+
+    def seconds(value: str) -> int:
+        assert value.endswith("s"), value
+        return int(value[:-1])
+
+    grace = Settings.model_fields["shutdown_grace"].default
+    for name in ("worker", "worker-gpu"):
+        assert seconds(SERVICES[name]["stop_grace_period"]) >= grace + 10, name
+    assert seconds(SERVICES["api"]["stop_grace_period"]) > MAX_WAIT
