@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -74,7 +75,8 @@ def main() -> int:
             serializer=SERIALIZER,
             heartbeat_interval=settings.worker_heartbeat,
             shutdown_grace=settings.shutdown_grace,
-            worker_ttl=int(settings.worker_heartbeat * 4) + 15,
+            # RQ's idle worker beats once per dequeue timeout (worker_ttl - 15): every heartbeat.
+            worker_ttl=math.ceil(settings.worker_heartbeat) + 15,
             maintenance_interval=settings.maintenance_interval,
             model_info=runtime.info,
             **batching,

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis.exceptions import RedisError
-from rq import Worker
 from starlette.routing import Match
 
 from app.core import metrics as store
+from app.core.catalog import live_workers
 
 router = APIRouter(tags=["health"])
 
@@ -44,7 +44,7 @@ class RedisCollector:
             for queue in state.jobs.queues:
                 depth.add_metric([queue.name.rsplit(":", 1)[1]], float(redis.llen(queue.key)))
             yield depth
-            workers = Worker.count(connection=redis, queue=state.jobs.queues[0])
+            workers = live_workers(redis, state.settings.model, state.settings.worker_heartbeat)
             yield GaugeMetricFamily("imagegen_workers", "Workers serving this model", value=float(workers))
             up = 1.0
         except RedisError:

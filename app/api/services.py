@@ -225,7 +225,7 @@ class JobService:
         """The model a job goes to: ours by default; one a request names must have a live worker."""
         if model is None or model == self.settings.model:
             return self.settings.model
-        served = sorted(served_models(self.redis))
+        served = sorted(served_models(self.redis, self.settings.worker_heartbeat))
         if model not in served:
             message = f"model: {model!r} is not served by any live worker; served: {', '.join(served) or 'none'}"
             raise InvalidRequestError(

@@ -141,3 +141,32 @@ def test_followers_past_max_streams_poll_and_leave_submissions_their_connections
         server.proc.stop()
     assert blocked <= 4 and posts == [202] * 5
     assert streams == ["queued,canceled"] * 24 and polls == ["canceled"] * 8
+
+
+def test_a_killed_worker_leaves_every_count_once_its_beats_stop(tmp_path) -> None:
+    """kill -9 leaves RQ's worker key for a minute and more, and with no worker left nothing cleans
+    the registry: /models and the `imagegen_workers` gauge kept counting the dead worker (an alert
+    on zero workers never fired). All counts now drop it with /readyz, three beats late."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = start_redis(tmp_path / "redis")
+    env = service_env(server.url, tmp_path)  # IMAGEGEN_WORKER_HEARTBEAT=1: dropped after 8 s
+    worker = start_worker(env, tmp_path / "worker.log", ready=server.client())
+    api, base = start_api(env, tmp_path / "api.log")
+
+    def gauge(http: httpx.Client) -> float:
+        families = text_string_to_metric_families(http.get("/metrics").text)
+        return next(f for f in families if f.name == "imagegen_workers").samples[0].value
+
+    try:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            wait_for(lambda: http.get("/readyz").status_code == 200, 30, "ready")
+            assert gauge(http) == 1 and len(http.get("/models").json()["models"]) == 1
+            worker.stop(signal.SIGKILL)
+            wait_for(lambda: http.get("/readyz").status_code == 503, 30, "not ready once the beats stop")
+            assert gauge(http) == 0 and http.get("/models").json()["models"] == []
+            assert server.client().exists(*server.client().keys("rq:worker:*"))  # RQ's key is still there
+    finally:
+        api.stop()
+        worker.stop()
+        server.proc.stop()

@@ -3,11 +3,14 @@ model it names (JobService on a real redis-server; no worker process)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+from rq.utils import utcformat
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from app.api.services import JobService
-from app.core.catalog import model_of_queue, served_models
+from app.core.catalog import live_workers, model_of_queue, served_models
 from app.core.config import Settings
 from app.core.errors import InvalidRequestError
 from app.core.jobs import MODELS_KEY, GenerationParams, ModelInfo, Priority, Scheduler, queue_name
@@ -27,14 +30,16 @@ def info(name: str, multiple: int = 8) -> ModelInfo:
     )
 
 
-def publish(redis, name: str, *, live: bool = True, multiple: int = 8) -> None:
-    """What a worker does at start: its ModelInfo in the hash, itself registered on its queues."""
+def publish(redis, name: str, *, live: bool = True, multiple: int = 8, beat_ago: float = 1.0) -> None:
+    """What a worker does at start: its ModelInfo in the hash, itself registered on its queues
+    (its RQ key with its last heartbeat `beat_ago` seconds ago)."""
     redis.hset(MODELS_KEY, name, info(name, multiple).model_dump_json())
     key = f"rq:worker:fake-{name}"
     for priority in Priority:
         redis.sadd(WORKERS_BY_QUEUE_KEY % queue_name(name, priority), key)
     if live:
-        redis.hset(key, "state", "idle")  # RQ's worker key; it expires when heartbeats stop
+        beat = datetime.now(UTC) - timedelta(seconds=beat_ago)
+        redis.hset(key, mapping={"state": "idle", "last_heartbeat": utcformat(beat)})
 
 
 @pytest.fixture
@@ -64,9 +69,14 @@ def test_registry_entries_are_consistent() -> None:
 def test_only_models_with_a_live_worker_are_served(redis_db) -> None:
     publish(redis_db, "alive")
     publish(redis_db, "dead", live=False)  # registered, but its worker key has expired
+    # Killed: its key is still there (RQ keeps it a minute and more; nothing removes it while no
+    # worker lives), but three beats have been missed (IMAGEGEN_WORKER_HEARTBEAT=5: 20 s).
+    publish(redis_db, "killed", beat_ago=21)
     redis_db.hset(MODELS_KEY, "garbage", "{not json")
-    served = served_models(redis_db)
+    served = served_models(redis_db, 5.0)
     assert list(served) == ["alive"] and served["alive"][1] == 1
+    assert live_workers(redis_db, "alive", 5.0) == 1 and live_workers(redis_db, "killed", 5.0) == 0
+    assert live_workers(redis_db, "killed", 10.0) == 1  # within 3 × 10 + 5 s
     assert model_of_queue(queue_name("a:b", Priority.low)) == "a:b"
     assert model_of_queue("other") is None
 

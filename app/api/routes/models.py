@@ -35,7 +35,7 @@ class ModelList(BaseModel):
 async def list_models(redis: RedisDep, settings: SettingsDep) -> ModelList:
     """Only models with a live worker are listed; name one as `model` in POST /generate or
     POST /variations to route the job to it."""
-    served = await run_in_threadpool(served_models, redis)
+    served = await run_in_threadpool(served_models, redis, settings.worker_heartbeat)
     return ModelList(
         models=[
             ServedModel(

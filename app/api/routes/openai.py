@@ -220,7 +220,8 @@ async def check_model_and_size(
     """OpenAI-style 400s for a model no live worker serves and for a size outside our bounds;
     returns the requested (width, height), or (None, None) for the model's native size."""
     if model is not None and model != settings.model:
-        served = await run_in_threadpool(served_models, redis)  # another model a live worker serves
+        # Another model a live worker serves.
+        served = await run_in_threadpool(served_models, redis, settings.worker_heartbeat)
         if model not in served:
             names = ", ".join(sorted({settings.model, *served}))
             message = f"The model `{model}` does not exist; this server serves {names}."
@@ -277,7 +278,7 @@ async def answer_with_images(
 @router.get("/models", response_model=ModelList, summary="The served model (OpenAI-compatible list)")
 def list_models(settings: SettingsDep, redis: RedisDep) -> ModelList:
     # Ours first (jobs that name no model go there), then any other model a live worker serves.
-    others = sorted(set(served_models(redis)) - {settings.model})
+    others = sorted(set(served_models(redis, settings.worker_heartbeat)) - {settings.model})
     return ModelList(data=[ModelCard(id=name) for name in [settings.model, *others]])
 
 
