@@ -450,6 +450,11 @@ class JobService:
             job = fetch_job(self.redis, stored_id)
             if job is not None:
                 return stored_id, job
+            if self.redis.exists(SEEN_PREFIX + stored_id):  # it was made, and has expired since
+                raise GoneError(
+                    f"the job made with this Idempotency-Key ({stored_id}) has expired; "
+                    "send the request with a new key to make another"
+                )
             time.sleep(0.01)
         raise UnavailableError("the original request with this Idempotency-Key is still being processed", retry_after=1)
 

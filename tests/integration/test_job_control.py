@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -265,6 +266,13 @@ def test_idempotency_key(stack: Stack) -> None:
         assert fixed.status_code == 202, fixed.text
         r = http.post("/generate", json=body, headers={"Idempotency-Key": ""})
         assert r.status_code == 422 and "Idempotency-Key" in r.json()["error"]["message"]
+        # Once the key's job has expired (its TTL removed it), a retry is told so: 410. It was a
+        # 503 "still being processed" after a 2 s wait, for the rest of the key's 24 h.
+        first = answers[0].json()["id"]
+        stack.wait(http, first)
+        redis.Redis.from_url(stack.env["IMAGEGEN_REDIS_URL"]).delete(f"rq:job:{first}")
+        r = http.post("/generate", json=body, headers={"Idempotency-Key": "k-1"})
+        assert r.status_code == 410 and r.json()["error"]["code"] == "gone" and first in r.text, r.text
 
 
 def test_listing_is_newest_first_paginated_and_filtered(stack: Stack) -> None:
