@@ -236,6 +236,8 @@ class ImagegenWorker(SimpleWorker):
     # with it: RQ writes the outcome in one transaction and calls `cleanup_execution` last before
     # EXEC, where the event, the job's meta and its metrics join that transaction (one round trip).
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        if self._taken_from_us(job, queue, execution):
+            return
         event = None
         if self.events is not None:
             result = job._result or {}
@@ -278,6 +280,8 @@ class ImagegenWorker(SimpleWorker):
     def handle_job_failure(
         self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "", execution: Any = None
     ) -> None:
+        if self._taken_from_us(job, queue, execution):
+            return
         if job.meta.pop("requeue", False):
             # Handed back during shutdown: run it again from the start, ahead of newer jobs.
             job.retries_left = (job.retries_left or 0) + 1
@@ -316,6 +320,30 @@ class ImagegenWorker(SimpleWorker):
                 finally:
                     queue.release_maintenance_lock()
         self.last_cleaned_at = utcnow()  # type: ignore[assignment]
+
+    def _taken_from_us(self, job: Job, queue: Queue, execution: Any) -> bool:
+        """Whether this run of the job lost it before it ended: a worker that stalled (SIGSTOP, a
+        frozen VM, swapping) past its heartbeats was taken for dead, RQ's maintenance re-queued
+        the job and another worker ran it. RQ then dropped this run's execution from the started
+        registry (heartbeats never add it back). Its outcome is not recorded: it would count the
+        job twice and send a second terminal event after the other run's."""
+        if execution is None:
+            return False  # refused before it ran
+        try:
+            registered = self.connection.zscore(queue.started_job_registry.key, execution.composite_key)
+        except RedisError:
+            return False  # recording will meet the same outage and leave the job to recovery
+        if registered is not None:
+            return False
+        log.warning("job %s: taken for lost while this worker stalled and run again; this run's outcome is dropped",
+                    job.id, extra={"job_id": job.id})  # fmt: skip
+        try:
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipe, execution)  # this run's execution record only
+                pipe.execute()
+        except RedisError:
+            self.executions.pop(execution.id, None)
+        return True
 
     def _note_abandoned(self, job: Job, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
         """RQ's maintenance calls the exception handlers for every job whose worker died; those

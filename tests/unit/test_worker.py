@@ -97,6 +97,32 @@ def test_success_fills_defaults_stores_pngs_and_records_progress(env) -> None:
     assert image.getpixel((0, 0)) == (10, 0, 0) and image.text["seed"] == "10"
 
 
+@pytest.mark.parametrize("prompt", ["finishes", "explode"])
+def test_a_run_that_lost_its_job_while_stalled_records_no_outcome(env, redis_db, prompt) -> None:
+    """A worker stalled past its heartbeats (SIGSTOP) is taken for dead: RQ's maintenance drops its
+    execution from the started registry and re-queues the job, which another worker runs. When the
+    stalled run ends it must not record a second outcome (the job counted twice, a second terminal
+    event after the other run's), whether it succeeded or failed."""
+    from app.core import events, metrics
+
+    runtime, store, queue, worker = env
+    job = enqueue(queue, prompt=prompt, seed=1)
+    original = runtime.generate
+
+    def generate_then_lose_the_job(params, on_step):
+        registry = queue.started_job_registry
+        for member in redis_db.zrange(registry.key, 0, -1):  # what RQ's maintenance removes
+            redis_db.zrem(registry.key, member)
+        return original(params, on_step)
+
+    runtime.generate = generate_then_lose_the_job
+    worker.work(burst=True)
+    job.refresh()
+    assert job.get_status() == "started"  # as this run left it: the other run records the end
+    assert redis_db.hgetall(metrics.JOBS) == {}
+    assert [e.type.value for _, e in events.read(redis_db, job.id)][-1] in ("started", "progress")
+
+
 def test_sampling_error_fails_only_that_job(env) -> None:
     runtime, store, queue, worker = env
     bad = enqueue(queue, prompt="explode", seed=1)
@@ -238,8 +264,10 @@ def test_events_are_written_in_order_and_terminal_last(env, redis_db) -> None:
 
 
 def test_success_event_and_metrics_join_rqs_success_transaction(env, redis_db, monkeypatch, round_trips) -> None:
-    """Recording a success is RQ's WATCH, its read of the dependents, and one MULTI/EXEC that also
-    carries the `succeeded` event and the job's metrics: the event cannot be seen before the outcome."""
+    """Recording a success is a check that this run still owns the job (see
+    `test_a_run_that_lost_its_job_while_stalled_records_no_outcome`), RQ's WATCH, its read of the
+    dependents, and one MULTI/EXEC that also carries the job's meta, the `succeeded` event and the
+    job's metrics: the event cannot be seen before the outcome."""
     from app.core import metrics
 
     runtime, store, queue, worker = env
@@ -253,7 +281,7 @@ def test_success_event_and_metrics_join_rqs_success_transaction(env, redis_db, m
 
     monkeypatch.setattr(ImagegenWorker, "handle_job_success", recorded)
     worker.work(burst=True)
-    assert len(sent) == 3 and b"WATCH" in sent[0]
+    assert len(sent) == 4 and b"ZSCORE" in sent[0] and b"WATCH" in sent[1]
     transaction = sent[-1]
     assert b"MULTI" in transaction and b"EXEC" in transaction and b"XADD" in transaction
     assert metrics.JOBS.encode() in transaction and job.key.encode() in transaction
