@@ -31,6 +31,8 @@ LONGPOLL_MAX = 25.0  # seconds per long-poll request (the server allows up to 60
 LONGPOLL_PROGRESS = 1.0  # shorter long-polls when a progress callback wants to see each step
 POLL_INTERVAL = 0.25  # seconds between plain polls
 RETRY_PAUSE = 0.2  # after a dropped event stream, before reconnecting
+RECONNECT_PAUSE = 0.5  # between tries while a wait cannot reach the server
+RECONNECT_WINDOW = 60.0  # seconds a wait keeps trying an unreachable server before it raises
 
 WaitMode = Literal["sse", "longpoll", "poll"]
 
@@ -184,14 +186,38 @@ class JobEvent:
 ProgressCallback = Callable[[JobEvent], None]
 
 
+class _Outage:
+    """How a wait rides out a server it cannot reach (an API restart, a proxy reloading): it tries
+    again every RECONNECT_PAUSE seconds until the deadline, and gives up (raising the connection
+    error) once the server has stayed unreachable for RECONNECT_WINDOW seconds. A server this wait
+    never reached (a wrong URL), and any other error, end the wait at once."""
+
+    def __init__(self, report: _Reporter) -> None:
+        self.report = report
+        self.since: float | None = None  # when the current run of failed connections began
+
+    def pause(self, exc: ImagegenError, attempt_started: float, deadline: float | None) -> float:
+        """Seconds to sleep before trying again; raises `exc` when the wait should end."""
+        if exc.code != "connection_error" or not self.report.heard:
+            raise exc
+        now = time.monotonic()
+        if self.since is None or now - attempt_started > RECONNECT_PAUSE * 2:  # it had got through
+            self.since = now
+        if now - self.since >= RECONNECT_WINDOW or _remaining(deadline) <= 0:
+            raise exc
+        return min(RECONNECT_PAUSE, _remaining(deadline))
+
+
 class _Reporter:
     """Calls the user's callback once per change of status or step (polling repeats itself)."""
 
     def __init__(self, callback: ProgressCallback | None) -> None:
         self.callback = callback
         self.last: tuple[str, int, int] | None = None
+        self.heard = False  # the server answered this wait at least once
 
     def __call__(self, event: JobEvent) -> None:
+        self.heard = True
         key = (event.status, event.progress.step, event.progress.total)
         if self.callback is not None and key != self.last:
             self.last = key
@@ -442,8 +468,18 @@ class Client:
     def _wait_until(
         self, job_id: str, deadline: float | None, timeout: float | None, on_progress: ProgressCallback | None
     ) -> Job:
-        """`wait` until `deadline`; `timeout` is what a WaitTimeout reports (the caller's whole wait)."""
+        """`wait` until `deadline`; `timeout` is what a WaitTimeout reports (the caller's whole wait).
+        While the server cannot be reached (an API restart) the wait goes on (see `_Outage`)."""
         report = _Reporter(on_progress)
+        outage = _Outage(report)
+        while True:
+            started = time.monotonic()
+            try:
+                return self._wait_once(job_id, deadline, timeout, report)
+            except ImagegenError as exc:
+                time.sleep(outage.pause(exc, started, deadline))
+
+    def _wait_once(self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter) -> Job:
         if self.mode == "sse":
             job = self._wait_sse(job_id, deadline, timeout, report)
             if job is not None:
@@ -632,6 +668,15 @@ class AsyncClient:
         self, job_id: str, deadline: float | None, timeout: float | None, on_progress: ProgressCallback | None
     ) -> Job:
         report = _Reporter(on_progress)
+        outage = _Outage(report)
+        while True:
+            started = time.monotonic()
+            try:
+                return await self._wait_once(job_id, deadline, timeout, report)
+            except ImagegenError as exc:
+                await asyncio.sleep(outage.pause(exc, started, deadline))
+
+    async def _wait_once(self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter) -> Job:
         if self.mode == "sse":
             job = await self._wait_sse(job_id, deadline, timeout, report)
             if job is not None:

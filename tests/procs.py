@@ -149,8 +149,8 @@ def start_worker(env: dict[str, str], log: Path, ready: redis.Redis | None = Non
     return proc
 
 
-def start_api(env: dict[str, str], log: Path) -> tuple[Proc, str]:
-    port = free_port()
+def start_api(env: dict[str, str], log: Path, port: int | None = None) -> tuple[Proc, str]:
+    port = port or free_port()
     # A long keep-alive: with uvicorn's 5 s default a test client that waits on something else
     # (a worker starting) may send on a connection the server is just closing (ECONNRESET).
     args = ["--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", "120"]

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from imagegen_client import AsyncClient, Client, ImagegenError, JobEvent, WaitTimeout
-from tests.procs import ROOT, Stack
+from imagegen_client import AsyncClient, Client, ImagegenError, Job, JobEvent, WaitTimeout
+from tests.procs import ROOT, Stack, start_api, wait_for
 
 pytestmark = pytest.mark.integration
 FAST = {"num_inference_steps": 4, "width": 32, "height": 32}
@@ -118,6 +118,41 @@ class ScriptedServer:
             return httpx.Response(422, json={"error": {"code": "validation_error", "message": "wait: unknown"}})
         status = self.views.pop(0) if len(self.views) > 1 else self.views[0]
         return httpx.Response(200, json=self.view(status))
+
+
+@pytest.mark.parametrize("mode", ["sse", "longpoll"])
+def test_wait_rides_out_an_api_restart(stack: Stack, tmp_path: Path, mode: str) -> None:
+    """The API restarts (SIGTERM, then up again on its port) while a client waits on a running
+    job: the wait goes on and returns the finished job (it raised `connection_error` at once)."""
+    import signal
+    import threading
+
+    api, base = start_api(stack.env, tmp_path / "api-1.log")
+    port = int(base.rsplit(":", 1)[1])
+    result: dict[str, object] = {}
+    with Client(base) as client:
+        client.mode = mode  # type: ignore[assignment]
+        job = client.submit("through a restart", num_inference_steps=150, width=128, height=128, seed=2)
+
+        def wait() -> None:
+            try:
+                result["job"] = client.wait(job.id, timeout=180)
+            except Exception as exc:  # reported below
+                result["error"] = exc
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        wait_for(lambda: client.get(job.id).status == "running", 60, "the job runs")
+        api.stop(signal.SIGTERM)
+        time.sleep(1.0)  # the wait meets a closed port meanwhile
+        api, _ = start_api(stack.env, tmp_path / "api-2.log", port=port)
+        try:
+            waiter.join(180)
+        finally:
+            api.stop()
+    assert "error" not in result, result
+    done = result["job"]
+    assert isinstance(done, Job) and done.status == "succeeded"
 
 
 def test_wait_keeps_its_deadline_while_a_queued_job_only_gets_keep_alives() -> None:
