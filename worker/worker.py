@@ -290,12 +290,27 @@ class ImagegenWorker(SimpleWorker):
         elif job.meta.get("error"):
             job.retries_left = 0  # a failure the task reported itself: retrying cannot help
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
-        if self.events is None or job.get_status(refresh=True) != JobStatus.FAILED:
-            return  # a retry re-queued it: not terminal
+        status_now = job.get_status(refresh=True)
+        if status_now == JobStatus.QUEUED:  # a retry (or a hand-back) re-queued it
+            self._announce_requeued(job)
+        if self.events is None or status_now != JobStatus.FAILED:
+            return
         status = status_from_rq("failed", job.meta)
         self._record(job, status.value, 0)
         error = job.meta.get("error") or {"code": ErrorCode.internal_error.value, "message": "the job failed"}
         self.events.emit(job, EventType(status.value), status.value, error=error, progress=job.meta.get("progress"))
+
+    def _announce_requeued(self, job: Job) -> None:
+        """A job back in its queue starts over: its progress goes back to 0 and a `queued` event
+        tells its followers (they saw it running, and would next see it start again from 0)."""
+        total = (job.meta.get("progress") or {}).get("total", 0)
+        job.meta["progress"] = {"step": 0, "total": total}
+        try:
+            job.save_meta()
+            if self.events is not None:
+                self.events.emit(job, EventType.queued, "queued", progress=job.meta["progress"])
+        except RedisError:
+            log.warning("job %s: its return to the queue could not be announced (Redis unavailable)", job.id)
 
     def _record(self, job: Job, status: str, images: int) -> None:
         """Shared metrics (read by the API's /metrics) of a job that did not succeed."""
@@ -346,11 +361,11 @@ class ImagegenWorker(SimpleWorker):
         return True
 
     def _note_abandoned(self, job: Job, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
-        """RQ's maintenance calls the exception handlers for every job whose worker died; those
-        without retries left it then fails in its own transaction, which none of our failure code
-        sees: no terminal event (webhooks, SSE), no metrics, no end time. Noted here, announced
-        once RQ has written the failure (`_announce_lost`)."""
-        if exc_type is AbandonedJobError and not (job.retries_left and job.retries_left > 0):
+        """RQ's maintenance calls the exception handlers for every job whose worker died; it then
+        re-queues those with retries left and fails the others, in its own transaction, which none
+        of our code sees: no event (webhooks, SSE), no metrics, no end time. Noted here, announced
+        once RQ has written the outcome (`_announce_lost`)."""
+        if exc_type is AbandonedJobError:
             self._lost.append(job)
         return True  # the other handlers run too
 
@@ -358,7 +373,11 @@ class ImagegenWorker(SimpleWorker):
         lost, self._lost = self._lost, []
         for job in lost:
             try:
-                if job.get_status(refresh=True) != JobStatus.FAILED:
+                status = job.get_status(refresh=True)
+                if status == JobStatus.QUEUED:  # RQ re-queued it: retries were left
+                    log.warning("job %s: its worker was lost; queued again", job.id, extra={"job_id": job.id})
+                    self._announce_requeued(job)
+                if status != JobStatus.FAILED:
                     continue
                 error = {"code": ErrorCode.worker_lost.value, "message": "the worker running this job was lost"}
                 job.meta["error"] = error

@@ -697,30 +697,34 @@ class JobService:
         elif status is JobStatus.queued:
             position = self.queue_position(job)
             eta = self._eta_queued(job, params, position)
+            progress = {"step": 0, "total": progress.get("total", total)}  # re-queued: it starts over
         else:
             eta = self._remaining(params, progress.get("step", 0))
+        # A job re-queued (its worker lost, or handed back at shutdown) keeps RQ's time stamps of
+        # the earlier run: shown only where they belong to the current one.
+        started = None if status is JobStatus.queued else job.started_at
         return JobView(
             id=job.id,
             status=status,
             priority=self._priority(job),
             created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.ended_at,
+            started_at=started,
+            finished_at=job.ended_at if status.is_terminal() else None,
             params=params,
             progress=Progress(**progress),
             queue_position=position,
             eta_seconds=None if eta is None else round(eta, 3),
             images=images,
             warnings=meta.get("warnings") or [],
-            timings=self._timings(job, meta),
+            timings=self._timings(job, meta, started),
             error=error,
         )
 
     @staticmethod
-    def _timings(job: Job, meta: dict[str, Any]) -> Timings:
+    def _timings(job: Job, meta: dict[str, Any], started: datetime.datetime | None) -> Timings:
         queue_wait = None
-        if job.enqueued_at and job.started_at:
-            queue_wait = round((job.started_at - job.enqueued_at).total_seconds() * 1000, 3)
+        if job.enqueued_at and started and started >= job.enqueued_at:
+            queue_wait = round((started - job.enqueued_at).total_seconds() * 1000, 3)
         return Timings(queue_wait_ms=queue_wait, **(meta.get("timings") or {}))
 
     def _priority(self, job: Job) -> Priority:

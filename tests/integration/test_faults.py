@@ -192,6 +192,13 @@ def test_worker_sigterm_finishes_its_job_or_requeues_it_after_the_grace(env) -> 
         assert hasty.popen.wait(60) == 0
         requeued = http.get(f"/jobs/{long_job['id']}").json()
         assert requeued["status"] == "queued" and requeued["queue_position"] == 0, requeued
+        # It starts over, and says so: no progress, no time stamps of the run that was cut short
+        # (they showed 15/40, a finished_at and a negative queue wait), and a `queued` event.
+        assert requeued["progress"]["step"] == 0 and requeued["started_at"] is None, requeued
+        assert requeued["finished_at"] is None and requeued["timings"]["queue_wait_ms"] is None, requeued
+        from app.core import events
+
+        assert [e.type.value for _, e in events.read(server.client(), long_job["id"])][-1] == "queued"
         _worker(server, env, procs, tmp, "finisher")
         assert _wait(http, long_job["id"], 120)["status"] == "succeeded"
 
