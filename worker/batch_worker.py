@@ -489,7 +489,7 @@ class BatchingWorker(ImagegenWorker):
                 results = []
                 for index, image in enumerate(images):
                     seed = image_seed(params.seed, index)
-                    ctx.store.put(job.id, index, encode_png(image, params, seed), ttl=ctx.settings.result_ttl)
+                    ctx.store.put(job.id, index, encode_png(image, params, seed), ttl=tasks.image_ttl(ctx, job))
                     results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
             except Exception as exc:
                 log.exception("job %s: storing failed", job.id)

@@ -202,12 +202,19 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
     results = []
     for index, image in enumerate(images):
         seed = image_seed(request.seed, index)
-        ctx.store.put(job.id, index, encode_png(image, request, seed), ttl=ctx.settings.result_ttl)
+        ctx.store.put(job.id, index, encode_png(image, request, seed), ttl=image_ttl(ctx, job))
         results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
     # Saved with the job's success (`ImagegenWorker.handle_job_success`), in RQ's transaction.
     job.meta["timings"] = timings(load_s, sampling_s, time.perf_counter() - started - sampling_s)
     log.info("job %s: %d image(s) in %.3fs", job.id, len(results), sampling_s)
     return {"images": results}
+
+
+def image_ttl(ctx: WorkerContext, job: Job) -> int:
+    """Seconds a job's images are kept: as long as the job itself, whose result TTL the API set
+    when it queued the job (the worker's own setting may differ: the images then expired first)."""
+    ttl = job.result_ttl
+    return ttl if isinstance(ttl, int) and ttl > 0 else ctx.settings.result_ttl
 
 
 def timings(load_s: float, sampling_s: float, encode_s: float) -> dict[str, float]:

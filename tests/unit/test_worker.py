@@ -332,3 +332,19 @@ def test_out_of_memory_retries_image_by_image_then_fails_clearly(env) -> None:
     assert hopeless.get_status() == "failed" and hopeless.meta["error"]["code"] == "out_of_memory"
     assert runtime.freed == 2  # once before the split retry, once after the final failure
     assert after.get_status() == "finished"
+
+
+def test_images_are_kept_as_long_as_their_job(env, redis_db) -> None:
+    """The image TTL comes from the job (the API's IMAGEGEN_RESULT_TTL when it queued it), not from
+    the worker's own setting: with a shorter one there, images expired while the job linked them."""
+    import dataclasses
+
+    from app.core.storage import RedisImageStore
+
+    runtime, store, queue, worker = env
+    assert tasks._context is not None and tasks._context.settings.result_ttl == 3600
+    tasks.bind(dataclasses.replace(tasks._context, store=RedisImageStore(redis_db)))
+    job = queue.enqueue(TASK_GENERATE, kwargs={"params": {"prompt": "kept", "seed": 1}}, result_ttl=7200)
+    worker.work(burst=True)
+    assert job.get_status(refresh=True) == "finished"
+    assert 7000 < redis_db.ttl(f"imagegen:image:{job.id}:0") <= 7200
