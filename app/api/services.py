@@ -530,7 +530,7 @@ class JobService:
             metrics.record_job(pipe, JobStatus.canceled.value, 0, {})  # no worker will count it
             pipe.execute()
         event = events.make_event(EventType.canceled, job.id, "canceled", error=job.meta["error"])
-        events.publish(self.redis, event, self.event_ttl)
+        events.publish(self.redis, event, self.settings.failure_ttl)  # kept as long as the canceled job
         return fetch_job(self.redis, job.id) or job, event
 
     # -- wait -----------------------------------------------------------------------------

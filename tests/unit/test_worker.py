@@ -348,3 +348,16 @@ def test_images_are_kept_as_long_as_their_job(env, redis_db) -> None:
     worker.work(burst=True)
     assert job.get_status(refresh=True) == "finished"
     assert 7000 < redis_db.ttl(f"imagegen:image:{job.id}:0") <= 7200
+
+
+def test_a_jobs_streams_expire_with_it(env, redis_db) -> None:
+    """A job's event streams were kept max(result TTL, failure TTL) (a day) whatever its end: a
+    succeeded job's now go with it."""
+    from app.core import events
+
+    runtime, store, queue, worker = env
+    job = queue.enqueue(TASK_GENERATE, kwargs={"params": {"prompt": "brief", "seed": 1}}, result_ttl=600)
+    worker.work(burst=True)
+    assert job.get_status(refresh=True) == "finished"
+    for key in (events.stream_key(job.id), events.end_key(job.id)):
+        assert 500 < redis_db.ttl(key) <= 600, key
