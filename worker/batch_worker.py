@@ -125,6 +125,7 @@ class BatchingWorker(ImagegenWorker):
         self._watcher: threading.Thread | None = None
         # Batched steps by how many jobs they held, not yet written (with the next progress write).
         self._batch_jobs: Counter[int] = Counter()
+        self._redis_away = False  # a progress write failed and none has worked since (finisher thread)
 
     # -- the session --------------------------------------------------------------------------
 
@@ -463,8 +464,13 @@ class BatchingWorker(ImagegenWorker):
                 if tally:
                     metrics.observe_counts(pipe, metrics.BATCH_JOBS, tally, metrics.BATCH_BUCKETS)
                 pipe.execute()
+            if self._redis_away:
+                self._redis_away = False
+                log.info("progress recorded again (Redis is back)")
         except RedisError:
-            log.warning("progress not recorded (Redis unavailable)")
+            if not self._redis_away:  # once per outage, not at every step
+                self._redis_away = True
+                log.warning("progress not recorded while Redis is unavailable")
 
     def _emit(self, pipe: Pipeline, job: Job, type_: EventType, progress: dict[str, int], ttl: int) -> None:
         # EventSink.emit, with the stream write on the shared pipeline.

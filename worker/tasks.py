@@ -144,9 +144,10 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
     # 3. Sample. The cancel flag is read between steps, at most every CANCEL_INTERVAL (one EXISTS),
     #    progress goes out at most 10/s; both in one round trip when both are due.
     last_write = last_check = time.monotonic()
+    redis_away = False  # said once per outage, not at every step
 
     def on_step(step: int, steps: int) -> None:
-        nonlocal last_write, last_check
+        nonlocal last_write, last_check, redis_away
         if ctx.should_requeue():
             raise RequeueError
         now = time.monotonic()
@@ -166,6 +167,9 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
                     event = make_event(EventType.progress, job.id, "running", progress={"step": step, "total": steps})
                     publish(pipe, event, ctx.events.ttl)
                 replies = pipe.execute()
+            if redis_away:
+                redis_away = False
+                log.info("job %s: progress recorded again (Redis is back)", job.id)
             if check and replies[0]:
                 raise CanceledError(step, steps)
             if report:
@@ -173,7 +177,9 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
         except RedisError:
             # Redis is away: keep sampling; the result is stored when it returns, or the job is
             # re-run once the worker is found to have lost it.
-            log.warning("job %s: progress not recorded (Redis unavailable)", job.id)
+            if not redis_away:
+                redis_away = True
+                log.warning("job %s: progress not recorded while Redis is unavailable", job.id)
 
     started = time.perf_counter()
     load_s = started - prepared

@@ -361,3 +361,36 @@ def test_a_jobs_streams_expire_with_it(env, redis_db) -> None:
     assert job.get_status(refresh=True) == "finished"
     for key in (events.stream_key(job.id), events.end_key(job.id)):
         assert 500 < redis_db.ttl(key) <= 600, key
+
+
+def test_an_outage_mid_job_is_logged_once_not_at_every_step(env, redis_db, monkeypatch, caplog) -> None:
+    import dataclasses
+    import logging
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    runtime, store, queue, worker = env
+    monkeypatch.setattr(tasks, "CANCEL_INTERVAL", 0.0)  # a round trip at every step
+
+    class Flaky:
+        """The task's connection, down for its first 20 progress/cancel round trips."""
+
+        failures = 20
+
+        def __getattr__(self, name: str):
+            return getattr(redis_db, name)
+
+        def pipeline(self, *args, **kwargs):
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise RedisConnectionError("Redis is restarting")
+            return redis_db.pipeline(*args, **kwargs)
+
+    assert tasks._context is not None
+    tasks.bind(dataclasses.replace(tasks._context, connection=Flaky()))
+    job = enqueue(queue, prompt="through an outage", num_inference_steps=40, seed=1)
+    with caplog.at_level(logging.INFO, logger="worker.tasks"):
+        worker.work(burst=True)
+    assert job.get_status(refresh=True) == "finished" and Flaky.failures == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "worker.tasks"]
+    assert sum("not recorded" in m for m in said) == 1 and sum("recorded again" in m for m in said) == 1, said
