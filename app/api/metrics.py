@@ -4,6 +4,7 @@ depth per priority, workers)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +45,13 @@ class RedisCollector:
             for queue in state.jobs.queues:
                 depth.add_metric([queue.name.rsplit(":", 1)[1]], float(redis.llen(queue.key)))
             yield depth
+            doc = "Jobs being sampled (their heartbeat alive), per priority"
+            running = GaugeMetricFamily("imagegen_jobs_running", doc, labels=["priority"])
+            now = time.time()
+            for queue in state.jobs.queues:  # RQ scores each execution by when its heartbeat expires
+                live = redis.zcount(queue.started_job_registry.key, now, "+inf")
+                running.add_metric([queue.name.rsplit(":", 1)[1]], float(live))  # type: ignore[arg-type]
+            yield running
             workers = live_workers(redis, state.settings.model, state.settings.worker_heartbeat)
             yield GaugeMetricFamily("imagegen_workers", "Workers serving this model", value=float(workers))
             up = 1.0

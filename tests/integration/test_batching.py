@@ -101,6 +101,9 @@ def test_cancel_of_one_batched_job_leaves_the_others(batch_stack: Stack) -> None
         jobs = list(pool.map(lambda i: s.submit(http, prompt=f"long {i}", seed=i, **long), range(4)))
         for j in jobs:
             _wait_running(http, j["id"])
+        families = {f.name: f.samples for f in text_string_to_metric_families(http.get("/metrics").text)}
+        running = {x.labels["priority"]: x.value for x in families["imagegen_jobs_running"]}
+        assert running == {"high": 0, "normal": 4, "low": 0}, running
         r = http.delete(f"/jobs/{jobs[1]['id']}")
         assert r.status_code == 202
         done = list(pool.map(lambda j: s.wait(http, j["id"]), jobs))
