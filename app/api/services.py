@@ -23,6 +23,7 @@ from rq import Queue, Worker
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+from sse_starlette.sse import AppStatus
 
 from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, Timings
 from app.core import events, metrics
@@ -543,7 +544,8 @@ class JobService:
         key = events.end_key(job_id)
         # RQ's status is read first and after each quiet block: a job can end without an event
         # (a lost worker's job failed by maintenance).
-        while (remaining := deadline - time.monotonic()) > 0:
+        while (remaining := deadline - time.monotonic()) > 0 and not AppStatus.should_exit:
+            # Shutting down: answer now, with the job as it stands (the client asks the next server).
             status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
             if status is None or status_from_rq(status.decode(), {}).is_terminal():
                 return None
@@ -578,14 +580,15 @@ class JobService:
         ident, event = events.decode(newest)[0]
         return ident if event.type.is_terminal() and _stream_order(ident) <= _stream_order(after) else None
 
-    async def stream(self, job_id: str, after: str = "0"):
+    async def stream(self, job_id: str, after: str = "0", stop: Callable[[], bool] | None = None):
         """Yield (stream id, event) from `after` until a terminal event (synthesised if RQ ended the
-        job without one, e.g. a lost worker), for Server-Sent Events."""
+        job without one, e.g. a lost worker), for Server-Sent Events; or until `stop()` is true
+        (the server is shutting down), looked at after each blocking read."""
         assert self.aredis is not None
         key = events.stream_key(job_id)
         if after != "0" and await self._ended_by(key, after) is not None:
             return  # a client resuming after the last event: there is nothing more to send
-        while True:
+        while stop is None or not stop():
             result: Any = await self._xread({key: after}, 100, BLOCK_MS)
             if result:
                 for ident, event in events.decode(result[0][1]):

@@ -157,14 +157,23 @@ def test_api_restart_and_sigterm_drain(env) -> None:
     procs.append(api)
     assert httpx.get(f"{base}/jobs/{job['id']}").json()["status"] == "queued"
 
-    # SIGTERM while a long-poll is open: uvicorn stops accepting but answers the open request.
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(httpx.get, f"{base}/jobs/{job['id']}", params={"wait": 3}, timeout=30)
+    # SIGTERM while a long-poll and an event stream are open: uvicorn stops accepting, answers the
+    # long-poll at once with the job as it stands (it held the shutdown for the whole wait, up to
+    # 60 s) and ends the stream with a complete response (it was cut mid-body).
+    def follow() -> list[str]:
+        with httpx.stream("GET", f"{base}/jobs/{job['id']}/events", timeout=30) as r:
+            return [line for line in r.iter_lines() if line.startswith("event:")]
+
+    with ThreadPoolExecutor(2) as pool:
+        pending = pool.submit(httpx.get, f"{base}/jobs/{job['id']}", params={"wait": 50}, timeout=60)
+        stream = pool.submit(follow)
         time.sleep(0.5)
         api.popen.send_signal(signal.SIGTERM)
+        assert api.popen.wait(30) in (0, -signal.SIGTERM)  # well before the long-poll's 50 s (uvicorn re-raises it)
         r = pending.result()
-    assert r.status_code == 200 and r.json()["id"] == job["id"]
-    api.popen.wait(30)
+        events_seen = stream.result()  # raises if the body was cut short
+    assert r.status_code == 200 and r.json()["id"] == job["id"] and r.json()["status"] == "queued"
+    assert events_seen == ["event: queued"]
 
     _worker(server, env, procs, tmp, "w")
     base = _api(env, procs, tmp, "api3")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -11,6 +12,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app.api.deps import JobsDep, PrincipalDep, SettingsDep, StoreDep
 from app.api.routes.generate import MAX_WAIT, image_url, view_after_wait
 from app.api.schemas import ERROR_RESPONSES, JobList, JobView
+from app.api.services import BLOCK_MS
 from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError
 from app.core.events import JobEvent
 from app.core.jobs import JobStatus
@@ -108,13 +110,24 @@ async def job_events(
     if not _valid_stream_id(after):
         raise InvalidRequestError("Last-Event-ID: not an id sent by this stream", code="validation_error")
 
+    # On shutdown the stream ends cleanly (a complete response) within one blocking read, and the
+    # client resumes from its Last-Event-ID on the next server; it was cut mid-response.
+    shutdown = anyio.Event()
+
     async def messages():
-        async for ident, event in jobs.stream(job.id, after):
+        async for ident, event in jobs.stream(job.id, after, stop=shutdown.is_set):
             yield {"event": event.type.value, "id": ident, "data": event.model_dump_json(exclude_none=True)}
 
     # Keep-alives are `keepalive` events without data, not comments: browsers skip them (no data),
     # while clients that read every event see them and can keep a deadline while nothing happens.
-    return EventSourceResponse(messages(), ping=KEEPALIVE_S, send_timeout=30, ping_message_factory=_keepalive)
+    return EventSourceResponse(
+        messages(),
+        ping=KEEPALIVE_S,
+        send_timeout=30,
+        ping_message_factory=_keepalive,
+        shutdown_event=shutdown,
+        shutdown_grace_period=BLOCK_MS / 1000 + 1,
+    )
 
 
 KEEPALIVE_S = 10
