@@ -155,6 +155,31 @@ def test_wait_rides_out_an_api_restart(stack: Stack, tmp_path: Path, mode: str) 
     assert isinstance(done, Job) and done.status == "succeeded"
 
 
+def test_async_wait_rides_out_an_api_restart(stack: Stack, tmp_path: Path) -> None:
+    import signal
+
+    api, base = start_api(stack.env, tmp_path / "api-1.log")
+    port = int(base.rsplit(":", 1)[1])
+
+    async def scenario() -> Job:
+        nonlocal api
+        async with AsyncClient(base) as client:
+            job = await client.submit("async restart", num_inference_steps=150, width=128, height=128, seed=3)
+            waiting = asyncio.create_task(client.wait(job.id, timeout=180))
+            while (await client.get(job.id)).status != "running":
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(api.stop, signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            api, _ = await asyncio.to_thread(start_api, stack.env, tmp_path / "api-2.log", port)
+            return await waiting
+
+    try:
+        done = asyncio.run(asyncio.wait_for(scenario(), 240))
+    finally:
+        api.stop()
+    assert done.status == "succeeded"
+
+
 def test_wait_keeps_its_deadline_while_a_queued_job_only_gets_keep_alives() -> None:
     job_id = str(uuid.uuid4())
     queued = {"id": job_id, "status": "queued", "params": {}, "progress": {"step": 0, "total": 2}}
