@@ -125,7 +125,7 @@ class ImagegenWorker(SimpleWorker):
         # task checks it at every step and hands the job back to the queue.
         self.requeue_requested = threading.Event()
         self._succeeding: dict[str, _Success] = {}  # jobs whose success RQ is recording
-        # Jobs of dead workers that RQ's registry maintenance fails for good (see `_note_abandoned`).
+        # Jobs of dead workers that RQ's maintenance re-queues or fails (see `_note_abandoned`).
         self._lost: list[Job] = []
         self.push_exc_handler(self._note_abandoned)
 
