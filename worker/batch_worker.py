@@ -39,12 +39,10 @@ from app.core.jobs import (
     ErrorCode,
     GenerationParams,
     cancel_key,
-    image_seed,
     wake_key,
 )
 from worker import tasks
 from worker.events import record_start
-from worker.png import encode_png
 from worker.worker import ImagegenWorker
 
 if TYPE_CHECKING:
@@ -487,16 +485,11 @@ class BatchingWorker(ImagegenWorker):
 
         Its timings are wall time, as on the one-job path: sampling from its text encoding to its
         decoded images (steps shared with other jobs count in full)."""
-        job, params = slot.job, slot.params
-        assert params.seed is not None
+        job = slot.job
         try:
             try:
                 stored = time.perf_counter()
-                results = []
-                for index, image in enumerate(images):
-                    seed = image_seed(params.seed, index)
-                    ctx.store.put(job.id, index, encode_png(image, params, seed), ttl=tasks.image_ttl(ctx, job))
-                    results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
+                results = tasks.store_images(ctx, job, slot.params, images)
             except Exception as exc:
                 log.exception("job %s: storing failed", job.id)
                 self._end_failed(slot, _sampling_failure(job, exc), on_finisher=True)
@@ -504,7 +497,7 @@ class BatchingWorker(ImagegenWorker):
             job.meta["timings"] = tasks.timings(slot.load_s, sampling_s, time.perf_counter() - stored)
             log.info("job %s: %d image(s), %.3fs of batched sampling", job.id, len(results), slot.request.work_s)
             self._finalize_success(job, slot.queue, slot.execution, {"images": results})
-            tasks._record_steptime(ctx, params, slot.request.work_s)  # after: the client waits for the outcome
+            tasks._record_steptime(ctx, slot.params, slot.request.work_s)  # after: the client waits for the outcome
         except Exception:
             # Redis went away while recording: the job stays in the started registry and is
             # recovered as abandoned once its heartbeat expires, as for a broken session.

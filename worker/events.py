@@ -81,14 +81,13 @@ class WebhookSender:
         with self._ready:
             target = self._targets.setdefault(url, _Target())
             pending = target.pending
-            if progress:  # the newest progress of a job replaces a waiting one (not one being sent)
-                first = 1 if target.busy else 0
+            first = 1 if target.busy else 0  # the head is being sent: it stays
+            if progress:  # the newest progress of a job replaces a waiting one
                 for i in range(len(pending) - 1, first - 1, -1):
                     if pending[i][0] == event.job_id and pending[i][1]:
                         del pending[i]
             pending.append((event.job_id, progress, body))
             if len(pending) > self.MAX_PENDING:
-                first = 1 if target.busy else 0
                 drop = next((i for i in range(first, len(pending)) if pending[i][1]), first)
                 del pending[drop]
                 log.warning("webhook %r: %d events waiting; one dropped", url, self.MAX_PENDING)
@@ -188,20 +187,10 @@ class EventSink:
         """Seconds a job's event stream is kept: as long as the job itself."""
         return self.settings.event_ttl
 
-    def ttl_for(self, event: JobEvent, job_ttl: int | None = None) -> int:
-        """Seconds the job's streams are kept once this event is written: an end shortens them to
-        what is left of the job (its result TTL on success, IMAGEGEN_FAILURE_TTL otherwise), where
-        they outlived it by up to a day (~5 KB per job)."""
-        if event.type is EventType.succeeded:
-            return job_ttl if job_ttl and job_ttl > 0 else self.settings.result_ttl
-        if event.type.is_terminal():
-            return self.settings.failure_ttl
-        return self.ttl
-
     def emit(self, job: Job, type_: EventType, status: str, **fields: Any) -> JobEvent:
         event = events.make_event(type_, job.id, status, **fields)
         try:
-            events.publish(self.connection, event, self.ttl_for(event))
+            events.publish(self.connection, event, events.stream_ttl(self.settings, event))
         except Exception:  # losing one event must not fail the job; status still lives in RQ
             log.warning("job %s: could not publish %s event", job.id, type_, exc_info=True)
         self.deliver(job, event)

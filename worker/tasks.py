@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from app.core.events import EventType, make_event, publish
+from app.core.events import EventType, make_event, publish, result_ttl
 from app.core.jobs import MAX_SEED, ErrorCode, GenerationParams, cancel_key, image_seed, steptime_key
 from worker.events import record_start
 from worker.png import encode_png
@@ -205,22 +205,23 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
     _record_steptime(ctx, request, sampling_s)
 
     # 4. Encode and store every image; the job's result lists them.
-    results = []
-    for index, image in enumerate(images):
-        seed = image_seed(request.seed, index)
-        ctx.store.put(job.id, index, encode_png(image, request, seed), ttl=image_ttl(ctx, job))
-        results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
+    results = store_images(ctx, job, request, images)
     # Saved with the job's success (`ImagegenWorker.handle_job_success`), in RQ's transaction.
     job.meta["timings"] = timings(load_s, sampling_s, time.perf_counter() - started - sampling_s)
     log.info("job %s: %d image(s) in %.3fs", job.id, len(results), sampling_s)
     return {"images": results}
 
 
-def image_ttl(ctx: WorkerContext, job: Job) -> int:
-    """Seconds a job's images are kept: as long as the job itself, whose result TTL the API set
-    when it queued the job (the worker's own setting may differ: the images then expired first)."""
-    ttl = job.result_ttl
-    return ttl if isinstance(ttl, int) and ttl > 0 else ctx.settings.result_ttl
+def store_images(ctx: WorkerContext, job: Job, params: GenerationParams, images: list[Any]) -> list[dict[str, int]]:
+    """Encode and store a job's images (kept as long as the job); what its result lists of them."""
+    assert params.seed is not None
+    ttl = result_ttl(job.result_ttl, ctx.settings)
+    results = []
+    for index, image in enumerate(images):
+        seed = image_seed(params.seed, index)
+        ctx.store.put(job.id, index, encode_png(image, params, seed), ttl=ttl)
+        results.append({"index": index, "seed": seed, "width": image.width, "height": image.height})
+    return results
 
 
 def timings(load_s: float, sampling_s: float, encode_s: float) -> dict[str, float]:

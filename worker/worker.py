@@ -268,7 +268,7 @@ class ImagegenWorker(SimpleWorker):
         # RQ's success leaves the job's meta alone; its timings (set by the task or the batch) go here.
         pipe.hset(job.key, "meta", job._serialize_meta())
         if success.event is not None and self.events is not None:
-            events.publish(pipe, success.event, self.events.ttl_for(success.event, job.result_ttl))
+            events.publish(pipe, success.event, events.stream_ttl(self.events.settings, success.event, job.result_ttl))
         metrics.record_job(pipe, "succeeded", len((job._result or {}).get("images", [])), _timings(job))
         success.written = True
 

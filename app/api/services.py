@@ -531,7 +531,7 @@ class JobService:
             metrics.record_job(pipe, JobStatus.canceled.value, 0, {})  # no worker will count it
             pipe.execute()
         event = events.make_event(EventType.canceled, job.id, "canceled", error=job.meta["error"])
-        events.publish(self.redis, event, self.settings.failure_ttl)  # kept as long as the canceled job
+        events.publish(self.redis, event, events.stream_ttl(self.settings, event))
         return fetch_job(self.redis, job.id) or job, event
 
     # -- wait -----------------------------------------------------------------------------

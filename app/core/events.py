@@ -17,6 +17,8 @@ from redis.client import Pipeline
 if TYPE_CHECKING:
     from redis import Redis
 
+    from app.core.config import Settings
+
 STREAM_MAXLEN = 1000
 
 
@@ -54,6 +56,21 @@ def end_key(job_id: str) -> str:
     """A stream that holds only the job's terminal event: what waiters for the end read, so that
     no progress event wakes them (or costs the sampling worker their CPU time)."""
     return f"imagegen:ended:{job_id}"
+
+
+def result_ttl(job_ttl: int | None, settings: Settings) -> int:
+    """Seconds a succeeded job (its images, its streams) is kept: the result TTL the API gave it
+    when it queued the job, else the setting (a worker's own setting may differ from the API's)."""
+    return job_ttl if isinstance(job_ttl, int) and job_ttl > 0 else settings.result_ttl
+
+
+def stream_ttl(settings: Settings, event: JobEvent, job_ttl: int | None = None) -> int:
+    """Seconds a job's streams are kept once `event` is written: an end shortens them to what is
+    left of the job (its result TTL on success, IMAGEGEN_FAILURE_TTL otherwise), where they
+    outlived it by up to a day (~5 KB per job)."""
+    if event.type is EventType.succeeded:
+        return result_ttl(job_ttl, settings)
+    return settings.failure_ttl if event.type.is_terminal() else settings.event_ttl
 
 
 def publish(conn: Redis | Pipeline, event: JobEvent, ttl: int) -> None:
