@@ -1,13 +1,57 @@
-"""`python -m app.keys create|list|revoke`: manage API keys stored (hashed) in Redis."""
+"""`python -m app.keys create|list|update|revoke`: manage API keys stored (hashed) in Redis.
+
+A stored key may queue jobs with priority `high` only when granted (`--high-priority`), and may
+have `IMAGEGEN_MAX_QUEUED_PER_KEY` jobs waiting at once unless it has a bound of its own
+(`--max-queued N`, 0 for none). Keys in `IMAGEGEN_API_KEYS` are the operator's: they may use
+every priority, under the server's bound.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 
-from app.core.auth import list_keys, revoke, store_key
+from app.core.auth import list_keys, revoke, store_key, update_grants
 from app.core.config import Settings
 from app.core.queue import connect
+
+
+def _max_queued(text: str) -> int | None:
+    """`--max-queued`: a count (0: no bound), or `default` for the server's setting."""
+    if text == "default":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number or 'default': {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (no bound) or more")
+    return value
+
+
+def _grant_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--high-priority",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="may (or, with --no-high-priority, may not) queue jobs with priority high",
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=_max_queued,
+        default=argparse.SUPPRESS,  # absent unless given: `update` keeps the key's bound
+        metavar="N|default",
+        help="jobs it may have waiting at once (0: no bound; default: IMAGEGEN_MAX_QUEUED_PER_KEY)",
+    )
+
+
+def _describe(meta: dict, settings: Settings) -> str:
+    created = datetime.datetime.fromtimestamp(meta["created"], datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    bound = meta.get("max_queued")
+    queued = f"default ({settings.max_queued_per_key})" if bound is None else str(bound or "unbounded")
+    priority = "high allowed" if meta.get("high_priority") else "normal/low only"
+    return f"{meta['name']}  created {created}  priority: {priority}  max queued: {queued}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,19 +59,37 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="create a key and print it (shown only once)")
     create.add_argument("name")
-    sub.add_parser("list", help="list keys: digest prefix, name, creation time")
+    _grant_options(create)
+    sub.add_parser("list", help="list keys: digest prefix, name, creation time, grants")
+    update = sub.add_parser("update", help="change the grants of keys by name or digest prefix")
+    update.add_argument("name_or_prefix")
+    _grant_options(update)
     rm = sub.add_parser("revoke", help="revoke keys by name or digest prefix")
     rm.add_argument("name_or_prefix")
     args = parser.parse_args(argv)
     settings = Settings()
     redis = connect(settings.redis_url)
     if args.command == "create":
-        print(store_key(redis, args.name))
+        key = store_key(
+            redis, args.name, high_priority=bool(args.high_priority), max_queued=getattr(args, "max_queued", None)
+        )
+        print(key)
         if not settings.auth_enabled:
             print("note: IMAGEGEN_AUTH is off here: the API checks keys only with it on", file=sys.stderr)
     elif args.command == "list":
         for prefix, meta in list_keys(redis):
-            print(f"{prefix}  {meta['name']}  {meta['created']}")
+            print(f"{prefix}  {_describe(meta, settings)}")
+    elif args.command == "update":
+        grants: dict[str, bool | int | None] = {}
+        if args.high_priority is not None:
+            grants["high_priority"] = args.high_priority
+        if hasattr(args, "max_queued"):
+            grants["max_queued"] = args.max_queued
+        if not grants:
+            parser.error("update: give --high-priority, --no-high-priority or --max-queued")
+        n = update_grants(redis, args.name_or_prefix, **grants)
+        print(f"updated {n} key(s)")
+        return 0 if n else 1
     else:
         n = revoke(redis, args.name_or_prefix)
         print(f"revoked {n} key(s)")

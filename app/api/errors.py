@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 STATUS: dict[type[errors.ImagegenError], int] = {
     errors.UnauthorizedError: 401,
+    errors.ForbiddenError: 403,
     errors.NotFoundError: 404,
     errors.ConflictError: 409,
     errors.GoneError: 410,

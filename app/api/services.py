@@ -8,6 +8,7 @@ import datetime
 import hashlib
 import logging
 import math
+import re
 import secrets
 import time
 import uuid
@@ -18,18 +19,17 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.client import Pipeline
-from redis.exceptions import NoScriptError, RedisError
-from rq import Queue, Worker
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from rq import Queue
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
-from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 from sse_starlette.sse import AppStatus
 
 from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, Timings
 from app.core import events, metrics
-from app.core.catalog import model_of_queue, served_models
+from app.core.catalog import count_live, live_on_queue, model_of_queue, served_models
 from app.core.config import Settings
-from app.core.enqueue import SCRIPT, SCRIPT_SHA, JobHash, script_args
+from app.core.enqueue import OWNER_FULL, SCRIPT, SCRIPT_SHA, JobHash, script_args
 from app.core.errors import (
     ConflictError,
     GoneError,
@@ -114,9 +114,16 @@ class _QueueState:
 
     read_at: float
     lengths: list[int]  # waiting jobs per priority, highest first
-    workers: int
+    workers: int  # live ones (see app.core.catalog); ETAs need one, and a Retry-After counts at least one
     steptimes: dict[str, float]
     info: ModelInfo | None  # the defaults its workers publish (None before any worker started)
+
+    def per_job(self) -> float:
+        """Seconds of sampling a job of the model's default steps takes, from measured step times
+        (1 s before any was measured)."""
+        times = self.steptimes
+        steps = self.info.num_inference_steps if self.info and self.info.num_inference_steps else 25
+        return sum(times.values()) / len(times) * steps if times else 1.0
 
 
 @dataclass
@@ -136,7 +143,8 @@ class _Admitted:
         one (GET /jobs/{id} reads them)."""
         self.state.lengths = [int(x) for x in lengths]
         position = sum(self.state.lengths[: self.rank + 1]) - 1
-        eta = None if self.own_work is None else self.own_work * (position + 1) / self.state.workers
+        workers = self.state.workers
+        eta = None if self.own_work is None or not workers else self.own_work * (position + 1) / workers
         return position, eta
 
 
@@ -244,13 +252,15 @@ class JobService:
         webhook: dict[str, Any] | None = None,
         job_id: str | None = None,
         owner: str | None = None,
+        max_queued: int = 0,
         model: str | None = None,
         task: str = TASK_GENERATE,
         before: Callable[[Pipeline, str], None] | None = None,
     ) -> Placed:
         """Queue a job of `task` (under `job_id` when an idempotency key reserved one) on the queue of
         `model` (see `route`); `before` writes what the job needs first (the input image of a
-        variations job), in the same round trip.
+        variations job), in the same round trip. `owner` may have at most `max_queued` jobs
+        waiting (0: no bound), checked in the same script call (429 past it).
 
         The write is one script call (see `app.core.enqueue`), as in `submit_async`; a read of
         the queue state (lengths, workers, step times, the model's defaults) goes first when the
@@ -267,12 +277,15 @@ class JobService:
         admitted = self._admit(params, model, state, priority, webhook, owner)
         queue = self._model_queues(model)[admitted.rank]
         job_hash = self._job_hashes.get((queue.name, task)) or self._job_hash(queue, task)
-        job_id, created, args = self._script_args(admitted, model, job_id, job_hash)
+        job_id, created, args = self._script_args(admitted, model, job_id, job_hash, max_queued)
         try:
-            lengths = self._write(job_id, args, before)
-        except NoScriptError:  # Redis restarted or its scripts were flushed since the last load
-            self.redis.script_load(SCRIPT)
-            lengths = self._write(job_id, args, before)
+            try:
+                lengths = self._write(job_id, args, before)
+            except NoScriptError:  # Redis restarted or its scripts were flushed since the last load
+                self.redis.script_load(SCRIPT)
+                lengths = self._write(job_id, args, before)
+        except ResponseError as exc:
+            raise self._refused(exc, admitted) from None
         position, eta = admitted.place(lengths)
         return Placed(job_id, priority, created, admitted.params_json, position, eta)
 
@@ -284,6 +297,7 @@ class JobService:
         webhook: dict[str, Any] | None = None,
         job_id: str | None = None,
         owner: str | None = None,
+        max_queued: int = 0,
         model: str | None = None,
     ) -> Placed:
         """`submit` for async routes, on the asyncio client: the write is one script call (see
@@ -303,12 +317,15 @@ class JobService:
         job_hash = self._job_hashes.get((queue.name, TASK_GENERATE))
         if job_hash is None:  # the first job on this queue: RQ reads the server's version once
             job_hash = await asyncio.to_thread(self._job_hash, queue, TASK_GENERATE)
-        job_id, created, args = self._script_args(admitted, model, job_id, job_hash)
+        job_id, created, args = self._script_args(admitted, model, job_id, job_hash, max_queued)
         try:
-            lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
-        except NoScriptError:  # Redis restarted or its scripts were flushed since the last load
-            await self.aredis.script_load(SCRIPT)
-            lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
+            try:
+                lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
+            except NoScriptError:  # Redis restarted or its scripts were flushed since the last load
+                await self.aredis.script_load(SCRIPT)
+                lengths = await self._writes.write("EVALSHA", SCRIPT_SHA, *args)
+        except ResponseError as exc:
+            raise self._refused(exc, admitted) from None
         position, eta = admitted.place(lengths)
         return Placed(job_id, priority, created, admitted.params_json, position, eta)
 
@@ -320,8 +337,22 @@ class JobService:
             pipe.evalsha(SCRIPT_SHA, *args)
             return pipe.execute()[-1]
 
+    @staticmethod
+    def _refused(exc: ResponseError, admitted: _Admitted) -> Exception:
+        """The error to raise for the script's error reply: a 429 when the owner has its bound of
+        jobs waiting (nothing was written), else the reply itself."""
+        full = re.search(OWNER_FULL + r" (\d+)", str(exc))  # a pipeline puts its own words first
+        if full is None:
+            return exc
+        count = full.group(1)
+        retry_after = max(1, math.ceil(admitted.state.per_job() / max(1, admitted.state.workers)))
+        return RateLimitedError(
+            f"this API key has {count} jobs waiting, as many as it may; retry when some have started",
+            retry_after=retry_after,
+        )
+
     def _script_args(
-        self, admitted: _Admitted, model: str, job_id: str | None, job_hash: JobHash
+        self, admitted: _Admitted, model: str, job_id: str | None, job_hash: JobHash, max_queued: int = 0
     ) -> tuple[str, datetime.datetime, list[Any]]:
         """The job's id, creation time and the arguments of its script call (after the SHA1)."""
         job_id = job_id or str(uuid.uuid4())
@@ -341,6 +372,8 @@ class JobService:
             event_ttl=self.event_ttl,
             wake_stream=wake_key(model),
             model_queue_keys=[q.key for q in self._model_queues(model)],
+            owner=admitted.meta.get("owner"),
+            max_queued=max_queued,
         )
         return job_id, created, args
 
@@ -371,7 +404,7 @@ class JobService:
         queues = self._model_queues(model)
         for queue in queues:
             pipe.llen(queue.key)
-        pipe.scard(WORKERS_BY_QUEUE_KEY % queues[0].name)
+        count_live(pipe, queues[0].name, self.settings.worker_heartbeat)
         pipe.hgetall(steptime_key(model))
         pipe.hget(MODELS_KEY, model)
 
@@ -380,7 +413,7 @@ class JobService:
         *lengths, live, raw_times, raw_info = replies
         times = {k.decode(): float(v) for k, v in raw_times.items()}
         info = ModelInfo.model_validate_json(raw_info) if raw_info else None
-        state = _QueueState(time.monotonic(), [int(x) for x in lengths], max(1, int(live)), times, info)
+        state = _QueueState(time.monotonic(), [int(x) for x in lengths], int(live), times, info)
         self._state[model] = state
         return state
 
@@ -399,10 +432,8 @@ class JobService:
         # 1. A bounded queue: past `max_queue` waiting jobs, ask clients to come back later.
         waiting = sum(state.lengths)
         if waiting >= s.max_queue:
-            times = state.steptimes
-            per_job = sum(times.values()) / len(times) * (info.num_inference_steps if info else 25) if times else 1.0
             # Roughly when a tenth of the backlog, and at least one job, has drained.
-            retry_after = max(1, math.ceil(max(1.0, waiting / 10) * per_job / state.workers))
+            retry_after = max(1, math.ceil(max(1.0, waiting / 10) * state.per_job() / max(1, state.workers)))
             raise RateLimitedError(f"the queue is full ({waiting} jobs waiting); retry later", retry_after=retry_after)
         # 2. Fill the request from the model's defaults.
         if params.seed is None:
@@ -796,7 +827,8 @@ class JobService:
             seen += 1
         if position > seen and seen:  # more waiting than we read: extrapolate their average
             total += (total - own) / seen * (position - seen)
-        return total / max(1, Worker.count(connection=self.redis, queue=queues[0]))
+        live = live_on_queue(self.redis, queues[0].name, self.settings.worker_heartbeat)
+        return total / live if live else None  # no live worker: no honest estimate
 
     @staticmethod
     def _rq_failure(job: Job) -> JobErrorInfo:

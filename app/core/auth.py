@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from app.core.errors import RateLimitedError, UnauthorizedError
+from app.core.errors import ForbiddenError, RateLimitedError, UnauthorizedError
+from app.core.jobs import Priority
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -35,9 +36,23 @@ def new_key() -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling. `owner` is None when authentication is off (everyone sees every job)."""
+    """Who is calling. `owner` is None when authentication is off (everyone sees every job).
+
+    `high_priority`: whether the key may queue jobs with priority `high`. `max_queued`: how many
+    of its jobs may wait at once (0: no bound of its own; `IMAGEGEN_MAX_QUEUE` still holds).
+    """
 
     owner: str | None
+    high_priority: bool = True
+    max_queued: int = 0
+
+    def check_priority(self, priority: Priority) -> None:
+        if priority is Priority.high and not self.high_priority:
+            raise ForbiddenError(
+                "priority: this API key may not queue jobs with priority high "
+                "(the operator grants it: python -m app.keys update <name> --high-priority)",
+                details=[{"loc": ["body", "priority"], "msg": "high priority is not granted to this API key"}],
+            )
 
 
 ANONYMOUS = Principal(owner=None)
@@ -55,9 +70,19 @@ def authenticate(authorization: str | None, settings: Settings, redis: Redis) ->
     matched = False
     for key in settings.api_key_list:
         matched |= hmac.compare_digest(presented, digest(key))
-    if not matched and not redis.hexists(KEYS_HASH, presented):
+    owner = presented[:32]
+    if matched:  # the operator's own keys (IMAGEGEN_API_KEYS): every grant, the default bound
+        return Principal(owner, high_priority=True, max_queued=settings.max_queued_per_key)
+    stored = redis.hget(KEYS_HASH, presented)
+    if stored is None:
         raise UnauthorizedError("invalid API key")
-    return Principal(owner=presented[:32])
+    grants = json.loads(stored)  # type: ignore[arg-type]
+    max_queued = grants.get("max_queued")
+    return Principal(
+        owner,
+        high_priority=bool(grants.get("high_priority", False)),
+        max_queued=settings.max_queued_per_key if max_queued is None else int(max_queued),
+    )
 
 
 def is_limited(principal: Principal, limit: int) -> bool:
@@ -81,11 +106,31 @@ def charge(redis: Redis, principal: Principal, kind: str, amount: int, limit: in
         raise RateLimitedError(f"rate limit: {limit} {kind} per minute for this key", retry_after=retry_after)
 
 
-def store_key(redis: Redis, name: str) -> str:
-    """Create a key, store its digest, return the key (shown once)."""
+def store_key(redis: Redis, name: str, *, high_priority: bool = False, max_queued: int | None = None) -> str:
+    """Create a key, store its digest and grants, return the key (shown once).
+
+    `max_queued` None: the server's `IMAGEGEN_MAX_QUEUED_PER_KEY` applies; 0: no bound of its own."""
     key = new_key()
-    redis.hset(KEYS_HASH, digest(key), json.dumps({"name": name, "created": int(time.time())}))
+    record = {"name": name, "created": int(time.time()), "high_priority": high_priority, "max_queued": max_queued}
+    redis.hset(KEYS_HASH, digest(key), json.dumps(record))
     return key
+
+
+def update_grants(redis: Redis, name_or_prefix: str, **grants: bool | int | None) -> int:
+    """Change the grants (`high_priority`, `max_queued`) of the keys a name or digest prefix names;
+    returns how many. A grant left out (not passed) is kept."""
+    updated = 0
+    stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
+    for full, raw in stored.items():
+        record = json.loads(raw)
+        if _names(full, record, name_or_prefix):
+            redis.hset(KEYS_HASH, full, json.dumps({**record, **grants}))  # type: ignore[arg-type]
+            updated += 1
+    return updated
+
+
+def _names(full: bytes, record: dict, name_or_prefix: str) -> bool:
+    return record["name"] == name_or_prefix or full.decode().startswith(name_or_prefix)
 
 
 def list_keys(redis: Redis) -> list[tuple[str, dict]]:
@@ -97,6 +142,6 @@ def revoke(redis: Redis, name_or_prefix: str) -> int:
     removed = 0
     stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
     for full, meta in stored.items():
-        if json.loads(meta)["name"] == name_or_prefix or full.decode().startswith(name_or_prefix):
+        if _names(full, json.loads(meta), name_or_prefix):
             removed += int(redis.hdel(KEYS_HASH, full))  # type: ignore[arg-type]
     return removed

@@ -10,12 +10,12 @@ the `imagegen_workers` gauge all count workers this way.
 from __future__ import annotations
 
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 from redis import Redis
-from rq.utils import utcparse
+from rq.utils import utcformat, utcparse
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from app.core.jobs import MODELS_KEY, QUEUE_PREFIX, ModelInfo, Priority, queue_name
@@ -38,6 +38,32 @@ def _alive(last_heartbeat: bytes | None, now: datetime, limit: float) -> bool:
         return False
     beat = beat if beat.tzinfo else beat.replace(tzinfo=UTC)
     return (now - beat).total_seconds() <= limit
+
+
+# Counts, in one call, the workers on a queue whose last heartbeat is at or after ARGV[1]: RQ writes
+# it with one fixed format (`rq.utils.utcformat`), so its text sorts as its time does.
+LIVE_SCRIPT = """
+local live = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local beat = redis.call('HGET', key, 'last_heartbeat')
+  if beat and beat >= ARGV[1] then live = live + 1 end
+end
+return live
+"""
+
+
+def count_live(pipe: Any, queue: str, heartbeat: float) -> None:
+    """Queue on `pipe` a command that answers how many workers of `queue` are alive (as `_alive`
+    judges them): one round trip shared with the pipe's other commands."""
+    since = datetime.now(UTC) - timedelta(seconds=heartbeat_limit(heartbeat))
+    pipe.eval(LIVE_SCRIPT, 1, WORKERS_BY_QUEUE_KEY % queue, utcformat(since))
+
+
+def live_on_queue(redis: Redis, queue: str, heartbeat: float) -> int:
+    """Workers listening on `queue` that are alive (see `count_live`)."""
+    with redis.pipeline(transaction=False) as pipe:
+        count_live(pipe, queue, heartbeat)
+        return int(pipe.execute()[0])
 
 
 def live_workers(redis: Redis, model: str, heartbeat: float) -> int:

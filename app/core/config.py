@@ -60,6 +60,13 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="Images a worker denoises together (step-level batching); 1 runs one job at a time."
     )
     max_queue: int = Field(1000, ge=1, description="Waiting jobs per model before POST /generate answers 429.")
+    max_queued_per_key: int = Field(
+        100,
+        ge=0,
+        le=10000,
+        description="Jobs one API key may have waiting at once, all models together, before its submissions get "
+        "429 (0: no bound; a stored key's own `max_queued` overrides it). Only with API keys on.",
+    )
     max_streams: int = Field(
         256,
         ge=1,

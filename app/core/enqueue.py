@@ -29,20 +29,44 @@ from app.core.jobs import TASK_GENERATE, WAKE_MAXLEN, GenerationParams
 from app.core.queue import SERIALIZER, enqueue_task
 
 # KEYS: rq:queues, the job's queue, the job's hash, seen marker, listing index, event stream, the
-#       model's wake stream, then every queue of the model (their lengths come back)
+#       model's wake stream, the owner's waiting set, then every queue of the model (their lengths
+#       come back)
 # ARGV: job id, seen TTL, index score, `queued` event JSON, event TTL, event stream length bound,
-#       wake stream length bound, the hash fields every job of the queue shares (a JSON list of
-#       field/value pairs, packed once per queue), then the job's own field/value pairs
+#       wake stream length bound, the owner's bound on waiting jobs (0: none), RQ's job key prefix,
+#       the hash fields every job of the queue shares (a JSON list of field/value pairs, packed
+#       once per queue), then the job's own field/value pairs
 # Listing entries older than the seen marker's TTL name jobs that are gone for certain: each
 # submission drops them from its index (listing drops expired ones too, but only for a caller who
 # lists; an owner who never does kept every entry for ever). A job that exists already is not
 # written again: a call resent after a lost connection (see `app.core.queue.connect`) must not
 # queue the job twice.
+# An owner's waiting set holds the ids of its jobs that may still be waiting; nothing else takes
+# them out. Only when it is full are they checked, oldest first, and those no longer `queued`
+# (started, ended, canceled, expired) dropped until there is room; if there is none, the script
+# answers an error (IMAGEGEN_OWNER_FULL and the count) and writes nothing.
 SCRIPT = """
 if redis.call('EXISTS', KEYS[3]) == 0 then
+  local bound = tonumber(ARGV[8])
+  if bound > 0 then
+    local waiting = redis.call('ZCARD', KEYS[8])
+    if waiting >= bound then
+      for _, id in ipairs(redis.call('ZRANGE', KEYS[8], 0, -1)) do
+        if redis.call('HGET', ARGV[9] .. id, 'status') ~= 'queued' then
+          redis.call('ZREM', KEYS[8], id)
+          waiting = waiting - 1
+          if waiting < bound then break end
+        end
+      end
+      if waiting >= bound then
+        return redis.error_reply('IMAGEGEN_OWNER_FULL ' .. waiting)
+      end
+    end
+    redis.call('ZADD', KEYS[8], ARGV[3], ARGV[1])
+    redis.call('EXPIRE', KEYS[8], ARGV[2])
+  end
   redis.call('SADD', KEYS[1], KEYS[2])
-  redis.call('HSET', KEYS[3], unpack(cjson.decode(ARGV[8])))
-  redis.call('HSET', KEYS[3], unpack(ARGV, 9))
+  redis.call('HSET', KEYS[3], unpack(cjson.decode(ARGV[10])))
+  redis.call('HSET', KEYS[3], unpack(ARGV, 11))
   redis.call('RPUSH', KEYS[2], ARGV[1])
   redis.call('SET', KEYS[4], 1, 'EX', ARGV[2])
   redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
@@ -52,11 +76,13 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[7], '*', 'job', ARGV[1])
 end
 local lengths = {}
-for i = 8, #KEYS do
+for i = 9, #KEYS do
   lengths[#lengths + 1] = redis.call('LLEN', KEYS[i])
 end
 return lengths
 """
+OWNER_FULL = "IMAGEGEN_OWNER_FULL"  # the script's error when the owner's bound is reached
+OWNER_QUEUED_PREFIX = "imagegen:queued:"  # + owner: the owner's waiting set (see SCRIPT)
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # what EVALSHA names it by
 PER_JOB = ("created_at", "enqueued_at", "data", "meta")  # the hash fields that differ between jobs
 
@@ -109,6 +135,8 @@ def script_args(
     event_ttl: int,
     wake_stream: str,
     model_queue_keys: list[str],
+    owner: str | None = None,
+    max_queued: int = 0,
 ) -> list[Any]:
     """The arguments after the script's SHA1 in an EVALSHA: key count, keys, then ARGV."""
     queue = job_hash.queue
@@ -120,8 +148,10 @@ def script_args(
         index_key,
         events.stream_key(job_id),
         wake_stream,
+        OWNER_QUEUED_PREFIX + (owner or ""),
         *model_queue_keys,
     ]
+    bound = max_queued if owner is not None else 0
     argv = [job_id, seen_ttl, created.timestamp(), queued_event, event_ttl, events.STREAM_MAXLEN, WAKE_MAXLEN]
-    argv.append(job_hash.fixed)
+    argv += [bound, queue.job_class.redis_job_namespace_prefix, job_hash.fixed]
     return [len(keys), *keys, *argv, *job_hash.fields(params, meta, created)]

@@ -22,6 +22,12 @@ class UnauthorizedError(ImagegenError):
     code = "unauthorized"
 
 
+class ForbiddenError(ImagegenError):
+    """The caller is known but not allowed this (e.g. a priority its API key was not granted)."""
+
+    code = "forbidden"
+
+
 class NotFoundError(ImagegenError):
     code = "not_found"
 

@@ -83,6 +83,81 @@ def test_keys_stored_hashed_in_redis_via_the_cli(secured) -> None:
     assert httpx.get(base + "/jobs", headers=carol).status_code == 401
 
 
+def test_high_priority_only_for_keys_granted_it(secured) -> None:
+    """Any key could jump the queue; a stored key now needs the grant, given or taken by the CLI."""
+    base, env = secured
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PYTHON, "-m", "app.keys", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    key = run("create", "erin").stdout.strip()
+    erin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"})
+    high = {"prompt": "x", "priority": "high", **FAST}
+    r = erin.post("/generate", json=high)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "forbidden" and "priority" in r.json()["error"]["message"]
+    assert erin.post("/generate", json={**high, "priority": "low"}).status_code == 202
+    r = erin.post("/variations", data={"priority": "high"}, files={"image": ("x.png", _png(), "image/png")})
+    assert r.status_code == 403, r.text  # the variations route too
+    assert "normal/low only" in run("list").stdout
+    assert run("update", "erin", "--high-priority").returncode == 0
+    assert "high allowed" in run("list").stdout
+    assert erin.post("/generate", json=high).status_code == 202
+    assert run("update", "erin", "--no-high-priority").returncode == 0
+    assert erin.post("/generate", json=high).status_code == 403
+    # The operator's own keys (IMAGEGEN_API_KEYS) may use every priority.
+    alice = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ALICE}"})
+    assert alice.post("/generate", json=high).status_code == 202
+    assert run("update", "nobody", "--high-priority").returncode == 1
+    assert run("update", "erin").returncode != 0  # nothing to change is a usage error
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_waiting_jobs_bounded_per_key(redis_server: RedisServer, tmp_path) -> None:
+    """One key cannot fill the shared queue: past its bound of waiting jobs it gets 429 (in OpenAI's
+    shape on /v1), other keys are unaffected, and a job leaving the queue makes room again."""
+    env = service_env(
+        f"redis://127.0.0.1:{redis_server.port}/8", tmp_path, api_keys=f"{ALICE},{BOB}", max_queued_per_key="2"
+    )
+    redis_server.client(8).flushdb()
+    api, base = start_api(env, tmp_path / "api.log")  # no worker: every job waits
+    try:
+        alice = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ALICE}"})
+        bob = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {BOB}"})
+        first = alice.post("/generate", json={"prompt": "a1", **FAST})
+        assert first.status_code == 202
+        # A repeat of an Idempotency-Key returns its job and takes no place of its own.
+        keyed = {"prompt": "a2", **FAST}
+        assert alice.post("/generate", json=keyed, headers={"Idempotency-Key": "k2"}).status_code == 202
+        assert alice.post("/generate", json=keyed, headers={"Idempotency-Key": "k2"}).status_code == 200
+        r = alice.post("/generate", json={"prompt": "a3", **FAST})
+        assert r.status_code == 429, r.text
+        assert "2 jobs waiting" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1
+        r = alice.post("/v1/images/generations", json={"prompt": "a3"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited" and r.headers["retry-after"]
+        r = alice.post("/variations", files={"image": ("x.png", _png(), "image/png")})
+        assert r.status_code == 429, r.text
+        assert bob.post("/generate", json={"prompt": "b1", **FAST}).status_code == 202  # per key
+        assert alice.delete(f"/jobs/{first.json()['id']}").status_code == 200  # one leaves the queue
+        assert alice.post("/generate", json={"prompt": "a4", **FAST}).status_code == 202
+        assert alice.post("/generate", json={"prompt": "a5", **FAST}).status_code == 429
+        waiting = [j for j in alice.get("/jobs").json()["jobs"] if j["status"] == "queued"]
+        assert len(waiting) == 2  # nothing refused was written
+    finally:
+        api.stop()
+
+
 def test_rate_limits_per_key(redis_server: RedisServer, tmp_path) -> None:
     env = service_env(
         f"redis://127.0.0.1:{redis_server.port}/6",

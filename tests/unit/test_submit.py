@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import zlib
 from typing import Any
 
 import pytest
 from rq.job import Job, JobStatus
+from rq.utils import utcformat
 
 from app.api.services import JobService, Placed
 from app.core.config import Settings
@@ -261,3 +263,49 @@ def test_the_async_client_packs_commands_as_redis_py_does() -> None:
     ]:
         assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command)), command
     assert connect_async("redis://127.0.0.1:1/0").connection_pool.connection_class is PackingConnection
+
+
+def _register_worker(redis_db, name: str, beat: datetime.datetime) -> None:
+    """A worker as RQ registers it on the model's queues, last heard from at `beat`."""
+    key = f"rq:worker:{name}"
+    redis_db.hset(key, "last_heartbeat", utcformat(beat))
+    for priority in Priority:
+        redis_db.sadd(f"rq:workers:imagegen:main:{priority.value}", key)
+
+
+def test_etas_count_only_live_workers(redis_db, redis_server: RedisServer) -> None:
+    """A killed worker stays registered for a minute and more: ETAs divided by it were too short,
+    and with no live worker at all there is no honest ETA."""
+    service = make_service(redis_db, redis_server, worker_heartbeat=1.0)
+    redis_db.hset("imagegen:steptime:main", "64x64", 0.1)
+    now = datetime.datetime.now(datetime.UTC)
+    _register_worker(redis_db, "dead", now - datetime.timedelta(seconds=30))
+    params = GenerationParams(prompt="p", width=64, height=64, num_inference_steps=10)
+    placed = service.submit(params)
+    assert placed.eta is None  # only a dead worker
+    assert service.view(service.get(placed.id), lambda i, n: "").eta_seconds is None
+    _register_worker(redis_db, "live", now)
+    service._state.clear()  # the next submission reads the state again
+    second = service.submit(params)
+    assert second.eta == pytest.approx(2.0)  # two 1 s jobs, one live worker (not 1.0: two workers)
+    assert service.view(service.get(second.id), lambda i, n: "").eta_seconds == pytest.approx(2.0)
+
+
+def test_an_owners_waiting_bound_frees_the_places_of_jobs_that_left_the_queue(
+    redis_db, redis_server: RedisServer
+) -> None:
+    service = make_service(redis_db, redis_server)
+    jobs = [service.submit(GenerationParams(prompt=f"p{i}"), owner="k1", max_queued=3) for i in range(3)]
+    with pytest.raises(RateLimitedError, match="3 jobs waiting"):
+        service.submit(GenerationParams(prompt="fourth"), owner="k1", max_queued=3)
+    with pytest.raises(RateLimitedError):
+        asyncio.run(submit_async(service, GenerationParams(prompt="fourth"), owner="k1", max_queued=3))
+    assert redis_db.llen("rq:queue:imagegen:main:normal") == 3  # nothing refused was written
+    service.submit(GenerationParams(prompt="other"), owner="k2", max_queued=3)  # bounds are per owner
+    redis_db.hset(Job.key_for(jobs[1].id), "status", "started")  # a worker took one
+    redis_db.delete(Job.key_for(jobs[2].id))  # one expired
+    service.submit(GenerationParams(prompt="fourth"), owner="k1", max_queued=3)
+    service.submit(GenerationParams(prompt="fifth"), owner="k1", max_queued=3)
+    with pytest.raises(RateLimitedError):
+        service.submit(GenerationParams(prompt="sixth"), owner="k1", max_queued=3)
+    service.submit(GenerationParams(prompt="no bound"), owner="k1", max_queued=0)

@@ -83,6 +83,7 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
         except WebhookTargetError as exc:
             raise InvalidRequestError(f"webhook: {exc}", code="validation_error") from None
         webhook = {"url": body.webhook, "events": [e.value for e in body.webhook_events]}
+    principal.check_priority(body.priority)
     wait = prefer_wait(prefer)
     body_hash = lambda: hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # noqa: E731
     async with jobs.idempotent(idempotency_key, body_hash, principal.owner) as (job_id, existing):
@@ -99,6 +100,7 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
             webhook=webhook,
             job_id=job_id,
             owner=principal.owner,
+            max_queued=principal.max_queued,
             model=body.model,
         )
     if wait:

@@ -106,7 +106,7 @@ def _from_domain(exc: errors.ImagegenError) -> OpenAIError:
         loc = [str(p) for p in exc.details[0].get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         param = {"width": "size", "height": "size"}.get(param or "", param)  # /v1 asks for both as `size`
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, errors.UnavailableError) else None
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, errors.RetryLaterError) else None
     return OpenAIError(status, exc.message, param=param, code=exc.code, headers=headers)
 
 
@@ -210,7 +210,8 @@ async def create_images(
     except ValidationError as exc:  # a check of ours OpenAI's schema lacks (e.g. a blank prompt): 400, not 500
         raise validation_error(exc) from None
     await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
-    placed = await run_in_threadpool(partial(jobs.submit, params, owner=principal.owner, model=body.model))
+    submit = partial(jobs.submit, params, owner=principal.owner, max_queued=principal.max_queued, model=body.model)
+    placed = await run_in_threadpool(submit)
     return await answer_with_images(placed.id, body.response_format, request, response, jobs, store, settings)
 
 

@@ -124,6 +124,7 @@ async def create_variations(
         params,
         job_id=str(uuid.uuid4()),
         owner=principal.owner,
+        max_queued=principal.max_queued,
         model=fields.model,
         task=TASK_VARIATIONS,
         before=store_input(png, jobs.event_ttl),

@@ -135,6 +135,7 @@ async def create_variations(
     fields = parse_fields(upload)
     png = await normalized_png(upload, fit=max(settings.max_width, settings.max_height))
     params = fields.variation_params()
+    principal.check_priority(fields.priority)
     webhook = await run_in_threadpool(_webhook, fields, settings)
 
     def body_hash() -> str:
@@ -154,6 +155,7 @@ async def create_variations(
                 priority=fields.priority,
                 job_id=job_id,
                 owner=principal.owner,
+                max_queued=principal.max_queued,
                 model=fields.model,
                 webhook=webhook,
                 task=TASK_VARIATIONS,
