@@ -19,7 +19,9 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
@@ -73,6 +75,7 @@ return 0
 """
 STATE_TTL = 1.0  # seconds `submit` trusts its copy of a model's queue state and defaults
 BLOCK_MS = 2000  # one blocking stream read; below the Redis client's socket timeout
+OUTAGE_PAUSE = 0.5  # seconds between a wait's tries while Redis is unreachable
 POLL_MS = 500  # between non-blocking stream reads, once `max_streams` reads block (see `JobService._xread`)
 ETA_LOOKAHEAD = 100  # jobs ahead whose parameters are read for an ETA; the rest are extrapolated
 
@@ -577,10 +580,18 @@ class JobService:
         # (a lost worker's job failed by maintenance).
         while (remaining := deadline - time.monotonic()) > 0 and not AppStatus.should_exit:
             # Shutting down: answer now, with the job as it stands (the client asks the next server).
-            status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
-            if status is None or status_from_rq(status.decode(), {}).is_terminal():
-                return None
-            result: Any = await self._xread({key: "0"}, 1, max(1, int(min(remaining, 2.0) * 1000)))
+            try:
+                status: Any = await self.aredis.hget(Job.key_for(job_id), "status")
+                if status is None or status_from_rq(status.decode(), {}).is_terminal():
+                    return None
+                result: Any = await self._xread({key: "0"}, 1, max(1, int(min(remaining, 2.0) * 1000)))
+            except (RedisConnectionError, RedisTimeoutError):
+                # Redis restarting: the job is still there once it is back; only a wait that
+                # runs out during the outage says so (the caller answers 503).
+                if deadline - time.monotonic() <= OUTAGE_PAUSE:
+                    raise
+                await asyncio.sleep(OUTAGE_PAUSE)
+                continue
             for _, entries in result or []:
                 return events.decode(entries)[0][1]
         return None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -102,6 +104,18 @@ def test_error_shapes_on_v1_and_elsewhere(stack: Stack) -> None:
         assert r.status_code == 400 and r.json()["error"]["message"] == "The request has no JSON body."
         r = http.post("/v1/images/generations", content=b" " * (1 << 20), headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+        def chunks():
+            yield b'{"prompt": "'
+            for _ in range(80):
+                yield b"x" * 1024
+
+        r = http.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text  # was a 400
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"content-type": content_type} if content_type else {}
+            r = http.post("/v1/images/generations", content=b'{"prompt": "x"}', headers=headers)
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
         r = http.post("/v1/images/variations", content=b"hello", headers={"content-type": "text/plain"})
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
         r = http.get("/v1/images/generations")
@@ -147,19 +161,84 @@ def test_canceled_job_is_a_conflict(stack: Stack) -> None:
     assert error.response.json()["error"]["code"] == "canceled"
 
 
-def test_timeout_is_a_504_and_the_job_goes_on(stack: Stack, tmp_path: Path) -> None:
-    # An API on a database no worker serves: the job stays queued past the 1 s limit.
-    env = service_env(f"redis://127.0.0.1:{stack.redis.port}/7", tmp_path, openai_timeout="1")
+def test_with_no_live_worker_the_call_is_refused_at_once(stack: Stack, tmp_path: Path) -> None:
+    """It waited its whole time-out (120 s by default) for a job nobody would take, then said the
+    job "keeps going", and every SDK retry queued one more."""
+    env = service_env(f"redis://127.0.0.1:{stack.redis.port}/7", tmp_path)  # a database no worker serves
     api, base = start_api(env, tmp_path / "api.log")
     try:
         started = time.monotonic()
         with pytest.raises(openai.APIStatusError) as info:
             sdk(base).images.generate(prompt="nobody will draw this", size="32x32")
-        assert time.monotonic() - started < 30
-        assert info.value.status_code == 504
-        error = info.value.response.json()["error"]
-        assert error["code"] == "timeout" and error["type"] == "server_error"
-        job_id = info.value.response.headers["x-imagegen-job-id"]
-        assert httpx.get(f"{base}/jobs/{job_id}", timeout=10).json()["status"] == "queued"
+        assert time.monotonic() - started < 10
+        assert info.value.status_code == 503 and int(info.value.response.headers["retry-after"]) > 0
+        assert "no worker" in info.value.response.json()["error"]["message"]
+        assert httpx.get(f"{base}/jobs", timeout=10).json()["jobs"] == []  # nothing was queued
+        r = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x", "size": "7x7"}, timeout=10)
+        assert r.status_code == 400  # bad input is still a 400 first
     finally:
         api.stop()
+
+
+def _long_job(http: httpx.Client) -> str:
+    """A job that keeps the stack's one worker busy for a while (canceled by the caller)."""
+    body = {"prompt": "a long one", "num_images": 4, "num_inference_steps": 150, "width": 64, "height": 64}
+    job = http.post("/generate", json=body).json()
+    deadline = time.monotonic() + 30
+    while http.get(f"/jobs/{job['id']}").json()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return job["id"]
+
+
+def test_timeout_is_a_504_that_the_sdk_does_not_retry_and_the_job_goes_on(stack: Stack, tmp_path: Path) -> None:
+    api, base = start_api(stack.env | {"IMAGEGEN_OPENAI_TIMEOUT": "1"}, tmp_path / "api.log")
+    with stack.client() as http:
+        busy = _long_job(http)
+        try:
+            # With the SDK's default retries: the answer says not to, so one call queues one job.
+            client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=2, timeout=30)
+            with pytest.raises(openai.APIStatusError) as info:
+                client.images.generate(prompt="waits behind the long one", size="32x32")
+            assert info.value.status_code == 504
+            assert info.value.response.headers["x-should-retry"] == "false"
+            error = info.value.response.json()["error"]
+            assert error["code"] == "timeout" and error["type"] == "server_error"
+            assert "still waiting in the queue (position 0)" in error["message"]
+            job_id = info.value.response.headers["x-imagegen-job-id"]
+            assert http.get(f"/jobs/{job_id}").json()["status"] == "queued"
+            mine = [
+                j
+                for j in http.get("/jobs", params={"limit": 50}).json()["jobs"]
+                if j["params"]["prompt"] == "waits behind the long one"
+            ]
+            assert len(mine) == 1
+            http.delete(f"/jobs/{job_id}")
+        finally:
+            http.delete(f"/jobs/{busy}")
+            api.stop()
+
+
+def test_api_shutdown_mid_wait_is_a_503_naming_the_job(stack: Stack, tmp_path: Path) -> None:
+    api, base = start_api(stack.env, tmp_path / "api.log")
+    with stack.client() as http:
+        busy = _long_job(http)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(
+                    httpx.post,
+                    base + "/v1/images/generations",
+                    json={"prompt": "cut short", "size": "32x32"},
+                    timeout=60,
+                )
+                time.sleep(1.0)
+                api.popen.send_signal(signal.SIGTERM)
+                r = pending.result()
+            assert r.status_code == 503, r.text
+            assert r.headers["x-should-retry"] == "false" and r.headers["retry-after"]
+            job_id = r.headers["x-imagegen-job-id"]
+            assert "shutting down" in r.json()["error"]["message"] and job_id in r.json()["error"]["message"]
+            assert http.get(f"/jobs/{job_id}").json()["status"] == "queued"
+            http.delete(f"/jobs/{job_id}")
+        finally:
+            http.delete(f"/jobs/{busy}")
+            api.stop()

@@ -61,6 +61,7 @@ def test_keys_required_and_jobs_belong_to_their_key(secured) -> None:
     # The OpenAI SDK's bearer key works on /v1 too; without one it is refused in OpenAI's shape.
     r = httpx.post(base + "/v1/images/generations", json={"prompt": "x"})
     assert r.status_code == 401 and "message" in r.json()["error"]
+    assert r.headers["www-authenticate"] == "Bearer"
 
 
 def test_keys_stored_hashed_in_redis_via_the_cli(secured) -> None:

@@ -89,3 +89,50 @@ def test_canceling_a_running_job_flags_it_and_moves_its_models_wake_stream(redis
     assert event is None and redis_db.get(cancel_key(job_id)) == b"1"  # a running job stops at its next step
     assert redis_db.xlen(wake_key("main")) == before + 1
     assert redis_db.xrevrange(wake_key("main"), count=1)[0][1] == {b"cancel": job_id.encode()}
+
+
+def test_a_wait_rides_out_a_short_redis_outage_and_reports_a_long_one(redis_db, redis_server) -> None:
+    """A Redis restart mid-wait cost the caller its answer (a 503 on /v1, which OpenAI's SDKs then
+    resubmit); the job survives it, so the wait now tries again until its own deadline."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    service = make_service(redis_db, redis_server)
+    job_id = service.submit(GenerationParams(prompt="p")).id
+    redis_db.hset(Job.key_for(job_id), "status", "started")
+
+    async def scenario(failures: int, timeout: float) -> Any:
+        assert service.aredis is not None
+        hget = service.aredis.hget
+        left = failures
+
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            nonlocal left
+            if left:
+                left -= 1
+                raise RedisConnectionError("Connection refused")
+            return await hget(*args, **kwargs)
+
+        service.aredis.hget = flaky  # type: ignore[method-assign]
+        try:
+            waiter = asyncio.create_task(service.wait_async(job_id, timeout))
+            await asyncio.sleep(0.1)
+            events.publish(redis_db, events.make_event(EventType.succeeded, job_id, "succeeded"), 60)
+            return await asyncio.wait_for(waiter, timeout + 5)
+        finally:
+            service.aredis.hget = hget  # type: ignore[method-assign]
+
+    async def both() -> tuple[Any, BaseException | None]:
+        try:
+            ended = await scenario(failures=3, timeout=10)  # down for ~1.5 s of a 10 s wait
+            try:
+                await scenario(failures=100, timeout=1.2)  # down past the wait's end
+            except RedisConnectionError as exc:
+                return ended, exc
+            return ended, None
+        finally:
+            assert service.aredis is not None
+            await service.aredis.aclose()
+
+    ended, error = asyncio.run(both())
+    assert ended is not None and ended.type is EventType.succeeded
+    assert isinstance(error, RedisConnectionError)

@@ -25,12 +25,14 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
+from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.api.bodies import validation_error
+from app.api.bodies import is_json, validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
 from app.api.errors import HTTP_CODES, STATUS, client_gone
+from app.api.middleware import BodyTooLarge
 from app.api.openai_schemas import (
     ImageDatum,
     ImagesGenerationRequest,
@@ -45,12 +47,16 @@ from app.api.openai_schemas import (
 from app.api.services import JobService
 from app.core import errors
 from app.core.auth import charge
-from app.core.catalog import served_models
+from app.core.catalog import live_on_queue, served_models
 from app.core.config import Settings
-from app.core.jobs import ErrorCode, JobStatus
+from app.core.jobs import ErrorCode, JobStatus, Priority, queue_name
 from app.core.storage import ImageStore
 
 log = logging.getLogger(__name__)
+NO_WORKER_RETRY = 5  # Retry-After (s) when no worker serves the model
+# Sent with every answer given after the job was queued: OpenAI's SDKs retry a 5xx by default,
+# and a retry queues a second job while the first goes on (they honour this header).
+NO_RETRY = {"x-should-retry": "false"}
 
 
 class OpenAIError(Exception):
@@ -107,6 +113,8 @@ def _from_domain(exc: errors.ImagegenError) -> OpenAIError:
         param = ".".join(loc) or None
         param = {"width": "size", "height": "size"}.get(param or "", param)  # /v1 asks for both as `size`
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, errors.RetryLaterError) else None
+    if isinstance(exc, errors.UnauthorizedError):
+        headers = {"WWW-Authenticate": "Bearer"}
     return OpenAIError(status, exc.message, param=param, code=exc.code, headers=headers)
 
 
@@ -116,8 +124,13 @@ class OpenAIRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
+        expects_json = self.body_field is not None  # a JSON body FastAPI parses (the variations read their own)
+
         async def handle(request: Request) -> Response:
             try:
+                if expects_json and request.method == "POST" and not is_json(request.headers.get("content-type")):
+                    message = "send the body as JSON (Content-Type: application/json)"
+                    raise OpenAIError(415, message, code="unsupported_media_type")
                 return await handler(request)
             except OpenAIError as exc:
                 return exc.response()
@@ -130,6 +143,8 @@ class OpenAIRoute(APIRoute):
             except StarletteHTTPException as exc:  # FastAPI's own, e.g. a body it could not read
                 if isinstance(exc.__cause__, ClientDisconnect):
                     return client_gone(request)
+                if isinstance(exc.__cause__, BodyTooLarge):  # a chunked body past the limit: the
+                    raise exc.__cause__ from None  # size limit answers 413 (FastAPI made it a 400)
                 code = HTTP_CODES.get(exc.status_code, "invalid_request")
                 return OpenAIError(exc.status_code, str(exc.detail), code=code).response()
             except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -149,9 +164,10 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 _ERROR_TEXT: dict[int | str, str] = {
     400: "Invalid request, including validation errors and malformed JSON",
     409: "The job was canceled",
+    415: "Body not sent as application/json",
     500: "The job failed",
-    503: "Redis or workers unavailable",
-    504: "The job did not finish within the server's time limit; it keeps running",
+    503: "Redis unavailable, no worker serving the model, or the server shutting down while the job was pending",
+    504: "The job did not finish within the server's time limit; it goes on (x-should-retry: false)",
     "default": "Any other error, in OpenAI's shape",
 }
 OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -200,9 +216,9 @@ async def create_images(
 ) -> ImagesResponse:
     """Queue a job, wait for it and answer with URLs of the PNGs or the PNGs themselves (base64).
 
-    Works with OpenAI's SDKs: point `base_url` at `<server>/v1`; any API key is accepted. Our own
-    parameters (`seed`, `negative_prompt`, `num_inference_steps`, `guidance_scale`, `scheduler`)
-    go in the SDK's `extra_body`.
+    Works with OpenAI's SDKs: point `base_url` at `<server>/v1`; any API key is accepted unless
+    keys are required. Our own parameters (`seed`, `negative_prompt`, `num_inference_steps`,
+    `guidance_scale`, `scheduler`) go in the SDK's `extra_body`.
     """
     width, height = await check_model_and_size(body.model, body.size, settings, redis)
     try:
@@ -218,8 +234,10 @@ async def create_images(
 async def check_model_and_size(
     model: str | None, size: str | None, settings: Settings, redis: Any
 ) -> tuple[int | None, int | None]:
-    """OpenAI-style 400s for a model no live worker serves and for a size outside our bounds;
-    returns the requested (width, height), or (None, None) for the model's native size."""
+    """OpenAI-style 400s for a model no live worker serves and for a size outside our bounds, and a
+    503 when no live worker serves the API's own model (a synchronous caller would wait its whole
+    time-out for a job nobody takes); returns the requested (width, height), or (None, None) for
+    the model's native size."""
     if model is not None and model != settings.model:
         # Another model a live worker serves.
         served = await run_in_threadpool(served_models, redis, settings.worker_heartbeat)
@@ -227,14 +245,20 @@ async def check_model_and_size(
             names = ", ".join(sorted({settings.model, *served}))
             message = f"The model `{model}` does not exist; this server serves {names}."
             raise OpenAIError(400, message, param="model", code="model_not_found")
-    if size is None:
-        return None, None
-    try:
-        return parse_size(
-            size, min_size=settings.min_size, max_width=settings.max_width, max_height=settings.max_height
-        )
-    except SizeError as exc:
-        raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
+    size_asked: tuple[int | None, int | None] = (None, None)
+    if size is not None:
+        try:
+            size_asked = parse_size(
+                size, min_size=settings.min_size, max_width=settings.max_width, max_height=settings.max_height
+            )
+        except SizeError as exc:
+            raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
+    if model is None or model == settings.model:
+        queue = queue_name(settings.model, Priority.normal)
+        if not await run_in_threadpool(live_on_queue, redis, queue, settings.worker_heartbeat):
+            message = f"no worker is serving the model `{settings.model}` right now; retry later"
+            raise OpenAIError(503, message, code="unavailable", headers={"Retry-After": str(NO_WORKER_RETRY)})
+    return size_asked
 
 
 async def answer_with_images(
@@ -250,15 +274,31 @@ async def answer_with_images(
     URLs of our image endpoint or the PNGs in base64; failures and time-outs as OpenAI errors."""
     job_header = {"X-Imagegen-Job-Id": job_id}
     timeout = settings.openai_timeout
-    job = await _wait(jobs, job_id, timeout)
+    follow = f"follow it at GET {request.scope.get('root_path', '')}/jobs/{job_id}"
+    try:
+        job = await _wait(jobs, job_id, timeout)
 
-    def image_url(job_id: str, i: int) -> str:
-        return str(request.url_for("get_image", job_id=job_id, index=str(i)))
+        def image_url(job_id: str, i: int) -> str:
+            return str(request.url_for("get_image", job_id=job_id, index=str(i)))
 
-    view = await run_in_threadpool(jobs.view, job, image_url)
+        view = await run_in_threadpool(jobs.view, job, image_url)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("redis unavailable while waiting for job %s: %s", job_id, exc)
+        message = f"the job store (Redis) became unreachable while job {job_id} was pending; the job is kept: {follow}"
+        raise OpenAIError(
+            503, message, code="unavailable", headers={**job_header, **NO_RETRY, "Retry-After": "5"}
+        ) from None
     if not view.status.is_terminal():
-        message = f"job {job.id} did not finish within {timeout:g} s and keeps going; follow it at GET /jobs/{job.id}"
-        raise OpenAIError(504, message, code="timeout", headers=job_header)
+        if AppStatus.should_exit:
+            message = f"this server is shutting down; job {job_id} goes on: {follow}"
+            raise OpenAIError(503, message, code="unavailable", headers={**job_header, **NO_RETRY, "Retry-After": "1"})
+        where = (
+            f"still waiting in the queue (position {view.queue_position})"
+            if view.status is JobStatus.queued
+            else f"still running (step {view.progress.step} of {view.progress.total})"
+        )
+        message = f"job {job_id} did not finish within {timeout:g} s: it is {where} and goes on; {follow}"
+        raise OpenAIError(504, message, code="timeout", headers={**job_header, **NO_RETRY})
     if view.status is not JobStatus.succeeded:
         code = view.error.code if view.error else ErrorCode.internal_error.value
         message = view.error.message if view.error else f"job {job.id} ended {view.status.value}"
