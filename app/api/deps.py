@@ -6,6 +6,8 @@ worker thread, one thread hop per dependency per request.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,7 +16,7 @@ from redis import Redis
 from rq import Queue
 
 from app.api.services import JobService
-from app.core.auth import ANONYMOUS, Principal, authenticate, charge
+from app.core.auth import ANONYMOUS, Principal, authenticate, charge, is_limited, refund
 from app.core.config import Settings
 from app.core.storage import ImageStore
 
@@ -51,6 +53,23 @@ def _check_key(authorization: str | None, settings: Settings, redis: Redis) -> P
     principal = authenticate(authorization, settings, redis)
     charge(redis, principal, "requests", 1, settings.rate_limit_requests)
     return principal
+
+
+@contextlib.asynccontextmanager
+async def images_charged(redis: Redis, principal: Principal, amount: int, settings: Settings) -> AsyncIterator[None]:
+    """Around a job's submission: charge its images against the key's per-minute limit (429 past
+    it), and give them back if the submission is refused after all (a full queue, no worker)."""
+    limit = settings.rate_limit_images
+    if not is_limited(principal, limit):  # nothing to count: no Redis to ask, so no thread hop
+        yield
+        return
+    window = await run_in_threadpool(charge, redis, principal, "images", amount, limit)
+    try:
+        yield
+    except Exception:
+        if window is not None:
+            await run_in_threadpool(refund, redis, window, amount)
+        raise
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

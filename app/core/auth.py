@@ -90,10 +90,11 @@ def is_limited(principal: Principal, limit: int) -> bool:
     return limit > 0 and principal.owner is not None
 
 
-def charge(redis: Redis, principal: Principal, kind: str, amount: int, limit: int) -> None:
-    """Fixed one-minute windows per key, shared by every API process through Redis."""
+def charge(redis: Redis, principal: Principal, kind: str, amount: int, limit: int) -> str | None:
+    """Fixed one-minute windows per key, shared by every API process through Redis. Returns the
+    window's key (for `refund`), None when nothing was counted."""
     if not is_limited(principal, limit):
-        return
+        return None
     window = int(time.time() // 60)
     key = f"{RATE_PREFIX}{kind}:{principal.owner}:{window}"
     with redis.pipeline() as pipe:
@@ -104,6 +105,12 @@ def charge(redis: Redis, principal: Principal, kind: str, amount: int, limit: in
         redis.decrby(key, amount)  # a refused request does not use up the budget
         retry_after = max(1, 60 - int(time.time()) % 60)
         raise RateLimitedError(f"rate limit: {limit} {kind} per minute for this key", retry_after=retry_after)
+    return key
+
+
+def refund(redis: Redis, window_key: str, amount: int) -> None:
+    """Give back what `charge` counted, for a request refused after it (a full queue, no worker)."""
+    redis.decrby(window_key, amount)
 
 
 def store_key(redis: Redis, name: str, *, high_priority: bool = False, max_queued: int | None = None) -> str:

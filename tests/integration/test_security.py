@@ -126,10 +126,14 @@ def _png() -> bytes:
 
 
 def test_waiting_jobs_bounded_per_key(redis_server: RedisServer, tmp_path) -> None:
-    """One key cannot fill the shared queue: past its bound of waiting jobs it gets 429 (in OpenAI's
-    shape on /v1), other keys are unaffected, and a job leaving the queue makes room again."""
+    """One key cannot fill the shared queue: past its bound of waiting jobs it gets 429, other keys
+    are unaffected, and a job leaving the queue makes room again."""
     env = service_env(
-        f"redis://127.0.0.1:{redis_server.port}/8", tmp_path, api_keys=f"{ALICE},{BOB}", max_queued_per_key="2"
+        f"redis://127.0.0.1:{redis_server.port}/8",
+        tmp_path,
+        api_keys=f"{ALICE},{BOB}",
+        max_queued_per_key="2",
+        rate_limit_images="4",  # refused submissions give their images back: three are charged here
     )
     redis_server.client(8).flushdb()
     api, base = start_api(env, tmp_path / "api.log")  # no worker: every job waits
@@ -145,8 +149,6 @@ def test_waiting_jobs_bounded_per_key(redis_server: RedisServer, tmp_path) -> No
         r = alice.post("/generate", json={"prompt": "a3", **FAST})
         assert r.status_code == 429, r.text
         assert "2 jobs waiting" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1
-        r = alice.post("/v1/images/generations", json={"prompt": "a3"})
-        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited" and r.headers["retry-after"]
         r = alice.post("/variations", files={"image": ("x.png", _png(), "image/png")})
         assert r.status_code == 429, r.text
         assert bob.post("/generate", json={"prompt": "b1", **FAST}).status_code == 202  # per key
@@ -179,7 +181,15 @@ def test_rate_limits_per_key(redis_server: RedisServer, tmp_path) -> None:
         codes = [alice.get("/jobs").status_code for _ in range(4)]
         assert codes == [200, 200, 200, 429]
         assert 1 <= int(alice.get("/jobs").headers["retry-after"]) <= 60
-        assert bob.get("/jobs").status_code == 200  # limits are per key
+        # Limits are per key. Images a refused request would have made are given back; /v1 answers
+        # a 429 with Retry-After too (OpenAI's SDKs wait that long before they retry).
+        assert bob.post("/generate", json={"prompt": "x", "num_images": 3}).status_code == 202
+        r = bob.post("/v1/images/generations", json={"prompt": "x", "n": 1})
+        assert r.status_code == 503 and "no worker" in r.json()["error"]["message"]  # given back
+        r = bob.post("/v1/images/generations", json={"prompt": "x", "n": 2})
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60, r.text
+        assert bob.post("/generate", json={"prompt": "x", "num_images": 1}).status_code == 202  # 3 + 1 of 4
+        assert bob.get("/jobs").status_code == 200
     finally:
         api.stop()
 

@@ -9,10 +9,9 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from app.api.bodies import header, header_parameters, json_request_body, read_json
-from app.api.deps import PrincipalDep
+from app.api.deps import PrincipalDep, images_charged
 from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
 from app.api.services import JobService
-from app.core.auth import charge, is_limited
 from app.core.errors import ConflictError, GoneError, InvalidRequestError
 from app.core.events import EventType
 from app.core.jobs import JobStatus
@@ -92,17 +91,16 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
                 return await finished_response(jobs, existing.id, wait, request, status.HTTP_200_OK)
             view = await run_in_threadpool(jobs.view, existing, image_url(request))
             return job_response(view, status.HTTP_200_OK)
-        if is_limited(principal, settings.rate_limit_images):  # else no Redis to ask, so no thread hop
-            await run_in_threadpool(charge, redis, principal, "images", body.num_images, settings.rate_limit_images)
-        job = await jobs.submit_async(
-            body.generation_params(),
-            priority=body.priority,
-            webhook=webhook,
-            job_id=job_id,
-            owner=principal.owner,
-            max_queued=principal.max_queued,
-            model=body.model,
-        )
+        async with images_charged(redis, principal, body.num_images, settings):
+            job = await jobs.submit_async(
+                body.generation_params(),
+                priority=body.priority,
+                webhook=webhook,
+                job_id=job_id,
+                owner=principal.owner,
+                max_queued=principal.max_queued,
+                model=body.model,
+            )
     if wait:
         return await finished_response(jobs, job.id, wait, request)
     return job_response(jobs.view_placed(job), status.HTTP_202_ACCEPTED)  # no Redis reads for a job just placed

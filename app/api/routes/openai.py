@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app.api.bodies import is_json, validation_error
-from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
+from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep, images_charged
 from app.api.errors import HTTP_CODES, STATUS, client_gone
 from app.api.middleware import BodyTooLarge
 from app.api.openai_schemas import (
@@ -46,7 +46,6 @@ from app.api.openai_schemas import (
 )
 from app.api.services import JobService
 from app.core import errors
-from app.core.auth import charge
 from app.core.catalog import live_on_queue, served_models
 from app.core.config import Settings
 from app.core.jobs import ErrorCode, JobStatus, Priority, queue_name
@@ -225,19 +224,18 @@ async def create_images(
         params = to_params(body, width, height)
     except ValidationError as exc:  # a check of ours OpenAI's schema lacks (e.g. a blank prompt): 400, not 500
         raise validation_error(exc) from None
-    await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
     submit = partial(jobs.submit, params, owner=principal.owner, max_queued=principal.max_queued, model=body.model)
-    placed = await run_in_threadpool(submit)
+    async with images_charged(redis, principal, params.num_images, settings):
+        await require_worker(body.model, settings, redis)
+        placed = await run_in_threadpool(submit)
     return await answer_with_images(placed.id, body.response_format, request, response, jobs, store, settings)
 
 
 async def check_model_and_size(
     model: str | None, size: str | None, settings: Settings, redis: Any
 ) -> tuple[int | None, int | None]:
-    """OpenAI-style 400s for a model no live worker serves and for a size outside our bounds, and a
-    503 when no live worker serves the API's own model (a synchronous caller would wait its whole
-    time-out for a job nobody takes); returns the requested (width, height), or (None, None) for
-    the model's native size."""
+    """OpenAI-style 400s for a model no live worker serves and for a size outside our bounds;
+    returns the requested (width, height), or (None, None) for the model's native size."""
     if model is not None and model != settings.model:
         # Another model a live worker serves.
         served = await run_in_threadpool(served_models, redis, settings.worker_heartbeat)
@@ -245,20 +243,24 @@ async def check_model_and_size(
             names = ", ".join(sorted({settings.model, *served}))
             message = f"The model `{model}` does not exist; this server serves {names}."
             raise OpenAIError(400, message, param="model", code="model_not_found")
-    size_asked: tuple[int | None, int | None] = (None, None)
-    if size is not None:
-        try:
-            size_asked = parse_size(
-                size, min_size=settings.min_size, max_width=settings.max_width, max_height=settings.max_height
-            )
-        except SizeError as exc:
-            raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
+    if size is None:
+        return None, None
+    try:
+        return parse_size(
+            size, min_size=settings.min_size, max_width=settings.max_width, max_height=settings.max_height
+        )
+    except SizeError as exc:
+        raise OpenAIError(400, str(exc), param="size", code="invalid_size") from None
+
+
+async def require_worker(model: str | None, settings: Settings, redis: Any) -> None:
+    """503 when no live worker serves the API's own model: a synchronous caller would wait its
+    whole time-out for a job nobody takes (another model was checked by `check_model_and_size`)."""
     if model is None or model == settings.model:
         queue = queue_name(settings.model, Priority.normal)
         if not await run_in_threadpool(live_on_queue, redis, queue, settings.worker_heartbeat):
             message = f"no worker is serving the model `{settings.model}` right now; retry later"
             raise OpenAIError(503, message, code="unavailable", headers={"Retry-After": str(NO_WORKER_RETRY)})
-    return size_asked
 
 
 async def answer_with_images(

@@ -16,14 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from app.api.bodies import validation_error
-from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep
+from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep, images_charged
 from app.api.errors import HTTP_CODES
 from app.api.openai_schemas import ImagesResponse
-from app.api.routes.openai import OPENAI_ERRORS, OpenAIError, OpenAIRoute, answer_with_images, check_model_and_size
+from app.api.routes.openai import (
+    OPENAI_ERRORS,
+    OpenAIError,
+    OpenAIRoute,
+    answer_with_images,
+    check_model_and_size,
+    require_worker,
+)
 from app.api.routes.variations import store_input
 from app.api.uploads import normalized_png, read_upload
 from app.core import errors
-from app.core.auth import charge
 from app.core.images import MAX_INPUT_BYTES
 from app.core.jobs import MAX_SEED, TASK_VARIATIONS, Scheduler
 from app.core.variations import VariationParams
@@ -118,7 +124,6 @@ async def create_variations(
         guidance_scale=fields.guidance_scale,
         scheduler=fields.scheduler,
     )
-    await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
     submit = partial(
         jobs.submit,
         params,
@@ -129,5 +134,7 @@ async def create_variations(
         task=TASK_VARIATIONS,
         before=store_input(png, jobs.event_ttl),
     )
-    placed = await run_in_threadpool(submit)
+    async with images_charged(redis, principal, params.num_images, settings):
+        await require_worker(fields.model, settings, redis)
+        placed = await run_in_threadpool(submit)
     return await answer_with_images(placed.id, fields.response_format, request, response, jobs, store, settings)

@@ -18,11 +18,10 @@ from pydantic import ConfigDict, Field, ValidationError
 from redis.client import Pipeline
 
 from app.api.bodies import inline_schema, validation_error
-from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep
+from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, images_charged
 from app.api.routes.generate import image_url
 from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, JobView
 from app.api.uploads import Upload, normalized_png, read_upload
-from app.core.auth import charge
 from app.core.config import Settings
 from app.core.errors import InvalidRequestError
 from app.core.images import MAX_INPUT_BYTES, MAX_INPUT_SIDE
@@ -148,19 +147,19 @@ async def create_variations(
             response.status_code = status.HTTP_200_OK
             response.headers["Location"] = f"/jobs/{existing.id}"
             return await run_in_threadpool(jobs.view, existing, image_url(request))
-        await run_in_threadpool(charge, redis, principal, "images", params.num_images, settings.rate_limit_images)
-        placed = await run_in_threadpool(
-            lambda: jobs.submit(
-                params,
-                priority=fields.priority,
-                job_id=job_id,
-                owner=principal.owner,
-                max_queued=principal.max_queued,
-                model=fields.model,
-                webhook=webhook,
-                task=TASK_VARIATIONS,
-                before=store_input(png, jobs.event_ttl),
+        async with images_charged(redis, principal, params.num_images, settings):
+            placed = await run_in_threadpool(
+                lambda: jobs.submit(
+                    params,
+                    priority=fields.priority,
+                    job_id=job_id,
+                    owner=principal.owner,
+                    max_queued=principal.max_queued,
+                    model=fields.model,
+                    webhook=webhook,
+                    task=TASK_VARIATIONS,
+                    before=store_input(png, jobs.event_ttl),
+                )
             )
-        )
     response.headers["Location"] = f"/jobs/{placed.id}"
     return jobs.view_placed(placed)  # no Redis reads for a job just placed
