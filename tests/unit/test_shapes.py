@@ -106,3 +106,23 @@ def test_committed_pipeline_follows_a_prompt(monkeypatch):
     red, blue = shapes.COLOURS.index("red"), shapes.COLOURS.index("blue")
     assert ((labels == red) | (labels == blue)).mean() > 0.9
     assert (labels == blue).mean() > 0.3 and (labels == red).mean() > 0.05
+
+
+def test_every_scheduler_the_api_offers_draws_the_prompted_colours():
+    """Through the worker's own runtime: DDIM built from tiny-shapes' saved (DPM++) config clipped
+    its x0 estimates, and drew the wrong colours for nearly every prompt."""
+    from app.core.config import Settings
+    from app.core.jobs import GenerationParams, Scheduler
+    from worker.runtime import DiffusersRuntime
+
+    runtime = DiffusersRuntime.load(Settings(model="tiny-shapes"))
+    combos = [("red", "blue", "circle"), ("green", "white", "square"), ("yellow", "black", "triangle")]
+    right: dict[str, int] = {}
+    for scheduler in Scheduler:
+        right[scheduler.value] = 0
+        for fg, bg, shape in combos:
+            params = GenerationParams(prompt=f"a {fg} {shape} on a {bg} background", seed=1, scheduler=scheduler)
+            image = runtime.generate(runtime.info.fill(params), lambda step, total: None)[0]
+            reading = shapes.check(np.asarray(image.convert("RGB")))
+            right[scheduler.value] += reading.fg == fg and reading.bg == bg
+    assert all(n >= len(combos) - 1 for n in right.values()), right
