@@ -99,14 +99,76 @@ def test_documented_compose_commands_name_registry_models() -> None:
 
 
 def _compose_env(service: str, shell: dict[str, str]) -> dict[str, str]:
-    """A service's environment as compose fills in `${NAME:-default}` from the shell (or `.env`)."""
+    """A service's environment as compose fills it from the shell (or `.env`): `${NAME:-default}`
+    substituted, and a name with no value passed through when the shell sets it, else left out."""
 
     def fill(value: object) -> str:
         return re.sub(
             r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: shell.get(m[1]) or (m[2] or ""), str(value).split("  #")[0]
         )
 
-    return {k: fill(v) for k, v in SERVICES[service]["environment"].items()}
+    out: dict[str, str] = {}
+    for name, value in SERVICES[service]["environment"].items():
+        if value is not None:
+            out[name] = fill(value)
+        elif name in shell:
+            out[name] = shell[name]
+    return out
+
+
+def _settings_in(monkeypatch, env: dict[str, str]) -> Settings:
+    for name in list(os.environ):
+        if name.startswith("IMAGEGEN_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+def test_every_setting_reaches_every_service(monkeypatch) -> None:
+    """Setting IMAGEGEN_MAX_BATCH (or any documented setting) in `.env` did nothing: the compose
+    file passed only a dozen names. Now each one passes through, and one left unset keeps its
+    default (compose sets nothing, rather than an empty string that would not parse)."""
+    worker_only = {"IMAGEGEN_DEVICE", "IMAGEGEN_DTYPE"}  # the API loads no model
+    for service in ("api", "worker", "worker-gpu"):
+        unused = worker_only if service == "api" else set()
+        assert SETTINGS - unused - set(SERVICES[service]["environment"]) == set(), service
+        settings = _settings_in(monkeypatch, _compose_env(service, {}))
+        assert settings.max_batch == 1 and settings.max_width == 1024, service
+        shell = {"IMAGEGEN_MAX_BATCH": "8", "IMAGEGEN_MAX_WIDTH": "2048", "IMAGEGEN_LOG_FORMAT": "text"}
+        settings = _settings_in(monkeypatch, _compose_env(service, shell))
+        assert (settings.max_batch, settings.max_width, settings.log_format) == (8, 2048, "text"), service
+    # The GPU worker takes its registry entry's precision unless told: IMAGEGEN_DTYPE is not set.
+    gpu = _settings_in(monkeypatch, _compose_env("worker-gpu", {}))
+    assert "dtype" not in gpu.model_fields_set and gpu.device == "cuda"
+    assert "IMAGEGEN_DTYPE" not in re.findall(r"ENV .*", DOCKERFILE.split("AS worker-gpu")[1])[0]
+    assert _settings_in(monkeypatch, _compose_env("worker-gpu", {"IMAGEGEN_DTYPE": "bfloat16"})).dtype == "bfloat16"
+    assert _settings_in(monkeypatch, _compose_env("worker", {"IMAGEGEN_DTYPE": "float16"})).dtype == "float32"
+    assert SERVICES["api"]["environment"]["FORWARDED_ALLOW_IPS"] is None  # uvicorn's, passed through
+
+
+def test_images_install_dependencies_before_the_code() -> None:
+    """Each image installs the dependencies from pyproject.toml alone, then copies the code and
+    installs only the project: a code change no longer reinstalls diffusers, transformers and the rest."""
+    import subprocess
+    import sys
+    import tomllib
+
+    stages = re.split(r"^FROM ", DOCKERFILE, flags=re.M)
+    for target, extras in (("api", []), ("worker", ["worker"]), ("worker-gpu", ["worker"])):
+        [stage] = [s for s in stages if re.match(rf"\S+ AS {re.escape(target)}\n", s)]
+        lines = [line for line in stage.splitlines() if line.startswith(("COPY", "RUN"))]
+        deps = next(i for i, line in enumerate(lines) if "deps.py" in line and line.startswith("RUN"))
+        code = next(i for i, line in enumerate(lines) if line.startswith("COPY app"))
+        assert deps < code, target
+        assert lines[deps].split("deps.py")[1].split(">")[0].split() == extras, target
+        assert lines[-1] == "RUN pip install --no-deps .", target
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "deps.py"), "worker"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    core, worker = project["dependencies"], project["optional-dependencies"]["worker"]
+    assert printed == core + [r for r in worker if r not in core]
 
 
 def test_compose_passes_access_control_to_the_api(monkeypatch) -> None:
@@ -116,12 +178,7 @@ def test_compose_passes_access_control_to_the_api(monkeypatch) -> None:
     for shell, auth in [({}, False), (keys, True), ({"IMAGEGEN_AUTH": "true"}, True)]:
         for service in ("api", "worker", "worker-gpu"):
             env = _compose_env(service, shell | {"IMAGEGEN_RATE_LIMIT_REQUESTS": "60"})
-            for name in list(os.environ):
-                if name.startswith("IMAGEGEN_"):
-                    monkeypatch.delenv(name)
-            for name, value in env.items():
-                monkeypatch.setenv(name, value)
-            settings = Settings()  # every value compose passes parses, with and without the shell's
+            settings = _settings_in(monkeypatch, env)  # every value compose passes parses, with and without the shell's
             assert settings.auth_enabled is auth and settings.rate_limit_requests == 60, (service, shell)
 
 
