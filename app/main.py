@@ -23,7 +23,7 @@ from app.api.routes import generate, health, jobs, models, openai, openai_variat
 from app.api.services import JobService
 from app.api.uploads import UploadAwareBodySizeLimit
 from app.core import logs
-from app.core.auth import KEYS_HASH
+from app.core.auth import KEYS_HASH, ImageLinks
 from app.core.config import Settings
 from app.core.process import tune_gc
 from app.core.queue import connect, connect_async
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = make_store(settings, redis)
         app.state.jobs = JobService(settings, redis, aredis, watch)
         app.state.queue = app.state.jobs.queues[1]
+        app.state.links = ImageLinks(redis, settings.result_ttl) if settings.auth_enabled else None
         _warn_unchecked_keys(settings, redis)
         tune_gc()
         try:
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     authenticated = [Depends(get_principal)]  # every route but health, docs and the static page
     app.include_router(generate.router, dependencies=authenticated)
     app.include_router(jobs.router, dependencies=authenticated)
+    app.include_router(jobs.images)  # a signed link or an API key, checked by the route itself
     app.include_router(health.router)
     app.include_router(models.router, dependencies=authenticated)
     app.include_router(variations.router, dependencies=authenticated)

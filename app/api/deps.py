@@ -46,10 +46,10 @@ async def get_principal(request: Request) -> Principal:
     settings: Settings = request.app.state.settings
     if not settings.auth_enabled:
         return ANONYMOUS  # no Redis to ask, so no hop to a worker thread
-    return await run_in_threadpool(_check_key, request.headers.get("authorization"), settings, request.app.state.redis)
+    return await run_in_threadpool(check_key, request.headers.get("authorization"), settings, request.app.state.redis)
 
 
-def _check_key(authorization: str | None, settings: Settings, redis: Redis) -> Principal:
+def check_key(authorization: str | None, settings: Settings, redis: Redis) -> Principal:
     principal = authenticate(authorization, settings, redis)
     charge(redis, principal, "requests", 1, settings.rate_limit_requests)
     return principal

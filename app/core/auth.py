@@ -6,6 +6,7 @@ managed with `python -m app.keys`. A key's owner id (a digest prefix) tags the j
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -152,3 +153,49 @@ def revoke(redis: Redis, name_or_prefix: str) -> int:
         if _names(full, json.loads(meta), name_or_prefix):
             removed += int(redis.hdel(KEYS_HASH, full))  # type: ignore[arg-type]
     return removed
+
+
+URL_SECRET_KEY = "imagegen:url-secret"  # shared by every API process on the same Redis
+SIGNATURE_CHARS = 32  # of the URL-safe base64 HMAC-SHA256: 192 bits
+
+
+class ImageLinks:
+    """With API keys on, image links carry `exp` and `sig` (HMAC-SHA256 of the job id, the image
+    index and `exp`), so that whatever they are handed to (an `<img>`, another service, OpenAI's
+    SDK users) can fetch the PNG without the key, until `exp`, as OpenAI's own links can. The
+    secret is made once and kept in Redis (`URL_SECRET_KEY`); deleting it voids every link.
+
+    `exp` is the end of the current hour plus the result TTL, so that a link outlives its image
+    and stays the same for an hour (a page polling a job does not see its links change)."""
+
+    def __init__(self, redis: Redis, result_ttl: int) -> None:
+        self.redis = redis
+        self.result_ttl = result_ttl
+        self._secret: bytes | None = None
+
+    def secret(self) -> bytes:
+        if self._secret is None:  # once per process (blocking: called from worker threads)
+            self.redis.set(URL_SECRET_KEY, secrets.token_urlsafe(32), nx=True)
+            value = self.redis.get(URL_SECRET_KEY)
+            if value is None:
+                raise RuntimeError("the image link secret vanished right after it was written")
+            self._secret = bytes(value)  # type: ignore[arg-type]
+        return self._secret
+
+    def expiry(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        return (int(now) // 3600 + 1) * 3600 + self.result_ttl
+
+    def signature(self, job_id: str, index: int | str, exp: int | str) -> str:
+        mac = hmac.new(self.secret(), f"{job_id}:{index}:{exp}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode()[:SIGNATURE_CHARS]
+
+    def query(self, job_id: str, index: int) -> str:
+        """`exp=…&sig=…` for image `index` of job `job_id`."""
+        exp = self.expiry()
+        return f"exp={exp}&sig={self.signature(job_id, index, exp)}"
+
+    def valid(self, job_id: str, index: str, exp: str, sig: str) -> bool:
+        if not (exp.isascii() and exp.isdigit() and len(exp) <= 12) or int(exp) < time.time():
+            return False
+        return hmac.compare_digest(self.signature(job_id, index, exp), sig)

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.procs import PYTHON, ROOT, RedisServer, Stack, service_env, start_api
+from tests.procs import PYTHON, ROOT, RedisServer, Stack, service_env, start_api, start_worker
 
 pytestmark = pytest.mark.integration
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef"
@@ -158,6 +158,52 @@ def test_waiting_jobs_bounded_per_key(redis_server: RedisServer, tmp_path) -> No
         waiting = [j for j in alice.get("/jobs").json()["jobs"] if j["status"] == "queued"]
         assert len(waiting) == 2  # nothing refused was written
     finally:
+        api.stop()
+
+
+def test_signed_image_links_work_without_the_key_until_they_expire(redis_server: RedisServer, tmp_path) -> None:
+    """With keys on, image links needed the key, so an `<img>`, another service or an OpenAI SDK
+    user handed a `url` got 401; signed links work alone, for that one image, until `exp`."""
+    import hashlib
+    import hmac
+    from base64 import urlsafe_b64encode
+    from urllib.parse import parse_qs, urlsplit
+
+    env = service_env(f"redis://127.0.0.1:{redis_server.port}/9", tmp_path, api_keys=f"{ALICE},{BOB}")
+    redis_server.client(9).flushdb()
+    api, base = start_api(env, tmp_path / "api.log")
+    worker = start_worker(env, tmp_path / "worker.log", ready=redis_server.client(9))
+    try:
+        alice = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+        job = alice.post("/generate", json={"prompt": "x", "num_images": 2, **FAST}, headers={"Prefer": "wait=50"})
+        assert job.status_code == 200 and job.json()["status"] == "succeeded", job.text
+        url = job.json()["images"][0]["url"]
+        parts = urlsplit(url)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        assert set(query) == {"exp", "sig"} and int(query["exp"]) > time.time() + 3000
+        r = httpx.get(url)  # no key
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert httpx.get(f"{base}{parts.path}").status_code == 401  # unsigned: the key is needed
+        assert alice.get(parts.path).status_code == 200
+        bob = {"Authorization": f"Bearer {BOB}"}
+        assert httpx.get(f"{base}{parts.path}", headers=bob).status_code == 404  # another key: not its job
+        other_image = f"{base}{parts.path[:-1]}1?{parts.query}"
+        assert httpx.get(other_image).status_code == 401  # a link opens its own image only
+        forged = httpx.get(f"{base}{parts.path}?exp={int(query['exp']) + 1}&sig={query['sig']}")
+        assert forged.status_code == 401 and "expired or is not valid" in forged.json()["error"]["message"]
+        # Past `exp` (signed with the server's own secret, to show expiry alone refuses it).
+        secret = redis_server.client(9).get("imagegen:url-secret")
+        past = int(time.time()) - 1
+        mac = hmac.new(secret, f"{job.json()['id']}:0:{past}".encode(), hashlib.sha256).digest()
+        stale = f"{base}{parts.path}?exp={past}&sig={urlsafe_b64encode(mac).decode()[:32]}"
+        assert httpx.get(stale).status_code == 401
+        assert httpx.get(stale.replace(f"exp={past}", f"exp={past + 7200}")).status_code == 401
+        # The OpenAI route's links are signed too.
+        r = alice.post("/v1/images/generations", json={"prompt": "y", "size": "32x32", "num_inference_steps": 2})
+        assert r.status_code == 200, r.text
+        assert httpx.get(r.json()["data"][0]["url"]).status_code == 200
+    finally:
+        worker.stop()
         api.stop()
 
 

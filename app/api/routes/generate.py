@@ -23,7 +23,11 @@ MAX_WAIT = 60.0  # seconds a request may be held open for a job to end (long-pol
 
 
 def image_url(request: Request):
-    return lambda job_id, i: str(request.url_for("get_image", job_id=job_id, index=str(i)))
+    """Links to a job's images; with API keys on, signed (see `app.core.auth.ImageLinks`)."""
+    links = request.app.state.links
+    if links is None:
+        return lambda job_id, i: str(request.url_for("get_image", job_id=job_id, index=str(i)))
+    return lambda job_id, i: f"{request.url_for('get_image', job_id=job_id, index=str(i))}?{links.query(job_id, i)}"
 
 
 @router.post(

@@ -9,16 +9,17 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import JobsDep, PrincipalDep, SettingsDep, StoreDep
+from app.api.deps import JobsDep, PrincipalDep, SettingsDep, StoreDep, check_key
 from app.api.routes.generate import MAX_WAIT, image_url, view_after_wait
-from app.api.schemas import ERROR_RESPONSES, JobList, JobView
+from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, JobList, JobView
 from app.api.services import BLOCK_MS
-from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError
+from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError, UnauthorizedError
 from app.core.events import JobEvent
 from app.core.jobs import JobStatus
 from app.core.webhooks import deliver
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+images = APIRouter(prefix="/jobs", tags=["jobs"])
 IMAGE_HEADERS = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
 
 
@@ -147,17 +148,42 @@ def _u64(part: str) -> bool:
     return 0 < len(part) <= 20 and part.isascii() and part.isdigit() and int(part) < 2**64
 
 
-@router.get(
+@images.get(
     "/{job_id}/images/{index}",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "The PNG"}, **ERROR_RESPONSES},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The PNG"},
+        401: {"model": ErrorEnvelope, "description": "API keys on: no valid key, and no valid signed link"},
+        **ERROR_RESPONSES,
+    },
     summary="One generated image (PNG with the parameters in text chunks)",
     name="get_image",
 )
 def get_image(
-    job_id: str, index: str, request: Request, jobs: JobsDep, store: StoreDep, principal: PrincipalDep
+    job_id: str,
+    index: str,
+    request: Request,
+    jobs: JobsDep,
+    store: StoreDep,
+    exp: Annotated[str | None, Query(max_length=16, description="Signed link: expiry (Unix time)")] = None,
+    sig: Annotated[str | None, Query(max_length=64, description="Signed link: signature")] = None,
 ) -> Response:
-    job = jobs.get(job_id, principal.owner)
+    """With API keys on, the links in a job's `images` are signed (`exp`, `sig`) and need no key
+    until `exp`; a link without them (or past `exp`) needs the job's own key, like every route."""
+    links = request.app.state.links
+    signed = links is not None and exp is not None and sig is not None and links.valid(job_id, index, exp, sig)
+    owner = None
+    if not signed:  # the key, as every other route checks it (rate limit included)
+        try:
+            owner = check_key(request.headers.get("authorization"), jobs.settings, jobs.redis).owner
+        except UnauthorizedError as exc:
+            if exp is None and sig is None:
+                raise
+            raise UnauthorizedError(
+                "this image link has expired or is not valid, and no API key was sent: read the job again "
+                "for a fresh link"
+            ) from exc
+    job = jobs.get(job_id, owner)
     number = int(index) if index.isascii() and index.isdigit() and len(index) <= 3 else None  # never a path part
     succeeded = jobs.status(job) is JobStatus.succeeded
     png = store.get(job.id, number) if succeeded and number is not None else None  # no result read

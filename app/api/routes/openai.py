@@ -44,6 +44,7 @@ from app.api.openai_schemas import (
     parse_size,
     to_params,
 )
+from app.api.routes.generate import image_url
 from app.api.services import JobService
 from app.core import errors
 from app.core.catalog import live_on_queue, served_models
@@ -279,11 +280,7 @@ async def answer_with_images(
     follow = f"follow it at GET {request.scope.get('root_path', '')}/jobs/{job_id}"
     try:
         job = await _wait(jobs, job_id, timeout)
-
-        def image_url(job_id: str, i: int) -> str:
-            return str(request.url_for("get_image", job_id=job_id, index=str(i)))
-
-        view = await run_in_threadpool(jobs.view, job, image_url)
+        view = await run_in_threadpool(jobs.view, job, image_url(request))
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("redis unavailable while waiting for job %s: %s", job_id, exc)
         message = f"the job store (Redis) became unreachable while job {job_id} was pending; the job is kept: {follow}"
