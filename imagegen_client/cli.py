@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Client(args.url) as client:
             return int(COMMANDS[args.command](client, args))
     except ImagegenError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        later = f"; the server asks to retry in {exc.retry_after:g} s" if exc.retry_after is not None else ""
+        print(f"{PROG}: error: {exc}{later}", file=sys.stderr)
         if exc.code == "validation_error":  # the server refused an argument's value (e.g. -n 0)
             return EXIT_USAGE
     except OSError as exc:  # the output folder or a file could not be written

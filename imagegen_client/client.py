@@ -39,14 +39,18 @@ WaitMode = Literal["sse", "longpoll", "poll"]
 
 class ImagegenError(Exception):
     """An error answer from the server (`status` is its HTTP status) or a transport failure
-    (`status` is None). `code` and `message` come from the API's error envelope."""
+    (`status` is None). `code` and `message` come from the API's error envelope; `retry_after` is
+    the seconds the server asked to wait before trying again (429 and 503 answers), else None."""
 
-    def __init__(self, status: int | None, code: str, message: str, details: Any = None) -> None:
+    def __init__(
+        self, status: int | None, code: str, message: str, details: Any = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         where = f"HTTP {self.status}, " if self.status is not None else ""
@@ -286,11 +290,23 @@ def error_from_response(response: httpx.Response) -> ImagegenError:
     except ValueError:
         body = None
     err = body.get("error") if isinstance(body, dict) else None
+    retry_after = _seconds(response.headers.get("retry-after"))
     if isinstance(err, dict) and err.get("message"):
         code = err.get("code") or err.get("type") or f"http_{response.status_code}"
-        return ImagegenError(response.status_code, str(code), str(err["message"]), err.get("details"))
+        return ImagegenError(response.status_code, str(code), str(err["message"]), err.get("details"), retry_after)
     text = response.text.strip().splitlines()[0][:200] if response.text.strip() else response.reason_phrase
-    return ImagegenError(response.status_code, f"http_{response.status_code}", text or "request failed")
+    return ImagegenError(
+        response.status_code, f"http_{response.status_code}", text or "request failed", None, retry_after
+    )
+
+
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After given in seconds (the form this API sends); None for none or an HTTP date."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and seconds >= 0 else None
 
 
 def _transport_error(base_url: str, exc: httpx.TransportError) -> ImagegenError:

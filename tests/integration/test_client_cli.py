@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from imagegen_client import AsyncClient, Client, ImagegenError, Job, JobEvent, WaitTimeout
+from imagegen_client.client import error_from_response
 from tests.procs import ROOT, Stack, start_api, wait_for
 
 pytestmark = pytest.mark.integration
@@ -391,3 +392,18 @@ def test_curl_scripts_show_the_servers_refusal(
     )
     assert r.returncode == code and says in r.stderr, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_a_refusal_carries_the_servers_retry_after() -> None:
+    """A key past its bound of waiting jobs (or a full queue) gets 429 with Retry-After: the client
+    hands the wait on, so a batch script can back off as the server asks."""
+
+    def server(request: httpx.Request) -> httpx.Response:
+        body = {"error": {"code": "rate_limited", "message": "this API key has 100 jobs waiting"}}
+        return httpx.Response(429, json=body, headers={"Retry-After": "7"})
+
+    client = Client("http://scripted", transport=httpx.MockTransport(server))
+    with client, pytest.raises(ImagegenError) as info:
+        client.submit("x")
+    assert (info.value.status, info.value.code, info.value.retry_after) == (429, "rate_limited", 7.0)
+    assert error_from_response(httpx.Response(503, text="down")).retry_after is None
