@@ -158,13 +158,13 @@ def train_clip(steps: int, batch: int = 192, lr: float = 2e-3, seed: int = 0, lo
             {
                 "stage": "clip",
                 "step": step,
-                "loss": float(loss),
+                "loss": loss.item(),
                 "lr": opt.param_groups[0]["lr"],
                 "time_s": time.time() - t0,
             }
         )
         if step % 100 == 0 or step == steps - 1:
-            log(f"clip step {step} loss {float(loss):.4f}")
+            log(f"clip step {step} loss {loss.item():.4f}")
     model.eval()
     return model, tokenizer, rows
 

@@ -6,6 +6,9 @@ First checks the checker itself on ground-truth renders, then generates images f
 seconds per image on one CPU thread, and writes a small sample grid.
 
     python -m models.evaluate [--model models/weights/tiny-shapes] [--per-held 9] [--per-seen 2] [--seed 1000]
+    python -m models.evaluate --model .data/trained/tiny-shapes   # a model models.train wrote by default
+
+Every option is checked before the model is loaded (bad values exit with status 2 and a message).
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from app.core.jobs import Scheduler
 from models import shapes
+from models.train import non_negative_float, non_negative_int, positive_int
 
+PROG = "python -m models.evaluate"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
 
 
@@ -106,7 +112,7 @@ def evaluate(
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     defaults = json.loads((model / "imagegen.json").read_text())
-    steps = steps or defaults["num_inference_steps"]
+    steps = defaults["num_inference_steps"] if steps is None else steps
     guidance = defaults["guidance_scale"] if guidance is None else guidance
     pipe = load_pipeline(model, scheduler)
     result: dict = {
@@ -152,28 +158,65 @@ def evaluate(
     if speed:
         result["seconds_per_image_1_thread"] = round(seconds_per_image(pipe, steps, guidance), 3)
         print(f"seconds per image (1 thread, {steps} steps, cfg {guidance}): {result['seconds_per_image_1_thread']}")
-    if grid:
+    if grid and samples:
         save_grid(grid, np.concatenate(samples))
         print(f"wrote {grid} (top: held-out combos, bottom: seen combos)")
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--per-held", type=int, default=9, help="images per held-out combo (24 combos)")
-    ap.add_argument("--per-seen", type=int, default=2, help="images per seen combo (144 combos)")
-    ap.add_argument("--steps", type=int, default=None, help="override imagegen.json")
-    ap.add_argument("--guidance", type=float, default=None, help="override imagegen.json")
-    ap.add_argument("--scheduler", default=None, help="override: ddim, euler, euler_a, dpmpp_2m, unipc")
+def check_writable(path: Path, option: str) -> str | None:
+    """Why `path` could not be written at the end of the run, or None (checked before any work)."""
+    if path.is_dir():
+        return f"{option} {path} is a folder; give a file path"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"{option} {path}: folder {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{option} {path}: not writable"
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked options; any bad value exits with status 2 and a message, before any work."""
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="pipeline folder with imagegen.json")
+    ap.add_argument("--per-held", type=non_negative_int, default=9, help="images per held-out combo (24 combos)")
+    ap.add_argument("--per-seen", type=non_negative_int, default=2, help="images per seen combo (144 combos)")
+    ap.add_argument("--steps", type=positive_int, default=None, help="override imagegen.json")
+    ap.add_argument("--guidance", type=non_negative_float, default=None, help="override imagegen.json")
+    ap.add_argument("--scheduler", choices=[s.value for s in Scheduler], default=None, help="override imagegen.json")
     # 1 thread by default: on a shared 2-core box, 2 OpenMP threads stall badly under other load.
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--no-speed", action="store_true", help="skip the 1-thread timing")
     ap.add_argument("--grid", type=Path, default=None, help="sample grid path (default MODEL/samples.png)")
     ap.add_argument("--json", type=Path, default=None, help="also write the metrics here")
-    ap.add_argument("--seed", type=int, default=1000, help="first seed (image i uses seed + i)")
+    ap.add_argument("--seed", type=non_negative_int, default=1000, help="first seed (image i uses seed + i)")
     args = ap.parse_args(argv)
-    grid = args.grid or args.model / "samples.png"
+    if args.per_held == 0 and args.per_seen == 0:
+        ap.error("--per-held and --per-seen are both 0: there would be nothing to evaluate")
+    model: Path = args.model
+    if not model.is_dir():
+        ap.error(f"--model {model}: no such folder")
+    for name in ("model_index.json", "imagegen.json"):
+        if not (model / name).is_file():
+            ap.error(f"--model {model} is not a tiny-shapes pipeline folder (no {name}); train one with models.train")
+    try:
+        defaults = json.loads((model / "imagegen.json").read_text())
+        missing = {"num_inference_steps", "guidance_scale", "scheduler"} - set(defaults)
+    except (OSError, ValueError, TypeError) as e:
+        ap.error(f"--model {model}: cannot read imagegen.json ({e})")
+    if missing:
+        ap.error(f"--model {model}: imagegen.json lacks {', '.join(sorted(missing))}")
+    args.grid = args.grid or model / "samples.png"
+    for option, path in (("--grid", args.grid), ("--json", args.json)):
+        problem = path is not None and check_writable(path, option)
+        if problem:
+            ap.error(problem)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     res = evaluate(
         args.model,
         args.per_held,
@@ -183,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         args.scheduler,
         args.threads,
         not args.no_speed,
-        grid,
+        args.grid,
         seed=args.seed,
     )
     if args.json:

@@ -6,8 +6,14 @@ schedule, min-SNR weighting, 10% empty captions for classifier-free guidance, EM
 VAE slot holds an AutoencoderKL whose weights pass pixels straight through, so the stock pipeline
 denoises pixels directly.
 
-    python -m models.train                 # full run (fixed seeds), writes models/weights/tiny-shapes
+    python -m models.train                 # full run (fixed seeds), writes .data/trained/tiny-shapes
+    python -m models.train --out models/weights/tiny-shapes --force   # retrain the shipped model in place
     python -m models.train --quick --out /tmp/smoke   # a few-minute smoke run
+
+The run trains into a new sibling folder (OUT.partial-*) and only swaps it in for OUT once
+everything is saved, so a failed or interrupted run leaves OUT as it was. A non-empty OUT is
+refused unless --force is given; with --force the whole folder is replaced (no stale
+eval_metrics.json or samples.png survive next to the new model).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import csv
 import json
 import math
 import os
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,10 +36,102 @@ from models import shapes
 from models.clip import EMBED_DIM, ThreadPicker, retrieval_accuracy, to_tensor, tokenize, train_clip
 from models.tokenizer import MAX_LENGTH
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
+# The shipped model (what the service serves as "tiny-shapes") is replaced only on request
+# (--out models/weights/tiny-shapes --force); a plain run writes a scratch copy under .data/.
+SHIPPED = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
+PROG = "python -m models.train"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / ".data" / "trained" / "tiny-shapes"
+QUICK = {"clip_steps": 100, "steps": 150}
+FULL = {"clip_steps": 600, "steps": 7000}
+# Files only this script (or models.evaluate) writes: --force replaces a folder holding one of them,
+# never an arbitrary non-empty folder (a mistyped --out . must not delete the checkout).
+MODEL_MARKERS = ("model_index.json", "train.log")
 NUM_TRAIN_TIMESTEPS = 1000
 # Service defaults written to imagegen.json; the saved scheduler matches SCHEDULER.
 DEFAULTS = {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scale": 4.0, "scheduler": "dpmpp_2m"}
+
+
+def _number(text: str, kind: type, low: float, low_ok: bool, what: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or value < low or (value == low and not low_ok):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return int(_number(text, int, 1, True, "a whole number >= 1"))
+
+
+def non_negative_int(text: str) -> int:
+    return int(_number(text, int, 0, True, "a whole number >= 0"))
+
+
+def positive_float(text: str) -> float:
+    return float(_number(text, float, 0.0, False, "a number > 0"))
+
+
+def non_negative_float(text: str) -> float:
+    return float(_number(text, float, 0.0, True, "a number >= 0"))
+
+
+def check_out(out: Path, force: bool) -> Path:
+    """The absolute output folder, or ValueError saying why the run may not write there.
+
+    Checked before any work: OUT must be a folder (or not exist yet) whose nearest existing
+    ancestor is a writable folder; a non-empty OUT needs --force, and even then only a model
+    folder (one holding model_index.json or train.log) is replaced.
+    """
+    out = out.expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ValueError(
+                f"--out {out} already holds a model or other files; pass --force to replace that folder "
+                "(a failed run leaves it as it was), or pick another --out"
+            )
+        if not any((out / m).exists() for m in MODEL_MARKERS):
+            raise ValueError(
+                f"--out {out} is not empty and is not a model folder (no {' or '.join(MODEL_MARKERS)}); "
+                "refusing to replace it even with --force"
+            )
+    if out.parent == out:
+        raise ValueError(f"--out {out} cannot be a filesystem root")
+    base = out.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"--out {out}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {base}")
+    return out
+
+
+def start_out(out: Path) -> Path:
+    """A new empty sibling folder of `out` (same filesystem, so it can be renamed into place)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+
+
+def finish_out(work: Path, out: Path) -> None:
+    """Put the finished `work` folder at `out`: the old folder is moved aside, the new one renamed
+    in, and only then is the old one deleted (if the rename fails, the old folder is put back)."""
+    old = None
+    if out.exists():
+        # An empty placeholder that a directory rename may replace (POSIX), unique per run.
+        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        out.rename(old)
+    try:
+        work.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_unet():
@@ -114,6 +215,7 @@ def make_scheduler(name: str):
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
+        PNDMScheduler,
         UniPCMultistepScheduler,
     )
 
@@ -134,6 +236,8 @@ def make_scheduler(name: str):
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
     if name == "unipc":
         return UniPCMultistepScheduler(**common)
+    if name == "pndm":  # PLMS alone, as the worker runs it (app.core.jobs.Scheduler offers it)
+        return PNDMScheduler(**common, skip_prk_steps=True)
     raise ValueError(name)
 
 
@@ -234,7 +338,7 @@ def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, mi
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
-        rows.append({"stage": "decoder", "step": step, "loss": float(loss), "lr": cur_lr, "time_s": time.time() - t0})
+        rows.append({"stage": "decoder", "step": step, "loss": loss.item(), "lr": cur_lr, "time_s": time.time() - t0})
         if step % 50 == 0:
             avg = np.mean([r["loss"] for r in rows[-50:]])
             bar.set_postfix(loss=f"{avg:.4f}", lr=f"{cur_lr:.2e}")
@@ -245,61 +349,105 @@ def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, mi
     return ema
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--clip-steps", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=7000, help="decoder training steps")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked options; any bad value exits with status 2 and a message, before any work."""
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="output folder (default .data/trained/tiny-shapes; the shipped model is models/weights/tiny-shapes, replaced only with --force)",
+    )
+    ap.add_argument("--force", action="store_true", help="replace --out if it already holds a model")
+    ap.add_argument("--clip-steps", type=positive_int, default=None, help=f"CLIP steps (default {FULL['clip_steps']})")
+    ap.add_argument(
+        "--steps", type=positive_int, default=None, help=f"decoder training steps (default {FULL['steps']})"
+    )
+    ap.add_argument("--batch", type=positive_int, default=64, help="decoder batch size")
+    ap.add_argument("--lr", type=positive_float, default=2e-3)
     ap.add_argument(
         "--minutes",
-        type=float,
+        type=non_negative_float,
         default=56.0,
         help="wall-time budget for the whole run; decoder training gets what CLIP left (0 = no cap)",
     )
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 100 CLIP steps, 150 decoder steps")
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK['clip_steps']} CLIP steps, {QUICK['steps']} decoder steps unless --clip-steps/--steps say otherwise",
+    )
     args = ap.parse_args(argv)
-    if args.quick:
-        args.clip_steps, args.steps = 100, 150
+    # --quick only changes the defaults: step counts given explicitly always win.
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.out = check_out(args.out, args.force)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     # Tiny weights/Adam moments can go subnormal late in training, which is very slow on CPU.
     torch.set_flush_denormal(True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    logf = open(args.out / "train.log", "w")  # noqa: SIM115 - open for the whole run, closed at its end
+    out: Path = args.out
+    try:
+        work = start_out(out)
+    except OSError as e:
+        print(f"{PROG}: error: --out {out}: cannot create a folder beside it ({e})", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        total_s = train_into(work, args)
+        finish_out(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"training did not finish; {out} was left as it was", file=sys.stderr, flush=True)
+        raise
+    print(f"saved pipeline to {out} in {total_s:.0f}s total", flush=True)
 
-    def log(msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
 
-    t_start = time.time()
-    log(f"args: {vars(args)}")
-    clip, tokenizer, rows = train_clip(args.clip_steps, seed=args.seed, log=log)
-    metrics = {
-        "clip_retrieval_held_out": retrieval_accuracy(clip, tokenizer, shapes.held_out_combos()),
-        "clip_retrieval_seen": retrieval_accuracy(clip, tokenizer, shapes.train_combos(), per_combo=4),
-    }
-    log(f"clip retrieval: {json.dumps(metrics)}")
-    text_encoder = clip.text.requires_grad_(False)
-    torch.set_num_threads(args.threads)  # the CLIP stage may have dropped to 1; let the decoder re-probe
-    # Leave ~1 minute for saving; with --minutes 0 the run is step-based and exactly reproducible.
-    dec_minutes = max(1.0, args.minutes - (time.time() - t_start) / 60 - 1) if args.minutes > 0 else 0
-    ema = train_decoder(text_encoder, tokenizer, args.steps, args.batch, args.lr, dec_minutes, args.seed, log, rows)
-    save_pipeline(args.out, ema, text_encoder, tokenizer, DEFAULTS["scheduler"])
-    metrics["train_wall_s"] = round(time.time() - t_start, 1)
-    metrics["decoder_steps_done"] = sum(r["stage"] == "decoder" for r in rows)
-    (args.out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(args.out / "train_log.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["stage", "step", "loss", "lr", "time_s"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    log(f"saved pipeline to {args.out} in {metrics['train_wall_s']:.0f}s total")
+def train_into(work: Path, args: argparse.Namespace) -> float:
+    """The whole run, writing every file into `work`; returns the wall time in seconds."""
+    with open(work / "train.log", "w") as logf:
+
+        def log(msg: str) -> None:
+            line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+            print(line, flush=True)
+            logf.write(line + "\n")
+            logf.flush()
+
+        t_start = time.time()
+        log(f"args: {vars(args)}")
+        log(f"training in {work}; moved to {args.out} once everything is saved")
+        clip, tokenizer, rows = train_clip(args.clip_steps, seed=args.seed, log=log)
+        metrics = {
+            "clip_retrieval_held_out": retrieval_accuracy(clip, tokenizer, shapes.held_out_combos()),
+            "clip_retrieval_seen": retrieval_accuracy(clip, tokenizer, shapes.train_combos(), per_combo=4),
+        }
+        log(f"clip retrieval: {json.dumps(metrics)}")
+        text_encoder = clip.text.requires_grad_(False)
+        torch.set_num_threads(args.threads)  # the CLIP stage may have dropped to 1; let the decoder re-probe
+        # Leave ~1 minute for saving; with --minutes 0 the run is step-based and exactly reproducible.
+        dec_minutes = max(1.0, args.minutes - (time.time() - t_start) / 60 - 1) if args.minutes > 0 else 0
+        ema = train_decoder(text_encoder, tokenizer, args.steps, args.batch, args.lr, dec_minutes, args.seed, log, rows)
+        save_pipeline(work, ema, text_encoder, tokenizer, DEFAULTS["scheduler"])
+        metrics["train_wall_s"] = round(time.time() - t_start, 1)
+        metrics["decoder_steps_done"] = sum(r["stage"] == "decoder" for r in rows)
+        (work / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with open(work / "train_log.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["stage", "step", "loss", "lr", "time_s"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        log(f"saved pipeline in {metrics['train_wall_s']:.0f}s total; moving it to {args.out}")
+    return float(metrics["train_wall_s"])
 
 
 if __name__ == "__main__":
