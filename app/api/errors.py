@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -95,6 +96,18 @@ def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _redis_full(request: Request, exc: Exception) -> JSONResponse:
+    message, headers = redis_full(request, exc)
+    return envelope(503, "unavailable", message, headers=headers)
+
+
+def redis_full(request: Request, exc: Exception) -> tuple[str, dict[str, str]]:
+    """Redis at `maxmemory` with `noeviction` (as it should run) refuses writes: a 503 for the
+    operator to act on, logged as an error, rather than a 500 with a traceback."""
+    log.error("redis is out of memory on %s %s: %s", request.method, request.url.path, exc)
+    return "the job store (Redis) is out of memory; retry later", {"Retry-After": "30"}
+
+
 def client_gone(request: Request, exc: Exception | None = None) -> JSONResponse:
     """The client closed the connection before its whole body arrived: nobody reads this answer.
     499, as nginx logs it, keeps such requests out of the server errors in logs and metrics."""
@@ -113,5 +126,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(RedisOutOfMemoryError, _redis_full)
     app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, _unexpected)

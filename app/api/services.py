@@ -333,12 +333,21 @@ class JobService:
         return Placed(job_id, priority, created, admitted.params_json, position, eta)
 
     def _write(self, job_id: str, args: list[Any], before: Callable[[Pipeline, str], None] | None) -> Any:
-        """`before`'s writes, then the script call, in one round trip; returns the script's reply."""
+        """`before`'s writes, then the script call, in one round trip; returns the script's reply.
+        When the script refuses the job (or is not loaded), the keys `before` wrote are deleted: a
+        refused variations request left its upload (up to a few MB) for a day."""
         with self.redis.pipeline(transaction=False) as pipe:
             if before is not None:
                 before(pipe, job_id)
+            written = [command[1] for command, _ in pipe.command_stack]
             pipe.evalsha(SCRIPT_SHA, *args)
-            return pipe.execute()[-1]
+            replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[-1], Exception) and written:
+            self.redis.delete(*written)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies[-1]
 
     @staticmethod
     def _refused(exc: ResponseError, admitted: _Admitted) -> Exception:

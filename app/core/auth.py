@@ -137,8 +137,18 @@ def update_grants(redis: Redis, name_or_prefix: str, **grants: bool | int | None
     return updated
 
 
+MIN_PREFIX = 8  # hex digits of a digest prefix that `update`/`revoke` accept (`list` shows 12)
+
+
 def _names(full: bytes, record: dict, name_or_prefix: str) -> bool:
-    return record["name"] == name_or_prefix or full.decode().startswith(name_or_prefix)
+    """Whether a stored key is the one named: by its exact name, or by a digest prefix of at least
+    MIN_PREFIX hex digits (a short one, such as a one-letter name, could match keys by chance)."""
+    if not name_or_prefix:
+        return False
+    if record["name"] == name_or_prefix:
+        return True
+    is_prefix = len(name_or_prefix) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in name_or_prefix)
+    return is_prefix and full.decode().startswith(name_or_prefix)
 
 
 def list_keys(redis: Redis) -> list[tuple[str, dict]]:
@@ -157,6 +167,8 @@ def revoke(redis: Redis, name_or_prefix: str) -> int:
 
 URL_SECRET_KEY = "imagegen:url-secret"  # shared by every API process on the same Redis
 SIGNATURE_CHARS = 32  # of the URL-safe base64 HMAC-SHA256: 192 bits
+SECRET_TTL = 60.0  # seconds a process trusts its copy of the secret (all processes agree within it)
+SECRET_RECHECK = 1.0  # a link that fails re-reads the secret at most this often
 
 
 class ImageLinks:
@@ -166,28 +178,34 @@ class ImageLinks:
     secret is made once and kept in Redis (`URL_SECRET_KEY`); deleting it voids every link.
 
     `exp` is the end of the current hour plus the result TTL, so that a link outlives its image
-    and stays the same for an hour (a page polling a job does not see its links change)."""
+    and stays the same for an hour (a page polling a job does not see its links change).
+
+    Each process re-reads the secret every SECRET_TTL seconds, and at once (at most every
+    SECRET_RECHECK) when a link fails: after the key is deleted or Redis lost it, every process
+    signs with the new secret within a minute and accepts links signed with it at once."""
 
     def __init__(self, redis: Redis, result_ttl: int) -> None:
         self.redis = redis
         self.result_ttl = result_ttl
         self._secret: bytes | None = None
+        self._read_at = 0.0
 
-    def secret(self) -> bytes:
-        if self._secret is None:  # once per process (blocking: called from worker threads)
+    def secret(self, max_age: float = SECRET_TTL) -> bytes:
+        """The shared secret (blocking: called from worker threads), made if there is none yet."""
+        if self._secret is None or time.monotonic() - self._read_at > max_age:
             self.redis.set(URL_SECRET_KEY, secrets.token_urlsafe(32), nx=True)
             value = self.redis.get(URL_SECRET_KEY)
             if value is None:
                 raise RuntimeError("the image link secret vanished right after it was written")
-            self._secret = bytes(value)  # type: ignore[arg-type]
+            self._secret, self._read_at = bytes(value), time.monotonic()  # type: ignore[arg-type]
         return self._secret
 
     def expiry(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         return (int(now) // 3600 + 1) * 3600 + self.result_ttl
 
-    def signature(self, job_id: str, index: int | str, exp: int | str) -> str:
-        mac = hmac.new(self.secret(), f"{job_id}:{index}:{exp}".encode(), hashlib.sha256).digest()
+    def signature(self, job_id: str, index: int | str, exp: int | str, secret: bytes | None = None) -> str:
+        mac = hmac.new(secret or self.secret(), f"{job_id}:{index}:{exp}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).decode()[:SIGNATURE_CHARS]
 
     def query(self, job_id: str, index: int) -> str:
@@ -198,4 +216,10 @@ class ImageLinks:
     def valid(self, job_id: str, index: str, exp: str, sig: str) -> bool:
         if not (exp.isascii() and exp.isdigit() and len(exp) <= 12) or int(exp) < time.time():
             return False
-        return hmac.compare_digest(self.signature(job_id, index, exp), sig)
+        if not (sig.isascii() and len(sig) == SIGNATURE_CHARS):  # compare_digest takes ASCII text only
+            return False
+        if hmac.compare_digest(self.signature(job_id, index, exp), sig):
+            return True
+        # Signed by a process that read a newer secret (the old one deleted or lost)?
+        current = self.secret(max_age=SECRET_RECHECK)
+        return hmac.compare_digest(self.signature(job_id, index, exp, current), sig)

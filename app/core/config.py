@@ -18,7 +18,9 @@ DEFAULT_MODEL = "tiny-shapes"
 class Settings(BaseSettings):
     """Every knob of the service; each one is documented in the README with its default."""
 
-    model_config = SettingsConfigDict(env_prefix="IMAGEGEN_", extra="ignore", frozen=True)
+    # An empty variable counts as unset (its default applies): compose passes `IMAGEGEN_X=` from a
+    # template `.env` as an empty string, which would not parse as a number or a flag.
+    model_config = SettingsConfigDict(env_prefix="IMAGEGEN_", extra="ignore", frozen=True, env_ignore_empty=True)
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis://, rediss://, unix://).")
     model: str = Field(DEFAULT_MODEL, description="Registry name, pipeline folder or hub id the worker serves.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,20 @@ class JobContextFilter(logging.Filter):
             if job is not None:
                 record.job_id = job.id
         return True
+
+
+class RedactSignatures(logging.Filter):
+    """Access-log lines name the path with its query: a signed image link's `sig` there would let
+    whoever reads the logs open the image (see `app.core.auth.ImageLinks`). It is logged as `sig=…`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and "sig=" in str(args):
+            record.args = tuple(_SIG.sub("sig=…", a) if isinstance(a, str) else a for a in args)
+        return True
+
+
+_SIG = re.compile(r"sig=[^&\s]*")
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,5 +75,7 @@ def configure(level: str, fmt: str, process: str) -> None:
         if name == "uvicorn.access" and not logger.handlers and not logger.propagate:
             continue  # `uvicorn --no-access-log` turned it off: keep it off
         logger.handlers = []
+        if name == "uvicorn.access":
+            logger.filters = [f for f in logger.filters if not isinstance(f, RedactSignatures)] + [RedactSignatures()]
         logger.propagate = True
         logger.setLevel(logging.NOTSET)  # IMAGEGEN_LOG_LEVEL decides, not uvicorn's own INFO

@@ -116,6 +116,16 @@ def test_error_shapes_on_v1_and_elsewhere(stack: Stack) -> None:
             headers = {"content-type": content_type} if content_type else {}
             r = http.post("/v1/images/generations", content=b'{"prompt": "x"}', headers=headers)
             assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+
+        def upload():
+            yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+            yield b"Content-Type: image/png\r\n\r\n"
+            for _ in range(7 * 1024):
+                yield b"x" * 1024
+
+        multipart = {"content-type": "multipart/form-data; boundary=b"}
+        r = http.post("/v1/images/variations", content=upload(), headers=multipart)
+        assert r.status_code == 413, r.text  # chunked, over the upload limit: was a 500
         r = http.post("/v1/images/variations", content=b"hello", headers={"content-type": "text/plain"})
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
         r = http.get("/v1/images/generations")
@@ -159,6 +169,9 @@ def test_canceled_job_is_a_conflict(stack: Stack) -> None:
     error = outcome.get("error")
     assert isinstance(error, openai.ConflictError), outcome
     assert error.response.json()["error"]["code"] == "canceled"
+    # The job existed: OpenAI's SDKs retried a 409 by queueing another one.
+    assert error.response.headers["x-should-retry"] == "false"
+    assert error.response.headers["x-imagegen-job-id"] == job_id
 
 
 def test_with_no_live_worker_the_call_is_refused_at_once(stack: Stack, tmp_path: Path) -> None:

@@ -170,3 +170,28 @@ def test_a_killed_worker_leaves_every_count_once_its_beats_stop(tmp_path) -> Non
         api.stop()
         worker.stop()
         server.proc.stop()
+
+
+def test_redis_out_of_memory_is_a_503_not_a_500(tmp_path) -> None:
+    """Redis at maxmemory with noeviction (as it should run) refuses writes: clients are told to
+    come back later (503 with Retry-After, in OpenAI's shape on /v1), and nothing logs a traceback."""
+    server = start_redis(tmp_path / "redis")
+    api = None
+    try:
+        env = service_env(server.url, tmp_path, api_keys="alice-key-0123456789abcdef", rate_limit_images="50")
+        api, base = start_api(env, tmp_path / "api.log")
+        key = {"Authorization": "Bearer alice-key-0123456789abcdef"}
+        assert httpx.post(base + "/generate", json={"prompt": "x"}, headers=key).status_code == 202
+        used = int(server.client().info("memory")["used_memory"])
+        server.client().config_set("maxmemory", used // 2)
+        for path, body in (("/generate", {"prompt": "x"}), ("/v1/images/generations", {"prompt": "x"})):
+            r = httpx.post(base + path, json=body, headers=key)
+            assert r.status_code == 503, (path, r.text)
+            assert "out of memory" in r.json()["error"]["message"] and int(r.headers["retry-after"]) > 0
+        server.client().config_set("maxmemory", 0)
+        assert httpx.post(base + "/generate", json={"prompt": "x"}, headers=key).status_code == 202
+        assert "Traceback" not in api.output() and "out of memory" in api.output()
+    finally:
+        if api is not None:
+            api.stop()
+        server.proc.stop()

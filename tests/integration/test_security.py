@@ -112,6 +112,10 @@ def test_high_priority_only_for_keys_granted_it(secured) -> None:
     alice = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {ALICE}"})
     assert alice.post("/generate", json=high).status_code == 202
     assert run("update", "nobody", "--high-priority").returncode == 1
+    # Digest prefixes need 8 hex digits: "e" or "" named every key whose digest starts so (or all).
+    assert run("update", "e", "--high-priority").returncode == 1
+    assert run("revoke", "").returncode == 1
+    assert "erin" in run("list").stdout
     assert run("update", "erin").returncode != 0  # nothing to change is a usage error
 
 
@@ -198,10 +202,26 @@ def test_signed_image_links_work_without_the_key_until_they_expire(redis_server:
         stale = f"{base}{parts.path}?exp={past}&sig={urlsafe_b64encode(mac).decode()[:32]}"
         assert httpx.get(stale).status_code == 401
         assert httpx.get(stale.replace(f"exp={past}", f"exp={past + 7200}")).status_code == 401
+        assert httpx.get(f"{base}{parts.path}?exp={query['exp']}&sig=%C3%A9").status_code == 401  # was a 500
         # The OpenAI route's links are signed too.
         r = alice.post("/v1/images/generations", json={"prompt": "y", "size": "32x32", "num_inference_steps": 2})
         assert r.status_code == 200, r.text
         assert httpx.get(r.json()["data"][0]["url"]).status_code == 200
+        # Access logs name the path without the signature, which would open the image.
+        assert query["sig"] not in api.output() and "sig=…" in api.output()
+        # A new secret (the old one deleted): a process that read it signs with it, and one that
+        # still holds the old one accepts those links at once; links signed with the old one die.
+        redis_server.client(9).delete("imagegen:url-secret")
+        api2, base2 = start_api(env, tmp_path / "api2.log")
+        try:
+            fresh = httpx.get(f"{base2}{parts.path}", headers={"Authorization": f"Bearer {ALICE}"})
+            assert fresh.status_code == 200
+            new_url = alice.get(f"{base2}/jobs/{job.json()['id']}").json()["images"][0]["url"]
+            assert new_url != url
+            assert httpx.get(new_url.replace(base2, base)).status_code == 200  # the first process
+            assert httpx.get(url.replace(base, base2)).status_code == 401
+        finally:
+            api2.stop()
     finally:
         worker.stop()
         api.stop()

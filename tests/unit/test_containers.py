@@ -145,6 +145,9 @@ def test_every_setting_reaches_every_service(monkeypatch) -> None:
     assert _settings_in(monkeypatch, _compose_env("worker-gpu", {"IMAGEGEN_DTYPE": "bfloat16"})).dtype == "bfloat16"
     assert _settings_in(monkeypatch, _compose_env("worker", {"IMAGEGEN_DTYPE": "float16"})).dtype == "float32"
     assert SERVICES["api"]["environment"]["FORWARDED_ALLOW_IPS"] is None  # uvicorn's, passed through
+    # A template `.env` with `IMAGEGEN_MAX_QUEUE=` passes an empty string: the default applies.
+    settings = _settings_in(monkeypatch, _compose_env("api", {"IMAGEGEN_MAX_QUEUE": "", "IMAGEGEN_AUTH": ""}))
+    assert settings.max_queue == 1000 and settings.auth is False
 
 
 def test_images_install_dependencies_before_the_code() -> None:

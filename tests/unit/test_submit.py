@@ -309,3 +309,20 @@ def test_an_owners_waiting_bound_frees_the_places_of_jobs_that_left_the_queue(
     with pytest.raises(RateLimitedError):
         service.submit(GenerationParams(prompt="sixth"), owner="k1", max_queued=3)
     service.submit(GenerationParams(prompt="no bound"), owner="k1", max_queued=0)
+
+
+def test_a_refused_submission_leaves_nothing_of_its_own(redis_db, redis_server: RedisServer) -> None:
+    """A variations request refused by its key's bound left its upload (up to a few MB) for a day."""
+    service = make_service(redis_db, redis_server)
+
+    def upload(pipe: Any, job_id: str) -> None:
+        pipe.set(f"imagegen:input:{job_id}", b"png bytes", ex=86400)
+
+    service.submit(GenerationParams(prompt="p"), owner="k1", max_queued=1, before=upload)
+    assert len(redis_db.keys("imagegen:input:*")) == 1
+    with pytest.raises(RateLimitedError):
+        service.submit(GenerationParams(prompt="refused"), owner="k1", max_queued=1, before=upload)
+    assert len(redis_db.keys("imagegen:input:*")) == 1  # only the accepted job's input
+    redis_db.script_flush()  # as after a Redis restart: the reload writes the input again, once
+    service.submit(GenerationParams(prompt="again"), owner="k2", max_queued=1, before=upload)
+    assert len(redis_db.keys("imagegen:input:*")) == 2

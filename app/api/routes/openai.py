@@ -9,9 +9,10 @@ these routes, request validation included, is OpenAI's `{"error": {"message", "t
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC
 from functools import partial
 from typing import Any
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
 from sse_starlette.sse import AppStatus
@@ -31,7 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from app.api.bodies import is_json, validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep, images_charged
-from app.api.errors import HTTP_CODES, STATUS, client_gone
+from app.api.errors import HTTP_CODES, STATUS, client_gone, redis_full
 from app.api.middleware import BodyTooLarge
 from app.api.openai_schemas import (
     ImageDatum,
@@ -151,6 +153,11 @@ class OpenAIRoute(APIRoute):
                 log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
                 message = "the job store (Redis) is unreachable; retry shortly"
                 return OpenAIError(503, message, code="unavailable", headers={"Retry-After": "5"}).response()
+            except RedisOutOfMemoryError as exc:
+                message, headers = redis_full(request, exc)
+                return OpenAIError(503, message, code="unavailable", headers=headers).response()
+            except BodyTooLarge:  # an upload over the limit, read by the route itself: the size limit answers 413
+                raise
             except Exception as exc:
                 log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
                 return OpenAIError(500, "internal server error", code="internal_error").response()
@@ -264,6 +271,26 @@ async def require_worker(model: str | None, settings: Settings, redis: Any) -> N
             raise OpenAIError(503, message, code="unavailable", headers={"Retry-After": str(NO_WORKER_RETRY)})
 
 
+@contextlib.contextmanager
+def _after_queueing(job_id: str, request: Request) -> Iterator[None]:
+    """Every error answered once the job is queued names it and carries `x-should-retry: false`:
+    the job exists (it ran, or goes on), and OpenAI's SDKs would otherwise retry a 409 or 5xx by
+    queueing another one."""
+    try:
+        yield
+    except OpenAIError as exc:
+        exc.headers = {**(exc.headers or {}), "X-Imagegen-Job-Id": job_id, **NO_RETRY}
+        raise
+    except Exception as exc:
+        headers = {"X-Imagegen-Job-Id": job_id, **NO_RETRY}
+        if isinstance(exc, RedisOutOfMemoryError):
+            message, full = redis_full(request, exc)
+            raise OpenAIError(503, message, code="unavailable", headers={**full, **headers}) from None
+        log.exception("unhandled error answering for job %s", job_id, exc_info=exc)
+        message = f"internal server error while waiting for job {job_id}"
+        raise OpenAIError(500, message, code="internal_error", headers=headers) from None
+
+
 async def answer_with_images(
     job_id: str,
     response_format: str | None,
@@ -274,45 +301,45 @@ async def answer_with_images(
     settings: Settings,
 ) -> ImagesResponse:
     """Wait (bounded by IMAGEGEN_OPENAI_TIMEOUT) for a submitted job and answer in OpenAI's shape:
-    URLs of our image endpoint or the PNGs in base64; failures and time-outs as OpenAI errors."""
-    job_header = {"X-Imagegen-Job-Id": job_id}
-    timeout = settings.openai_timeout
-    follow = f"follow it at GET {request.scope.get('root_path', '')}/jobs/{job_id}"
-    try:
-        job = await _wait(jobs, job_id, timeout)
-        view = await run_in_threadpool(jobs.view, job, image_url(request))
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        log.warning("redis unavailable while waiting for job %s: %s", job_id, exc)
-        message = f"the job store (Redis) became unreachable while job {job_id} was pending; the job is kept: {follow}"
-        raise OpenAIError(
-            503, message, code="unavailable", headers={**job_header, **NO_RETRY, "Retry-After": "5"}
-        ) from None
-    if not view.status.is_terminal():
-        if AppStatus.should_exit:
-            message = f"this server is shutting down; job {job_id} goes on: {follow}"
-            raise OpenAIError(503, message, code="unavailable", headers={**job_header, **NO_RETRY, "Retry-After": "1"})
-        where = (
-            f"still waiting in the queue (position {view.queue_position})"
-            if view.status is JobStatus.queued
-            else f"still running (step {view.progress.step} of {view.progress.total})"
-        )
-        message = f"job {job_id} did not finish within {timeout:g} s: it is {where} and goes on; {follow}"
-        raise OpenAIError(504, message, code="timeout", headers={**job_header, **NO_RETRY})
-    if view.status is not JobStatus.succeeded:
-        code = view.error.code if view.error else ErrorCode.internal_error.value
-        message = view.error.message if view.error else f"job {job.id} ended {view.status.value}"
-        raise OpenAIError(_FAILURE_STATUS.get(code, 500), message, code=code, headers=job_header)
-    data: list[ImageDatum] = []
-    for ref in sorted(view.images, key=lambda r: r.index):
-        if response_format == "b64_json":
-            png = await run_in_threadpool(store.get, job.id, ref.index)
-            if png is None:
-                raise OpenAIError(410, f"image {ref.index} of job {job.id} has expired", code="gone")
-            data.append(ImageDatum(b64_json=base64.b64encode(png).decode("ascii")))
-        else:
-            data.append(ImageDatum(url=ref.url))
-    response.headers.update(job_header)
-    return ImagesResponse(created=_created(job), data=data)
+    URLs of our image endpoint or the PNGs in base64; failures and time-outs as OpenAI errors
+    (see `_after_queueing`)."""
+    with _after_queueing(job_id, request):
+        job_header = {"X-Imagegen-Job-Id": job_id}
+        timeout = settings.openai_timeout
+        follow = f"follow it at GET {request.scope.get('root_path', '')}/jobs/{job_id}"
+        try:
+            job = await _wait(jobs, job_id, timeout)
+            view = await run_in_threadpool(jobs.view, job, image_url(request))
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("redis unavailable while waiting for job %s: %s", job_id, exc)
+            message = f"the job store (Redis) became unreachable while job {job_id} was pending; it is kept: {follow}"
+            raise OpenAIError(503, message, code="unavailable", headers={"Retry-After": "5"}) from None
+        if not view.status.is_terminal():
+            if AppStatus.should_exit:
+                message = f"this server is shutting down; job {job_id} goes on: {follow}"
+                raise OpenAIError(503, message, code="unavailable", headers={"Retry-After": "1"})
+            where = (
+                f"still waiting in the queue (position {view.queue_position})"
+                if view.status is JobStatus.queued
+                else f"still running (step {view.progress.step} of {view.progress.total})"
+            )
+            message = f"job {job_id} did not finish within {timeout:g} s: it is {where} and goes on; {follow}"
+            raise OpenAIError(504, message, code="timeout")
+        if view.status is not JobStatus.succeeded:
+            code = view.error.code if view.error else ErrorCode.internal_error.value
+            message = view.error.message if view.error else f"job {job.id} ended {view.status.value}"
+            raise OpenAIError(_FAILURE_STATUS.get(code, 500), message, code=code)
+        data: list[ImageDatum] = []
+        for ref in sorted(view.images, key=lambda r: r.index):
+            if response_format == "b64_json":
+                png = await run_in_threadpool(store.get, job.id, ref.index)
+                if png is None:
+                    raise OpenAIError(410, f"image {ref.index} of job {job.id} has expired", code="gone")
+                data.append(ImageDatum(b64_json=base64.b64encode(png).decode("ascii")))
+            else:
+                data.append(ImageDatum(url=ref.url))
+        response.headers.update(job_header)
+        return ImagesResponse(created=_created(job), data=data)
 
 
 @router.get("/models", response_model=ModelList, summary="The served model (OpenAI-compatible list)")
