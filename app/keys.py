@@ -3,7 +3,9 @@
 A stored key may queue jobs with priority `high` only when granted (`--high-priority`), and may
 have `IMAGEGEN_MAX_QUEUED_PER_KEY` jobs waiting at once unless it has a bound of its own
 (`--max-queued N`, 0 for none). Keys in `IMAGEGEN_API_KEYS` are the operator's: they may use
-every priority, under the server's bound.
+every priority, under the server's bound. A key given a webhook secret of its own
+(`--webhook-secret`, printed once on the line after the key) has its jobs' webhooks signed with
+it instead of the server's `IMAGEGEN_WEBHOOK_SECRET`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import datetime
 import sys
 
-from app.core.auth import list_keys, revoke, store_key, update_grants
+from app.core.auth import digest, list_keys, revoke, set_webhook_secrets, store_key, update_grants
 from app.core.config import Settings
 from app.core.queue import connect
 
@@ -51,7 +53,8 @@ def _describe(meta: dict, settings: Settings) -> str:
     bound = meta.get("max_queued")
     queued = f"default ({settings.max_queued_per_key})" if bound is None else str(bound or "unbounded")
     priority = "high allowed" if meta.get("high_priority") else "normal/low only"
-    return f"{meta['name']}  created {created}  priority: {priority}  max queued: {queued}"
+    hooks = "its own" if meta.get("webhook_secret") else "the server's"
+    return f"{meta['name']}  created {created}  priority: {priority}  max queued: {queued}  webhook secret: {hooks}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     create = sub.add_parser("create", help="create a key and print it (shown only once)")
     create.add_argument("name")
     _grant_options(create)
+    create.add_argument(
+        "--webhook-secret",
+        action="store_true",
+        help="give it a webhook secret of its own (printed once, after the key)",
+    )
     sub.add_parser("list", help="list keys: digest prefix, name, creation time, grants")
     update = sub.add_parser("update", help="change the grants of keys by name or digest prefix (8+ hex digits)")
     update.add_argument("name_or_prefix")
     _grant_options(update)
+    hooks = update.add_mutually_exclusive_group()
+    hooks.add_argument(
+        "--new-webhook-secret", action="store_true", help="give it a new webhook secret of its own (printed once)"
+    )
+    hooks.add_argument(
+        "--no-webhook-secret", action="store_true", help="sign its jobs' webhooks with the server's secret again"
+    )
     rm = sub.add_parser("revoke", help="revoke keys by name or digest prefix (8+ hex digits)")
     rm.add_argument("name_or_prefix")
     args = parser.parse_args(argv)
@@ -74,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             redis, args.name, high_priority=bool(args.high_priority), max_queued=getattr(args, "max_queued", None)
         )
         print(key)
+        if args.webhook_secret:
+            [(_, secret)] = set_webhook_secrets(redis, digest(key)[:12], new=True)
+            print(secret)
+            if not settings.webhook_secret:
+                print("note: webhooks are off here (no IMAGEGEN_WEBHOOK_SECRET)", file=sys.stderr)
         if not settings.auth_enabled:
             print("note: IMAGEGEN_AUTH is off here: the API checks keys only with it on", file=sys.stderr)
     elif args.command == "list":
@@ -85,9 +105,19 @@ def main(argv: list[str] | None = None) -> int:
             grants["high_priority"] = args.high_priority
         if hasattr(args, "max_queued"):
             grants["max_queued"] = args.max_queued
-        if not grants:
-            parser.error("update: give --high-priority, --no-high-priority or --max-queued")
-        n = update_grants(redis, args.name_or_prefix, **grants)
+        hooks_change = args.new_webhook_secret or args.no_webhook_secret
+        if not grants and not hooks_change:
+            parser.error(
+                "update: give --high-priority, --no-high-priority, --max-queued, --new-webhook-secret "
+                "or --no-webhook-secret"
+            )
+        n = update_grants(redis, args.name_or_prefix, **grants) if grants else 0
+        if hooks_change:
+            changed = set_webhook_secrets(redis, args.name_or_prefix, new=args.new_webhook_secret)
+            n = max(n, len(changed))
+            for name, secret in changed:
+                if secret is not None:
+                    print(f"{name}: webhook secret {secret}")
         print(f"updated {n} key(s)")
         return 0 if n else 1
     else:

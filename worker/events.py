@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from app.core import events, webhooks
 from app.core.events import EventType, JobEvent
@@ -42,11 +42,18 @@ def wants(job_meta: dict[str, Any], event: JobEvent) -> str | None:
     return None
 
 
+class _Pending(NamedTuple):
+    job_id: str
+    progress: bool
+    body: bytes
+    secret: str  # the job's key's own, or the server's (see app.core.webhooks)
+
+
 @dataclass
 class _Target:
     """One webhook URL's deliveries: in order, one at a time, with its own backoff."""
 
-    pending: deque[tuple[str, bool, bytes]] = field(default_factory=deque)  # (job id, is progress, body)
+    pending: deque[_Pending] = field(default_factory=deque)
     busy: bool = False
     failures: int = 0  # failed tries of the delivery at the head
     not_before: float = 0.0  # monotonic time of its next try
@@ -75,7 +82,8 @@ class WebhookSender:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, url: str, event: JobEvent) -> None:
+    def submit(self, url: str, event: JobEvent, secret: str | None = None) -> None:
+        """Queue `event` for `url`, signed with `secret` (default: the server's)."""
         body = event.model_dump_json(exclude_none=True).encode()
         progress = event.type is EventType.progress
         with self._ready:
@@ -84,11 +92,11 @@ class WebhookSender:
             first = 1 if target.busy else 0  # the head is being sent: it stays
             if progress:  # the newest progress of a job replaces a waiting one
                 for i in range(len(pending) - 1, first - 1, -1):
-                    if pending[i][0] == event.job_id and pending[i][1]:
+                    if pending[i].job_id == event.job_id and pending[i].progress:
                         del pending[i]
-            pending.append((event.job_id, progress, body))
+            pending.append(_Pending(event.job_id, progress, body, secret or self.settings.webhook_secret))
             if len(pending) > self.MAX_PENDING:
-                drop = next((i for i in range(first, len(pending)) if pending[i][1]), first)
+                drop = next((i for i in range(first, len(pending)) if pending[i].progress), first)
                 del pending[drop]
                 log.warning("webhook %r: %d events waiting; one dropped", url, self.MAX_PENDING)
             self._ready.notify()
@@ -124,12 +132,12 @@ class WebhookSender:
     def _run(self) -> None:
         while (item := self._next()) is not None:
             url, target = item
-            body = target.pending[0][2]
+            head = target.pending[0]
             try:
                 outcome = webhooks.attempt(
                     url,
-                    body,
-                    secret=self.settings.webhook_secret,
+                    head.body,
+                    secret=head.secret,
                     allow_private=self.settings.webhook_allow_private,
                 )
             except Exception:
@@ -181,6 +189,7 @@ class EventSink:
         self.connection = connection
         self.settings = settings
         self.sender = sender
+        self.secrets = webhooks.Secrets(connection, settings.webhook_secret)
 
     @property
     def ttl(self) -> int:
@@ -198,6 +207,12 @@ class EventSink:
 
     def deliver(self, job: Job, event: JobEvent) -> None:
         """Hand an event (already in the job's stream) to the webhook sender, if the job subscribed."""
-        url = wants(job.meta or {}, event)
+        meta = job.meta or {}
+        url = wants(meta, event)
         if url and self.sender is not None:
-            self.sender.submit(url, event)
+            try:
+                secret = self.secrets.for_owner(meta.get("owner"))
+            except Exception:  # Redis unreachable: this event is not delivered (as its publish failed)
+                log.warning("job %s: no webhook secret could be read; %s not delivered", job.id, event.type)
+                return
+            self.sender.submit(url, event, secret)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from app.core.errors import ForbiddenError, RateLimitedError, UnauthorizedError
 from app.core.jobs import Priority
+from app.core.webhooks import SECRETS_KEY as WEBHOOK_SECRETS_KEY
+from app.core.webhooks import new_secret as new_webhook_secret
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -71,7 +73,7 @@ def authenticate(authorization: str | None, settings: Settings, redis: Redis) ->
     matched = False
     for key in settings.api_key_list:
         matched |= hmac.compare_digest(presented, digest(key))
-    owner = presented[:32]
+    owner = owner_of(presented)
     if matched:  # the operator's own keys (IMAGEGEN_API_KEYS): every grant, the default bound
         return Principal(owner, high_priority=True, max_queued=settings.max_queued_per_key)
     stored = redis.hget(KEYS_HASH, presented)
@@ -137,6 +139,33 @@ def update_grants(redis: Redis, name_or_prefix: str, **grants: bool | int | None
     return updated
 
 
+def owner_of(full_digest: bytes | str) -> str:
+    """The owner id jobs made with a key carry (see `authenticate`)."""
+    text = full_digest.decode() if isinstance(full_digest, bytes) else full_digest
+    return text[:32]
+
+
+def set_webhook_secrets(redis: Redis, name_or_prefix: str, *, new: bool) -> list[tuple[str, str | None]]:
+    """Give each key named a webhook secret of its own (`new`, a fresh one each), or take it away
+    (its jobs' webhooks are signed with the server's again). Returns (name, secret) per key."""
+    changed: list[tuple[str, str | None]] = []
+    stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
+    for full, raw in stored.items():
+        record = json.loads(raw)
+        if not _names(full, record, name_or_prefix):
+            continue
+        secret = new_webhook_secret() if new else None
+        with redis.pipeline() as pipe:
+            if secret is None:
+                pipe.hdel(WEBHOOK_SECRETS_KEY, owner_of(full))
+            else:
+                pipe.hset(WEBHOOK_SECRETS_KEY, owner_of(full), secret)
+            pipe.hset(KEYS_HASH, full, json.dumps({**record, "webhook_secret": new}))
+            pipe.execute()
+        changed.append((record["name"], secret))
+    return changed
+
+
 MIN_PREFIX = 8  # hex digits of a digest prefix that `update`/`revoke` accept (`list` shows 12)
 
 
@@ -162,6 +191,7 @@ def revoke(redis: Redis, name_or_prefix: str) -> int:
     for full, meta in stored.items():
         if _names(full, json.loads(meta), name_or_prefix):
             removed += int(redis.hdel(KEYS_HASH, full))  # type: ignore[arg-type]
+            redis.hdel(WEBHOOK_SECRETS_KEY, owner_of(full))
     return removed
 
 

@@ -3,6 +3,10 @@
 Signature scheme: header `X-Imagegen-Timestamp: <unix seconds>` and
 `X-Imagegen-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + raw body)>`.
 Receivers recompute it over the raw body and reject stale timestamps.
+
+The secret is the server's `IMAGEGEN_WEBHOOK_SECRET`, or the one of the API key that made the
+job when that key has its own (`python -m app.keys create NAME --webhook-secret`): with one
+secret for all, any tenant able to verify its webhooks could forge them to another's receiver.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import secrets
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
@@ -30,6 +36,41 @@ DEADLINE = 30.0  # seconds one delivery attempt may take in all
 
 class WebhookTargetError(ValueError):
     """The URL is not an acceptable webhook target."""
+
+
+SECRETS_KEY = "imagegen:webhook-secrets"  # owner id (see app.core.auth) -> that key's own secret
+SECRET_TTL = 60.0  # seconds a worker trusts its copy of an owner's secret (rotation takes that long)
+
+
+def new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+def secret_for(redis: Any, owner: str | None, default: str) -> str:
+    """The secret that signs the webhooks of `owner`'s jobs: its own, else the server's."""
+    if owner is None:
+        return default
+    own = redis.hget(SECRETS_KEY, owner)
+    return own.decode() if own else default
+
+
+class Secrets:
+    """`secret_for` with each owner's answer kept SECRET_TTL seconds (workers look it up for every
+    event they deliver)."""
+
+    def __init__(self, redis: Any, default: str, ttl: float = SECRET_TTL) -> None:
+        self.redis = redis
+        self.default = default
+        self.ttl = ttl
+        self._known: dict[str, tuple[str, float]] = {}
+
+    def for_owner(self, owner: str | None) -> str:
+        if owner is None:
+            return self.default
+        known = self._known.get(owner)
+        if known is None or time.monotonic() - known[1] > self.ttl:
+            known = self._known[owner] = (secret_for(self.redis, owner, self.default), time.monotonic())
+        return known[0]
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:

@@ -119,6 +119,57 @@ def test_high_priority_only_for_keys_granted_it(secured) -> None:
     assert run("update", "erin").returncode != 0  # nothing to change is a usage error
 
 
+def test_a_key_with_its_own_webhook_secret(secured) -> None:
+    """`app.keys create NAME --webhook-secret` prints the key and its secret; its jobs' webhooks (here
+    a job canceled before it started, which the API itself announces) are signed with that secret,
+    other keys' with the server's, and `update --no-webhook-secret` goes back to the server's."""
+    import json
+
+    from app.core.webhooks import verify
+    from tests.procs import WEBHOOK_SECRET, WebhookReceiver
+
+    base, env = secured
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PYTHON, "-m", "app.keys", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    created = run("create", "frank", "--webhook-secret")
+    key, secret = created.stdout.split()
+    assert key.startswith("ig_") and secret.startswith("whsec_")
+    assert "webhook secret: its own" in run("list").stdout
+    receiver = WebhookReceiver()
+
+    def canceled_event_secret(api_key: str) -> str | None:
+        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"})
+        body = {"prompt": "x", "webhook": receiver.url, "webhook_events": ["completed"], **FAST}
+        job = client.post("/generate", json=body).json()
+        assert client.delete(f"/jobs/{job['id']}").status_code == 200
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for headers, raw in receiver.accepted:
+                if json.loads(raw)["job_id"] == job["id"]:
+                    ts, signature = headers["x-imagegen-timestamp"], headers["x-imagegen-signature"]
+                    return next((s for s in (secret, WEBHOOK_SECRET) if verify(s, ts, raw, signature)), None)
+            time.sleep(0.05)
+        return None
+
+    try:
+        assert canceled_event_secret(key) == secret
+        assert canceled_event_secret(ALICE) == WEBHOOK_SECRET
+        updated = run("update", "frank", "--no-webhook-secret")
+        assert updated.returncode == 0 and "webhook secret: the server's" in run("list").stdout
+        assert canceled_event_secret(key) == WEBHOOK_SECRET
+        rotated = run("update", "frank", "--new-webhook-secret")
+        assert rotated.returncode == 0 and "frank: webhook secret whsec_" in rotated.stdout
+        secret = rotated.stdout.split("webhook secret ")[1].split()[0]
+        assert canceled_event_secret(key) == secret
+    finally:
+        receiver.close()
+        run("revoke", "frank")
+
+
 def _png() -> bytes:
     import io
 

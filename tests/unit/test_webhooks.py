@@ -193,12 +193,12 @@ def test_a_waiting_progress_event_is_replaced_by_the_jobs_newer_one() -> None:
     for kind, job, step in [("started", "a", 0), ("progress", "a", 1), ("progress", "a", 2), ("progress", "b", 1),
                             ("progress", "a", 3), ("succeeded", "a", 9)]:  # fmt: skip
         sender.submit(url, _event(kind, job, step))
-    waiting = [json.loads(body) for _, _, body in sender._targets[url].pending]
+    waiting = [json.loads(p.body) for p in sender._targets[url].pending]
     assert [(e["type"], e["job_id"], e["progress"]["step"]) for e in waiting] == [
         ("started", "a", 0), ("progress", "b", 1), ("progress", "a", 3), ("succeeded", "a", 9)]  # fmt: skip
     for i in range(200):  # at most MAX_PENDING wait; progress goes first, the terminal events stay
         sender.submit(url, _event("progress", f"job{i}", 1))
-    kinds = [json.loads(body)["type"] for _, _, body in sender._targets[url].pending]
+    kinds = [json.loads(p.body)["type"] for p in sender._targets[url].pending]
     assert len(kinds) == WebhookSender.MAX_PENDING and kinds[:1] == ["started"] and "succeeded" in kinds
 
 
@@ -214,3 +214,40 @@ def test_close_delivers_what_waits_in_order() -> None:
     finally:
         receiver.close()
     assert [json.loads(body)["type"] for _, body in receiver.accepted] == ["started", "progress", "succeeded"]
+
+
+def test_a_keys_own_webhook_secret_signs_its_jobs_webhooks(redis_db) -> None:
+    """With one secret for all, a tenant able to verify its own webhooks could forge them to any
+    other tenant's receiver. A key's own secret signs its jobs' events; others keep the server's."""
+    import time
+
+    from rq.job import Job
+
+    from app.core import webhooks
+    from app.core.config import Settings
+    from worker.events import EventSink, WebhookSender
+
+    redis_db.hset(webhooks.SECRETS_KEY, "carol-owner", "carols-secret")
+    receiver = WebhookReceiver()
+    settings = Settings(webhook_secret="servers-secret", webhook_allow_private=True)
+    sender = WebhookSender(settings)
+    sink = EventSink(redis_db, settings, sender)
+    hook = {"url": receiver.url, "events": ["start"]}
+    try:
+        for job_id, owner in (("carol-job", "carol-owner"), ("alice-job", "alice-owner"), ("open-job", None)):
+            job = Job(job_id, connection=redis_db)
+            job.meta = {"webhook": hook} | ({"owner": owner} if owner else {})
+            sink.deliver(job, _event("started", job_id))
+        deadline = time.monotonic() + 20
+        while len(receiver.accepted) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sender.close(timeout=5)
+        receiver.close()
+    signed_with = {}
+    for headers, body in receiver.accepted:
+        ts, signature = headers["x-imagegen-timestamp"], headers["x-imagegen-signature"]
+        for secret in ("carols-secret", "servers-secret"):
+            if webhooks.verify(secret, ts, body, signature):
+                signed_with[json.loads(body)["job_id"]] = secret
+    assert signed_with == {"carol-job": "carols-secret", "alice-job": "servers-secret", "open-job": "servers-secret"}

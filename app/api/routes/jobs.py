@@ -16,7 +16,7 @@ from app.api.services import BLOCK_MS
 from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError, UnauthorizedError
 from app.core.events import JobEvent
 from app.core.jobs import JobStatus
-from app.core.webhooks import deliver
+from app.core.webhooks import deliver, secret_for
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 images = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -69,11 +69,11 @@ def cancel_job(
     if event is None:
         response.status_code = status.HTTP_202_ACCEPTED
     else:
-        _webhook_after_cancel(job.meta or {}, event, settings, tasks)
+        _webhook_after_cancel(job.meta or {}, event, settings, tasks, jobs.redis)
     return jobs.view(job, image_url(request))
 
 
-def _webhook_after_cancel(meta: dict, event: JobEvent, settings, tasks: BackgroundTasks) -> None:
+def _webhook_after_cancel(meta: dict, event: JobEvent, settings, tasks: BackgroundTasks, redis) -> None:
     # A job canceled before it started never reaches a worker, so its webhook is sent from here.
     hook = meta.get("webhook") or {}
     if hook.get("url") and "completed" in hook.get("events", ()) and settings.webhook_secret:
@@ -81,7 +81,7 @@ def _webhook_after_cancel(meta: dict, event: JobEvent, settings, tasks: Backgrou
             deliver,
             hook["url"],
             event.model_dump_json(exclude_none=True).encode(),
-            secret=settings.webhook_secret,
+            secret=secret_for(redis, meta.get("owner"), settings.webhook_secret),
             max_attempts=settings.webhook_max_attempts,
             allow_private=settings.webhook_allow_private,
         )
