@@ -125,3 +125,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "Redis or workers unavailable",
     }.items()
 }
+# Submissions: an API key may not have been granted priority `high` (only with API keys on).
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    403: {"model": ErrorEnvelope, "description": "API keys on: priority high not granted to this key"},
+}

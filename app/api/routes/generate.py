@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api.bodies import header, header_parameters, json_request_body, read_json
 from app.api.deps import PrincipalDep, images_charged
-from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
+from app.api.schemas import SUBMIT_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
 from app.api.services import JobService
 from app.core.errors import ConflictError, GoneError, InvalidRequestError
 from app.core.events import EventType
@@ -41,7 +41,7 @@ def image_url(request: Request):
             "ended; with `Accept: image/png` too, the PNG of a one-image job that succeeded",
             "content": {"image/png": {}},
         },
-        **ERROR_RESPONSES,
+        **SUBMIT_RESPONSES,
         415: {"model": ErrorEnvelope, "description": "Body not sent as application/json"},
     },
     summary="Submit a text-to-image job",

@@ -20,7 +20,7 @@ from redis.client import Pipeline
 from app.api.bodies import inline_schema, validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, images_charged
 from app.api.routes.generate import image_url
-from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, JobView
+from app.api.schemas import SUBMIT_RESPONSES, ErrorEnvelope, JobView
 from app.api.uploads import Upload, normalized_png, read_upload
 from app.core.config import Settings
 from app.core.errors import InvalidRequestError
@@ -111,7 +111,7 @@ def _webhook(fields: VariationRequest, settings: Settings) -> dict[str, Any] | N
     response_model=JobView,
     responses={
         200: {"model": JobView, "description": "Repeat of an Idempotency-Key: the original job"},
-        **ERROR_RESPONSES,
+        **SUBMIT_RESPONSES,
         415: {"model": ErrorEnvelope, "description": "Not multipart/JSON, or the image is not PNG, JPEG or WebP"},
     },
     openapi_extra={"requestBody": _body_schema()},
