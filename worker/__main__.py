@@ -81,7 +81,10 @@ def main() -> int:
             model_info=runtime.info,
             **batching,
         )
-        tasks.bind(tasks.WorkerContext(runtime, store, settings, connection, sink, worker.requeue_requested.is_set))
+        context = tasks.WorkerContext(
+            runtime, store, settings, connection, sink, worker.requeue_requested.is_set, lambda: worker.claim
+        )
+        tasks.bind(context)
         return worker
 
     # RQ's loop quits on some Redis errors (an outage mid-job, a restart); the model stays loaded

@@ -186,7 +186,7 @@ class BatchingWorker(ImagegenWorker):
         #    only when something may have changed (see `_check_due`).
         slots = list(self.slots)
         room = 0 if self._stop_requested else self.max_batch - self._rows()
-        replies: list[Any] = [0] * len(slots)
+        replies: list[Any] = [0, 1] * len(slots)  # per job: its cancel flag, whether it is still ours
         now = self.clock()
         heads: list[Any] = []
         if self._check_due(now):
@@ -199,18 +199,23 @@ class BatchingWorker(ImagegenWorker):
                         pipe.lrange(q.key, 0, room - 1)
                     for slot in slots:
                         pipe.exists(cancel_key(slot.job.id))
+                        pipe.zscore(slot.queue.started_job_registry.key, slot.execution.composite_key)
                     newest, *replies = pipe.execute()
                 self._checked_through = _stream_id(newest[0][0]) if newest else (0, 0)
-                heads = replies[: len(replies) - len(slots)]
+                heads = replies[: len(replies) - 2 * len(slots)]
                 self._maybe_waiting = room <= 0 or any(heads)
             except RedisError:
                 # Redis is away: keep sampling, as the one-job task does; results are stored once it
                 # is back, or the jobs are re-run once this worker is found to have lost them.
                 log.warning("queues and cancel flags not checked (Redis unavailable)")
-                replies = [0] * len(slots)
-        flags = replies[len(replies) - len(slots) :]
-        # 4. End canceled and timed-out jobs; admit waiting jobs of the same shape.
-        self._check_cancels_and_timeouts(slots, flags)
+                replies = [0, 1] * len(slots)
+        checks = replies[len(replies) - 2 * len(slots) :]
+        # 4. Drop jobs run again elsewhere, end canceled and timed-out ones; admit waiting jobs of
+        #    the same shape.
+        slots = self._drop_lost(slots, checks[1::2])
+        self._check_cancels_and_timeouts(
+            slots, [f for f, ours in zip(checks[::2], checks[1::2], strict=True) if ours is not None]
+        )
         if any(heads):
             try:
                 self._fill(heads, room)
@@ -415,6 +420,23 @@ class BatchingWorker(ImagegenWorker):
             except Exception as exc:
                 log.exception("job %s: sampling failed", slot.job.id)
                 self._end_failed(slot, _sampling_failure(slot.job, exc))
+
+    def _drop_lost(self, slots: list[Slot], registered: list[Any]) -> list[Slot]:
+        """Stop the jobs whose run is no longer in the started registry (this worker stalled past
+        its heartbeats and they were re-queued and run elsewhere: see `tasks.LostRunError`), with
+        nothing of them saved; returns the others."""
+        kept = []
+        for slot, score in zip(slots, registered, strict=True):
+            if score is not None:
+                kept.append(slot)
+                continue
+            log.warning("job %s: run again elsewhere while this worker stalled; this run stops", slot.job.id)
+            self._remove(slot)
+            try:
+                raise tasks.LostRunError
+            except tasks.LostRunError:
+                self._finalize_failure(slot.job, slot.queue, slot.execution, sys.exc_info())
+        return kept
 
     def _check_cancels_and_timeouts(self, slots: list[Slot], flags: list[int]) -> None:
         now = utcnow()

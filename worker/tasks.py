@@ -47,6 +47,8 @@ class WorkerContext:
     connection: Redis
     events: EventSink
     should_requeue: Callable[[], bool] = lambda: False
+    # (started registry key, execution) of the run in progress: see `LostRunError`.
+    claim: Callable[[], tuple[str, str] | None] = lambda: None
 
 
 _context: WorkerContext | None = None
@@ -69,6 +71,13 @@ class JobFailedError(Exception):
 
 class RequeueError(Exception):
     """The worker is shutting down past its grace period: give the job back to the queue."""
+
+
+class LostRunError(Exception):
+    """This run no longer owns its job: the worker stalled past its heartbeats (SIGSTOP, a frozen
+    VM, swapping), was taken for dead, and the job was re-queued and run again elsewhere. The run
+    stops at once and records nothing more (`ImagegenWorker._taken_from_us` drops its outcome):
+    sampling on would waste the worker and mix this run's progress into the other run's."""
 
 
 class CanceledError(Exception):
@@ -155,8 +164,11 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
         report = step == steps or now - last_write >= PROGRESS_INTERVAL
         if not (check or report):
             return
+        claim = ctx.claim() if check else None
         try:
             with ctx.connection.pipeline(transaction=False) as pipe:
+                if claim is not None:  # first, though the answer comes with the others'
+                    pipe.zscore(*claim)
                 if check:
                     last_check = now
                     pipe.exists(flag)
@@ -170,6 +182,8 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
             if redis_away:
                 redis_away = False
                 log.info("job %s: progress recorded again (Redis is back)", job.id)
+            if claim is not None and replies.pop(0) is None:
+                raise LostRunError
             if check and replies[0]:
                 raise CanceledError(step, steps)
             if report:
@@ -188,6 +202,9 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
     except RequeueError:
         log.info("job %s: shutting down, handing the job back to the queue", job.id)
         job.meta["requeue"] = True
+        raise
+    except LostRunError:
+        log.warning("job %s: run again elsewhere while this worker stalled; this run stops", job.id)
         raise
     except CanceledError as exc:
         log.info("job %s: canceled at step %d/%d", job.id, exc.step, exc.total)

@@ -124,6 +124,9 @@ class ImagegenWorker(SimpleWorker):
         # Set `shutdown_grace` seconds after a warm shutdown began with a job still running; the
         # task checks it at every step and hands the job back to the queue.
         self.requeue_requested = threading.Event()
+        # (started registry key, execution) of the job running on the one-job path, else None: the
+        # task checks it is still registered (see `tasks.LostRunError`).
+        self.claim: tuple[str, str] | None = None
         self._succeeding: dict[str, _Success] = {}  # jobs whose success RQ is recording
         # Jobs of dead workers that RQ's maintenance re-queues or fails (see `_note_abandoned`).
         self._lost: list[Job] = []
@@ -164,9 +167,11 @@ class ImagegenWorker(SimpleWorker):
         """RQ logs every failing job's traceback at ERROR. An outcome of ours (canceled, refused,
         invalid, timed out; a sampling error was logged with its traceback where it happened) or a
         hand-back at shutdown is one line instead, at INFO for cancels and hand-backs."""
-        from worker.tasks import JobFailedError, RequeueError
+        from worker.tasks import JobFailedError, LostRunError, RequeueError
 
         exc = exc_info[1] if len(exc_info) > 1 else None
+        if isinstance(exc, LostRunError):
+            return  # logged where the run stopped; nothing of it is recorded
         if not isinstance(exc, JobFailedError | RequeueError):
             super().handle_exception(job, *exc_info)
             return
@@ -224,9 +229,11 @@ class ImagegenWorker(SimpleWorker):
         stop = threading.Event()
         beat = threading.Thread(target=self._beat, args=(job, execution, stop), name="heartbeat", daemon=True)
         beat.start()
+        self.claim = (queue.started_job_registry.key, execution.composite_key)
         try:
             self.perform_job(job, queue, execution)
         finally:
+            self.claim = None
             stop.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)

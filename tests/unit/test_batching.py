@@ -311,6 +311,30 @@ def test_cancel_of_one_job_leaves_the_others(env, redis_db) -> None:
     assert [t for t in engine.ticks if "drop" in t] == [["keep", "drop"]] * 3
 
 
+def test_a_job_run_again_elsewhere_leaves_the_batch_and_records_nothing(env, redis_db) -> None:
+    """This worker stalled past its heartbeats and one job was re-queued and run by another: at the
+    next check it leaves the batch with nothing saved (no meta, no event, no outcome); the others go on."""
+    engine, store, queue, _, make = env
+    keep = enqueue(queue, prompt="keep", num_inference_steps=8)
+    lost = enqueue(queue, prompt="lost", num_inference_steps=8)
+
+    def lose_at_3(tick: int, requests) -> None:
+        if tick == 3:  # what RQ's maintenance does to the runs of a worker it takes for dead
+            registry = queue.started_job_registry
+            for member in redis_db.zrange(registry.key, 0, -1):
+                if member.decode().startswith(lost.id):
+                    redis_db.zrem(registry.key, member)
+
+    engine.on_tick = lose_at_3
+    make().work(burst=True)
+    lost.refresh()
+    keep.refresh()
+    assert [t for t in engine.ticks if "lost" in t] == [["keep", "lost"]] * 3  # was 8: to its end
+    assert lost.get_status() == "started" and "error" not in lost.meta
+    assert kinds(redis_db, lost.id)[-1] in ("started", "progress") and store.get(lost.id, 0) is None
+    assert keep.get_status() == "finished" and store.get(keep.id, 0) is not None
+
+
 def test_other_sizes_wait_their_turn_and_order_is_kept(env) -> None:
     engine, store, queue, _, make = env
     enqueue(queue, prompt="a1", width=16, height=16, num_inference_steps=2)

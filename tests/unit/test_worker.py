@@ -65,11 +65,11 @@ def env(redis_db, tmp_path):
     store = LocalImageStore(tmp_path)
     settings = Settings(results_dir=tmp_path)
     sink = EventSink(redis_db, settings, sender=None)
-    tasks.bind(tasks.WorkerContext(runtime, store, settings, redis_db, sink))
     queue = Queue("imagegen:fake", connection=redis_db, serializer=JSONSerializer)
     worker = ImagegenWorker(
         [queue], connection=redis_db, serializer=JSONSerializer, heartbeat_interval=0.2, events=sink
     )
+    tasks.bind(tasks.WorkerContext(runtime, store, settings, redis_db, sink, claim=lambda: worker.claim))
     yield runtime, store, queue, worker
     tasks._context = None
 
@@ -121,6 +121,38 @@ def test_a_run_that_lost_its_job_while_stalled_records_no_outcome(env, redis_db,
     assert job.get_status() == "started"  # as this run left it: the other run records the end
     assert redis_db.hgetall(metrics.JOBS) == {}
     assert [e.type.value for _, e in events.read(redis_db, job.id)][-1] in ("started", "progress")
+
+
+def test_a_run_that_lost_its_job_stops_sampling_at_its_next_check(env, redis_db) -> None:
+    """It sampled on to the end, writing progress into the stream of the run that replaced it: it
+    now stops at its next cancel check (at most CANCEL_INTERVAL later) and writes nothing more."""
+    from app.core import events
+
+    runtime, store, queue, worker = env
+    runtime.step_delay = tasks.CANCEL_INTERVAL * 1.5  # every step is followed by a check
+    job = enqueue(queue, prompt="long", seed=1, num_inference_steps=40)
+    steps_seen: list[int] = []
+    original = runtime.generate
+
+    def lose_the_job_at_step_5(params, on_step):
+        def watched(step: int, total: int) -> None:
+            steps_seen.append(step)
+            if step == 5:  # what RQ's maintenance does to a worker it takes for dead
+                registry = queue.started_job_registry
+                for member in redis_db.zrange(registry.key, 0, -1):
+                    redis_db.zrem(registry.key, member)
+            on_step(step, total)
+
+        return original(params, watched)
+
+    runtime.generate = lose_the_job_at_step_5
+    worker.work(burst=True)
+    assert max(steps_seen) <= 7, steps_seen  # was 40: the whole job
+    job.refresh()
+    assert job.get_status() == "started" and "error" not in job.meta  # nothing of this run recorded
+    progress = [e.progress["step"] for _, e in events.read(redis_db, job.id) if e.type.value == "progress"]
+    assert not progress or max(progress) <= 6, progress
+    assert worker.claim is None
 
 
 def test_sampling_error_fails_only_that_job(env) -> None:
