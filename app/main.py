@@ -5,6 +5,7 @@ Settings are read and Redis is connected when the app is created / started, neve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +29,10 @@ from app.core.config import Settings
 from app.core.process import tune_gc
 from app.core.queue import connect, connect_async
 from app.core.storage import make_store
+from app.core.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
+WEBHOOK_DRAIN = 5.0  # seconds a stopping API gives its pending webhook deliveries
 DESCRIPTION = """Text-to-image over HTTP: a CLIP text encoder conditions a diffusion model that
 denoises random noise into an image. Submit with `POST /generate`, poll `GET /jobs/{id}`, then
 download `GET /jobs/{id}/images/{index}`."""
@@ -50,11 +53,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.jobs = JobService(settings, redis, aredis, watch)
         app.state.queue = app.state.jobs.queues[1]
         app.state.links = ImageLinks(redis, settings.result_ttl) if settings.auth_enabled else None
+        # The webhooks of jobs canceled before they started (the API announces those): on threads
+        # of their own, so a slow receiver holds up no request (see app.api.routes.jobs).
+        app.state.webhooks = WebhookSender(settings, threads=2) if settings.webhook_secret else None
         _warn_unchecked_keys(settings, redis)
         tune_gc()
         try:
             yield
         finally:
+            if app.state.webhooks is not None:  # what is due within a few seconds still goes out
+                await asyncio.to_thread(app.state.webhooks.close, WEBHOOK_DRAIN)
             redis.close()
             await aredis.aclose()
             await watch.aclose()

@@ -37,8 +37,9 @@ def main() -> int:
 
     from app.core.queue import SERIALIZER, connect, get_queues
     from app.core.storage import LocalImageStore, make_store
+    from app.core.webhooks import WebhookSender
     from worker import tasks
-    from worker.events import EventSink, WebhookSender
+    from worker.events import EventSink
     from worker.runtime import DiffusersRuntime
     from worker.sweeper import start_sweeper
     from worker.worker import ImagegenWorker

@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job
+from rq.registry import CanceledJobRegistry
 from sse_starlette.sse import AppStatus
 
 from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, Timings
@@ -491,10 +492,14 @@ class JobService:
             )
         deadline = time.monotonic() + 2.0  # the first request may still be enqueueing
         while time.monotonic() < deadline:
+            # The marker first: the script writes it with the job, so once it is seen the job was
+            # written; a job read missing after it has expired. (Read the other way round, a job
+            # written between the two reads looked expired: a 410 for a request made at once.)
+            made = self.redis.exists(SEEN_PREFIX + stored_id)
             job = fetch_job(self.redis, stored_id)
             if job is not None:
                 return stored_id, job
-            if self.redis.exists(SEEN_PREFIX + stored_id):  # it was made, and has expired since
+            if made:  # it was made, and has expired since
                 raise GoneError(
                     f"the job made with this Idempotency-Key ({stored_id}) has expired; "
                     "send the request with a new key to make another"
@@ -572,6 +577,10 @@ class JobService:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.expire(job.key, self.settings.failure_ttl)
             metrics.record_job(pipe, JobStatus.canceled.value, 0, {})  # no worker will count it
+            # RQ's canceled registry (one entry per job canceled while queued, scored by the time)
+            # is cleaned by nothing in RQ: drop the entries whose jobs have expired since.
+            canceled = CanceledJobRegistry(job.origin, connection=self.redis)
+            pipe.zremrangebyscore(canceled.key, "-inf", f"({time.time() - self.settings.failure_ttl}")
             pipe.execute()
         event = events.make_event(EventType.canceled, job.id, "canceled", error=job.meta["error"])
         events.publish(self.redis, event, events.stream_ttl(self.settings, event))

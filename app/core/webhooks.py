@@ -21,11 +21,18 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
+
+from app.core.events import EventType, JobEvent
+
+if TYPE_CHECKING:
+    from app.core.config import Settings
 
 log = logging.getLogger(__name__)
 RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -206,23 +213,118 @@ def backoff(attempts: int) -> float:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1))
 
 
-def deliver(
-    url: str,
-    body: bytes,
-    *,
-    secret: str,
-    max_attempts: int,
-    allow_private: bool,
-    sleep: Callable[[float], None] = time.sleep,
-    resolve: Callable[[str], list[str]] | None = None,
-) -> bool:
-    """`attempt` until it delivers, refuses or `max_attempts` were made, with backoff between
-    tries; True when delivered. For a single event (the API's cancel); workers use `WebhookSender`."""
-    for tried in range(1, max_attempts + 1):
-        outcome = attempt(url, body, secret=secret, allow_private=allow_private, resolve=resolve)
-        if outcome is not None:
-            return outcome
-        if tried < max_attempts:
-            sleep(backoff(tried))
-    log.warning("webhook %r gave up after %d attempts", url, max_attempts)
-    return False
+class _Pending(NamedTuple):
+    job_id: str
+    progress: bool
+    body: bytes
+    secret: str  # the job's key's own, or the server's (see app.core.webhooks)
+
+
+@dataclass
+class _Target:
+    """One webhook URL's deliveries: in order, one at a time, with its own backoff."""
+
+    pending: deque[_Pending] = field(default_factory=deque)
+    busy: bool = False
+    failures: int = 0  # failed tries of the delivery at the head
+    not_before: float = 0.0  # monotonic time of its next try
+
+
+class WebhookSender:
+    """Delivers webhooks on `threads` threads, off the sampling thread.
+
+    Each URL gets its events in order (start → progress → completed), one delivery at a time, and
+    waits out its own retries: a slow or failing receiver holds back only its own events, never
+    other URLs' (one thread for all made every receiver wait behind one that answered 503 for a
+    minute per event). A job's progress event that is still waiting when a newer one comes is
+    replaced by it, and a URL keeps at most `MAX_PENDING` events, dropping the oldest progress first.
+    """
+
+    THREADS = 4
+    MAX_PENDING = 100
+
+    def __init__(self, settings: Settings, threads: int = THREADS) -> None:
+        self.settings = settings
+        self._targets: dict[str, _Target] = {}
+        self._ready = threading.Condition()
+        self._closing = False
+        self._stopped = False
+        self._threads = [threading.Thread(target=self._run, name=f"webhooks-{i}", daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, url: str, event: JobEvent, secret: str | None = None) -> None:
+        """Queue `event` for `url`, signed with `secret` (default: the server's)."""
+        body = event.model_dump_json(exclude_none=True).encode()
+        progress = event.type is EventType.progress
+        with self._ready:
+            target = self._targets.setdefault(url, _Target())
+            pending = target.pending
+            first = 1 if target.busy else 0  # the head is being sent: it stays
+            if progress:  # the newest progress of a job replaces a waiting one
+                for i in range(len(pending) - 1, first - 1, -1):
+                    if pending[i].job_id == event.job_id and pending[i].progress:
+                        del pending[i]
+            pending.append(_Pending(event.job_id, progress, body, secret or self.settings.webhook_secret))
+            if len(pending) > self.MAX_PENDING:
+                drop = next((i for i in range(first, len(pending)) if pending[i].progress), first)
+                del pending[drop]
+                log.warning("webhook %r: %d events waiting; one dropped", url, self.MAX_PENDING)
+            self._ready.notify()
+
+    def close(self, timeout: float = 10) -> None:
+        """Deliver what is waiting (tries due within `timeout`), then stop the threads."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify_all()
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        with self._ready:  # past the timeout: what still waits is dropped
+            self._stopped = True
+            self._ready.notify_all()
+
+    def _next(self) -> tuple[str, _Target] | None:
+        """The next URL whose head delivery is due (marked busy), waiting for one; None to stop."""
+        with self._ready:
+            while not self._stopped:
+                now = time.monotonic()
+                due = [(t.not_before, u) for u, t in self._targets.items() if t.pending and not t.busy]
+                ready = [u for when, u in due if when <= now]
+                if ready:
+                    url = min(ready, key=lambda u: self._targets[u].not_before)
+                    self._targets[url].busy = True
+                    return url, self._targets[url]
+                if self._closing and not due:
+                    return None
+                self._ready.wait(min((when for when, _ in due), default=now + 1.0) - now)
+            return None
+
+    def _run(self) -> None:
+        while (item := self._next()) is not None:
+            url, target = item
+            head = target.pending[0]
+            try:
+                outcome = attempt(
+                    url,
+                    head.body,
+                    secret=head.secret,
+                    allow_private=self.settings.webhook_allow_private,
+                )
+            except Exception:
+                log.exception("webhook delivery to %r crashed", url)
+                outcome = False
+            with self._ready:
+                target.busy = False
+                if outcome is None:
+                    target.failures += 1
+                    if target.failures < self.settings.webhook_max_attempts:
+                        target.not_before = time.monotonic() + backoff(target.failures)
+                        self._ready.notify_all()
+                        continue
+                    log.warning("webhook %r gave up after %d attempts", url, target.failures)
+                target.pending.popleft()
+                target.failures, target.not_before = 0, 0.0
+                if not target.pending:
+                    del self._targets[url]
+                self._ready.notify_all()

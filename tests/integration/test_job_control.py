@@ -306,3 +306,30 @@ def test_results_expire_with_410_and_images_are_deleted(which: str, request) -> 
         wait_for(lambda: not folder.exists(), 15, "sweeper to delete the images")
     else:
         assert s.redis.client(db).exists(f"imagegen:image:{job['id']}:0") == 0
+
+
+def test_webhooks_of_canceled_queued_jobs_never_hold_up_requests(stack: Stack, tmp_path: Path) -> None:
+    """The API announces a job canceled before it started. Its delivery ran as a background task
+    on the threads that serve every plain route, retrying for minutes: 40 cancels to a receiver
+    that hangs stalled `/healthz` for 75 s. Now the API's own sender threads deliver them."""
+    import socket
+
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(64)  # accepts connections and never answers
+    url = f"http://127.0.0.1:{hang.getsockname()[1]}/hook"
+    env = service_env(f"redis://127.0.0.1:{stack.redis.port}/11", tmp_path)  # no worker: jobs stay queued
+    stack.redis.client(11).flushdb()
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            body = {"prompt": "x", "webhook": url, "webhook_events": ["completed"]}
+            ids = [http.post("/generate", json=body).json()["id"] for _ in range(45)]
+            started = time.monotonic()
+            for job_id in ids:
+                assert http.delete(f"/jobs/{job_id}").status_code == 200
+            assert http.get("/healthz").status_code == 200
+            assert time.monotonic() - started < 15  # was 75 s: the 41st cancel waited for a thread
+    finally:
+        api.stop()
+        hang.close()

@@ -326,3 +326,29 @@ def test_a_refused_submission_leaves_nothing_of_its_own(redis_db, redis_server: 
     redis_db.script_flush()  # as after a Redis restart: the reload writes the input again, once
     service.submit(GenerationParams(prompt="again"), owner="k2", max_queued=1, before=upload)
     assert len(redis_db.keys("imagegen:input:*")) == 2
+
+
+def test_a_repeat_arriving_while_the_first_request_writes_its_job_gets_that_job(
+    redis_db, redis_server: RedisServer, monkeypatch
+) -> None:
+    """Two requests with one Idempotency-Key at once: the second read the job (not written yet),
+    then the marker the first request's write had just set, and answered 410 "expired"."""
+    from app.api import services
+
+    service = make_service(redis_db, redis_server)
+    job_id, existing = service.claim_idempotency_key("k", "body-hash")
+    assert existing is None
+    real_fetch = services.fetch_job
+    calls = 0
+
+    def fetch_while_the_first_request_writes(redis, ident):
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the first request's script runs right after this read
+            service.submit(GenerationParams(prompt="p"), job_id=job_id)
+            return None
+        return real_fetch(redis, ident)
+
+    monkeypatch.setattr(services, "fetch_job", fetch_while_the_first_request_writes)
+    again_id, job = service.claim_idempotency_key("k", "body-hash")
+    assert again_id == job_id and job is not None and job.id == job_id

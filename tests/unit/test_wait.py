@@ -136,3 +136,20 @@ def test_a_wait_rides_out_a_short_redis_outage_and_reports_a_long_one(redis_db, 
     ended, error = asyncio.run(both())
     assert ended is not None and ended.type is EventType.succeeded
     assert isinstance(error, RedisConnectionError)
+
+
+def test_rqs_canceled_registry_keeps_only_jobs_that_still_exist(redis_db, redis_server) -> None:
+    """RQ adds every job canceled while queued to its canceled registry and nothing in RQ cleans
+    it: a soak left one entry per canceled job for good. Each cancel now drops entries older than
+    the failure TTL (their jobs have expired)."""
+    from rq.registry import CanceledJobRegistry
+
+    service = make_service(redis_db, redis_server, failure_ttl=60)
+    first = service.submit(GenerationParams(prompt="a"))
+    service.cancel(service.get(first.id))
+    registry = CanceledJobRegistry("imagegen:main:normal", connection=redis_db)
+    assert redis_db.zrange(registry.key, 0, -1) == [first.id.encode()]
+    redis_db.zadd(registry.key, {first.id: redis_db.zscore(registry.key, first.id) - 61})  # as 61 s ago
+    second = service.submit(GenerationParams(prompt="b"))
+    service.cancel(service.get(second.id))
+    assert redis_db.zrange(registry.key, 0, -1) == [second.id.encode()]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.core.webhooks import WebhookTargetError, check_target, deliver, sign, verify
+from app.core.webhooks import WebhookTargetError, attempt, check_target, sign, verify
 from tests.procs import WebhookReceiver
 
 
@@ -47,25 +47,33 @@ def test_public_targets_and_bad_urls() -> None:
 
 
 def test_delivery_retries_with_backoff_then_succeeds() -> None:
+    from app.core.webhooks import WebhookSender, backoff
+
     receiver = WebhookReceiver(fail=2)
-    sleeps: list[float] = []
+    sender = WebhookSender(_sender_settings())
+    event = _event("succeeded", "job-a")
     try:
-        body = json.dumps({"type": "succeeded"}).encode()
-        ok = deliver(receiver.url, body, secret="k", max_attempts=5, allow_private=True, sleep=sleeps.append)
+        sender.submit(receiver.url, event)
+        sender.close(timeout=10)  # the two retries are due 0.5 s and 1 s after their failures
     finally:
         receiver.close()
-    assert ok and receiver.attempts == 3
-    assert sleeps == [0.5, 1.0]
+    assert receiver.attempts == 3 and [backoff(1), backoff(2), backoff(99)] == [0.5, 1.0, 30.0]
     headers, got = receiver.accepted[-1]
-    assert got == body and verify("k", headers["x-imagegen-timestamp"], got, headers["x-imagegen-signature"])
+    assert json.loads(got)["job_id"] == "job-a"
+    assert verify("k", headers["x-imagegen-timestamp"], got, headers["x-imagegen-signature"])
 
 
 def test_delivery_gives_up_and_never_reaches_refused_targets() -> None:
+    from app.core.config import Settings
+    from app.core.webhooks import WebhookSender, attempt
+
     receiver = WebhookReceiver(fail=99)
+    sender = WebhookSender(Settings(webhook_secret="k", webhook_allow_private=True, webhook_max_attempts=3))
     try:
-        assert not deliver(receiver.url, b"{}", secret="k", max_attempts=3, allow_private=True, sleep=lambda s: None)
+        sender.submit(receiver.url, _event("succeeded", "job-a"))
+        sender.close(timeout=10)
         assert receiver.attempts == 3
-        assert not deliver(receiver.url, b"{}", secret="k", max_attempts=3, allow_private=False, sleep=lambda s: None)
+        assert attempt(receiver.url, b"{}", secret="k", allow_private=False) is False
         assert receiver.attempts == 3  # loopback refused: nothing was sent
     finally:
         receiver.close()
@@ -106,8 +114,7 @@ def test_the_request_goes_to_the_address_that_was_checked() -> None:
         return ["127.0.0.1"]
 
     try:
-        ok = deliver(f"http://hooks.invalid:{port}/x", b"{}", secret="k", max_attempts=1, allow_private=True,
-                     resolve=resolve)  # fmt: skip
+        ok = attempt(f"http://hooks.invalid:{port}/x", b"{}", secret="k", allow_private=True, resolve=resolve)
     finally:
         receiver.close()
     assert ok and lookups == ["hooks.invalid"]
@@ -166,7 +173,7 @@ def test_a_failing_receiver_does_not_hold_up_another() -> None:
     failing one had been given up on, event by event (about 15 s each here)."""
     import time
 
-    from worker.events import WebhookSender
+    from app.core.webhooks import WebhookSender
 
     failing, healthy = WebhookReceiver(fail=10_000), WebhookReceiver()
     sender = WebhookSender(_sender_settings())
@@ -186,7 +193,7 @@ def test_a_failing_receiver_does_not_hold_up_another() -> None:
 
 
 def test_a_waiting_progress_event_is_replaced_by_the_jobs_newer_one() -> None:
-    from worker.events import WebhookSender
+    from app.core.webhooks import WebhookSender
 
     sender = WebhookSender(_sender_settings(), threads=0)  # nothing delivers: look at what waits
     url = "http://hooks.example/x"
@@ -203,7 +210,7 @@ def test_a_waiting_progress_event_is_replaced_by_the_jobs_newer_one() -> None:
 
 
 def test_close_delivers_what_waits_in_order() -> None:
-    from worker.events import WebhookSender
+    from app.core.webhooks import WebhookSender
 
     receiver = WebhookReceiver(fail=1)  # the first try fails: its retry still comes before the rest
     sender = WebhookSender(_sender_settings())

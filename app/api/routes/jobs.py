@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -16,7 +16,7 @@ from app.api.services import BLOCK_MS
 from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError, UnauthorizedError
 from app.core.events import JobEvent
 from app.core.jobs import JobStatus
-from app.core.webhooks import deliver, secret_for
+from app.core.webhooks import WebhookSender, secret_for
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 images = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -61,7 +61,6 @@ def cancel_job(
     response: Response,
     jobs: JobsDep,
     settings: SettingsDep,
-    tasks: BackgroundTasks,
     principal: PrincipalDep,
 ) -> JobView:
     """A queued job never starts (200); a running one stops at its next denoising step (202)."""
@@ -69,22 +68,18 @@ def cancel_job(
     if event is None:
         response.status_code = status.HTTP_202_ACCEPTED
     else:
-        _webhook_after_cancel(job.meta or {}, event, settings, tasks, jobs.redis)
+        _webhook_after_cancel(job.meta or {}, event, settings, request.app.state.webhooks, jobs.redis)
     return jobs.view(job, image_url(request))
 
 
-def _webhook_after_cancel(meta: dict, event: JobEvent, settings, tasks: BackgroundTasks, redis) -> None:
-    # A job canceled before it started never reaches a worker, so its webhook is sent from here.
+def _webhook_after_cancel(meta: dict, event: JobEvent, settings, sender: WebhookSender | None, redis) -> None:
+    """A job canceled before it started never reaches a worker, so its webhook is sent from here:
+    by the API's own sender threads, in order and with retries per URL as a worker's. (As a
+    background task it held one of the threads that run every plain route, for up to ~3 minutes
+    of retries: 40 such cancels to a receiver that hangs stalled `/healthz` for 75 s.)"""
     hook = meta.get("webhook") or {}
-    if hook.get("url") and "completed" in hook.get("events", ()) and settings.webhook_secret:
-        tasks.add_task(
-            deliver,
-            hook["url"],
-            event.model_dump_json(exclude_none=True).encode(),
-            secret=secret_for(redis, meta.get("owner"), settings.webhook_secret),
-            max_attempts=settings.webhook_max_attempts,
-            allow_private=settings.webhook_allow_private,
-        )
+    if hook.get("url") and "completed" in hook.get("events", ()) and sender is not None:
+        sender.submit(hook["url"], event, secret_for(redis, meta.get("owner"), settings.webhook_secret))
 
 
 @router.get(
