@@ -34,8 +34,8 @@ class RedactSignatures(logging.Filter):
     whoever reads the logs open the image (see `app.core.auth.ImageLinks`). It is logged as `sig=…`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and "sig=" in str(args):
+        args = record.args  # uvicorn's: (client, method, path with query, HTTP version, status)
+        if isinstance(args, tuple) and any(isinstance(a, str) and "sig=" in a for a in args):
             record.args = tuple(_SIG.sub("sig=…", a) if isinstance(a, str) else a for a in args)
         return True
 
