@@ -129,14 +129,10 @@ def store_key(redis: Redis, name: str, *, high_priority: bool = False, max_queue
 def update_grants(redis: Redis, name_or_prefix: str, **grants: bool | int | None) -> int:
     """Change the grants (`high_priority`, `max_queued`) of the keys a name or digest prefix names;
     returns how many. A grant left out (not passed) is kept."""
-    updated = 0
-    stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
-    for full, raw in stored.items():
-        record = json.loads(raw)
-        if _names(full, record, name_or_prefix):
-            redis.hset(KEYS_HASH, full, json.dumps({**record, **grants}))  # type: ignore[arg-type]
-            updated += 1
-    return updated
+    named = _named(redis, name_or_prefix)
+    for full, record in named:
+        redis.hset(KEYS_HASH, full, json.dumps({**record, **grants}))  # type: ignore[arg-type]
+    return len(named)
 
 
 def owner_of(full_digest: bytes | str) -> str:
@@ -149,11 +145,7 @@ def set_webhook_secrets(redis: Redis, name_or_prefix: str, *, new: bool) -> list
     """Give each key named a webhook secret of its own (`new`, a fresh one each), or take it away
     (its jobs' webhooks are signed with the server's again). Returns (name, secret) per key."""
     changed: list[tuple[str, str | None]] = []
-    stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
-    for full, raw in stored.items():
-        record = json.loads(raw)
-        if not _names(full, record, name_or_prefix):
-            continue
+    for full, record in _named(redis, name_or_prefix):
         secret = new_webhook_secret() if new else None
         with redis.pipeline() as pipe:
             if secret is None:
@@ -167,6 +159,13 @@ def set_webhook_secrets(redis: Redis, name_or_prefix: str, *, new: bool) -> list
 
 
 MIN_PREFIX = 8  # hex digits of a digest prefix that `update`/`revoke` accept (`list` shows 12)
+
+
+def _named(redis: Redis, name_or_prefix: str) -> list[tuple[bytes, dict]]:
+    """The stored keys (full digest, record) that `name_or_prefix` names (see `_names`)."""
+    stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
+    records = ((full, json.loads(raw)) for full, raw in stored.items())
+    return [(full, record) for full, record in records if _names(full, record, name_or_prefix)]
 
 
 def _names(full: bytes, record: dict, name_or_prefix: str) -> bool:
@@ -186,12 +185,11 @@ def list_keys(redis: Redis) -> list[tuple[str, dict]]:
 
 
 def revoke(redis: Redis, name_or_prefix: str) -> int:
+    """Delete the keys named (and their webhook secrets); returns how many."""
     removed = 0
-    stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
-    for full, meta in stored.items():
-        if _names(full, json.loads(meta), name_or_prefix):
-            removed += int(redis.hdel(KEYS_HASH, full))  # type: ignore[arg-type]
-            redis.hdel(WEBHOOK_SECRETS_KEY, owner_of(full))
+    for full, _ in _named(redis, name_or_prefix):
+        removed += int(redis.hdel(KEYS_HASH, full))  # type: ignore[arg-type]
+        redis.hdel(WEBHOOK_SECRETS_KEY, owner_of(full))
     return removed
 
 
