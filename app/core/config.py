@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     rate_limit_requests: int = Field(0, ge=0, description="Requests per minute per API key (0: unlimited).")
     rate_limit_images: int = Field(0, ge=0, description="Images per minute per API key (0: unlimited).")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty: CORS off.")
+    public_url: str = Field(
+        "",
+        description="The URL clients reach the API at (scheme, host, any path prefix), for image links; empty: "
+        "each request's own scheme and host.",
+    )
     max_batch: int = Field(
         1, ge=1, le=64, description="Images a worker denoises together (step-level batching); 1 runs one job at a time."
     )
@@ -108,6 +113,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"IMAGEGEN_{name.upper()} must be a multiple of 8")
         if self.min_size > min(self.max_width, self.max_height):
             raise ValueError("IMAGEGEN_MIN_SIZE must not exceed IMAGEGEN_MAX_WIDTH/IMAGEGEN_MAX_HEIGHT")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("IMAGEGEN_PUBLIC_URL must start with http:// or https://")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("IMAGEGEN_REDIS_URL must start with redis://, rediss:// or unix://")
         if any(len(k) < 16 for k in self.api_key_list):

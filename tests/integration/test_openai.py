@@ -62,6 +62,22 @@ def test_url_format_points_at_our_image_endpoint(stack: Stack) -> None:
     assert r.status_code == 200 and png(r.content).size == (32, 32)
 
 
+def test_image_links_use_the_public_url_when_one_is_set(stack: Stack, tmp_path: Path) -> None:
+    """Behind a proxy the links took the API's own address (or whatever `Host` a client sent);
+    IMAGEGEN_PUBLIC_URL names the address clients use, with its path prefix."""
+    public = "https://images.example.com/imagegen"
+    api, base = start_api(stack.env | {"IMAGEGEN_PUBLIC_URL": public + "/"}, tmp_path / "api.log")
+    try:
+        headers = {"Prefer": "wait=50", "Host": "evil.example"}
+        job = httpx.post(f"{base}/generate", json={"prompt": "x", "width": 32, "height": 32, **FAST}, headers=headers)
+        assert job.status_code == 200, job.text
+        assert job.json()["images"][0]["url"] == f"{public}/jobs/{job.json()['id']}/images/0"
+        r = httpx.post(f"{base}/v1/images/generations", json={"prompt": "y", "size": "32x32", **FAST}, timeout=60)
+        assert r.json()["data"][0]["url"] == f"{public}/jobs/{r.headers['x-imagegen-job-id']}/images/0"
+    finally:
+        api.stop()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [

@@ -25,11 +25,19 @@ MAX_WAIT = 60.0  # seconds a request may be held open for a job to end (long-pol
 
 
 def image_url(request: Request):
-    """Links to a job's images; with API keys on, signed (see `app.core.auth.ImageLinks`)."""
+    """Links to a job's images: under `IMAGEGEN_PUBLIC_URL` when set, else the request's own scheme
+    and host; with API keys on, signed (see `app.core.auth.ImageLinks`)."""
     links = request.app.state.links
-    if links is None:
-        return lambda job_id, i: str(request.url_for("get_image", job_id=job_id, index=str(i)))
-    return lambda job_id, i: f"{request.url_for('get_image', job_id=job_id, index=str(i))}?{links.query(job_id, i)}"
+    base = request.app.state.settings.public_url.rstrip("/")
+
+    def url(job_id: str, i: int) -> str:
+        if base:
+            plain = base + request.app.url_path_for("get_image", job_id=job_id, index=str(i))
+        else:
+            plain = str(request.url_for("get_image", job_id=job_id, index=str(i)))
+        return plain if links is None else f"{plain}?{links.query(job_id, i)}"
+
+    return url
 
 
 @router.post(
