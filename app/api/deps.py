@@ -55,14 +55,20 @@ def check_key(authorization: str | None, settings: Settings, redis: Redis) -> Pr
     return principal
 
 
-@contextlib.asynccontextmanager
-async def images_charged(redis: Redis, principal: Principal, amount: int, settings: Settings) -> AsyncIterator[None]:
+def images_charged(
+    redis: Redis, principal: Principal, amount: int, settings: Settings
+) -> contextlib.AbstractAsyncContextManager[None]:
     """Around a job's submission: charge its images against the key's per-minute limit (429 past
-    it), and give them back if the submission is refused after all (a full queue, no worker)."""
+    it), and give them back if the submission is refused after all (a full queue, no worker).
+    With nothing to count, a bare `nullcontext` (no Redis to ask; the common POST's fast path)."""
     limit = settings.rate_limit_images
-    if not is_limited(principal, limit):  # nothing to count: no Redis to ask, so no thread hop
-        yield
-        return
+    if not is_limited(principal, limit):
+        return contextlib.nullcontext()
+    return _charged(redis, principal, amount, limit)
+
+
+@contextlib.asynccontextmanager
+async def _charged(redis: Redis, principal: Principal, amount: int, limit: int) -> AsyncIterator[None]:
     window = await run_in_threadpool(charge, redis, principal, "images", amount, limit)
     try:
         yield

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import nullcontext
 
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -13,7 +12,6 @@ from app.api.bodies import header, header_parameters, json_request_body, read_js
 from app.api.deps import PrincipalDep, images_charged
 from app.api.schemas import SUBMIT_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
 from app.api.services import JobService
-from app.core.auth import is_limited
 from app.core.errors import ConflictError, GoneError, InvalidRequestError
 from app.core.events import EventType
 from app.core.jobs import JobStatus
@@ -105,8 +103,7 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
                 return await finished_response(jobs, existing.id, wait, request, status.HTTP_200_OK)
             view = await run_in_threadpool(jobs.view, existing, image_url(request))
             return job_response(view, status.HTTP_200_OK)
-        limited = is_limited(principal, settings.rate_limit_images)  # else nothing to count or give back
-        async with images_charged(redis, principal, body.num_images, settings) if limited else nullcontext():
+        async with images_charged(redis, principal, body.num_images, settings):
             job = await jobs.submit_async(
                 body.generation_params(),
                 priority=body.priority,
