@@ -211,7 +211,8 @@ def test_with_no_live_worker_the_call_is_refused_at_once(stack: Stack, tmp_path:
 
 def _long_job(http: httpx.Client) -> str:
     """A job that keeps the stack's one worker busy for a while (canceled by the caller)."""
-    body = {"prompt": "a long one", "num_images": 4, "num_inference_steps": 150, "width": 64, "height": 64}
+    # Seconds of work even on a fast CPU (4 images at 64 px finished within a second on one).
+    body = {"prompt": "a long one", "num_images": 8, "num_inference_steps": 150, "width": 128, "height": 128}
     job = http.post("/generate", json=body).json()
     deadline = time.monotonic() + 30
     while http.get(f"/jobs/{job['id']}").json()["status"] != "running" and time.monotonic() < deadline:
