@@ -1,0 +1,38 @@
+"""app.core.auth.ImageLinks on a real redis-server: signed image links across processes and a new secret."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import parse_qs
+
+from app.core.auth import URL_SECRET_KEY, ImageLinks
+
+
+def parts(query: str) -> tuple[str, str]:
+    q = {k: v[0] for k, v in parse_qs(query).items()}
+    return q["exp"], q["sig"]
+
+
+def test_links_check_out_in_another_process_until_they_expire(redis_db) -> None:
+    one, two = ImageLinks(redis_db, 3600), ImageLinks(redis_db, 3600)
+    exp, sig = parts(one.query("job-1", 0))
+    assert int(exp) > time.time() + 3600
+    assert two.valid("job-1", "0", exp, sig)
+    assert not two.valid("job-1", "1", exp, sig)  # another image of the job
+    assert not two.valid("job-2", "0", exp, sig)
+    assert not two.valid("job-1", "0", str(int(exp) + 1), sig)
+    past = str(int(time.time()) - 1)
+    assert not two.valid("job-1", "0", past, two.signature("job-1", 0, past))
+
+
+def test_a_new_secret_is_taken_at_once_even_right_after_a_bad_link(redis_db) -> None:
+    """Each process keeps the secret for a minute; a link it cannot verify makes it read the secret
+    again. That read was skipped within a second of the last one, so a forged link sent just before
+    kept the first link signed with a new secret refused."""
+    old, new = ImageLinks(redis_db, 3600), ImageLinks(redis_db, 3600)
+    exp, sig = parts(old.query("job-1", 0))
+    assert not old.valid("job-1", "0", exp, sig[::-1])  # a bad link: the secret is read again
+    redis_db.delete(URL_SECRET_KEY)  # voids every link (within a minute); the next signer makes a new secret
+    exp2, sig2 = parts(new.query("job-1", 0))
+    assert sig2 != sig
+    assert old.valid("job-1", "0", exp2, sig2)
