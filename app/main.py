@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="imagegen", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
     authenticated = [Depends(get_principal)]  # every route but health, docs and the static page
-    app.include_router(generate.router, dependencies=authenticated)
+    app.include_router(generate.router)  # checks the key itself, first (a DirectRoute solves no dependencies)
     app.include_router(jobs.router, dependencies=authenticated)
     app.include_router(jobs.images)  # a signed link or an API key, checked by the route itself
     app.include_router(health.router)

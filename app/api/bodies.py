@@ -8,15 +8,20 @@ one pass in pydantic-core, about a quarter of the request's CPU time less (bench
 which the app's handler turns into 400 `malformed_json` or 422 `validation_error`.
 
 Routes that read their own body document it with `openapi_extra` (`json_request_body`,
-`header_parameters`), so /docs and the schema-driven tests still see it.
+`header_parameters`), so /docs and the schema-driven tests still see it. A route that also
+takes no parameters or dependencies can skip FastAPI's per-request solving altogether
+(`DirectRoute`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from fastapi import HTTPException, Request
+import fastapi.routing
+from fastapi import HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
@@ -95,3 +100,30 @@ def header_parameters(**headers: str) -> list[dict[str, Any]]:
         }
         for name, description in headers.items()
     ]
+
+
+class DirectRoute(APIRoute):
+    """A route whose endpoint is `async def endpoint(request) -> Response` and is called as it is.
+
+    Even with nothing to solve but the request, FastAPI's handler runs its dependency solver per
+    request (a throwaway `Response` for headers that dependencies may set, cache keys, the
+    sub-dependencies' recursion) and then inspects what the endpoint returned: about 15 % of
+    `POST /generate`'s CPU time under load (bench/README.md, "Ingress"). The endpoint reads its own
+    body and headers (`read_json`, `header`) and resolves its caller itself; its exceptions reach the
+    app's handlers as any route's do. /docs is unchanged: the schema still comes from the route's
+    declaration (`response_model`, `responses`, `openapi_extra`).
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        # Included in an app, FastAPI builds the handler with the inclusion's own view of the route
+        # (its `dependencies=` added); those would be skipped too, so they are refused like the rest.
+        context = getattr(fastapi.routing, "_effective_route_context_var", None)
+        effective: Any = context.get() if context is not None else None
+        own = effective is None or effective.original_route is not self or effective.dependant is None
+        dependant = self.dependant if own else effective.dependant
+        declared = dependant.dependencies or dependant.path_params or dependant.query_params
+        if declared or dependant.header_params or dependant.cookie_params or dependant.body_params:
+            raise TypeError(f"{self.path}: a DirectRoute endpoint takes the request alone")
+        if dependant.request_param_name is None:
+            raise TypeError(f"{self.path}: a DirectRoute endpoint takes the request as its parameter")
+        return self.endpoint

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from typing import Annotated
+
+import fastapi.routing
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api import errors
-from app.api.bodies import header, header_parameters, json_request_body, read_json
+from app.api.bodies import DirectRoute, header, header_parameters, json_request_body, read_json
+from app.core.config import Settings
+from app.main import create_app
+from tests.procs import RedisServer
 
 
 class Inner(BaseModel):
@@ -68,3 +76,98 @@ def test_openapi_documents_the_body_and_headers() -> None:
     assert operation["parameters"] == [
         {"name": "tag", "in": "header", "required": False, "description": "A label", "schema": string}
     ]
+
+
+@pytest.fixture
+def solver_calls(monkeypatch) -> list[object]:
+    """The dependants FastAPI's per-request solver is called for, from now on."""
+    calls: list[object] = []
+    solve = fastapi.routing.solve_dependencies
+
+    async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs.get("dependant"))
+        return await solve(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counted)
+    return calls
+
+
+def test_direct_route_calls_its_endpoint_without_fastapis_solver(solver_calls: list[object]) -> None:
+    app = FastAPI()
+    errors.install(app)
+    router = APIRouter(route_class=DirectRoute)
+
+    @router.post("/direct", response_model=Body, openapi_extra={"requestBody": json_request_body(Body)})
+    async def direct(request: Request) -> Response:
+        body = await read_json(request, Body)
+        if body.name == "teapot":
+            raise HTTPException(418, detail="short and stout")
+        return JSONResponse(body.model_dump(), status_code=201)
+
+    @app.post("/declared")
+    async def declared(body: Body) -> dict:
+        return body.model_dump()
+
+    app.include_router(router)
+    calls = solver_calls
+    http = TestClient(app)
+    r = http.post("/direct", json={"name": "a"})
+    assert r.status_code == 201 and r.json() == {"name": "a", "inner": None} and calls == []
+    # The app's handlers still shape its errors: its own exceptions and read_json's.
+    r = http.post("/direct", json={"name": "teapot"})
+    assert r.status_code == 418 and r.json()["error"]["message"] == "short and stout"
+    assert http.post("/direct", json={"name": ""}).json()["error"]["code"] == "validation_error"
+    assert calls == []
+    assert http.post("/declared", json={"name": "a"}).status_code == 200 and len(calls) == 1  # the check can fail
+    schema = http.get("/openapi.json").json()["paths"]["/direct"]["post"]
+    assert schema["requestBody"]["content"]["application/json"]["schema"]["title"] == "Body"
+
+
+def test_direct_route_refuses_endpoints_with_parameters() -> None:
+    def dependency() -> int:
+        return 1
+
+    async def with_dependency(request: Request, n: Annotated[int, Depends(dependency)]) -> Response:
+        return Response()
+
+    async def with_query(request: Request, q: str) -> Response:
+        return Response()
+
+    async def without_request() -> Response:
+        return Response()
+
+    for endpoint in (with_dependency, with_query, without_request):
+        router = APIRouter(route_class=DirectRoute)
+        with pytest.raises(TypeError, match="DirectRoute"):
+            router.post("/x")(endpoint)
+
+    async def alone(request: Request) -> Response:
+        return Response()
+
+    router = APIRouter(route_class=DirectRoute)
+    router.post("/x")(alone)
+    app = FastAPI()
+    app.include_router(router)
+    assert TestClient(app).post("/x").status_code == 200  # fine as it is
+    app = FastAPI()
+    app.include_router(router, dependencies=[Depends(dependency)])  # where it is included: built lazily
+    with pytest.raises(TypeError, match="DirectRoute"):
+        TestClient(app).post("/x")
+
+
+def test_post_generate_solves_nothing_per_request(
+    solver_calls: list[object], redis_server: RedisServer, redis_db
+) -> None:
+    """The hot route goes straight to its endpoint, its caller's key still checked first."""
+    calls = solver_calls
+    url = f"redis://127.0.0.1:{redis_server.port}/15"
+    with TestClient(create_app(Settings(redis_url=url, api_keys="open-sesame-0123456789"))) as http:
+        ok = {"authorization": "Bearer open-sesame-0123456789"}
+        r = http.post("/generate", json={"prompt": "a red circle"}, headers=ok)
+        assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+        r = http.post("/generate", content=b"not json", headers={"content-type": "text/plain"})
+        assert r.status_code == 401  # the key before the body, as when the key was a dependency
+        r = http.post("/generate", content=b"not json", headers={"content-type": "text/plain", **ok})
+        assert r.status_code == 415
+        assert calls == []
+        assert http.get("/jobs", headers=ok).status_code == 200 and calls  # other routes still solve

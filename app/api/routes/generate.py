@@ -8,8 +8,8 @@ import math
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.bodies import header, header_parameters, json_request_body, read_json
-from app.api.deps import PrincipalDep, images_charged
+from app.api.bodies import DirectRoute, header, header_parameters, json_request_body, read_json
+from app.api.deps import get_principal, images_charged
 from app.api.schemas import SUBMIT_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
 from app.api.services import JobService
 from app.core.errors import ConflictError, GoneError, InvalidRequestError
@@ -18,7 +18,7 @@ from app.core.jobs import JobStatus
 from app.core.storage import ImageStore
 from app.core.webhooks import WebhookTargetError, check_target
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], route_class=DirectRoute)  # called with the request alone
 MAX_WAIT = 60.0  # seconds a request may be held open for a job to end (long-poll, `Prefer: wait`)
 
 
@@ -62,7 +62,7 @@ def image_url(request: Request):
         ),
     },
 )
-async def generate(request: Request, principal: PrincipalDep) -> Response:
+async def generate(request: Request) -> Response:
     """Queue a job and answer at once with 202, a `Location` to poll and the job as JSON.
 
     With an `Idempotency-Key` header, repeating the same body returns the original job (200)
@@ -76,6 +76,7 @@ async def generate(request: Request, principal: PrincipalDep) -> Response:
     """
     # The body and headers are read here rather than declared (app.api.bodies: one pydantic-core
     # pass instead of FastAPI's parameter solving), and the app's objects taken from app.state.
+    principal = await get_principal(request)
     body = await read_json(request, GenerateRequest)
     idempotency_key = header(request, "idempotency-key")
     prefer = request.headers.get("prefer")  # never refused: preferences a server cannot honour are ignored (RFC 7240)
