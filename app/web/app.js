@@ -4,6 +4,8 @@
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 const EVENT_TYPES = ["queued", "started", "progress", "succeeded", "failed", "canceled"];
 const POLL_MS = 400;
+const MAX_WAIT_MS = 30_000; // longest pause between polls while the server refuses or is unreachable
+const RECHECK_MS = 5_000; // how often the "not ready" line is checked again
 const KEY_STORE = "imagegen.apiKey"; // localStorage: the API key, when the server requires one
 
 const $ = (id) => document.getElementById(id);
@@ -27,6 +29,7 @@ form.api_key.addEventListener("change", () => {
   const key = form.api_key.value.trim();
   if (key) localStorage.setItem(KEY_STORE, key);
   else localStorage.removeItem(KEY_STORE);
+  checkServer();
 });
 
 // With a key, every request carries `Authorization: Bearer <key>`.
@@ -53,6 +56,9 @@ async function api(method, path, body) {
     if (res.status === 401) message = `${message}: this server requires an API key (enter it above)`;
     const err = new Error(message);
     err.status = res.status;
+    // 429 (rate limit, full queue) and 503 say when to come back.
+    const retryAfter = Number.parseFloat(res.headers.get("retry-after") || "");
+    if (Number.isFinite(retryAfter) && retryAfter >= 0) err.retryAfter = retryAfter;
     throw err;
   }
   return { status: res.status, data };
@@ -139,12 +145,31 @@ async function poll(job) {
   if (job.done) return;
   try {
     const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}`);
+    if (job.failures) {
+      job.failures = 0;
+      showError("");
+    }
     showStatus(data.status, data.progress);
     if (TERMINAL.has(data.status)) return render(job, data);
   } catch (err) {
-    if (err.status === 404 || err.status === 410) return end(job, err.message);
+    return pollLater(job, err);
   }
   job.timer = setTimeout(() => poll(job), POLL_MS);
+}
+
+// A poll that failed: the job is gone (404, 410) or the key is refused (401, 403): stop following
+// it. Otherwise (rate limited, the server or its Redis unavailable, the network down) keep
+// following, after the server's Retry-After or a growing pause, and say why.
+function pollLater(job, err) {
+  if (err.status === 404 || err.status === 410) return end(job, err.message);
+  if (err.status === 401 || err.status === 403) {
+    return end(job, `${err.message} (job ${job.id} goes on without this page)`);
+  }
+  job.failures = (job.failures || 0) + 1;
+  const backoff = POLL_MS * 2 ** job.failures;
+  const wait = Math.min(Math.max(err.retryAfter !== undefined ? err.retryAfter * 1000 : backoff, POLL_MS), MAX_WAIT_MS);
+  showError(`${err.message} — checking the job again in ${Math.ceil(wait / 1000)} s`);
+  job.timer = setTimeout(() => poll(job), wait);
 }
 
 async function finish(job) {
@@ -153,7 +178,7 @@ async function finish(job) {
     const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}`);
     render(job, data);
   } catch (err) {
-    end(job, err.message);
+    pollLater(job, err);
   }
 }
 
@@ -242,7 +267,9 @@ form.addEventListener("submit", async (event) => {
   } catch (err) {
     setBusy(false);
     showStatus("failed", null);
-    showError(err.message);
+    ui.status.textContent = "not queued";
+    const retry = err.retryAfter !== undefined ? ` (try again in ${Math.ceil(err.retryAfter)} s)` : "";
+    showError(err.message + retry);
   }
 });
 
@@ -271,12 +298,16 @@ form.prompt.addEventListener("keydown", (event) => {
   }
 });
 
+// The line under the title; while the server is not ready it is checked again every few seconds.
+let recheck = null;
 async function checkServer() {
+  clearTimeout(recheck);
   try {
     const { data } = await api("GET", "/readyz");
     ui.server.textContent = `ready · ${data.workers} worker${data.workers === 1 ? "" : "s"}`;
   } catch (err) {
     ui.server.textContent = `not ready: ${err.message}`;
+    recheck = setTimeout(checkServer, RECHECK_MS);
   }
 }
 

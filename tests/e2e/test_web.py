@@ -152,6 +152,55 @@ def test_polls_when_the_server_has_no_event_stream(page: Any) -> None:
     assert page.errors == []
 
 
+def _polled(page: Any, refusals: int, status: int, headers: dict[str, str], message: str) -> list[float]:
+    """Make the page poll (no event stream) and answer its first `refusals` polls of the job with
+    `status`; returns the times (s) at which the page asked for the job."""
+    import time
+
+    asked: list[float] = []
+
+    def job(route: Any) -> None:
+        if route.request.method != "GET":
+            return route.continue_()
+        asked.append(time.monotonic())
+        if len(asked) <= refusals:
+            return route.fulfill(status=status, headers=headers, json={"error": {"code": "x", "message": message}})
+        return route.continue_()
+
+    page.route("**/events", lambda route: route.fulfill(status=404, json={"error": {"code": "not_found"}}))
+    page.route("**/jobs/*", job)
+    return asked
+
+
+def test_polling_waits_out_a_429_and_says_so(page: Any) -> None:
+    """A rate-limited poll (or a 503) is tried again after the server's Retry-After, with a message;
+    the page went on polling every 400 ms, silently, and so kept its key over the limit."""
+    asked = _polled(page, 2, 429, {"Retry-After": "2"}, "too many requests for this key")
+    page.goto("/")
+    fill(page, prompt="rate limited", seed=21, num_inference_steps=3, width=32, height=32)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#error').textContent.includes('too many')", timeout=10_000)
+    assert "again in 2 s" in page.inner_text("#error")
+    page.wait_for_function(ONE_IMAGE_SHOWN, timeout=90_000)
+    assert asked[1] - asked[0] >= 1.9 and asked[2] - asked[1] >= 1.9  # Retry-After honoured, twice
+    assert page.locator("#gallery .seed").all_inner_texts() == ["seed 21"]
+    assert page.is_hidden("#error")  # the message goes once the job is read again
+    assert page.errors == []
+
+
+def test_a_key_refused_while_polling_stops_following(page: Any) -> None:
+    asked = _polled(page, 100, 401, {}, "invalid API key")
+    page.goto("/")
+    fill(page, prompt="key revoked", num_inference_steps=3, width=32, height=32)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#error').textContent.includes('goes on')", timeout=10_000)
+    assert "API key" in page.inner_text("#error")
+    assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
+    page.wait_for_timeout(1500)
+    assert len(asked) == 1  # no more polls
+    assert page.errors == []
+
+
 def test_with_api_keys_the_page_sends_the_key(browser: Any, stack: Stack, tmp_path: Any) -> None:
     # A second API process on the stack's Redis that requires keys; the stack's worker serves it.
     key = "web-page-key-0123456789abcdef"
