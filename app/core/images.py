@@ -67,6 +67,8 @@ def _normalize(data: bytes, declared: str, max_side: int, fit: int | None) -> by
         try:
             image: Image.Image = Image.open(io.BytesIO(data), formats=list(FORMATS))
         except UnidentifiedImageError:
+            if _signed_as_ours(data):  # a PNG whose header chunk fails its CRC, say: broken, not foreign
+                raise InputImageError(422, "invalid_image", "image: truncated or corrupt (unreadable header)") from None
             raise InputImageError(415, "unsupported_media_type", "image: not a PNG, JPEG or WebP file") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InputImageError(422, "invalid_image", "image: too many pixels (decompression bomb)") from None
@@ -99,6 +101,11 @@ def _normalize(data: bytes, declared: str, max_side: int, fit: int | None) -> by
     out = io.BytesIO()
     rgb.save(out, format="PNG")
     return out.getvalue()
+
+
+def _signed_as_ours(data: bytes) -> bool:
+    """Whether the bytes start with the signature of a format we take (PNG, JPEG, WebP)."""
+    return data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _to_rgb(image: Image.Image, fit: int | None = None) -> Image.Image:

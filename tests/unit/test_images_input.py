@@ -126,6 +126,20 @@ def test_decompression_bombs_are_422(size: tuple[int, int]) -> None:
     assert err.status == 422 and "bomb" in err.message
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_a_broken_header_of_a_format_we_take_is_422_not_415(fmt: str) -> None:
+    """Pillow cannot identify a PNG whose header chunk fails its CRC (nor a JPEG or WebP cut
+    right after its signature), so it was answered as another format: 415."""
+    data = bytearray(encode(Image.new("RGB", (8, 8)), fmt))
+    if fmt == "PNG":
+        data[20] ^= 0xFF  # in IHDR: its CRC no longer matches
+        broken = bytes(data)
+    else:
+        broken = bytes(data[:14])
+    err = refused(broken)
+    assert err.status == 422 and err.code == "invalid_image", err.message
+
+
 def test_corrupt_data_after_a_valid_header_is_422() -> None:
     data = bytearray(encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG"))
     data[60:80] = b"\x00" * 20  # inside the compressed pixel data
