@@ -234,6 +234,11 @@ def test_openai_sdk_create_variation(vstack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.create_variation(image=("in.png", SOURCE, "image/png"), size="33x32")
     assert bad.value.body["param"] == "size"  # type: ignore[index]
+    # `param` names the field at fault, not always `image` (as it once did).
+    url = vstack.base_url + "/v1/images/variations"
+    stray = httpx.post(url, files={"file": ("in.png", SOURCE, "image/png")})
+    assert stray.status_code == 400 and stray.json()["error"]["param"] == "file", stray.text
+    assert httpx.post(url, json=[1, 2]).json()["error"]["param"] is None
     with pytest.raises(openai.BadRequestError) as missing:
         client.images.create_variation(image=("in.png", SOURCE, "image/png"), model="dall-e-2")
     assert missing.value.code == "model_not_found"

@@ -83,6 +83,22 @@ def _fields(raw: dict[str, Any]) -> ImagesVariationRequest:
         raise validation_error(exc) from None
 
 
+def _field_of(exc: Exception) -> str | None:
+    """The request field an error of ours is about (its `details` location), else None."""
+    details = getattr(exc, "details", None)
+    loc = details[0].get("loc") if isinstance(details, list) and details and isinstance(details[0], dict) else None
+    return str(loc[1]) if isinstance(loc, list) and len(loc) > 1 else None
+
+
+def _openai_error(exc: HTTPException | errors.ImagegenError, param: str | None) -> OpenAIError:
+    """Our error in OpenAI's shape (OpenAIRoute maps only our own errors, not these)."""
+    if isinstance(exc, HTTPException):
+        code = HTTP_CODES.get(exc.status_code, "invalid_request")  # e.g. unsupported_media_type
+        return OpenAIError(exc.status_code, str(exc.detail), param=param, code=code)
+    status = 413 if isinstance(exc, errors.PayloadTooLargeError) else 400
+    return OpenAIError(status, exc.message, param=param, code=exc.code)
+
+
 @router.post(
     "/images/variations",
     response_model=ImagesResponse,
@@ -102,16 +118,15 @@ async def create_variations(
 ) -> ImagesResponse:
     """`client.images.create_variation(image=open("in.png", "rb"), n=2, size="512x512")` works
     against this route; the variations are made as in `POST /variations`."""
-    try:
+    try:  # the body: `param` names the field at fault, if any (a body that is not an object has none)
         upload = await read_upload(request)
         fields = _fields(upload.fields)
+    except (HTTPException, errors.ImagegenError) as exc:
+        raise _openai_error(exc, _field_of(exc)) from None
+    try:  # the image itself
         png = await normalized_png(upload, fit=max(settings.max_width, settings.max_height))
-    except HTTPException as exc:  # OpenAIRoute maps only our own errors
-        code = HTTP_CODES.get(exc.status_code, "invalid_request")  # e.g. unsupported_media_type
-        raise OpenAIError(exc.status_code, str(exc.detail), param="image", code=code) from None
-    except errors.ImagegenError as exc:
-        status = 413 if isinstance(exc, errors.PayloadTooLargeError) else 400
-        raise OpenAIError(status, exc.message, param="image", code=exc.code) from None
+    except (HTTPException, errors.ImagegenError) as exc:
+        raise _openai_error(exc, "image") from None
     width, height = await check_model_and_size(fields.model, fields.size, settings, redis)
     params = VariationParams(
         prompt=fields.prompt,
