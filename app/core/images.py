@@ -52,7 +52,8 @@ def normalize_image(
     if not data:
         raise InputImageError(422, "invalid_image", "image: the file is empty")
     if len(data) > max_bytes:
-        raise InputImageError(413, "payload_too_large", f"image: {len(data)} bytes; at most {max_bytes} allowed")
+        # Uploads are read up to max_bytes + 1 bytes: the length here is not the file's size.
+        raise InputImageError(413, "payload_too_large", f"image: over {max_bytes} bytes (the most allowed)")
     declared = _base_type(content_type)
     if declared not in GENERIC_TYPES and declared not in FORMATS.values():
         raise InputImageError(415, "unsupported_media_type", f"image: type {declared!r} is not PNG, JPEG or WebP")
