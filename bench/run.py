@@ -40,6 +40,7 @@ from app.core import metrics
 from bench.raw import timed_calls
 from models.registry import CACHE as MODEL_CACHE
 from tests.procs import PYTHON, ROOT, Proc, free_port, service_env, spawn, start_redis, wait_for
+from worker.__main__ import pin_threads
 
 RESULTS = ROOT / "bench" / "results"
 # Fixed parameters per model (each model's native scheduler; guidance on, so CFG doubles the UNet rows).
@@ -71,7 +72,7 @@ def raw(model: str, params: dict[str, Any], mode: str, batches: str, cli: argpar
     args += ["--batches", batches, "--seconds", str(cli.seconds), "--width", str(params["width"])]
     args += ["--height", str(params["height"]), "--steps", str(params["num_inference_steps"])]
     args += ["--guidance", str(params["guidance_scale"])]
-    out = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, check=True)
+    out = subprocess.run(args, cwd=ROOT, env=_env(cli), capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     batches_ = {int(k): v for k, v in result["batches"].items()}
     best = max(batches_, key=lambda b: batches_[b]["images_per_s"])
@@ -89,9 +90,11 @@ def _where(cli: argparse.Namespace) -> list[str]:
     return ["--threads", str(cli.threads), "--device", cli.device, "--dtype", cli.dtype]
 
 
-def _env(**extra: str) -> dict[str, str]:
+def _env(cli: argparse.Namespace) -> dict[str, str]:
+    """The raw runs' environment: with `--pin` on the CPU, torch's threads bound to cores as the
+    workers' are (`worker.__main__.pin_threads`), so that both sides run alike."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
-    env.update(extra)
+    pin_threads(cli.pin and cli.device == "cpu", env)
     return env
 
 
@@ -309,7 +312,7 @@ def raw_cold(model: str, params: dict[str, Any], cli: argparse.Namespace) -> flo
     t0 = time.perf_counter()
     args = [PYTHON, "-m", "bench.raw", "--mode", "cold", "--model", model, *_where(cli)]
     args += ["--width", str(params["width"]), "--height", str(params["height"])]
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(cli), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.strip() == "ready":
@@ -347,6 +350,7 @@ def bench_model(
     # The workers load the model the raw phase built (runs up to P built tiny-random again in the
     # run's own cache at the first cold start, which put half a build into that median of two).
     settings = {"threads": str(args.threads), "device": args.device, "dtype": args.dtype, "log_level": "WARNING"}
+    settings["pin_threads"] = str(args.pin and not gpu).lower()
     env = service_env(server.url, tmp, model=model, worker_heartbeat="5", model_cache=str(MODEL_CACHE), **settings)
     env.pop("IMAGEGEN_WEBHOOK_SECRET", None)
 
@@ -507,6 +511,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny-random,tiny-shapes", help="skipped when the weights are missing")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CPU: torch threads bound to cores, in the workers (IMAGEGEN_PIN_THREADS) and the raw runs alike",
+    )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the pipeline and worker run")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="half needs cuda")
     ap.add_argument("--max-batch", type=int, default=16)

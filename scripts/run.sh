@@ -11,6 +11,8 @@ mkdir -p "$DATA"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export IMAGEGEN_RESULTS_DIR=${IMAGEGEN_RESULTS_DIR:-$DATA/results}
 export IMAGEGEN_MODEL_CACHE=${IMAGEGEN_MODEL_CACHE:-$DATA/models}
+# One worker on this machine: its torch threads may each keep a core (see IMAGEGEN_PIN_THREADS).
+export IMAGEGEN_PIN_THREADS=${IMAGEGEN_PIN_THREADS:-true}
 
 pids=()
 stop() {

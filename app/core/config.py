@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=1024, description="Larger request bodies get 413.")
     worker_heartbeat: float = Field(5.0, gt=0, description="Seconds between worker heartbeats.")
     threads: int = Field(0, ge=0, description="torch CPU threads in the worker; 0 keeps torch's default.")
+    pin_threads: bool = Field(
+        False,
+        description="Bind the worker's torch threads to CPU cores, one each (OpenMP's OMP_PROC_BIND / OMP_PLACES): "
+        "for one CPU worker per machine (or per cpuset); several on one machine would share the first cores.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = Field("json", description="One JSON object per line, or plain text.")
     webhook_secret: str = Field("", description="HMAC-SHA256 key for webhook signatures; empty disables webhooks.")
