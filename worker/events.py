@@ -77,6 +77,8 @@ class EventSink:
         return self.settings.event_ttl
 
     def emit(self, job: Job, type_: EventType, status: str, **fields: Any) -> JobEvent:
+        if fields.get("progress") is None:
+            fields["progress"] = events.job_progress(job)
         event = events.make_event(type_, job.id, status, **fields)
         try:
             events.publish(self.connection, event, events.stream_ttl(self.settings, event))

@@ -15,7 +15,8 @@ from redis.exceptions import RedisError
 from starlette.routing import Match
 
 from app.core import metrics as store
-from app.core.catalog import live_workers
+from app.core.catalog import served_models
+from app.core.jobs import MODELS_KEY
 
 router = APIRouter(tags=["health"])
 
@@ -41,19 +42,29 @@ class RedisCollector:
             buckets, total = store.read_histogram(redis, store.BATCH_JOBS, store.BATCH_BUCKETS)
             doc = "Jobs denoised together per step of a batching worker (IMAGEGEN_MAX_BATCH > 1)"
             yield HistogramMetricFamily("imagegen_batch_jobs", doc, buckets=buckets, sum_value=total)
-            depth = GaugeMetricFamily("imagegen_queue_depth", "Jobs waiting, per priority", labels=["priority"])
-            for queue in state.jobs.queues:
-                depth.add_metric([queue.name.rsplit(":", 1)[1]], float(redis.llen(queue.key)))
-            yield depth
-            doc = "Jobs being sampled (their heartbeat alive), per priority"
-            running = GaugeMetricFamily("imagegen_jobs_running", doc, labels=["priority"])
+            # Every model a worker has announced (its queues outlive its workers), this API's own first.
+            settings = state.settings
+            published = sorted(name.decode() for name in redis.hkeys(MODELS_KEY))  # type: ignore[union-attr]
+            models = [settings.model, *(m for m in published if m != settings.model)]
+            doc = "Jobs waiting, per model and priority"
+            depth = GaugeMetricFamily("imagegen_queue_depth", doc, labels=["model", "priority"])
+            doc = "Jobs being sampled (their heartbeat alive), per model and priority"
+            running = GaugeMetricFamily("imagegen_jobs_running", doc, labels=["model", "priority"])
             now = time.time()
-            for queue in state.jobs.queues:  # RQ scores each execution by when its heartbeat expires
-                live = redis.zcount(queue.started_job_registry.key, now, "+inf")
-                running.add_metric([queue.name.rsplit(":", 1)[1]], float(live))  # type: ignore[arg-type]
+            for model in models:
+                for queue in state.jobs.model_queues(model):
+                    priority = queue.name.rsplit(":", 1)[1]
+                    depth.add_metric([model, priority], float(redis.llen(queue.key)))
+                    # RQ scores each execution by when its heartbeat expires.
+                    live = redis.zcount(queue.started_job_registry.key, now, "+inf")
+                    running.add_metric([model, priority], float(live))  # type: ignore[arg-type]
+            yield depth
             yield running
-            workers = live_workers(redis, state.settings.model, state.settings.worker_heartbeat)
-            yield GaugeMetricFamily("imagegen_workers", "Workers serving this model", value=float(workers))
+            served = served_models(redis, settings.worker_heartbeat)
+            workers = GaugeMetricFamily("imagegen_workers", "Live workers, per model", labels=["model"])
+            for model in models:
+                workers.add_metric([model], float(served.get(model, (None, 0))[1]))
+            yield workers
             up = 1.0
         except RedisError:
             up = 0.0

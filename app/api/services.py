@@ -164,6 +164,43 @@ class Placed:
     eta: float | None
 
 
+Position = tuple[float, bytes | None]  # a listing cursor: creation time, and the job id when known
+
+
+def _parse_cursor(cursor: str | None) -> Position | None:
+    """A listing cursor's position (see `JobService.list_jobs`), or a 422 for anything else."""
+    if cursor is None:
+        return None
+    text, _, member = cursor.partition(":")
+    try:
+        score = float(text)
+        if not math.isfinite(score):  # Redis takes no NaN, and no page starts at infinity
+            raise ValueError(cursor)
+    except ValueError:
+        score = math.nan
+    if math.isnan(score) or (member and parse_job_id(member) is None):
+        raise InvalidRequestError("cursor: not a cursor returned by this endpoint", code="validation_error")
+    return score, member.encode() if member else None
+
+
+def _after(redis: Redis, key: str, position: Position | None, count: int) -> list[tuple[bytes, float]]:
+    """Up to `count` (member, score) pairs of the index after `position`, newest first: members of
+    the same score come in descending byte order, as ZREVRANGEBYSCORE gives them."""
+    if position is None:
+        return redis.zrevrangebyscore(key, "+inf", "-inf", start=0, num=count, withscores=True)  # type: ignore[return-value]
+    score, member = position
+    tied: list[tuple[bytes, float]] = []
+    if member is not None:  # the rest of its own score first (nearly always none)
+        same: list[tuple[bytes, float]] = redis.zrevrangebyscore(key, repr(score), repr(score), withscores=True)  # type: ignore[assignment]
+        tied = [pair for pair in same if pair[0] < member][:count]
+    if len(tied) == count:
+        return tied
+    older: list[tuple[bytes, float]] = redis.zrevrangebyscore(  # type: ignore[assignment]
+        key, f"({score!r}", "-inf", start=0, num=count - len(tied), withscores=True
+    )
+    return tied + older
+
+
 class _Writes:
     """Commands that arrive while the event loop is busy go to Redis together, in one pipeline (one
     round trip); each caller gets its own reply or error. Each submission is one atomic script call
@@ -279,7 +316,7 @@ class JobService:
                 self._queue_reads(pipe, model)
                 state = self._read_state(model, pipe.execute())
         admitted = self._admit(params, model, state, priority, webhook, owner)
-        queue = self._model_queues(model)[admitted.rank]
+        queue = self.model_queues(model)[admitted.rank]
         job_hash = self._job_hashes.get((queue.name, task)) or self._job_hash(queue, task)
         job_id, created, args = self._script_args(admitted, model, job_id, job_hash, max_queued)
         try:
@@ -317,7 +354,7 @@ class JobService:
             self._queue_reads(read, model)
             state = self._read_state(model, await read.execute())
         admitted = self._admit(params, model, state, priority, webhook, owner)
-        queue = self._model_queues(model)[admitted.rank]
+        queue = self.model_queues(model)[admitted.rank]
         job_hash = self._job_hashes.get((queue.name, TASK_GENERATE))
         if job_hash is None:  # the first job on this queue: RQ reads the server's version once
             job_hash = await asyncio.to_thread(self._job_hash, queue, TASK_GENERATE)
@@ -384,7 +421,7 @@ class JobService:
             queued_event=queued.model_dump_json(exclude_none=True),
             event_ttl=self.event_ttl,
             wake_stream=wake_key(model),
-            model_queue_keys=[q.key for q in self._model_queues(model)],
+            model_queue_keys=[q.key for q in self.model_queues(model)],
             owner=admitted.meta.get("owner"),
             max_queued=max_queued,
         )
@@ -414,7 +451,7 @@ class JobService:
         return None if sum(state.lengths) >= 0.9 * self.settings.max_queue else state
 
     def _queue_reads(self, pipe: Any, model: str) -> None:
-        queues = self._model_queues(model)
+        queues = self.model_queues(model)
         for queue in queues:
             pipe.llen(queue.key)
         count_live(pipe, queues[0].name, self.settings.worker_heartbeat)
@@ -467,7 +504,7 @@ class JobService:
         own_work = self._work(params_json, params.num_inference_steps or 0, state.steptimes)
         return _Admitted(params, params_json, meta, rank, own_work, state)
 
-    def _model_queues(self, model: str) -> list[Queue]:
+    def model_queues(self, model: str) -> list[Queue]:
         """A model's queues, built once (a Queue caches the Redis version RQ reads on enqueue)."""
         if model == self.settings.model:
             return self.queues
@@ -582,7 +619,8 @@ class JobService:
             canceled = CanceledJobRegistry(job.origin, connection=self.redis)
             pipe.zremrangebyscore(canceled.key, "-inf", f"({time.time() - self.settings.failure_ttl}")
             pipe.execute()
-        event = events.make_event(EventType.canceled, job.id, "canceled", error=job.meta["error"])
+        progress = events.job_progress(job)
+        event = events.make_event(EventType.canceled, job.id, "canceled", error=job.meta["error"], progress=progress)
         events.publish(self.redis, event, events.stream_ttl(self.settings, event))
         return fetch_job(self.redis, job.id) or job, event
 
@@ -683,44 +721,35 @@ class JobService:
     def list_jobs(
         self, image_url: ImageUrl, status: JobStatus | None, limit: int, cursor: str | None, owner: str | None = None
     ) -> JobList:
-        """Newest first; `cursor` is the opaque `next_cursor` of the previous page."""
-        upper: str = "+inf"
-        if cursor is not None:
-            try:
-                score = float(cursor)
-                if not math.isfinite(score):  # Redis takes no NaN, and no page starts at infinity
-                    raise ValueError(cursor)
-                upper = f"({score!r}"
-            except ValueError:
-                raise InvalidRequestError(
-                    "cursor: not a cursor returned by this endpoint", code="validation_error"
-                ) from None
+        """Newest first; `cursor` is the opaque `next_cursor` of the previous page.
+
+        The index is a sorted set scored by creation time; a cursor is the position of the last
+        job listed, `<score>:<id>`, in the order the set is read (time, then id, both descending), so
+        jobs created in the same microsecond (several API processes) are neither skipped nor repeated
+        across pages. A bare `<score>` (the cursors of earlier versions) resumes below that time."""
+        key = index_key(owner)
+        position = _parse_cursor(cursor)
         found: list[JobView] = []
-        next_cursor: str | None = None
         scanned = 0
         while len(found) < limit and scanned < limit * 20:
-            batch: list[tuple[bytes, float]] = self.redis.zrevrangebyscore(  # type: ignore[assignment]
-                index_key(owner), upper, "-inf", start=0, num=limit, withscores=True
-            )
+            batch = _after(self.redis, key, position, limit)
             if not batch:
-                next_cursor = None
                 break
             ids = [member.decode() for member, _ in batch]
             jobs = Job.fetch_many(ids, connection=self.redis, serializer=SERIALIZER)
             for (member, score), job in zip(batch, jobs, strict=True):
                 scanned += 1
-                upper = f"({score!r}"
-                next_cursor = repr(score)
+                position = (score, member)
                 if job is None:
-                    self.redis.zrem(index_key(owner), member)  # expired
+                    self.redis.zrem(key, member)  # expired
                     continue
                 view = self.view(job, image_url)
                 if status is None or view.status is status:
                     found.append(view)
                     if len(found) == limit:
                         break
-        if next_cursor is not None and not self.redis.zrevrangebyscore(index_key(owner), upper, "-inf", start=0, num=1):
-            next_cursor = None  # nothing older: this was the last page
+        more = position is not None and bool(_after(self.redis, key, position, 1))
+        next_cursor = f"{position[0]!r}:{position[1].decode()}" if more and position and position[1] else None
         return JobList(jobs=found, next_cursor=next_cursor)
 
     # -- present --------------------------------------------------------------------------

@@ -44,6 +44,20 @@ class JobEvent(BaseModel):
     error: dict[str, str] | None = None
 
 
+def job_progress(job: Any) -> dict[str, int]:
+    """A job's progress as its events carry it: what a worker last recorded, else step 0 of its
+    steps (a job canceled, refused or lost before it started). Every event has `progress`."""
+    recorded = (job.meta or {}).get("progress")
+    if isinstance(recorded, dict) and isinstance(recorded.get("step"), int) and isinstance(recorded.get("total"), int):
+        return recorded
+    try:
+        params = (job.kwargs or {}).get("params") or {}
+        total = int(params.get("num_inference_steps") or 0)
+    except Exception:  # arguments that cannot be read (a planted job): no step count to give
+        total = 0
+    return {"step": 0, "total": max(total, 0)}
+
+
 def stream_key(job_id: str) -> str:
     return f"imagegen:events:{job_id}"
 

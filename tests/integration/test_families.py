@@ -75,6 +75,21 @@ def test_models_lists_what_live_workers_serve(families: Stack) -> None:
         assert sorted(err["details"][0]["served"]) == sorted(FAMILIES)
 
 
+def test_metrics_cover_every_model(families: Stack) -> None:
+    """Queue depth, running jobs and live workers per model: they covered only the API's own model,
+    so a second model's backlog never showed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with families.client() as http:
+        text = http.get("/metrics").text
+    samples = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    for name in ("imagegen_queue_depth", "imagegen_jobs_running"):
+        series = {(s.labels["model"], s.labels["priority"]) for s in samples[name]}
+        assert {(m, p) for m in FAMILIES for p in ("high", "normal", "low")} <= series, (name, series)
+    workers = {s.labels["model"]: s.value for s in samples["imagegen_workers"]}
+    assert all(workers[m] == 1 for m in FAMILIES), workers
+
+
 @pytest.mark.parametrize("model", list(FAMILIES))
 def test_text_to_image_progress_seeds_and_pngs(families: Stack, model: str) -> None:
     body = {"prompt": "a red circle on a blue background", "model": model, "num_images": 2, "seed": 11, **FAST}

@@ -333,3 +333,21 @@ def test_webhooks_of_canceled_queued_jobs_never_hold_up_requests(stack: Stack, t
     finally:
         api.stop()
         hang.close()
+
+
+def test_every_event_has_progress_even_for_a_job_that_never_started(stack: Stack, tmp_path: Path) -> None:
+    """The README's event schema has `progress` in every event; a job canceled while queued got a
+    `canceled` event without it (a client reading `progress.step` broke)."""
+    env = service_env(f"redis://127.0.0.1:{stack.redis.port}/12", tmp_path)  # no worker: jobs stay queued
+    stack.redis.client(12).flushdb()
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            job = http.post("/generate", json={"prompt": "never runs", "num_inference_steps": 7}).json()
+            assert http.delete(f"/jobs/{job['id']}").status_code == 200
+            with connect_sse(http, "GET", f"/jobs/{job['id']}/events") as source:
+                events = [(e.event, json.loads(e.data)) for e in source.iter_sse()]
+        assert [kind for kind, _ in events] == ["queued", "canceled"]
+        assert all(data["progress"] == {"step": 0, "total": 7} for _, data in events), events
+    finally:
+        api.stop()

@@ -125,3 +125,23 @@ def test_logging_keeps_uvicorns_access_log_off_when_asked(monkeypatch) -> None:
     monkeypatch.setattr(access, "handlers", [logging.NullHandler()])  # access log on: routed through ours
     logs.configure("WARNING", "json", "api")
     assert access.propagate and access.handlers == [] and access.getEffectiveLevel() == logging.WARNING
+
+
+def test_job_progress_is_never_missing() -> None:
+    from types import SimpleNamespace
+
+    from app.core.events import job_progress
+
+    ran = SimpleNamespace(meta={"progress": {"step": 3, "total": 9}}, kwargs={"params": {"num_inference_steps": 9}})
+    assert job_progress(ran) == {"step": 3, "total": 9}
+    queued = SimpleNamespace(meta={}, kwargs={"params": {"num_inference_steps": 12}})
+    assert job_progress(queued) == {"step": 0, "total": 12}
+
+    class Planted:  # a job whose arguments cannot be read (another function's, or garbage)
+        meta = None
+
+        @property
+        def kwargs(self) -> dict:
+            raise ValueError("cannot deserialize")
+
+    assert job_progress(Planted()) == {"step": 0, "total": 0}

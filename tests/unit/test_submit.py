@@ -352,3 +352,31 @@ def test_a_repeat_arriving_while_the_first_request_writes_its_job_gets_that_job(
     monkeypatch.setattr(services, "fetch_job", fetch_while_the_first_request_writes)
     again_id, job = service.claim_idempotency_key("k", "body-hash")
     assert again_id == job_id and job is not None and job.id == job_id
+
+
+def test_listing_pages_through_jobs_created_in_the_same_microsecond(redis_db, redis_server) -> None:
+    """Several API processes can create jobs with equal index scores; a cursor holding only the time
+    resumed strictly below it, so a page ending among them skipped the rest of them."""
+    from app.api.services import index_key
+
+    service = make_service(redis_db, redis_server, max_queue=100)
+    ids = [service.submit(GenerationParams(prompt=f"tie {i}")).id for i in range(7)]
+    key = index_key(None)
+    redis_db.zadd(key, {ids[1]: 1000.5, ids[2]: 1000.5, ids[3]: 1000.5, ids[4]: 1000.5})  # four ties
+    redis_db.zadd(key, {ids[5]: 999.0, ids[6]: 998.0})  # and two older ones
+    url = lambda job_id, n: f"/jobs/{job_id}/images/{n}"  # noqa: E731
+    for limit in (1, 2, 3):
+        seen: list[str] = []
+        cursor = None
+        for _ in range(20):
+            page = service.list_jobs(url, None, limit, cursor)
+            seen += [view.id for view in page.jobs]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert sorted(seen) == sorted(ids) and len(seen) == len(ids), (limit, seen)
+    # A cursor from before (the time alone) still works: it resumes below that time.
+    assert [v.id for v in service.list_jobs(url, None, 10, "1000.5").jobs] == [ids[5], ids[6]]
+    for bad in ("1000.5:not-a-job-id", "nan:" + ids[0], "x:y"):
+        with pytest.raises(Exception, match="cursor"):
+            service.list_jobs(url, None, 10, bad)
