@@ -111,19 +111,32 @@ class DirectRoute(APIRoute):
     `POST /generate`'s CPU time under load (bench/README.md, "Ingress"). The endpoint reads its own
     body and headers (`read_json`, `header`) and resolves its caller itself; its exceptions reach the
     app's handlers as any route's do. /docs is unchanged: the schema still comes from the route's
-    declaration (`response_model`, `responses`, `openapi_extra`).
+    declaration (`response_model`, `responses`, `openapi_extra`). Dependencies given without a
+    parameter (`dependencies=` on the route, its router, the inclusion or the app) still run: such a
+    route is served by FastAPI's handler, at FastAPI's cost.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        # Included in an app, FastAPI builds the handler with the inclusion's own view of the route
-        # (its `dependencies=` added); those would be skipped too, so they are refused like the rest.
+        _check_direct(self.path, self.dependant)  # the endpoint's own declaration: refused at once
+        # Included with `dependencies=` (on the router, at `include_router`, on the app), FastAPI builds
+        # the handler with the inclusion's view of the route, when the first request comes. Those
+        # dependencies must run, so that route is served by FastAPI's own handler, as any route is.
         context = getattr(fastapi.routing, "_effective_route_context_var", None)
         effective: Any = context.get() if context is not None else None
-        own = effective is None or effective.original_route is not self or effective.dependant is None
-        dependant = self.dependant if own else effective.dependant
-        declared = dependant.dependencies or dependant.path_params or dependant.query_params
-        if declared or dependant.header_params or dependant.cookie_params or dependant.body_params:
-            raise TypeError(f"{self.path}: a DirectRoute endpoint takes the request alone")
-        if dependant.request_param_name is None:
-            raise TypeError(f"{self.path}: a DirectRoute endpoint takes the request as its parameter")
+        if effective is not None and effective.original_route is self and effective.dependant is not None:
+            if effective.dependant.dependencies:
+                return super().get_route_handler()
+        elif self.dependant.dependencies:  # a FastAPI that folds them into the route itself
+            return super().get_route_handler()
         return self.endpoint
+
+
+def _check_direct(path: str, dependant: Any) -> None:
+    """Refuse an endpoint that declares anything but the request (parameter-less `dependencies=`
+    on the route or its router are allowed: the route then runs through FastAPI's handler)."""
+    declared = dependant.path_params or dependant.query_params or dependant.header_params
+    own = [d for d in dependant.dependencies if d.name is not None]  # a parameter's `Depends`
+    if declared or own or dependant.cookie_params or dependant.body_params:
+        raise TypeError(f"{path}: a DirectRoute endpoint takes the request alone")
+    if dependant.request_param_name is None:
+        raise TypeError(f"{path}: a DirectRoute endpoint takes the request as its parameter")

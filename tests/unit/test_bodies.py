@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import fastapi.routing
 import pytest
@@ -149,10 +149,43 @@ def test_direct_route_refuses_endpoints_with_parameters() -> None:
     app = FastAPI()
     app.include_router(router)
     assert TestClient(app).post("/x").status_code == 200  # fine as it is
-    app = FastAPI()
-    app.include_router(router, dependencies=[Depends(dependency)])  # where it is included: built lazily
-    with pytest.raises(TypeError, match="DirectRoute"):
-        TestClient(app).post("/x")
+
+
+def test_direct_route_runs_dependencies_given_where_it_is_included(solver_calls: list[object]) -> None:
+    """A guard added where the route is included (a key check on the router, the inclusion or the
+    app) used to make every request a 500: FastAPI builds that view of the route at the first
+    request, and the route refused it there. Now such a route runs through FastAPI's handler, its
+    guards with it."""
+    seen: list[str] = []
+
+    def guard(request: Request) -> None:
+        seen.append(request.url.path)
+        if request.headers.get("x-key") != "k":
+            raise HTTPException(403, "no")
+
+    async def alone(request: Request) -> Response:
+        return Response("ok")
+
+    def routed(**dependencies: Any) -> APIRouter:
+        router = APIRouter(route_class=DirectRoute, **dependencies)
+        router.post("/x")(alone)
+        return router
+
+    guarded = [Depends(guard)]
+    apps = [FastAPI(), FastAPI(), FastAPI(dependencies=guarded)]
+    apps[0].include_router(routed(), dependencies=guarded)
+    apps[1].include_router(routed(dependencies=guarded))
+    apps[2].include_router(routed())
+    for app in apps:
+        http = TestClient(app)
+        seen.clear()
+        assert http.post("/x").status_code == 403
+        assert http.post("/x", headers={"x-key": "k"}).text == "ok"
+        assert seen == ["/x", "/x"]
+    solver_calls.clear()
+    plain = FastAPI()
+    plain.include_router(routed())
+    assert TestClient(plain).post("/x").text == "ok" and solver_calls == []  # no guard: direct
 
 
 def test_post_generate_solves_nothing_per_request(
