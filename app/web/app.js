@@ -29,7 +29,6 @@ form.api_key.addEventListener("change", () => {
   const key = form.api_key.value.trim();
   if (key) localStorage.setItem(KEY_STORE, key);
   else localStorage.removeItem(KEY_STORE);
-  checkServer();
 });
 
 // With a key, every request carries `Authorization: Bearer <key>`.
@@ -145,6 +144,7 @@ async function poll(job) {
   if (job.done) return;
   try {
     const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}`);
+    if (job.done) return; // settled while the request was out (a cancel answered first)
     if (job.failures) {
       job.failures = 0;
       showError("");
@@ -161,6 +161,7 @@ async function poll(job) {
 // it. Otherwise (rate limited, the server or its Redis unavailable, the network down) keep
 // following, after the server's Retry-After or a growing pause, and say why.
 function pollLater(job, err) {
+  if (job.done) return;
   if (err.status === 404 || err.status === 410) return end(job, err.message);
   if (err.status === 401 || err.status === 403) {
     return end(job, `${err.message} (job ${job.id} goes on without this page)`);
@@ -176,7 +177,7 @@ async function finish(job) {
   stopFollowing(job);
   try {
     const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}`);
-    render(job, data);
+    if (!job.done) render(job, data);
   } catch (err) {
     pollLater(job, err);
   }
@@ -298,16 +299,15 @@ form.prompt.addEventListener("keydown", (event) => {
   }
 });
 
-// The line under the title; while the server is not ready it is checked again every few seconds.
-let recheck = null;
+// The line under the title; while the server is not ready it is checked again every few seconds
+// (one check at a time: /readyz needs no key, so nothing else starts one).
 async function checkServer() {
-  clearTimeout(recheck);
   try {
     const { data } = await api("GET", "/readyz");
     ui.server.textContent = `ready · ${data.workers} worker${data.workers === 1 ? "" : "s"}`;
   } catch (err) {
     ui.server.textContent = `not ready: ${err.message}`;
-    recheck = setTimeout(checkServer, RECHECK_MS);
+    setTimeout(checkServer, RECHECK_MS);
   }
 }
 

@@ -232,3 +232,36 @@ def test_with_api_keys_the_page_sends_the_key(browser: Any, stack: Stack, tmp_pa
     finally:
         context.close()
         api.stop()
+
+
+def test_a_poll_answered_after_the_job_ended_changes_nothing(page: Any) -> None:
+    """Cancel settles the job while a poll is still out: when that poll's answer (here a 429) comes
+    back, the page used to show "checking the job again in 1 s" under a job it had already ended."""
+    import time
+
+    held: list[Any] = []
+
+    def job(route: Any) -> None:
+        if route.request.method == "DELETE":  # answered as for a job canceled while queued
+            job_id = route.request.url.rsplit("/", 1)[1]
+            error = {"code": "canceled", "message": "canceled by request"}
+            return route.fulfill(status=200, json={"id": job_id, "status": "canceled", "error": error})
+        held.append(route)  # the poll stays out until the test answers it
+
+    page.route("**/events", lambda route: route.fulfill(status=404, json={"error": {"code": "not_found"}}))
+    page.route("**/jobs/*", job)
+    page.goto("/")
+    fill(page, prompt="canceled mid-poll", num_inference_steps=3, width=32, height=32)
+    page.click("#generate")
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert len(held) == 1
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#error').textContent === 'canceled by request'", timeout=10_000)
+    held[0].fulfill(status=429, headers={"Retry-After": "1"}, json={"error": {"code": "x", "message": "slow down"}})
+    page.wait_for_timeout(1500)
+    assert page.inner_text("#error") == "canceled by request"
+    assert page.get_attribute("#status", "data-status") == "canceled"
+    assert len(held) == 1 and page.is_enabled("#generate")
+    assert page.errors == []
