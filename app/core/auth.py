@@ -221,10 +221,12 @@ class ImageLinks:
     def secret(self, max_age: float = SECRET_TTL) -> bytes:
         """The shared secret (blocking: called from worker threads), made if there is none yet."""
         if self._secret is None or time.monotonic() - self._read_at > max_age:
-            self.redis.set(URL_SECRET_KEY, secrets.token_urlsafe(32), nx=True)
             value = self.redis.get(URL_SECRET_KEY)
-            if value is None:
-                raise RuntimeError("the image link secret vanished right after it was written")
+            if value is None:  # the first process to sign, or the secret was deleted or lost
+                self.redis.set(URL_SECRET_KEY, secrets.token_urlsafe(32), nx=True)
+                value = self.redis.get(URL_SECRET_KEY)
+                if value is None:
+                    raise RuntimeError("the image link secret vanished right after it was written")
             self._secret, self._read_at = bytes(value), time.monotonic()  # type: ignore[arg-type]
         return self._secret
 

@@ -36,3 +36,19 @@ def test_a_new_secret_is_taken_at_once_even_right_after_a_bad_link(redis_db) -> 
     exp2, sig2 = parts(new.query("job-1", 0))
     assert sig2 != sig
     assert old.valid("job-1", "0", exp2, sig2)
+
+
+def test_a_bad_link_costs_one_redis_read(redis_db) -> None:
+    """Anyone can send bad links without a key: each used to cost a write attempt (SET NX) and a
+    read. Now it is one GET while the secret is there; it is made again only when it is gone."""
+    links = ImageLinks(redis_db, 3600)
+    exp, sig = parts(links.query("job-1", 0))
+    redis_db.config_resetstat()
+    for _ in range(5):
+        assert not links.valid("job-1", "0", exp, sig[::-1])
+    stats = redis_db.info("commandstats")
+    assert stats["cmdstat_get"]["calls"] == 5 and "cmdstat_set" not in stats
+    redis_db.delete(URL_SECRET_KEY)
+    assert not links.valid("job-1", "0", exp, sig[::-1])  # the secret is gone: a new one is made
+    assert redis_db.get(URL_SECRET_KEY) is not None
+    assert not links.valid("job-1", "0", exp, sig)  # and the old links are void
