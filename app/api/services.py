@@ -178,9 +178,10 @@ def _parse_cursor(cursor: str | None) -> Position | None:
             raise ValueError(cursor)
     except ValueError:
         score = math.nan
-    if math.isnan(score) or (member and parse_job_id(member) is None):
+    job_id = parse_job_id(member) if member else None  # canonical: members compare as bytes
+    if math.isnan(score) or (member and job_id is None):
         raise InvalidRequestError("cursor: not a cursor returned by this endpoint", code="validation_error")
-    return score, member.encode() if member else None
+    return score, job_id.encode() if job_id else None
 
 
 def _after(redis: Redis, key: str, position: Position | None, count: int) -> list[tuple[bytes, float]]:

@@ -377,6 +377,11 @@ def test_listing_pages_through_jobs_created_in_the_same_microsecond(redis_db, re
         assert sorted(seen) == sorted(ids) and len(seen) == len(ids), (limit, seen)
     # A cursor from before (the time alone) still works: it resumes below that time.
     assert [v.id for v in service.list_jobs(url, None, 10, "1000.5").jobs] == [ids[5], ids[6]]
+    # The same position however the id is spelled (UUID's other forms sort apart as bytes).
+    last_of_first_two = sorted(ids[1:5], reverse=True)[1]
+    for spelled in (last_of_first_two, "{" + last_of_first_two.upper() + "}", "urn:uuid:" + last_of_first_two):
+        rest = [v.id for v in service.list_jobs(url, None, 10, f"1000.5:{spelled}").jobs]
+        assert rest == sorted(ids[1:5], reverse=True)[2:] + [ids[5], ids[6]], spelled
     for bad in ("1000.5:not-a-job-id", "nan:" + ids[0], "x:y"):
         with pytest.raises(Exception, match="cursor"):
             service.list_jobs(url, None, 10, bad)
