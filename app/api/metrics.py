@@ -51,13 +51,17 @@ class RedisCollector:
             doc = "Jobs being sampled (their heartbeat alive), per model and priority"
             running = GaugeMetricFamily("imagegen_jobs_running", doc, labels=["model", "priority"])
             now = time.time()
-            for model in models:
-                for queue in state.jobs.model_queues(model):
-                    priority = queue.name.rsplit(":", 1)[1]
-                    depth.add_metric([model, priority], float(redis.llen(queue.key)))
+            queues = [(model, queue) for model in models for queue in state.jobs.model_queues(model)]
+            with redis.pipeline(transaction=False) as pipe:  # one round trip, however many models
+                for _, queue in queues:
+                    pipe.llen(queue.key)
                     # RQ scores each execution by when its heartbeat expires.
-                    live = redis.zcount(queue.started_job_registry.key, now, "+inf")
-                    running.add_metric([model, priority], float(live))  # type: ignore[arg-type]
+                    pipe.zcount(queue.started_job_registry.key, now, "+inf")
+                counts = pipe.execute()
+            for i, (model, queue) in enumerate(queues):
+                priority = queue.name.rsplit(":", 1)[1]
+                depth.add_metric([model, priority], float(counts[2 * i]))
+                running.add_metric([model, priority], float(counts[2 * i + 1]))
             yield depth
             yield running
             served = served_models(redis, settings.worker_heartbeat)

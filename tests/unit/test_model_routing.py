@@ -4,6 +4,7 @@ model it names (JobService on a real redis-server; no worker process)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from rq.utils import utcformat
@@ -130,3 +131,42 @@ def test_family_native_size_and_size_multiple_are_read_off_the_pipeline() -> Non
     with pytest.raises(ValueError, match="width: must be at most 128 for model s"):
         check_size(small, GenerationParams(prompt="x", width=192, height=64))
     check_size(small, GenerationParams(prompt="x", width=128, height=1024))
+
+
+def test_metrics_scrape_takes_the_same_round_trips_however_many_models(
+    redis_db, redis_server: RedisServer, monkeypatch
+) -> None:
+    """Queue depth and running jobs were read with two round trips per queue, three queues per
+    model: a scrape grew by six per model. Now one pipeline reads them all."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+    from redis.client import Pipeline, Redis
+
+    from app.main import create_app
+
+    trips: list[str] = []
+    real_command, real_execute = Redis.execute_command, Pipeline.execute
+
+    def counted(real: Any, what: str) -> Any:
+        return lambda self, *a, **k: trips.append(what) or real(self, *a, **k)
+
+    monkeypatch.setattr(Redis, "execute_command", counted(real_command, "command"))
+    monkeypatch.setattr(Pipeline, "execute", counted(real_execute, "pipeline"))
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15", model="main")
+
+    def scrape(http: TestClient) -> tuple[int, dict[tuple[str, str], float]]:
+        trips.clear()
+        text = http.get("/metrics").text
+        count = len(trips)
+        depth = next(f for f in text_string_to_metric_families(text) if f.name == "imagegen_queue_depth")
+        return count, {(s.labels["model"], s.labels["priority"]): s.value for s in depth.samples}
+
+    with TestClient(create_app(settings)) as http:
+        publish(redis_db, "one")
+        few, _ = scrape(http)
+        for i in range(5):
+            publish(redis_db, f"more-{i}")
+        redis_db.rpush(f"rq:queue:{queue_name('more-3', Priority.low)}", "a", "b")
+        many, depth = scrape(http)
+    assert many == few, (few, many)
+    assert depth[("more-3", "low")] == 2 and depth[("main", "normal")] == 0 and len(depth) == 7 * 3
