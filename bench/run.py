@@ -40,7 +40,7 @@ from app.core import metrics
 from bench.raw import timed_calls
 from models.registry import CACHE as MODEL_CACHE
 from tests.procs import PYTHON, ROOT, Proc, free_port, service_env, spawn, start_redis, wait_for
-from worker.__main__ import pin_threads
+from worker.__main__ import PIN_VARIABLES, pin_threads
 
 RESULTS = ROOT / "bench" / "results"
 # Fixed parameters per model (each model's native scheduler; guidance on, so CFG doubles the UNet rows).
@@ -91,11 +91,18 @@ def _where(cli: argparse.Namespace) -> list[str]:
 
 
 def _env(cli: argparse.Namespace) -> dict[str, str]:
-    """The raw runs' environment: with `--pin` on the CPU, torch's threads bound to cores as the
-    workers' are (`worker.__main__.pin_threads`), so that both sides run alike."""
+    """The environment of the raw runs and the services: with `--pin` on the CPU, torch's threads
+    bound to cores as the workers' are (`worker.__main__.pin_threads`), so that both sides run
+    alike; with `--no-pin`, binding the shell asked for (OMP_PROC_BIND, OMP_PLACES) is dropped too."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
     pin_threads(cli.pin and cli.device == "cpu", env)
-    return env
+    return unpin(env, cli.pin and cli.device == "cpu")
+
+
+def unpin(env: dict[str, str], pinned: bool) -> dict[str, str]:
+    """`env` without the shell's own thread binding when the run is not pinned (a worker leaves
+    OMP_PROC_BIND/OMP_PLACES as it finds them, so `--no-pin` would not have meant unpinned)."""
+    return env if pinned else {k: v for k, v in env.items() if k not in PIN_VARIABLES}
 
 
 # -- services ----------------------------------------------------------------------------------
@@ -353,6 +360,7 @@ def bench_model(
     settings["pin_threads"] = str(args.pin and not gpu).lower()
     env = service_env(server.url, tmp, model=model, worker_heartbeat="5", model_cache=str(MODEL_CACHE), **settings)
     env.pop("IMAGEGEN_WEBHOOK_SECRET", None)
+    env = unpin(env, args.pin and not gpu)
 
     log(f"[{model}] 5. cold start ({args.cold} runs each)")
     cold_worker, cold_raw = [], []

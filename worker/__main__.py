@@ -114,6 +114,9 @@ def main() -> int:
     return 0
 
 
+PIN_VARIABLES = {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}  # read by torch's OpenMP runtime
+
+
 def pin_threads(enabled: bool, environ: Any) -> None:
     """With `IMAGEGEN_PIN_THREADS`, ask torch's OpenMP runtime (read once, when torch loads) to keep
     each of its threads on a core of its own. On a small machine shared with the API and Redis the
@@ -122,8 +125,8 @@ def pin_threads(enabled: bool, environ: Any) -> None:
     rounds, bench/README.md). Values already in the environment are kept. The main thread is bound
     too, and threads it starts later inherit its core."""
     if enabled:
-        environ.setdefault("OMP_PROC_BIND", "true")
-        environ.setdefault("OMP_PLACES", "cores")
+        for name, value in PIN_VARIABLES.items():
+            environ.setdefault(name, value)
 
 
 def wait_for_redis(connection: Any, log: logging.Logger) -> None:
