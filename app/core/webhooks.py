@@ -115,7 +115,11 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")
 def _parts(url: str) -> SplitResult:
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
         raise WebhookTargetError("webhook URLs must not contain spaces or control characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed on access: out of range or not a number raises here
+    except ValueError as exc:  # an unclosed `[`, a port like 99999 or `abc`
+        raise WebhookTargetError(f"webhook: not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookTargetError("webhook must be an http(s) URL with a host")
     if parts.username or parts.password:
@@ -127,7 +131,7 @@ def _addresses(parts: SplitResult, allow_private: bool, resolve: Callable[[str],
     assert parts.hostname is not None
     try:
         addresses = [a.split("%")[0] for a in (resolve or _resolve)(parts.hostname)]
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a label the IDNA codec refuses (empty, too long)
         raise WebhookTargetError(f"webhook host {parts.hostname!r} does not resolve") from exc
     if not addresses:
         raise WebhookTargetError(f"webhook host {parts.hostname!r} does not resolve")

@@ -44,6 +44,14 @@ def test_public_targets_and_bad_urls() -> None:
     for url in ("ftp://hooks.example/x", "http:///nohost", "http://user:pw@hooks.example/", "javascript:alert(1)"):
         with pytest.raises(WebhookTargetError):
             check_target(url, allow_private=True)
+    # Refused at submission, not a ValueError out of urlsplit (a 500), nor a URL accepted whose
+    # port fails only at delivery (an event dropped as "crashed").
+    for url in ("http://[::1/x", "http://1.1.1.1:99999/x", "http://1.1.1.1:abc/"):
+        with pytest.raises(WebhookTargetError, match="not a valid URL"):
+            check_target(url, allow_private=True)
+    for host in ("a..b", "a" * 64 + ".example"):  # names the IDNA codec refuses: a UnicodeError, before any lookup
+        with pytest.raises(WebhookTargetError, match="does not resolve"):
+            check_target(f"http://{host}/x", allow_private=False)
 
 
 def test_delivery_retries_with_backoff_then_succeeds() -> None:
