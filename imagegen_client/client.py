@@ -523,6 +523,8 @@ class Client:
                     self._http, "GET", f"{_job_path(job_id)}/events", headers=headers, timeout=limits
                 ) as source:
                     response = source.response
+                    if response.status_code == 204:  # resumed after the terminal event: it has ended
+                        return self.get(job_id)
                     if response.status_code in (404, 405) or (response.is_success and not _is_event_stream(response)):
                         response.read()
                         self._no_stream(job_id, response, "longpoll")
@@ -720,6 +722,8 @@ class AsyncClient:
                     self._http, "GET", f"{_job_path(job_id)}/events", headers=headers, timeout=limits
                 ) as source:
                     response = source.response
+                    if response.status_code == 204:  # resumed after the terminal event: it has ended
+                        return await self.get(job_id)
                     if response.status_code in (404, 405) or (response.is_success and not _is_event_stream(response)):
                         await response.aread()
                         await self._no_stream(job_id, response, "longpoll")

@@ -679,6 +679,10 @@ class JobService:
         ident, event = events.decode(newest)[0]
         return ident if event.type.is_terminal() and _stream_order(ident) <= _stream_order(after) else None
 
+    async def seen_the_end(self, job_id: str, after: str) -> bool:
+        """Whether a client resuming after stream id `after` already has the job's terminal event."""
+        return after != "0" and await self._ended_by(events.stream_key(job_id), after) is not None
+
     async def stream(self, job_id: str, after: str = "0", stop: Callable[[], bool] | None = None):
         """Yield (stream id, event) from `after` until a terminal event (synthesised if RQ ended the
         job without one, e.g. a lost worker), for Server-Sent Events; or until `stop()` is true

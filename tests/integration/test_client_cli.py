@@ -204,6 +204,31 @@ def test_wait_keeps_its_deadline_while_a_queued_job_only_gets_keep_alives() -> N
         assert time.monotonic() - started < 4
 
 
+def test_wait_resumed_after_the_end_takes_the_servers_204_as_the_end() -> None:
+    """The stream drops right after its terminal event, before the client has read it: resuming
+    with that id, the server answers 204 (nothing more will come). The client read it as a server
+    without events and stayed on long-polls for good."""
+    job_id = str(uuid.uuid4())
+    done = {"id": job_id, "status": "succeeded", "params": {}, "progress": {"step": 2, "total": 2}}
+    asked: list[str | None] = []
+
+    def dropped() -> Iterator[bytes]:
+        yield b'event: started\r\nid: 1-0\r\ndata: {"status": "running"}\r\n\r\n'
+        raise httpx.ReadError("dropped")
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            asked.append(request.headers.get("last-event-id"))
+            if len(asked) == 1:
+                return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=dropped())
+            return httpx.Response(204)
+        return httpx.Response(200, json=done)
+
+    with Client("http://scripted", transport=httpx.MockTransport(server)) as client:
+        assert client.wait(job_id, timeout=60).succeeded  # (a short wait switches to long-polls)
+        assert asked == [None, "1-0"] and client.mode == "sse"
+
+
 def test_answers_that_are_not_jobs_are_imagegen_errors() -> None:
     job_id = str(uuid.uuid4())
     queued = {"id": job_id, "status": "queued", "params": {}, "progress": {"step": 0, "total": 2}}

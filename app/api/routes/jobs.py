@@ -91,6 +91,7 @@ def _webhook_after_cancel(meta: dict, event: JobEvent, settings, sender: Webhook
             "description": "queued, started, progress, then "
             "succeeded|failed|canceled; the stream closes after the terminal event",
         },
+        204: {"description": "`Last-Event-ID` is the job's terminal event or later: nothing more will come"},
         **ERROR_RESPONSES,
     },
     summary="Live job events (Server-Sent Events)",
@@ -100,11 +101,15 @@ async def job_events(
     jobs: JobsDep,
     principal: PrincipalDep,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
-) -> EventSourceResponse:
+) -> Response:
     job = await run_in_threadpool(jobs.get, job_id, principal.owner)
     after = last_event_id or "0"
     if not _valid_stream_id(after):
         raise InvalidRequestError("Last-Event-ID: not an id sent by this stream", code="validation_error")
+    if await jobs.seen_the_end(job.id, after):
+        # An EventSource reconnects whenever a stream closes, the normal end after the terminal
+        # event included; 204 is what makes it stop (an empty 200 had it back every 3 s).
+        return Response(status_code=204)
 
     # On shutdown the stream ends cleanly (a complete response) within one blocking read, and the
     # client resumes from its Last-Event-ID on the next server; it was cut mid-response.
