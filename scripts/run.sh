@@ -8,6 +8,7 @@ DATA=${IMAGEGEN_DATA_DIR:-$PWD/.data}
 HOST=${IMAGEGEN_HOST:-127.0.0.1}
 PORT=${IMAGEGEN_PORT:-8000}
 mkdir -p "$DATA"
+DATA=$(cd "$DATA" && pwd)  # absolute: a relative one made `unix://.data/redis.sock`, which names no socket
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export IMAGEGEN_RESULTS_DIR=${IMAGEGEN_RESULTS_DIR:-$DATA/results}
 export IMAGEGEN_MODEL_CACHE=${IMAGEGEN_MODEL_CACHE:-$DATA/models}

@@ -44,7 +44,10 @@ def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
     # What a new user gets: the default model (the committed tiny-shapes), no IMAGEGEN_MODEL.
-    env.update(IMAGEGEN_PORT=str(port), IMAGEGEN_DATA_DIR=str(tmp_path / "data"), IMAGEGEN_THREADS="1")
+    # The data folder given relative to the checkout, as README's `.data` default reads: it made a
+    # socket URL (`unix://../x/redis.sock`) that named no socket, and the worker never connected.
+    data = os.path.relpath(tmp_path / "data", ROOT)
+    env.update(IMAGEGEN_PORT=str(port), IMAGEGEN_DATA_DIR=data, IMAGEGEN_THREADS="1")
     log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         ["make", "-s", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
