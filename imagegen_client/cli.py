@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from imagegen_client.client import DEFAULT_URL, URL_ENV, Client, ImagegenError, JobEvent, resolve_url
+from imagegen_client.client import DEFAULT_URL, KEY_ENV, URL_ENV, Client, ImagegenError, JobEvent, resolve_url
 
 PROG = "imagegen"
 EXIT_FAILED = 1  # the server refused, the job failed, or the files could not be written
@@ -60,10 +60,13 @@ def _job_id(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Generate images with an imagegen server.")
     url_help = f"server URL (default: ${URL_ENV} or {DEFAULT_URL})"
+    key_help = f"API key, for a server that requires one (default: ${KEY_ENV}, which keeps it out of `ps`)"
     parser.add_argument("--url", help=url_help)
+    parser.add_argument("--api-key", metavar="KEY", help=key_help)
     # Also accepted after the subcommand; SUPPRESS keeps it from overwriting the one given before.
     common = _Parser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help=url_help)
+    common.add_argument("--api-key", metavar="KEY", default=argparse.SUPPRESS, help=key_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", parents=[common], help="make images and save them as PNGs")
@@ -170,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate" and args.output.exists() and not args.output.is_dir():
         parser.error(f"-o {args.output}: exists and is not a folder")  # before any job is submitted
     try:
-        with Client(args.url) as client:
+        with Client(args.url, api_key=args.api_key) as client:
             return int(COMMANDS[args.command](client, args))
     except ImagegenError as exc:
         later = f"; the server asks to retry in {exc.retry_after:g} s" if exc.retry_after is not None else ""

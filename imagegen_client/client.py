@@ -23,6 +23,7 @@ from httpx_sse import aconnect_sse, connect_sse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "IMAGEGEN_URL"
+KEY_ENV = "IMAGEGEN_API_KEY"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 REQUEST_TIMEOUT = 30.0  # seconds for one ordinary request
 SSE_READ_TIMEOUT = 30.0  # the server pings idle streams well within this; silence longer means a dead link
@@ -242,6 +243,16 @@ def resolve_url(base_url: str | None) -> str:
     return url
 
 
+def _auth_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """`headers` plus `Authorization: Bearer <key>` (the argument, else $IMAGEGEN_API_KEY), unless
+    `headers` already carry an Authorization header."""
+    out = dict(headers or {})
+    key = api_key if api_key is not None else os.environ.get(KEY_ENV)
+    if key and not any(name.lower() == "authorization" for name in out):
+        out["Authorization"] = f"Bearer {key}"
+    return out
+
+
 def _job_path(job_id: str) -> str:
     # Ids are UUIDs; quoting keeps anything else from walking to another route.
     if not str(job_id).strip():
@@ -364,7 +375,8 @@ def _longpoll_seconds(deadline: float | None, callback: ProgressCallback | None)
 
 # -- sync -----------------------------------------------------------------------------------------
 class Client:
-    """Blocking client. Use as a context manager, or call `close()`.
+    """Blocking client. Use as a context manager, or call `close()`. On a server that requires API
+    keys, pass `api_key=` or set $IMAGEGEN_API_KEY.
 
     >>> with Client("http://127.0.0.1:8000") as c:
     ...     job = c.wait(c.submit("a red circle on a blue background", seed=7).id, timeout=120)
@@ -378,9 +390,11 @@ class Client:
         timeout: float = REQUEST_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = resolve_url(base_url)
         self.mode: WaitMode = "sse"  # lowered for good the first time the server lacks a way to wait
+        headers = _auth_headers(api_key, headers)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
 
     def __enter__(self) -> Self:
@@ -598,9 +612,11 @@ class AsyncClient:
         timeout: float = REQUEST_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = resolve_url(base_url)
         self.mode: WaitMode = "sse"
+        headers = _auth_headers(api_key, headers)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
 
     async def __aenter__(self) -> Self:

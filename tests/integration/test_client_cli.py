@@ -432,3 +432,53 @@ def test_a_refusal_carries_the_servers_retry_after() -> None:
         client.submit("x")
     assert (info.value.status, info.value.code, info.value.retry_after) == (429, "rate_limited", 7.0)
     assert error_from_response(httpx.Response(503, text="down")).retry_after is None
+
+
+def test_cli_client_and_scripts_send_an_api_key(stack: Stack, tmp_path: Path) -> None:
+    """With API keys on, the CLI, the client and the curl scripts had no way to send one: every
+    call was a 401. Now `--api-key`, `api_key=` or $IMAGEGEN_API_KEY."""
+    key = "cli-key-0123456789abcdef"
+    api, base = start_api(stack.env | {"IMAGEGEN_API_KEYS": key}, tmp_path / "api.log")
+    try:
+        fast = ["--steps", "2", "--size", "32x32", "-q", "--seed", "3"]
+        r = cli(["generate", "keyed", *fast, "-o", str(tmp_path / "none")], base)
+        assert r.returncode == 1 and ("API key" in r.stderr or "401" in r.stderr), r.stderr
+        r = cli(["generate", "keyed", *fast, "-o", str(tmp_path / "a"), "--api-key", key], base)
+        assert r.returncode == 0, r.stderr
+        assert len(list((tmp_path / "a").glob("*.png"))) == 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+        env |= {"IMAGEGEN_URL": base, "IMAGEGEN_API_KEY": key}
+        run = lambda argv: subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+        r = run([sys.executable, "-m", "imagegen_client", "status", str(uuid.uuid4())])
+        assert r.returncode == 1 and ("404" in r.stderr or "not_found" in r.stderr), r.stderr  # past the key check
+        r = run([str(ROOT / "scripts" / "generate.sh"), "keyed", "out.png", '"seed":4,"num_inference_steps":2'])
+        assert r.returncode == 0 and (tmp_path / "out.png").read_bytes().startswith(b"\x89PNG"), r.stderr
+        r = run([str(ROOT / "scripts" / "follow.sh"), "keyed", '"num_inference_steps":2'])
+        assert r.returncode == 0 and "event: succeeded" in r.stdout, r.stderr
+        with Client(base, api_key=key) as client:
+            assert client.generate("keyed", num_inference_steps=2, width=32, height=32, timeout=120).succeeded
+        with Client(base, api_key="wrong-key-0123456789abcdef") as client, pytest.raises(ImagegenError) as info:
+            client.get(str(uuid.uuid4()))
+        assert info.value.status == 401
+    finally:
+        api.stop()
+
+
+def test_generate_sh_says_what_the_server_answered_for_a_job_gone(stack: Stack, tmp_path: Path) -> None:
+    """A job that expired (or another server's) while polled: curl handed the error envelope to a
+    Python one-liner reading `progress`, which ended in a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
+    script = (ROOT / "scripts" / "generate.sh").read_text()
+    # The job's id is replaced by one the server never made, right after the submission.
+    patched = tmp_path / "generate.sh"
+    patched.write_text(script.replace('echo "job $id queued" >&2', f'id={uuid.uuid4()}; echo "job $id queued" >&2'))
+    (tmp_path / "_submit.sh").write_text((ROOT / "scripts" / "_submit.sh").read_text())
+    r = subprocess.run(
+        ["bash", str(patched), "x", "out.png", '"num_inference_steps":2'],
+        cwd=tmp_path,
+        env=env | {"IMAGEGEN_URL": stack.base_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "HTTP 404" in r.stderr and "Traceback" not in r.stderr, r.stderr
