@@ -43,7 +43,7 @@ from app.core.jobs import (
 )
 from worker import tasks
 from worker.events import record_start
-from worker.worker import ImagegenWorker
+from worker.worker import UNREADABLE, ImagegenWorker, task_of
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -128,8 +128,9 @@ class BatchingWorker(ImagegenWorker):
     # -- the session --------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        if job.func_name in ALLOWED_TASKS and job.func_name != TASK_GENERATE:
-            super().execute_job(job, queue)  # e.g. variations: the one-job path, not the batch engine
+        task = task_of(job)
+        if task is UNREADABLE or (task in ALLOWED_TASKS and task != TASK_GENERATE):
+            super().execute_job(job, queue)  # e.g. variations: the one-job path (which refuses the unreadable)
             return
         stop = threading.Event()
         beat = threading.Thread(target=self._beat_all, args=(stop,), name="heartbeat", daemon=True)
@@ -173,6 +174,9 @@ class BatchingWorker(ImagegenWorker):
             except RedisError:  # as for the reads below: keep sampling, maintain once Redis is back
                 self.last_cleaned_at = utcnow()  # type: ignore[assignment]  # retry after the interval, not every step
                 log.warning("registry maintenance skipped (Redis unavailable)")
+            except Exception:  # another job's or worker's record it could not handle: not these jobs' fault
+                self.last_cleaned_at = utcnow()  # type: ignore[assignment]
+                log.exception("registry maintenance failed; the batch goes on")
         # 2. Hand everything back past the shutdown grace.
         if ctx.should_requeue():
             for slot in list(self.slots):
@@ -299,8 +303,11 @@ class BatchingWorker(ImagegenWorker):
         for (q, _), job in zip(candidates, jobs, strict=True):
             if job is None:
                 continue  # a stale id: RQ's own dequeue skips it too
-            if job.func_name in ALLOWED_TASKS and job.func_name != TASK_GENERATE:
-                break  # another allowed task (variations): RQ's loop runs it alone when its turn comes
+            task = task_of(job)
+            if task is UNREADABLE or (task in ALLOWED_TASKS and task != TASK_GENERATE):
+                # Another allowed task (variations), or one that cannot be read: RQ's loop takes
+                # it alone when its turn comes (and refuses the unreadable one there).
+                break
             rows, job_shape = self._shape_of(job)
             # Stop at the first job that does not fit, so nothing overtakes it: once the batch
             # drains, the next session starts with it.

@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from rq import worker_registration
-from rq.exceptions import AbandonedJobError, DequeueTimeout
+from rq.exceptions import AbandonedJobError, DequeueTimeout, DeserializationError
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import call_exception_handlers
 from rq.queue import Queue
@@ -102,6 +102,19 @@ class _Success:
 
     event: JobEvent | None
     written: bool = False
+
+
+UNREADABLE = "<unreadable>"  # what `task_of` answers for a job whose data our serializer cannot read
+
+
+def task_of(job: Job) -> str | None:
+    """The job's task name, or UNREADABLE (a job another producer queued with RQ's pickle
+    serializer, say): reading it raised out of the worker's loop, which then restarted with the
+    job stuck in its intermediate list."""
+    try:
+        return job.func_name
+    except DeserializationError:
+        return UNREADABLE
 
 
 class ImagegenWorker(SimpleWorker):
@@ -193,6 +206,8 @@ class ImagegenWorker(SimpleWorker):
 
     def refusal_reason(self, job: Job) -> str | None:
         """Why a job must not run, or None. Checked before anything of the job is imported."""
+        if task_of(job) is UNREADABLE:
+            return "the job's data cannot be read here (queued with another serializer?)"
         if job.func_name not in ALLOWED_TASKS:
             return f"task {job.func_name!r} is not on this worker's allow-list"
         callbacks = (job._success_callback_name, job._failure_callback_name, job._stopped_callback_name)

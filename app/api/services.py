@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
-from rq.exceptions import InvalidJobOperation
+from rq.exceptions import DeserializationError, InvalidJobOperation
 from rq.job import Job
 from rq.registry import CanceledJobRegistry
 from sse_starlette.sse import AppStatus
@@ -91,7 +91,10 @@ def _stream_order(ident: str) -> tuple[int, int]:
 def _job_params(job: Job) -> dict[str, Any]:
     """A job's parameters, resolved by its worker or as submitted; {} for anything else (a job
     planted by another producer may carry any JSON there)."""
-    kwargs = job.kwargs if isinstance(job.kwargs, dict) else {}
+    try:
+        kwargs = job.kwargs if isinstance(job.kwargs, dict) else {}
+    except DeserializationError:  # queued with another serializer (RQ's pickle): no parameters to show
+        kwargs = {}
     for params in ((job.meta or {}).get("params"), kwargs.get("params")):
         if isinstance(params, dict) and params:
             return params

@@ -111,6 +111,32 @@ def test_cancel_of_one_batched_job_leaves_the_others(batch_stack: Stack) -> None
     assert done[1]["error"]["code"] == "canceled" and done[1]["images"] == []
 
 
+def test_a_job_the_worker_cannot_read_fails_alone(batch_stack: Stack) -> None:
+    """A job another producer queued with RQ's default (pickle) serializer joins no batch: reading
+    it raised out of the batching session, which failed every job in it as `sampling_error`."""
+    from rq import Queue
+
+    from app.core.jobs import Priority
+
+    s = batch_stack
+    long = {"num_inference_steps": 150, "num_images": 4, "width": 64, "height": 64}
+    with s.client() as http, ThreadPoolExecutor(2) as pool:
+        jobs = list(pool.map(lambda i: s.submit(http, prompt=f"beside {i}", seed=i, **long), range(2)))
+        for j in jobs:
+            _wait_running(http, j["id"])
+        foreign = Queue(queue_name("tiny-random", Priority.normal), connection=s.redis.client(DB))
+        alien = foreign.enqueue("os.getpid")  # pickled: this worker reads JSON
+        done = list(pool.map(lambda j: s.wait(http, j["id"]), jobs))
+        assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
+        wait_for(lambda: alien.get_status(refresh=True) == "failed", 60, "the foreign job to be refused")
+        view = http.get(f"/jobs/{alien.id}").json()
+        assert view["status"] == "failed" and view["error"]["code"] == "refused", view
+        after = s.wait(http, s.submit(http, prompt="after", **SIZE)["id"])
+        assert after["status"] == "succeeded"
+    log = s.workers[0].log.read_text()
+    assert "loop ended without a stop request" not in log and "unhandled exception" not in log
+
+
 def test_kill_9_mid_batch_recovers_every_job(batch_stack: Stack, tmp_path) -> None:
     s = batch_stack
     conn = s.redis.client(DB)
