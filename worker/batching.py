@@ -362,7 +362,8 @@ class BatchEngine:
 
     def decode_many(self, requests: Sequence[Request]) -> list[list[Image]]:
         """The images of several requests (those finishing on the same step), decoded together when
-        the VAE's rows allow it (`batched_decode`), else one image at a time."""
+        the VAE's rows allow it (`batched_decode`), else one image at a time; through the
+        pipeline's safety checker where it has one (sd-1.5 from the hub), as its own call would."""
         import torch
 
         pipe = self.pipe
@@ -372,7 +373,12 @@ class BatchEngine:
                 pixels = self._vae(latents)
             else:
                 pixels = torch.cat([self._vae(latents[i : i + 1]) for i in range(latents.shape[0])])
-            images = pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))
+            flags = None
+            if getattr(pipe, "safety_checker", None) is not None:  # as the pipeline's own call does
+                pixels, flags = pipe.run_safety_checker(pixels, pixels.device, pixels.dtype)
+            # A flagged image comes back zeroed and is left so: black, as the pipeline returns it.
+            keep = [True] * len(pixels) if flags is None else [not flagged for flagged in flags]
+            images = pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=keep)
         out, start = [], 0
         for r in requests:
             out.append(images[start : start + r.latents.shape[0]])

@@ -165,3 +165,31 @@ def test_prompts_are_encoded_on_one_thread_with_the_same_bits(engine, monkeypatc
         assert torch.equal(ours, stock)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_pipelines_safety_checker_sees_batched_images_too(engine, monkeypatch) -> None:
+    """The pipeline's own call runs its safety checker (sd-1.5 from the hub ships one); the batch
+    engine decoded without it, so `MAX_BATCH > 1` served what `MAX_BATCH=1` blacked out."""
+    import torch
+
+    requests = []
+    for i in range(2):
+        request = engine.start(params(engine, f"p{i}", i))
+        while not request.done:
+            engine.tick([request])
+        requests.append(request)
+    plain = [images[0].tobytes() for images in engine.decode_many(requests)]
+    seen: list[int] = []
+
+    def checker(image, device, dtype):  # flags the second image, zeroing it as diffusers' checker does
+        seen.append(image.shape[0])
+        image = image.clone()
+        image[1] = 0
+        return image, [False, True]
+
+    monkeypatch.setattr(engine.pipe, "safety_checker", object())
+    monkeypatch.setattr(engine.pipe, "run_safety_checker", checker)
+    checked = [images[0] for images in engine.decode_many(requests)]
+    assert seen == [2]
+    assert checked[0].tobytes() == plain[0]
+    assert not torch.tensor(list(checked[1].getdata())).any()  # black
