@@ -520,8 +520,10 @@ class BatchingWorker(ImagegenWorker):
                 stored = time.perf_counter()
                 results = tasks.store_images(ctx, job, slot.params, images)
             except Exception as exc:
+                # Not the job's fault (a full disk, Redis refusing the PNG): as on the one-job path,
+                # retried while it has retries left, then `internal_error`, the path kept out of it.
                 log.exception("job %s: storing failed", job.id)
-                self._end_failed(slot, _sampling_failure(job, exc), on_finisher=True)
+                self._end_failed(slot, exc, on_finisher=True)
                 return
             job.meta["timings"] = tasks.timings(slot.load_s, sampling_s, time.perf_counter() - stored)
             log.info("job %s: %d image(s), %.3fs of batched sampling", job.id, len(results), slot.request.work_s)

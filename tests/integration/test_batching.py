@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -135,6 +136,26 @@ def test_a_job_the_worker_cannot_read_fails_alone(batch_stack: Stack) -> None:
         assert after["status"] == "succeeded"
     log = s.workers[0].log.read_text()
     assert "loop ended without a stop request" not in log and "unhandled exception" not in log
+
+
+def test_images_that_cannot_be_stored_fail_as_the_one_job_path_does(batch_stack: Stack) -> None:
+    """A storage failure was reported as the job's own `sampling_error`, never retried, its
+    message naming the server's path; the one-job path retries it and ends with `internal_error`."""
+    s = batch_stack
+    results = s.env["IMAGEGEN_RESULTS_DIR"]
+    with s.client() as http:
+        job = s.submit(http, prompt="nowhere to go", num_inference_steps=150, num_images=4, width=64, height=64)
+        blocker = Path(results) / job["id"]
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("a file where the job's folder goes")
+        try:
+            done = s.wait(http, job["id"])
+        finally:
+            blocker.unlink()
+        events = http.get(f"/jobs/{job['id']}/events").text
+    assert done["status"] == "failed" and done["error"]["code"] == "internal_error", done
+    assert results not in done["error"]["message"]
+    assert events.count("event: started") == 2  # retried once (IMAGEGEN_MAX_RETRIES=1)
 
 
 def test_kill_9_mid_batch_recovers_every_job(batch_stack: Stack, tmp_path) -> None:
