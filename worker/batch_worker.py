@@ -75,7 +75,7 @@ return taken
 """
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class Slot:
     """A job taking part in the batch."""
 
@@ -116,6 +116,7 @@ class BatchingWorker(ImagegenWorker):
         self._maybe_waiting = True  # the last read saw queued jobs, or did not look at the queues
         self.clock = time.monotonic
         self.slots: list[Slot] = []
+        self._finishing: set[Slot] = set()  # out of the batch, their images being stored: still beaten
         # Guards `slots` against the heartbeat thread; held while a slot's heartbeat is written so
         # a job never gets a heartbeat after its execution was cleaned up.
         self._lock = threading.Lock()
@@ -246,6 +247,8 @@ class BatchingWorker(ImagegenWorker):
                     log.exception("job %s: decoding failed", slot.job.id)
                     self._end_failed(slot, _sampling_failure(slot.job, exc))
                     continue
+            with self._lock:
+                self._finishing.add(slot)
             self._remove(slot)
             sampling_s = time.perf_counter() - slot.began
             self._recording = self._finisher.submit(self._finish, slot, ctx, images, sampling_s)
@@ -526,6 +529,7 @@ class BatchingWorker(ImagegenWorker):
                 self._end_failed(slot, exc, on_finisher=True)
                 return
             job.meta["timings"] = tasks.timings(slot.load_s, sampling_s, time.perf_counter() - stored)
+            self._remove(slot)  # no heartbeat once its execution is being ended
             log.info("job %s: %d image(s), %.3fs of batched sampling", job.id, len(results), slot.request.work_s)
             self._finalize_success(job, slot.queue, slot.execution, {"images": results})
             tasks._record_steptime(ctx, slot.params, slot.request.work_s)  # after: the client waits for the outcome
@@ -533,6 +537,8 @@ class BatchingWorker(ImagegenWorker):
             # Redis went away while recording: the job stays in the started registry and is
             # recovered as abandoned once its heartbeat expires, as for a broken session.
             log.exception("job %s: could not record its outcome; left for recovery", job.id)
+        finally:
+            self._remove(slot)  # its heartbeats end here whatever happened
 
     def _end_failed(self, slot: Slot, exc: BaseException, *, on_finisher: bool = False) -> None:
         self._remove(slot)
@@ -549,6 +555,7 @@ class BatchingWorker(ImagegenWorker):
         with self._lock:
             if slot in self.slots:
                 self.slots.remove(slot)
+            self._finishing.discard(slot)
 
     def _abandon_all(self, exc_info: Any) -> None:
         """The session itself broke (a bug, Redis gone): record a failure for every job still active.
@@ -567,10 +574,12 @@ class BatchingWorker(ImagegenWorker):
     def _beat_all(self, stop: threading.Event) -> None:
         # One thread keeps every active job's heartbeat fresh, so `rq info` and abandoned-job
         # detection see each of them exactly as for a single job.
+        # Jobs whose images the finisher is still storing count too: behind other jobs' PNGs on a
+        # busy machine that can outlast the registry entry, and the job would be run again.
         while not stop.wait(self.heartbeat_interval):
-            for slot in list(self.slots):
+            for slot in [*self.slots, *self._finishing]:
                 with self._lock:
-                    if slot not in self.slots:
+                    if slot not in self.slots and slot not in self._finishing:
                         continue
                     try:
                         self.maintain_heartbeats(slot.job, slot.execution)

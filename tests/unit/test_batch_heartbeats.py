@@ -1,0 +1,44 @@
+"""worker.batch_worker: which jobs the batching worker's heartbeat thread keeps alive."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+from worker.batch_worker import BatchingWorker, Slot
+
+
+def _slot(name: str) -> Slot:
+    job: Any = SimpleNamespace(id=name)
+    return Slot(job=job, queue=None, execution=name, params=None, request=None, steps=1, load_s=0, began=0)  # type: ignore[arg-type]
+
+
+def test_jobs_being_stored_keep_their_heartbeat_until_recorded() -> None:
+    """A job left the batch when its last step ended, and its heartbeats stopped with it, while
+    the finisher thread could still be storing other jobs' PNGs ahead of it: past the registry
+    entry's life, abandoned-job recovery ran it again."""
+    running, storing, recorded = _slot("running"), _slot("storing"), _slot("recorded")
+    beaten: list[str] = []
+    stop = threading.Event()
+
+    def maintain_heartbeats(job, execution) -> None:
+        beaten.append(job.id)
+        stop.set()  # one round
+
+    worker = SimpleNamespace(
+        slots=[running],
+        _finishing={storing},
+        _lock=threading.Lock(),
+        heartbeat_interval=0.01,
+        maintain_heartbeats=maintain_heartbeats,
+    )
+    BatchingWorker._beat_all(worker, stop)  # type: ignore[arg-type]
+    assert sorted(beaten) == ["running", "storing"] and "recorded" not in beaten
+    worker._finishing = set()
+    BatchingWorker._remove(worker, running)  # type: ignore[arg-type]
+    stop.clear()
+    beaten.clear()
+    threading.Timer(0.1, stop.set).start()
+    BatchingWorker._beat_all(worker, stop)  # type: ignore[arg-type]
+    assert beaten == [] and recorded not in worker.slots
