@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.02  # seconds at least between reads of the queue heads and cancel flags
 RECHECK_INTERVAL = 1.0  # ...and at most, when the model's wake stream did not move (as an idle worker)
+LINGER_RETRY = 0.5  # seconds before reading the queues again after a failed read, while lingering
 LINGER_POLL = 0.002  # seconds between looks at the wake stream while an emptied batch's jobs are recorded
 WATCH_BLOCK_MS = 250  # how long the wake-stream watcher blocks before it looks whether the session ended
 # Move each candidate id from its queue (KEYS[2i-1]) to that queue's intermediate list (KEYS[2i]),
@@ -259,10 +260,15 @@ class BatchingWorker(ImagegenWorker):
         the wake stream moves) instead of after every record and a new session. Without this,
         jobs that finish together start again together, and clients that each submit after their
         last result keep the worker in waves with a pause between them."""
+        retry_at = 0.0
         while not self.slots and not self._stop_requested and self._recording is not None:
-            if self._watcher is not None and self._wake_seen > (self._checked_through or (0, 0)):
+            woken = self._wake_seen > (self._checked_through or (0, 0))
+            if self._watcher is not None and woken and time.monotonic() >= retry_at:
+                before = self._checked_through
                 self._checked_at = -math.inf  # read the queues now, not after `check_interval`
                 self._tick()
+                if self._checked_through == before:  # the read failed (Redis away): not again at once
+                    retry_at = time.monotonic() + LINGER_RETRY
             elif not wait([self._recording], timeout=LINGER_POLL).not_done:
                 return
 

@@ -1,4 +1,4 @@
-"""worker.batch_worker: which jobs the batching worker's heartbeat thread keeps alive."""
+"""worker.batch_worker without Redis: its heartbeat thread and its wait for an emptied batch (fakes)."""
 
 from __future__ import annotations
 
@@ -42,3 +42,26 @@ def test_jobs_being_stored_keep_their_heartbeat_until_recorded() -> None:
     threading.Timer(0.1, stop.set).start()
     BatchingWorker._beat_all(worker, stop)  # type: ignore[arg-type]
     assert beaten == [] and recorded not in worker.slots
+
+
+def test_lingering_does_not_spin_while_redis_is_away() -> None:
+    """The batch emptied, a wake-up was seen, and the read of the queues failed (Redis away): the
+    read was tried again at once, forever, each failure logged, until Redis came back."""
+    import time
+    from concurrent.futures import Future
+
+    recording: Future[None] = Future()
+    ticks: list[float] = []
+    worker = SimpleNamespace(
+        slots=[],
+        _stop_requested=False,
+        _recording=recording,
+        _watcher=object(),
+        _wake_seen=(5, 0),
+        _checked_through=(1, 0),
+        _checked_at=0.0,
+        _tick=lambda: ticks.append(time.monotonic()),  # as a failed read: nothing advances
+    )
+    threading.Timer(0.3, recording.set_result, [None]).start()
+    BatchingWorker._linger(worker)  # type: ignore[arg-type]
+    assert 1 <= len(ticks) <= 2, len(ticks)  # once, then again after LINGER_RETRY at the earliest
