@@ -80,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_variations.router, dependencies=authenticated)
     app.include_router(openai.router, dependencies=authenticated)
     app.include_router(web.router)
+    app.add_middleware(UploadAwareBodySizeLimit, max_bytes=settings.max_body_bytes)  # image routes allow more
+    # CORS outside the body limit: a page allowed to call us reads its 413 (else an opaque failure).
     if settings.cors_origins.strip():
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
         app.add_middleware(
@@ -90,7 +92,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # What a browser page may read of our answers besides the body.
             expose_headers=["Location", "Content-Location", "Preference-Applied", "Retry-After", "X-Imagegen-Job-Id"],
         )
-    app.add_middleware(UploadAwareBodySizeLimit, max_bytes=settings.max_body_bytes)  # image routes allow more
     app.state.metrics = Metrics(app)
     app.include_router(metrics_route_router)
     app.add_middleware(RequestCounter, metrics=app.state.metrics, fastapi_app=app)

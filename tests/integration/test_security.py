@@ -325,6 +325,11 @@ def test_cors_off_by_default_and_explicit_origins(stack: Stack, tmp_path) -> Non
         assert {"location", "preference-applied"} <= set(r.headers["access-control-expose-headers"].lower().split(", "))
         r = httpx.options(base + "/generate", headers=preflight | {"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
+        # A body over the limit: the page may read the 413 and its message (was an opaque error).
+        big = b'{"prompt": "' + b"x" * 2_000_000 + b'"}'
+        headers = {"Origin": "https://app.example", "content-type": "application/json"}
+        r = httpx.post(base + "/generate", content=big, headers=headers)
+        assert r.status_code == 413 and r.headers["access-control-allow-origin"] == "https://app.example"
     finally:
         api.stop()
 
