@@ -36,9 +36,17 @@ class ImagesGenerationRequest(BaseModel):
     size: str | None = Field(None, description='"WxH", multiples of 8 within the server\'s bounds; default native.')
     response_format: Literal["url", "b64_json"] = "url"
     user: str | None = Field(None, max_length=256, description="End-user id; accepted and not stored.")
-    # OpenAI's DALL·E knobs that have no meaning here: accepted so stock clients work, then ignored.
+    safety_identifier: str | None = Field(None, max_length=256, description="As `user`: accepted and not stored.")
+    # OpenAI's knobs that have no meaning here: accepted so stock clients work, then ignored.
     quality: str | None = Field(None, description="Ignored.")
     style: str | None = Field(None, description="Ignored.")
+    moderation: Literal["auto", "low"] | None = Field(None, description="Ignored.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="Ignored: PNGs are lossless.")
+    # Those with values we cannot honour take the ones we can, so the rest is refused, not ignored.
+    output_format: Literal["png"] | None = Field(None, description="PNG only.")
+    background: Literal["auto", "opaque"] | None = Field(None, description="Opaque only (no transparency).")
+    stream: Literal[False] | None = Field(None, description="No streaming: follow `/jobs/{id}/events`.")
+    partial_images: Literal[0] | None = Field(None, description="None: no streaming.")
     # Ours, beyond OpenAI's API.
     negative_prompt: str | None = Field(None, max_length=1000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

@@ -49,6 +49,34 @@ def test_b64_json_two_images(stack: Stack) -> None:
     assert all(d.url is None for d in result.data)
 
 
+def test_the_current_sdks_other_arguments_are_taken_or_refused_by_name(stack: Stack) -> None:
+    """The SDK's newer arguments were all 400 `unknown_param`: those with nothing to do here are
+    taken, and values that cannot be honoured (transparency, JPEG, streaming) refused by name."""
+    client = sdk(stack.base_url)
+    result = client.images.generate(
+        prompt="x",
+        size="32x32",
+        response_format="b64_json",
+        output_format="png",
+        background="opaque",
+        moderation="low",
+        output_compression=80,
+        safety_identifier="user-1234",
+        stream=False,
+        extra_body=FAST,
+    )
+    assert result.data is not None and png(base64.b64decode(result.data[0].b64_json or "")).size == (32, 32)
+    for name, value in (("output_format", "jpeg"), ("background", "transparent"), ("stream", True)):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.images.generate(prompt="x", **{name: value})  # type: ignore[arg-type]
+        assert info.value.response.json()["error"]["param"] == name
+    served = client.models.retrieve("tiny-random")
+    assert served.id == "tiny-random" and served.object == "model"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("dall-e-3")
+    assert missing.value.response.json()["error"]["code"] == "model_not_found"
+
+
 def test_url_format_points_at_our_image_endpoint(stack: Stack) -> None:
     raw = sdk(stack.base_url).images.with_raw_response.generate(
         model="tiny-random", prompt="a yellow triangle", n=1, size="32x32", response_format="url", extra_body=FAST

@@ -349,6 +349,19 @@ def list_models(settings: SettingsDep, redis: RedisDep) -> ModelList:
     return ModelList(data=[ModelCard(id=name) for name in [settings.model, *others]])
 
 
+@router.get(
+    "/models/{model:path}",
+    response_model=ModelCard,
+    responses={404: {"model": OpenAIErrorEnvelope}},
+    summary="One served model (OpenAI-compatible)",
+)
+def retrieve_model(model: str, settings: SettingsDep, redis: RedisDep) -> ModelCard:
+    """`client.models.retrieve(name)`: this API's own model, or one a live worker serves."""
+    if model != settings.model and model not in served_models(redis, settings.worker_heartbeat, only=model):
+        raise OpenAIError(404, f"The model '{model}' does not exist or no worker serves it", code="model_not_found")
+    return ModelCard(id=model)
+
+
 @router.api_route(
     "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False, name="openai_unknown"
 )
