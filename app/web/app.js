@@ -4,6 +4,9 @@
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 const EVENT_TYPES = ["queued", "started", "progress", "succeeded", "failed", "canceled"];
 const POLL_MS = 400;
+// Polls are long-polls: the server answers when the job ends or after this many seconds, so a
+// followed job costs 12 requests a minute of its key's rate limit, not 150 (progress every 5 s).
+const LONG_POLL_S = 5;
 const MAX_WAIT_MS = 30_000; // longest pause between polls while the server refuses or is unreachable
 const RECHECK_MS = 5_000; // how often the "not ready" line is checked again
 const KEY_STORE = "imagegen.apiKey"; // localStorage: the API key, when the server requires one
@@ -142,8 +145,9 @@ function follow(job) {
 
 async function poll(job) {
   if (job.done) return;
+  const asked = Date.now();
   try {
-    const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}`);
+    const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}?wait=${LONG_POLL_S}`);
     if (job.done) return; // settled while the request was out (a cancel answered first)
     if (job.failures) {
       job.failures = 0;
@@ -154,7 +158,8 @@ async function poll(job) {
   } catch (err) {
     return pollLater(job, err);
   }
-  job.timer = setTimeout(() => poll(job), POLL_MS);
+  // At once after a wait; a server that answered early (shutting down) is asked again in a moment.
+  job.timer = setTimeout(() => poll(job), Math.max(0, POLL_MS - (Date.now() - asked)));
 }
 
 // A poll that failed: the job is gone (404, 410) or the key is refused (401, 403): stop following

@@ -218,6 +218,8 @@ def test_with_api_keys_the_page_sends_the_key(browser: Any, stack: Stack, tmp_pa
 
         fill(page, api_key=key)
         page.dispatch_event("#api_key", "change")
+        polls: list[str] = []
+        page.on("request", lambda r: polls.append(r.url) if r.method == "GET" and "/jobs/" in r.url else None)
         page.click("#generate")
         page.wait_for_function(
             ONE_IMAGE_SHOWN,
@@ -225,6 +227,9 @@ def test_with_api_keys_the_page_sends_the_key(browser: Any, stack: Stack, tmp_pa
         )
         assert page.locator("#gallery .seed").all_inner_texts() == ["seed 5"]
         assert page.get_attribute("#gallery a[download]", "href").startswith("blob:")
+        # Followed by long-polls (a key's rate limit counts each request): 400 ms polls before.
+        job_reads = [u for u in polls if "/images/" not in u]
+        assert job_reads and all(u.endswith("?wait=5") for u in job_reads), polls
         # Kept in this browser: a reload still has it.
         page.reload()
         assert page.input_value("#api_key") == key
