@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -90,24 +92,30 @@ def main() -> int:
         return worker
 
     # RQ's loop quits on some Redis errors (an outage mid-job, a restart); the model stays loaded
-    # and a fresh registration resumes serving once Redis answers again.
-    stopping = False
+    # and a fresh registration resumes serving once Redis answers again. Between two loops a
+    # SIGTERM or Ctrl-C is ours: RQ's handlers, left behind by the loop that ended, belonged to its
+    # worker, so a stop asked while Redis was away went to that worker and the next one started.
+    stop_asked = threading.Event()
+    between_loops = lambda: install_stop_handlers(stop_asked)  # noqa: E731
+    between_loops()
     try:
-        while True:
+        while not stop_asked.is_set():
             worker = None
             try:
-                wait_for_redis(connection, log)
+                if not wait_for_redis(connection, log, stop_asked):
+                    break
                 worker = new_worker()  # RQ names its connection here: Redis must answer
-                worker.work(with_scheduler=False, logging_level=settings.log_level)
+                worker.work(with_scheduler=False, logging_level=settings.log_level)  # its own handlers
             except RedisError as exc:
                 log.warning("lost Redis (%s); reconnecting", exc)
             except StopRequested:
                 pass
-            stopping = worker is not None and worker._shutdown_requested_date is not None
-            if stopping:
+            between_loops()
+            if worker is not None and worker._shutdown_requested_date is not None:
+                break
+            if stop_asked.wait(1):
                 break
             log.warning("worker loop ended without a stop request; restarting it")
-            time.sleep(1)
     finally:
         if sender is not None:
             sender.close()  # deliver what is pending before exiting
@@ -129,18 +137,32 @@ def pin_threads(enabled: bool, environ: Any) -> None:
             environ.setdefault(name, value)
 
 
-def wait_for_redis(connection: Any, log: logging.Logger) -> None:
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set `stop` (the worker between two RQ loops has no job to hand back)."""
+
+    def asked(signum: int, frame: Any) -> None:
+        logging.getLogger("worker").info("stop requested (%s)", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, asked)
+
+
+def wait_for_redis(connection: Any, log: logging.Logger, stop: threading.Event | None = None) -> bool:
+    """Until Redis answers (True), or `stop` is set (False)."""
     from redis.exceptions import RedisError
 
+    stop = stop or threading.Event()
     delay = 0.5
-    while True:
+    while not stop.is_set():
         try:
             connection.ping()
-            return
+            return True
         except RedisError as exc:
             log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-            time.sleep(delay)
+            stop.wait(delay)
             delay = min(delay * 2, 10.0)
+    return False
 
 
 if __name__ == "__main__":

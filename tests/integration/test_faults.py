@@ -212,6 +212,23 @@ def test_worker_sigterm_finishes_its_job_or_requeues_it_after_the_grace(env) -> 
         assert _wait(http, long_job["id"], 120)["status"] == "succeeded"
 
 
+def test_worker_sigterm_while_redis_is_away_stops_it(env) -> None:
+    """RQ's loop ends when Redis goes; while the worker waited for it, a SIGTERM went to the
+    handlers of the loop that had ended, and the worker went on (a fresh loop once Redis was
+    back), until the orchestrator's SIGKILL."""
+    server, env, procs, tmp = env
+    worker = _worker(server, env, procs, tmp, "w")
+    with httpx.Client(base_url=_api(env, procs, tmp), timeout=10) as http:
+        job = http.post("/generate", json={"prompt": "cut off", "num_inference_steps": 30}).json()
+    _running_on(server, job["id"])
+    server.proc.stop(signal.SIGKILL)  # mid-job: RQ's loop ends once the job does (an idle one waits itself)
+    log = tmp / "w.log"
+    wait_for(lambda: "Redis unavailable" in log.read_text(), 120, "the worker to wait for Redis")
+    worker.popen.send_signal(signal.SIGTERM)
+    wait_for(lambda: not worker.alive(), 15, "the worker to exit")
+    assert worker.popen.returncode == 0, log.read_text()[-2000:]
+
+
 def test_job_timeout_and_full_queue(env) -> None:
     server, env, procs, tmp = env
     _worker(server, env, procs, tmp, "w")
