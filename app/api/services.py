@@ -68,12 +68,22 @@ IDEMPOTENCY_PREFIX = "imagegen:idem:"
 IDEMPOTENCY_TTL = 86400
 # Frees an Idempotency-Key whose request failed before its job was written (a 4xx, a full queue),
 # so that a retry is answered anew; never once the job exists.
+# ARGV[1]: the claim's "<body hash>:<job id>:" (its time follows).
 RELEASE_KEY_SCRIPT = """
-if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('GET', KEYS[1]) == ARGV[1] then
+local claim = redis.call('GET', KEYS[1])
+if redis.call('EXISTS', KEYS[2]) == 0 and claim and string.sub(claim, 1, #ARGV[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+TAKE_OVER_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+STALE_CLAIM = 30.0  # seconds after which a claimed Idempotency-Key with no job may be taken over
 STATE_TTL = 1.0  # seconds `submit` trusts its copy of a model's queue state and defaults
 BLOCK_MS = 2000  # one blocking stream read; below the Redis client's socket timeout
 OUTAGE_PAUSE = 0.5  # seconds between a wait's tries while Redis is unreachable
@@ -99,6 +109,14 @@ def _job_params(job: Job) -> dict[str, Any]:
         if isinstance(params, dict) and params:
             return params
     return {}
+
+
+def _float(text: str) -> float:
+    """A claim's time; 0 for a claim written without one (before claims carried it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
 
 
 def _int(value: Any) -> int:
@@ -523,10 +541,12 @@ class JobService:
             raise InvalidRequestError("Idempotency-Key: must not be empty", code="validation_error")
         job_id = str(uuid.uuid4())
         redis_key = _idempotency_key(key, owner)
-        if self.redis.set(redis_key, f"{body_hash}:{job_id}", nx=True, ex=IDEMPOTENCY_TTL):
+        claim = f"{body_hash}:{job_id}:{time.time():.3f}"
+        if self.redis.set(redis_key, claim, nx=True, ex=IDEMPOTENCY_TTL):
             return job_id, None
         stored = (self.redis.get(redis_key) or b"").decode()  # type: ignore[union-attr]
-        stored_hash, _, stored_id = stored.partition(":")
+        stored_hash, _, rest = stored.partition(":")
+        stored_id, _, claimed_at = rest.partition(":")
         if stored_hash != body_hash:
             raise ConflictError(
                 "this Idempotency-Key was already used with a different request body", code="idempotency_conflict"
@@ -546,6 +566,14 @@ class JobService:
                     "send the request with a new key to make another"
                 )
             time.sleep(0.01)
+        # No job after a claim this old: its request died between the claim and the write (the API
+        # process killed, a cancel that skipped the release). This request takes the key over,
+        # atomically, instead of every retry being told "still being processed" for a day.
+        if time.time() - _float(claimed_at) > STALE_CLAIM and self.redis.eval(
+            TAKE_OVER_SCRIPT, 1, redis_key, stored, claim, IDEMPOTENCY_TTL
+        ):
+            log.warning("Idempotency-Key claim for job %s was never used; taken over by job %s", stored_id, job_id)
+            return job_id, None
         raise UnavailableError("the original request with this Idempotency-Key is still being processed", retry_after=1)
 
     @contextlib.asynccontextmanager
@@ -563,7 +591,7 @@ class JobService:
         job_id, existing = await asyncio.to_thread(self.claim_idempotency_key, key, digest, owner)
         try:
             yield job_id, existing
-        except Exception:
+        except BaseException:  # a cancelled request (client gone, shutdown) too
             if existing is None:
                 await asyncio.to_thread(self._release_idempotency_key, key, digest, job_id, owner)
             raise
@@ -572,7 +600,7 @@ class JobService:
         """Undo `claim_idempotency_key` for a request that failed before writing job `job_id`."""
         try:
             keys = (_idempotency_key(key, owner), Job.key_for(job_id))
-            self.redis.eval(RELEASE_KEY_SCRIPT, 2, *keys, f"{body_hash}:{job_id}")
+            self.redis.eval(RELEASE_KEY_SCRIPT, 2, *keys, f"{body_hash}:{job_id}:")
         except RedisError:  # the claim then simply lasts; a retry is told the original is pending
             log.warning("could not release an Idempotency-Key after a failed request", exc_info=True)
 

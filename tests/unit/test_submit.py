@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 import zlib
 from typing import Any
 
@@ -385,3 +386,23 @@ def test_listing_pages_through_jobs_created_in_the_same_microsecond(redis_db, re
     for bad in ("1000.5:not-a-job-id", "nan:" + ids[0], "x:y"):
         with pytest.raises(Exception, match="cursor"):
             service.list_jobs(url, None, 10, bad)
+
+
+def test_a_claim_its_request_never_used_is_taken_over(redis_db, redis_server: RedisServer) -> None:
+    """A request that died between claiming its Idempotency-Key and writing its job (the API
+    killed) left the key claimed for a day: every retry waited 2 s, then got 503."""
+    from app.api import services
+    from app.core.errors import UnavailableError
+
+    service = make_service(redis_db, redis_server)
+    dead_id, _ = service.claim_idempotency_key("k", "body-hash")  # and never submits
+    with pytest.raises(UnavailableError):  # a fresh claim: its request may still be writing
+        service.claim_idempotency_key("k", "body-hash")
+    key = services._idempotency_key("k", None)
+    redis_db.set(key, f"body-hash:{dead_id}:{time.time() - services.STALE_CLAIM - 1:.3f}", ex=100)
+    new_id, existing = service.claim_idempotency_key("k", "body-hash")
+    assert existing is None and new_id != dead_id
+    assert redis_db.ttl(key) > 100  # a day again
+    service.submit(GenerationParams(prompt="p"), job_id=new_id)
+    again_id, job = service.claim_idempotency_key("k", "body-hash")
+    assert again_id == new_id and job is not None and job.id == new_id
