@@ -3,13 +3,17 @@ form data or from JSON with base64, and turning the image checks into HTTP error
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import json
 import re
+import weakref
 from typing import Any
 
-from fastapi.concurrency import run_in_threadpool
+import anyio
+import anyio.to_thread
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -17,7 +21,7 @@ from starlette.requests import Request
 
 from app.api.middleware import BodySizeLimit, BodyTooLarge
 from app.core.errors import InvalidRequestError, PayloadTooLargeError
-from app.core.images import MAX_INPUT_BYTES, InputImageError, normalize_image
+from app.core.images import DECODING_AT_ONCE, MAX_INPUT_BYTES, InputImageError, normalize_image
 
 UPLOAD_PATHS = frozenset({"/variations", "/v1/images/variations"})
 # Base64 in JSON grows an image by 4/3; leave room for the other fields and multipart framing.
@@ -122,10 +126,25 @@ async def _read_json(request: Request, image_field: str) -> Upload:
     return Upload(data, declared, body)
 
 
+_decoders: weakref.WeakKeyDictionary[Any, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
+
+
+def _decoder_threads() -> anyio.CapacityLimiter:
+    """Threads that decode uploads: as many as decode at once (app.core.images), so that uploads
+    waiting their turn wait on the event loop. In the shared pool (40 threads) they each held a
+    thread while they waited, and ~40 large uploads left none for `/healthz` or `GET /jobs`.
+    One limiter per event loop (an app's; tests run several)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _decoders:
+        _decoders[loop] = anyio.CapacityLimiter(DECODING_AT_ONCE)
+    return _decoders[loop]
+
+
 async def normalized_png(upload: Upload, fit: int) -> bytes:
     """The upload checked and re-encoded as PNG (see app.core.images), or the matching HTTP error."""
     try:
-        return await run_in_threadpool(normalize_image, upload.data, upload.content_type, fit=fit)
+        work = functools.partial(normalize_image, upload.data, upload.content_type, fit=fit)
+        return await anyio.to_thread.run_sync(work, limiter=_decoder_threads())
     except InputImageError as exc:
         if exc.status == 413:
             raise PayloadTooLargeError(exc.message) from None

@@ -16,7 +16,8 @@ MAX_INPUT_SIDE = 4096
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 # Decodes at once per process: a small file can hold many pixels (a 2 KB PNG of 4096² pixels
 # needs ~130 MiB to decode and convert), so concurrent uploads must not multiply that.
-_DECODING = threading.BoundedSemaphore(2)
+DECODING_AT_ONCE = 2
+_DECODING = threading.BoundedSemaphore(DECODING_AT_ONCE)
 # Declared types that say nothing about the format; the bytes decide.
 GENERIC_TYPES = {"", "application/octet-stream"}
 
