@@ -15,6 +15,7 @@ takes no parameters or dependencies can skip FastAPI's per-request solving altog
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -140,3 +141,28 @@ def _check_direct(path: str, dependant: Any) -> None:
         raise TypeError(f"{path}: a DirectRoute endpoint takes the request alone")
     if dependant.request_param_name is None:
         raise TypeError(f"{path}: a DirectRoute endpoint takes the request as its parameter")
+
+
+T = TypeVar("T")
+
+
+async def while_connected(request: Request, waiting: Coroutine[Any, Any, T]) -> T | None:
+    """`waiting`'s result, or None once the client has disconnected (the wait is then cancelled).
+
+    Starlette does not cancel a plain route when its client goes: a long-poll or an OpenAI call
+    left behind by a client (a proxy's short timeout, then a retry) waited out its 60–120 s and
+    kept one of the `max_streams` blocking Redis reads. The request's body must have been read."""
+    task = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if not task.cancelled() else None
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass  # a body's last empty chunk, as a GET may still send one

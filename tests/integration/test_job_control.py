@@ -356,3 +356,36 @@ def test_every_event_has_progress_even_for_a_job_that_never_started(stack: Stack
         assert all(data["progress"] == {"step": 0, "total": 7} for _, data in events), events
     finally:
         api.stop()
+
+
+def test_a_long_poll_whose_client_left_stops_waiting(stack: Stack) -> None:
+    """Starlette does not cancel a plain route when its client goes: a long-poll (or an OpenAI
+    call) went on waiting on Redis for its whole 60 s (120 s), one of the blocking reads that
+    `IMAGEGEN_MAX_STREAMS` bounds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = stack.env["IMAGEGEN_REDIS_URL"]
+    db = int(urlsplit(url).path.lstrip("/") or 0)
+    redis = stack.redis.client(db)
+
+    def blocked_reads() -> int:
+        clients = redis.client_list()
+        return sum(1 for c in clients if c["cmd"] == "xread" and "b" in c["flags"] and c["db"] == str(db))
+
+    with stack.client() as http:
+        big = {"num_inference_steps": 150, "num_images": 4, "width": 128, "height": 128}
+        job = stack.submit(http, prompt="outlasts the poll", **big)
+        try:
+            host, port = urlsplit(stack.base_url).hostname, urlsplit(stack.base_url).port
+            for path, body in ((f"/jobs/{job['id']}?wait=60", b""), ("/v1/images/generations", b'{"prompt": "x"}')):
+                method = "POST" if body else "GET"
+                head = f"{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                others = blocked_reads()  # other readers of this database (workers, earlier tests' streams)
+                conn = socket.create_connection((host, port))
+                conn.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                wait_for(lambda n=others: blocked_reads() > n, 10, f"{path} to block on Redis")
+                conn.close()
+                wait_for(lambda n=others: blocked_reads() <= n, 6, f"{path} to stop waiting once its client left")
+        finally:
+            http.delete(f"/jobs/{job['id']}")

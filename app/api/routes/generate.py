@@ -8,7 +8,7 @@ import math
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.bodies import DirectRoute, header, header_parameters, json_request_body, read_json
+from app.api.bodies import DirectRoute, header, header_parameters, json_request_body, read_json, while_connected
 from app.api.deps import get_principal, images_charged
 from app.api.schemas import SUBMIT_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
 from app.api.services import JobService
@@ -139,7 +139,7 @@ async def finished_response(
     """The job once it has ended, or after `wait` seconds: 200 when it ended, else 202. A client
     that asks for `image/png` (and made one image) gets the PNG itself when the job succeeded."""
     store = request.app.state.store if wants_png(request.headers.get("accept")) else None
-    ended = await jobs.wait_async(job_id, wait)
+    ended = await while_connected(request, jobs.wait_async(job_id, wait))
     applied = {"Preference-Applied": f"wait={wait:g}"}
     if store is not None and ended is not None and ended.type is EventType.succeeded and len(ended.images or []) == 1:
         # The `succeeded` event follows RQ's success record and the stored PNG: the bytes need no
@@ -157,7 +157,7 @@ async def finished_response(
 
 async def view_after_wait(jobs: JobService, job_id: str, wait: float, request: Request) -> JobView:
     """The job's view once it has ended, or after `wait` seconds (the long-poll)."""
-    await jobs.wait_async(job_id, wait)
+    await while_connected(request, jobs.wait_async(job_id, wait))
     view, _ = await read_view(jobs, job_id, request)
     return view
 

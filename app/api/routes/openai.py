@@ -31,7 +31,7 @@ from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.api.bodies import is_json, validation_error
+from app.api.bodies import is_json, validation_error, while_connected
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep, images_charged
 from app.api.errors import HTTP_CODES, STATUS, client_gone, redis_full
 from app.api.middleware import BodyTooLarge
@@ -191,9 +191,10 @@ _FAILURE_STATUS = {
 }
 
 
-async def _wait(jobs: JobService, job_id: str, timeout: float) -> Job:
-    """The job once terminal, or as it stands when `timeout` runs out."""
-    await jobs.wait_async(job_id, timeout)  # blocks on the job's end stream without holding a thread
+async def _wait(jobs: JobService, job_id: str, timeout: float, request: Request) -> Job:
+    """The job once terminal, or as it stands when `timeout` runs out (or its client has gone)."""
+    # Blocks on the job's end stream without holding a thread.
+    await while_connected(request, jobs.wait_async(job_id, timeout))
     return await run_in_threadpool(jobs.get, job_id)
 
 
@@ -308,7 +309,7 @@ async def answer_with_images(
         timeout = settings.openai_timeout
         follow = f"follow it at GET {request.scope.get('root_path', '')}/jobs/{job_id}"
         try:
-            job = await _wait(jobs, job_id, timeout)
+            job = await _wait(jobs, job_id, timeout, request)
             view = await run_in_threadpool(jobs.view, job, image_url(request))
         except (RedisConnectionError, RedisTimeoutError) as exc:
             log.warning("redis unavailable while waiting for job %s: %s", job_id, exc)
