@@ -637,9 +637,16 @@ class JobService:
             pipe.execute()
         if status is JobStatus.running:
             return job, None
+        # Out of its queue first, atomically: a worker may have just moved it to its own list
+        # (taken, not yet started), and canceling it then made two `canceled` ends, the worker's
+        # (the flag seen at its start) after ours: two events, webhooks and counts. If a worker
+        # has it, the flag stops it as it starts.
+        queue_key = f"{Queue.redis_queue_namespace_prefix}{job.origin}"
+        if job.get_status(refresh=False) == "queued" and job.origin and not self.redis.lrem(queue_key, 1, job.id):
+            return job, None
         try:
             job.cancel()
-        except InvalidJobOperation:  # a worker took it meanwhile; the flag stops it
+        except InvalidJobOperation:  # canceled meanwhile by another request
             return job, None
         job.meta["error"] = {"code": ErrorCode.canceled.value, "message": "canceled before it started"}
         job.save_meta()

@@ -153,3 +153,25 @@ def test_rqs_canceled_registry_keeps_only_jobs_that_still_exist(redis_db, redis_
     second = service.submit(GenerationParams(prompt="b"))
     service.cancel(service.get(second.id))
     assert redis_db.zrange(registry.key, 0, -1) == [second.id.encode()]
+
+
+def test_a_job_a_worker_has_just_taken_is_not_also_canceled_here(redis_db, redis_server) -> None:
+    """A worker moves a job from its queue to its own list before starting it, the job still
+    `queued`: a cancel then ended it here (event, webhook, metric) and again in the worker, which
+    saw the flag as it started it. Now only the one that takes it out of the queue ends it."""
+    from rq import Queue
+
+    from app.core.jobs import cancel_key
+
+    service = make_service(redis_db, redis_server)
+    taken = service.submit(GenerationParams(prompt="taken")).id
+    queue = Queue("imagegen:main:normal", connection=redis_db)
+    redis_db.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")  # the worker's claim
+    job, event = service.cancel(service.get(taken))
+    assert event is None and redis_db.get(cancel_key(taken)) == b"1"  # the worker ends it, once
+    assert service.status(service.get(taken)).value == "queued"  # until the worker starts it
+    assert [e.type for _, e in events.read(redis_db, taken)].count(EventType.canceled) == 0
+    waiting = service.submit(GenerationParams(prompt="waiting")).id
+    _, event = service.cancel(service.get(waiting))  # still in its queue: canceled here
+    assert event is not None and event.type is EventType.canceled
+    assert redis_db.lrange(queue.key, 0, -1) == []
