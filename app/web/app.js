@@ -1,4 +1,6 @@
 // The imagegen page: submit a job, follow it live (Server-Sent Events, else polling), show the images.
+// Every URL is relative to the page, so it also works behind a proxy that serves the API under a
+// path (https://example.com/imagegen/).
 "use strict";
 
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
@@ -115,7 +117,7 @@ function stopFollowing(job) {
 function follow(job) {
   // EventSource cannot send an Authorization header: with a key, poll.
   if (!window.EventSource || form.api_key.value.trim()) return poll(job);
-  const source = new EventSource(`/jobs/${encodeURIComponent(job.id)}/events`);
+  const source = new EventSource(`jobs/${encodeURIComponent(job.id)}/events`);
   job.source = source;
   let heard = false;
   const onEvent = (message) => {
@@ -147,7 +149,7 @@ async function poll(job) {
   if (job.done) return;
   const asked = Date.now();
   try {
-    const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}?wait=${LONG_POLL_S}`);
+    const { data } = await api("GET", `jobs/${encodeURIComponent(job.id)}?wait=${LONG_POLL_S}`);
     if (job.done) return; // settled while the request was out (a cancel answered first)
     if (job.failures) {
       job.failures = 0;
@@ -181,7 +183,7 @@ function pollLater(job, err) {
 async function finish(job) {
   stopFollowing(job);
   try {
-    const { data } = await api("GET", `/jobs/${encodeURIComponent(job.id)}`);
+    const { data } = await api("GET", `jobs/${encodeURIComponent(job.id)}`);
     if (!job.done) render(job, data);
   } catch (err) {
     pollLater(job, err);
@@ -263,11 +265,11 @@ form.addEventListener("submit", async (event) => {
   showError("");
   setBusy(true);
   try {
-    const { data } = await api("POST", "/generate", params);
+    const { data } = await api("POST", "generate", params);
     const job = { id: data.id, prompt: params.prompt, source: null, timer: null, done: false };
     active = job;
     ui.link.textContent = data.id.slice(0, 8);
-    ui.link.href = `/jobs/${data.id}`;
+    ui.link.href = `jobs/${data.id}`;
     showStatus(data.status, data.progress);
     follow(job);
   } catch (err) {
@@ -284,7 +286,7 @@ ui.cancel.addEventListener("click", async () => {
   if (!job) return;
   ui.cancel.disabled = true;
   try {
-    const { status, data } = await api("DELETE", `/jobs/${encodeURIComponent(job.id)}`);
+    const { status, data } = await api("DELETE", `jobs/${encodeURIComponent(job.id)}`);
     if (status === 202) {
       ui.status.textContent = "cancel requested — stopping at the next step";
     } else if (data && TERMINAL.has(data.status)) {
@@ -308,7 +310,7 @@ form.prompt.addEventListener("keydown", (event) => {
 // (one check at a time: /readyz needs no key, so nothing else starts one).
 async function checkServer() {
   try {
-    const { data } = await api("GET", "/readyz");
+    const { data } = await api("GET", "readyz");
     ui.server.textContent = `ready · ${data.workers} worker${data.workers === 1 ? "" : "s"}`;
   } catch (err) {
     ui.server.textContent = `not ready: ${err.message}`;

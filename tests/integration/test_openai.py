@@ -100,6 +100,10 @@ def test_image_links_use_the_public_url_when_one_is_set(stack: Stack, tmp_path: 
         job = httpx.post(f"{base}/generate", json={"prompt": "x", "width": 32, "height": 32, **FAST}, headers=headers)
         assert job.status_code == 200, job.text
         assert job.json()["images"][0]["url"] == f"{public}/jobs/{job.json()['id']}/images/0"
+        # The job's own address too: `Location` was /jobs/<id>, which the proxy did not serve.
+        assert job.headers["location"] == f"{public}/jobs/{job.json()['id']}"
+        queued = httpx.post(f"{base}/generate", json={"prompt": "z", **FAST})
+        assert queued.status_code == 202 and queued.headers["location"] == f"{public}/jobs/{queued.json()['id']}"
         r = httpx.post(f"{base}/v1/images/generations", json={"prompt": "y", "size": "32x32", **FAST}, timeout=60)
         assert r.json()["data"][0]["url"] == f"{public}/jobs/{r.headers['x-imagegen-job-id']}/images/0"
     finally:

@@ -22,6 +22,13 @@ router = APIRouter(tags=["generate"], route_class=DirectRoute)  # called with th
 MAX_WAIT = 60.0  # seconds a request may be held open for a job to end (long-poll, `Prefer: wait`)
 
 
+def jobs_url(request: Request) -> str:
+    """Where clients find jobs (`Location` headers): under `IMAGEGEN_PUBLIC_URL` when set, else
+    under the app's root path (uvicorn's `--root-path`, for a proxy serving it under a path)."""
+    base = request.app.state.settings.public_url.rstrip("/")
+    return f"{base or request.scope.get('root_path', '')}/jobs"
+
+
 def image_url(request: Request):
     """Links to a job's images: under `IMAGEGEN_PUBLIC_URL` when set, else the request's own scheme
     and host; with API keys on, signed (see `app.core.auth.ImageLinks`)."""
@@ -103,7 +110,7 @@ async def generate(request: Request) -> Response:
             if wait:
                 return await finished_response(jobs, existing.id, wait, request, status.HTTP_200_OK)
             view = await run_in_threadpool(jobs.view, existing, image_url(request))
-            return job_response(view, status.HTTP_200_OK)
+            return job_response(view, status.HTTP_200_OK, jobs=jobs_url(request))
         async with images_charged(redis, principal, body.num_images, settings):
             job = await jobs.submit_async(
                 body.generation_params(),
@@ -116,7 +123,8 @@ async def generate(request: Request) -> Response:
             )
     if wait:
         return await finished_response(jobs, job.id, wait, request)
-    return job_response(jobs.view_placed(job), status.HTTP_202_ACCEPTED)  # no Redis reads for a job just placed
+    # No Redis reads for a job just placed.
+    return job_response(jobs.view_placed(job), status.HTTP_202_ACCEPTED, jobs=jobs_url(request))
 
 
 def prefer_wait(prefer: str | None) -> float:
@@ -146,13 +154,13 @@ async def finished_response(
         # read of the job itself.
         png = await run_in_threadpool(store.get, job_id, 0)
         if png is not None:
-            return png_bytes(job_id, png, applied)
+            return png_bytes(job_id, png, applied, jobs_url(request))
     view, png = await read_view(jobs, job_id, request, store)
     if store is not None and view.status.is_terminal() and int(view.params.get("num_images") or 1) == 1:
-        return png_response(view, png, applied)
+        return png_response(view, png, applied, jobs_url(request))
     if status_code is None:
         status_code = status.HTTP_200_OK if view.status.is_terminal() else status.HTTP_202_ACCEPTED
-    return job_response(view, status_code, applied)
+    return job_response(view, status_code, applied, jobs_url(request))
 
 
 async def view_after_wait(jobs: JobService, job_id: str, wait: float, request: Request) -> JobView:
@@ -195,23 +203,26 @@ def wants_png(accept: str | None) -> bool:
     return png is not None and png[0] > 0 and png > ranks.get("application/json", (0.0, 0))
 
 
-def png_response(view: JobView, png: bytes | None, headers: dict[str, str]) -> Response:
+def png_response(view: JobView, png: bytes | None, headers: dict[str, str], jobs: str = "/jobs") -> Response:
     """An ended job's only image, or why there is none (as `GET /jobs/{id}/images/0` answers)."""
     if view.status is not JobStatus.succeeded:
         why = f": {view.error.message}" if view.error else ""
         raise ConflictError(f"job {view.id} ended {view.status.value}{why}; it has no images", code="job_not_succeeded")
     if png is None:
         raise GoneError(f"image 0 of job {view.id} has expired")
-    return png_bytes(view.id, png, headers)
+    return png_bytes(view.id, png, headers, jobs)
 
 
-def png_bytes(job_id: str, png: bytes, headers: dict[str, str]) -> Response:
-    location = {"Location": f"/jobs/{job_id}", "Content-Location": f"/jobs/{job_id}/images/0"}
+def png_bytes(job_id: str, png: bytes, headers: dict[str, str], jobs: str = "/jobs") -> Response:
+    location = {"Location": f"{jobs}/{job_id}", "Content-Location": f"{jobs}/{job_id}/images/0"}
     return Response(png, media_type="image/png", headers={**location, **headers})
 
 
-def job_response(view: JobView, status_code: int, headers: dict[str, str] | None = None) -> Response:
-    """The job as JSON, with its `Location`. Serialized here: a returned model FastAPI would first
-    validate again against `response_model` (which stays, for the OpenAPI schema)."""
-    headers = {"Location": f"/jobs/{view.id}", **(headers or {})}
+def job_response(
+    view: JobView, status_code: int, headers: dict[str, str] | None = None, jobs: str = "/jobs"
+) -> Response:
+    """The job as JSON, with its `Location` (`jobs`: see `jobs_url`). Serialized here: a returned
+    model FastAPI would first validate again against `response_model` (which stays, for the
+    OpenAPI schema)."""
+    headers = {"Location": f"{jobs}/{view.id}", **(headers or {})}
     return Response(view.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")

@@ -19,7 +19,7 @@ from redis.client import Pipeline
 
 from app.api.bodies import inline_schema, validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, images_charged
-from app.api.routes.generate import image_url
+from app.api.routes.generate import image_url, jobs_url
 from app.api.schemas import SUBMIT_RESPONSES, ErrorEnvelope, JobView
 from app.api.uploads import Upload, normalized_png, read_upload
 from app.core.config import Settings
@@ -145,7 +145,7 @@ async def create_variations(
     async with jobs.idempotent(idempotency_key, body_hash, principal.owner) as (job_id, existing):
         if existing is not None:
             response.status_code = status.HTTP_200_OK
-            response.headers["Location"] = f"/jobs/{existing.id}"
+            response.headers["Location"] = f"{jobs_url(request)}/{existing.id}"
             return await run_in_threadpool(jobs.view, existing, image_url(request))
         async with images_charged(redis, principal, params.num_images, settings):
             placed = await run_in_threadpool(
@@ -161,5 +161,5 @@ async def create_variations(
                     before=store_input(png, jobs.event_ttl),
                 )
             )
-    response.headers["Location"] = f"/jobs/{placed.id}"
+    response.headers["Location"] = f"{jobs_url(request)}/{placed.id}"
     return jobs.view_placed(placed)  # no Redis reads for a job just placed
