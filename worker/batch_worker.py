@@ -422,12 +422,16 @@ class BatchingWorker(ImagegenWorker):
             self.engine.tick([s.request for s in slots])
             return
         except Exception as exc:
-            failure = exc
-        if len(slots) == 1:
-            log.error("job %s: sampling failed", slots[0].job.id, exc_info=failure)
-            self._end_failed(slots[0], _sampling_failure(slots[0].job, failure))
-            return
-        log.warning("batched step of %d jobs failed; retrying them one by one", len(slots), exc_info=failure)
+            if len(slots) == 1:
+                log.error("job %s: sampling failed", slots[0].job.id, exc_info=exc)
+                self._freed_if_oom(exc)
+                self._end_failed(slots[0], _sampling_failure(slots[0].job, exc))
+                return
+            log.warning("batched step of %d jobs failed; retrying them one by one", len(slots), exc_info=exc)
+            oom = tasks._is_oom(exc)
+            # Nothing of the failed step is kept (the exception's traceback holds its activations).
+        if oom:
+            self.engine.runtime.free_memory()  # before the retries, which need that memory
         for slot, step in zip(slots, before, strict=True):
             if slot.request.step != step:
                 continue  # it advanced before the failure
@@ -435,7 +439,13 @@ class BatchingWorker(ImagegenWorker):
                 self.engine.tick([slot.request])
             except Exception as exc:
                 log.exception("job %s: sampling failed", slot.job.id)
+                self._freed_if_oom(exc)
                 self._end_failed(slot, _sampling_failure(slot.job, exc))
+
+    def _freed_if_oom(self, exc: BaseException) -> None:
+        """After an out-of-memory error, cached memory is released for the jobs that go on."""
+        if tasks._is_oom(exc):
+            self.engine.runtime.free_memory()
 
     def _drop_lost(self, slots: list[Slot], registered: list[Any]) -> list[Slot]:
         """Stop the jobs whose run is no longer in the started registry (this worker stalled past

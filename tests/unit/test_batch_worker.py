@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
@@ -65,3 +66,49 @@ def test_lingering_does_not_spin_while_redis_is_away() -> None:
     threading.Timer(0.3, recording.set_result, [None]).start()
     BatchingWorker._linger(worker)  # type: ignore[arg-type]
     assert 1 <= len(ticks) <= 2, len(ticks)  # once, then again after LINGER_RETRY at the earliest
+
+
+def test_a_batched_step_out_of_memory_frees_it_then_runs_each_job_alone() -> None:
+    """A batched step that ran out of (GPU) memory was retried job by job with nothing freed, the
+    failed step's activations still held by the exception kept for its log line: the retries,
+    which need that memory, ran out too and every job ended `out_of_memory`."""
+    import gc
+    import weakref
+
+    calls: list[int] = []
+    freed: list[int] = []
+    held: list[weakref.ref[Any]] = []
+
+    class Activations:  # stands for the failed step's tensors, referenced from its frames
+        pass
+
+    def tick(requests: list[Any]) -> None:
+        calls.append(len(requests))
+        if len(requests) > 1:
+            activations = Activations()
+            held.append(weakref.ref(activations))
+            raise MemoryError("out of memory")
+        assert held[0]() is None, "the failed step's memory is still held"
+        assert freed, "cached memory was not released before the retries"
+        requests[0].step += 1
+
+    engine = SimpleNamespace(tick=tick, runtime=SimpleNamespace(free_memory=lambda: freed.append(1) or gc.collect()))
+    slots = [_slot("a"), _slot("b")]
+    for slot in slots:
+        slot.request = SimpleNamespace(step=0)  # type: ignore[assignment]
+    ended: list[str] = []
+    worker = SimpleNamespace(
+        engine=engine,
+        _batch_jobs=Counter(),
+        _end_failed=lambda slot, exc: ended.append(slot.job.id),
+    )
+    worker._freed_if_oom = lambda exc: BatchingWorker._freed_if_oom(worker, exc)  # type: ignore[arg-type]
+    import logging
+
+    logging.disable(logging.CRITICAL)  # pytest keeps each log record, its traceback with it
+    try:
+        BatchingWorker._step(worker, slots)  # type: ignore[arg-type]
+    finally:
+        logging.disable(logging.NOTSET)
+    assert calls == [2, 1, 1] and ended == [] and [s.request.step for s in slots] == [1, 1]
+    assert freed == [1]
