@@ -421,7 +421,13 @@ class ImagegenWorker(SimpleWorker):
                 continue
             if self.connection.lpos(queue.key, job_id) is None:
                 log.warning("job %s was taken by a worker that died before starting it; requeued", job_id)
-                queue._enqueue_job(job, at_front=True)
+                # Out of the dead worker's intermediate list too, in the same transaction: RQ's
+                # cleanup of that list would otherwise fail or re-queue it again a minute later,
+                # a second run (or a failure) of a job that may have succeeded meanwhile.
+                with self.connection.pipeline() as pipe:
+                    pipe.lrem(queue.intermediate_queue_key, 0, job_id)
+                    queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                    pipe.execute()
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         # A SimpleWorker runs the job on its main thread and would send no heartbeat until it ends,

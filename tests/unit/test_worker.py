@@ -341,10 +341,13 @@ def test_a_job_dequeued_by_a_worker_that_died_before_starting_it_is_requeued(env
     job = enqueue(queue, prompt="orphan")
     # What a worker killed between taking the job and starting it leaves behind: the job in no
     # queue, status still `queued`, an expired entry in the started registry.
-    redis_db.lrem(queue.key, 0, job.id)
+    redis_db.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")  # its claim
     redis_db.zadd(queue.started_job_registry.key, {f"{job.id}:dead-execution": 1})
     worker.clean_registries()
     assert redis_db.lrange(queue.key, 0, -1) == [job.id.encode()]
+    # Not left in the dead worker's list as well: RQ's cleanup of that list recovered it a second
+    # time a minute later (failed or re-queued it, after it may have run).
+    assert redis_db.lrange(queue.intermediate_queue_key, 0, -1) == []
     worker.work(burst=True)
     job.refresh()
     assert job.get_status() == "finished"
