@@ -16,6 +16,7 @@ takes no parameters or dependencies can skip FastAPI's per-request solving altog
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -155,12 +156,18 @@ async def while_connected(request: Request, waiting: Coroutine[Any, Any, T]) -> 
     task = asyncio.ensure_future(waiting)
     gone = asyncio.ensure_future(_disconnect(request))
     try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
+        done, _ = await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself cancelled (shutdown)
+        task.cancel()
         gone.cancel()
-        if not task.done():
-            task.cancel()
-    return task.result() if not task.cancelled() else None
+        raise
+    gone.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):  # nobody is left to tell
+        await task
+    return None
 
 
 async def _disconnect(request: Request) -> None:

@@ -373,7 +373,16 @@ def test_a_long_poll_whose_client_left_stops_waiting(stack: Stack) -> None:
         clients = redis.client_list()
         return sum(1 for c in clients if c["cmd"] == "xread" and "b" in c["flags"] and c["db"] == str(db))
 
+    def server_errors(http: httpx.Client) -> float:
+        text = http.get("/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("imagegen_http_requests_total{") and 'code="500"' in line
+        )
+
     with stack.client() as http:
+        errors_before = server_errors(http)
         big = {"num_inference_steps": 150, "num_images": 4, "width": 128, "height": 128}
         job = stack.submit(http, prompt="outlasts the poll", **big)
         try:
@@ -387,5 +396,6 @@ def test_a_long_poll_whose_client_left_stops_waiting(stack: Stack) -> None:
                 wait_for(lambda n=others: blocked_reads() > n, 10, f"{path} to block on Redis")
                 conn.close()
                 wait_for(lambda n=others: blocked_reads() <= n, 6, f"{path} to stop waiting once its client left")
+            assert server_errors(http) == errors_before  # ended quietly, not as a 500
         finally:
             http.delete(f"/jobs/{job['id']}")
