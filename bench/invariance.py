@@ -2,7 +2,8 @@
 
 For N requests (mixed samplers, step counts, guidance with and without CFG, one size) it compares
 the final latents of each request run alone with the same request run inside one batch, and the PNG
-bytes of the one-job pipeline path (IMAGEGEN_MAX_BATCH=1) with those of the engine. Each mode runs
+bytes of the one-job pipeline path (IMAGEGEN_MAX_BATCH=1) with those of the engine, decoded as a
+batching worker decodes them (the requests that finish on the same step together). Each mode runs
 in a fresh process, because the switches are process-wide.
 """
 
@@ -59,16 +60,24 @@ def child(args: argparse.Namespace) -> None:
             while not r.done:
                 engine.tick([r])
             alone.append(r)
+        # As a batching worker runs them: every unfinished request in each step, and the ones that
+        # finish on the same step decoded together (`decode_many`), as it serves them.
         together = [engine.start(p) for p in params]
+        batched: dict[int, object] = {}
         while not all(r.done for r in together):
-            engine.tick(together)
+            engine.tick([r for r in together if not r.done])
+            finished = [i for i, r in enumerate(together) if r.done and i not in batched]
+            if finished:
+                for i, images in zip(finished, engine.decode_many([together[i] for i in finished]), strict=True):
+                    batched[i] = images[0]
         out["max_abs_diff_alone_vs_batched"] = max(
             float((a.latents - b.latents).abs().max()) for a, b in zip(alone, together, strict=True)
         )
         out["png_equal_alone_vs_batched"] = sum(
-            engine.decode(a)[0].tobytes() == engine.decode(b)[0].tobytes() for a, b in zip(alone, together, strict=True)
+            engine.decode(a)[0].tobytes() == batched[i].tobytes()
+            for i, a in enumerate(alone)  # type: ignore[attr-defined]
         )
-        pngs = [encode_png(engine.decode(r)[0], p, p.seed or 0) for r, p in zip(together, params, strict=True)]
+        pngs = [encode_png(batched[i], p, p.seed or 0) for i, p in enumerate(params)]  # type: ignore[arg-type]
     out["png_sha256"] = [hashlib.sha256(b).hexdigest() for b in pngs]
     print(json.dumps(out))
 
