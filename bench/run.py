@@ -99,18 +99,6 @@ def _env(cli: argparse.Namespace) -> dict[str, str]:
     return unpin(env, cli.pin and cli.device == "cpu")
 
 
-def pin_here(cli: argparse.Namespace, environ: Any = os.environ) -> None:
-    """This process's thread binding as `_env` gives the others: the idle phase's raw calls and
-    the raw batches measured around each load phase (`RawOne`) run in here, next to pinned
-    workers. OpenMP reads it when torch loads, so before that."""
-    wanted = _env(cli)
-    for name in PIN_VARIABLES:
-        if name in wanted:
-            environ[name] = wanted[name]
-        else:
-            environ.pop(name, None)
-
-
 def unpin(env: dict[str, str], pinned: bool) -> dict[str, str]:
     """`env` without the shell's own thread binding when the run is not pinned (a worker leaves
     OMP_PROC_BIND/OMP_PLACES as it finds them, so `--no-pin` would not have meant unpinned)."""
@@ -551,8 +539,6 @@ def main() -> int:
     ap.add_argument("--ingress", action=argparse.BooleanOptionalAction, default=True, help="measure ingress (wrk)")
     ap.add_argument("--quick", action="store_true", help="small counts, for trying the benchmark out")
     args = ap.parse_args()
-    assert "torch" not in sys.modules, "torch must load after the thread binding is set"
-    pin_here(args)
     if args.quick:
         args.batches, args.seconds, args.jobs, args.idle, args.cold, args.wrk_seconds = "1,8,16", 1, 32, 8, 1, 3
     if args.ingress and shutil.which("wrk") is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.run import _env, pin_here, unpin
+from bench.run import _env, unpin
 
 
 def test_no_pin_drops_binding_inherited_from_the_shell(monkeypatch) -> None:
@@ -24,15 +24,3 @@ def test_no_pin_drops_binding_inherited_from_the_shell(monkeypatch) -> None:
     assert "OMP_PROC_BIND" not in _env(argparse.Namespace(pin=True, device="cuda"))
     service = {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores", "IMAGEGEN_PIN_THREADS": "false"}
     assert unpin(service, False) == {"IMAGEGEN_PIN_THREADS": "false"} and unpin(service, True) == service
-
-
-def test_the_benchmarks_own_process_is_bound_as_the_workers_are(monkeypatch) -> None:
-    """The raw calls made inside the benchmark (idle phase, the raw batches around each load
-    phase) ran with the shell's binding, unpinned by default, next to pinned workers."""
-    environ = {"PATH": "/bin", "OMP_PLACES": "threads"}
-    monkeypatch.delenv("OMP_PROC_BIND", raising=False)
-    monkeypatch.delenv("OMP_PLACES", raising=False)
-    pin_here(argparse.Namespace(pin=True, device="cpu"), environ)
-    assert environ == {"PATH": "/bin", "OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}
-    pin_here(argparse.Namespace(pin=False, device="cpu"), environ)
-    assert environ == {"PATH": "/bin"}
