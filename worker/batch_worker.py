@@ -130,8 +130,7 @@ class BatchingWorker(ImagegenWorker):
     # -- the session --------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        task = task_of(job)
-        if task is UNREADABLE or (task in ALLOWED_TASKS and task != TASK_GENERATE):
+        if _runs_alone(job):
             super().execute_job(job, queue)  # e.g. variations: the one-job path (which refuses the unreadable)
             return
         stop = threading.Event()
@@ -173,12 +172,12 @@ class BatchingWorker(ImagegenWorker):
         if self.should_run_maintenance_tasks:
             try:
                 self.run_maintenance_tasks()
-            except RedisError:  # as for the reads below: keep sampling, maintain once Redis is back
-                self.last_cleaned_at = utcnow()  # type: ignore[assignment]  # retry after the interval, not every step
-                log.warning("registry maintenance skipped (Redis unavailable)")
-            except Exception:  # another job's or worker's record it could not handle: not these jobs' fault
-                self.last_cleaned_at = utcnow()  # type: ignore[assignment]
-                log.exception("registry maintenance failed; the batch goes on")
+            except Exception as exc:  # not these jobs' fault: keep sampling, maintain again later
+                self.last_cleaned_at = utcnow()  # type: ignore[assignment]  # after the interval, not every step
+                if isinstance(exc, RedisError):  # as for the reads below: once Redis is back
+                    log.warning("registry maintenance skipped (Redis unavailable)")
+                else:  # another job's or worker's record it could not handle
+                    log.exception("registry maintenance failed; the batch goes on")
         # 2. Hand everything back past the shutdown grace.
         if ctx.should_requeue():
             for slot in list(self.slots):
@@ -312,11 +311,8 @@ class BatchingWorker(ImagegenWorker):
         for (q, _), job in zip(candidates, jobs, strict=True):
             if job is None:
                 continue  # a stale id: RQ's own dequeue skips it too
-            task = task_of(job)
-            if task is UNREADABLE or (task in ALLOWED_TASKS and task != TASK_GENERATE):
-                # Another allowed task (variations), or one that cannot be read: RQ's loop takes
-                # it alone when its turn comes (and refuses the unreadable one there).
-                break
+            if _runs_alone(job):
+                break  # RQ's loop takes it alone when its turn comes
             rows, job_shape = self._shape_of(job)
             # Stop at the first job that does not fit, so nothing overtakes it: once the batch
             # drains, the next session starts with it.
@@ -608,6 +604,13 @@ def _context() -> tasks.WorkerContext:
     if ctx is None:
         raise RuntimeError("BatchingWorker runs only inside `python -m worker` (tasks.bind not called)")
     return ctx
+
+
+def _runs_alone(job: Job) -> bool:
+    """Another allowed task (variations: the one-job path), or a job whose data cannot be read
+    (the one-job path refuses it): never part of a batch."""
+    task = task_of(job)
+    return task is UNREADABLE or (task in ALLOWED_TASKS and task != TASK_GENERATE)
 
 
 def _sampling_failure(job: Job, exc: BaseException | None) -> tasks.JobFailedError:

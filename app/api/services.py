@@ -727,8 +727,7 @@ class JobService:
         (the server is shutting down), looked at after each blocking read."""
         assert self.aredis is not None
         key = events.stream_key(job_id)
-        if after != "0" and await self._ended_by(key, after) is not None:
-            return  # a client resuming after the last event: there is nothing more to send
+        # A client resuming after the terminal event was answered 204 already (`seen_the_end`).
         while stop is None or not stop():
             result: Any = await self._xread({key: after}, 100, BLOCK_MS)
             if result:
