@@ -18,7 +18,6 @@ COPY README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY models ./models
-COPY imagegen_client ./imagegen_client
 RUN pip install --no-deps .
 USER imagegen
 EXPOSE 8000
@@ -33,7 +32,6 @@ COPY README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY models ./models
-COPY imagegen_client ./imagegen_client
 RUN pip install --no-deps .
 ENV HF_HOME=/cache/huggingface IMAGEGEN_MODEL_CACHE=/cache/models
 USER imagegen
@@ -50,7 +48,6 @@ COPY README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY models ./models
-COPY imagegen_client ./imagegen_client
 RUN pip install --no-deps .
 # No IMAGEGEN_DTYPE: the registry entry's precision applies on CUDA (float16 for the hub models).
 ENV HF_HOME=/cache/huggingface IMAGEGEN_MODEL_CACHE=/cache/models IMAGEGEN_DEVICE=cuda

@@ -6,11 +6,14 @@ BIN := $(VENV)/bin
 .PHONY: run test lint bench venv redis-server browser
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+# The client (clients/python) is installed after the project: an older install of the project
+# held the `imagegen` command, and replacing it removes that file.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	scripts/ensure-venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[worker,dev]'
+	$(BIN)/pip install -q -e ./clients/python
 	touch $@
 
 redis-server:

@@ -197,3 +197,23 @@ def test_compose_stops_give_workers_their_shutdown_grace() -> None:
     for name in ("worker", "worker-gpu"):
         assert seconds(SERVICES[name]["stop_grace_period"]) >= grace + 10, name
     assert seconds(SERVICES["api"]["stop_grace_period"]) > MAX_WAIT
+
+
+def test_images_copy_what_exists_and_every_package_the_project_installs() -> None:
+    """`pip install --no-deps .` in each image finds every package pyproject.toml includes, and
+    no COPY names a path the repository no longer has (a build would fail on it)."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in include["include"]}
+    stages = re.split(r"^FROM ", DOCKERFILE, flags=re.M)
+    for target in ("api", "worker", "worker-gpu"):
+        [stage] = [s for s in stages if re.match(rf"\S+ AS {re.escape(target)}\n", s)]
+        copied: set[str] = set()
+        for line in stage.splitlines():
+            if line.startswith("COPY ") and "--from" not in line:
+                *sources, _dest = line.split()[1:]
+                for source in sources:
+                    assert (ROOT / source).exists(), f"{target}: COPY {source}: no such path"
+                    copied.add(source.split("/")[0] if "/" not in source else source)
+        assert packages <= copied, f"{target} installs the project without {packages - copied}"

@@ -4,7 +4,6 @@ on an ImportError. The image's list is the one recorded for the `nvidia-h200` ki
 
 from __future__ import annotations
 
-import ast
 import importlib.metadata as md
 import re
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.imports import imported_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 # What the GPU image already holds, of the packages this project's code can reach.
@@ -42,19 +43,12 @@ def _imported_distributions() -> set[str]:
     by_module = md.packages_distributions()
     found: set[str] = set()
     for path in SOURCES:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
+        for name in imported_modules(path):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top in LOCAL:
                 continue
-            for name in names:
-                top = name.split(".")[0]
-                if top in sys.stdlib_module_names or top in LOCAL:
-                    continue
-                # A module no installed distribution provides can only be an optional import.
-                found.update(canonicalize_name(d) for d in by_module.get(top, []))
+            # A module no installed distribution provides can only be an optional import.
+            found.update(canonicalize_name(d) for d in by_module.get(top, []))
     return found
 
 
