@@ -418,25 +418,43 @@ class BatchingWorker(ImagegenWorker):
             self.engine.tick([s.request for s in slots])
             return
         except Exception as exc:
-            if len(slots) == 1:
-                log.error("job %s: sampling failed", slots[0].job.id, exc_info=exc)
-                self._freed_if_oom(exc)
-                self._end_failed(slots[0], _sampling_failure(slots[0].job, exc))
-                return
-            log.warning("batched step of %d jobs failed; retrying them one by one", len(slots), exc_info=exc)
             oom = tasks._is_oom(exc)
+            if len(slots) == 1 and not (oom and _splittable(slots[0].request)):
+                self._fail_step(slots[0], exc)
+                return
+            if len(slots) > 1:
+                log.warning("batched step of %d jobs failed; retrying them one by one", len(slots), exc_info=exc)
             # Nothing of the failed step is kept (the exception's traceback holds its activations).
         if oom:
             self.engine.runtime.free_memory()  # before the retries, which need that memory
         for slot, step in zip(slots, before, strict=True):
             if slot.request.step != step:
                 continue  # it advanced before the failure
-            try:
-                self.engine.tick([slot.request])
-            except Exception as exc:
-                log.exception("job %s: sampling failed", slot.job.id)
-                self._freed_if_oom(exc)
-                self._end_failed(slot, _sampling_failure(slot.job, exc))
+            self._step_alone(slot, split=len(slots) == 1)  # a lone job that ran out is split at once
+
+    def _step_alone(self, slot: Slot, split: bool = False) -> None:
+        """One step of this job alone. A job of several images that runs out of memory alone runs
+        one image's UNet rows per call from then on, as the one-job path splits it image by image
+        (its images are the same: each row is computed as in the full batch)."""
+        request = slot.request
+        if split:
+            images = slot.params.num_images
+            log.warning("job %s: out of memory with %d images; one image at a time", slot.job.id, images)
+            request.chunk_rows = request.image_rows
+        try:
+            self.engine.tick([request])
+            return
+        except Exception as exc:
+            if not (tasks._is_oom(exc) and _splittable(request)):
+                self._fail_step(slot, exc)
+                return
+        self.engine.runtime.free_memory()
+        self._step_alone(slot, split=True)
+
+    def _fail_step(self, slot: Slot, exc: BaseException) -> None:
+        log.error("job %s: sampling failed", slot.job.id, exc_info=exc)
+        self._freed_if_oom(exc)
+        self._end_failed(slot, _sampling_failure(slot.job, exc))
 
     def _freed_if_oom(self, exc: BaseException) -> None:
         """After an out-of-memory error, cached memory is released for the jobs that go on."""
@@ -611,6 +629,11 @@ def _runs_alone(job: Job) -> bool:
     (the one-job path refuses it): never part of a batch."""
     task = task_of(job)
     return task is UNREADABLE or (task in ALLOWED_TASKS and task != TASK_GENERATE)
+
+
+def _splittable(request: Any) -> bool:
+    """Whether a request that ran out of memory alone can still be split image by image."""
+    return request.chunk_rows is None and request.params.num_images > 1
 
 
 def _sampling_failure(job: Job, exc: BaseException | None) -> tasks.JobFailedError:

@@ -56,6 +56,9 @@ class Request:
     step_kwargs: dict[str, Any]
     step: int = 0  # index of the next timestep to run
     work_s: float = 0.0  # this request's share of the batched ticks it took part in (seconds)
+    # UNet rows per call while this request takes part in a tick: set to one image's rows once it
+    # ran out of memory alone (the one-job path's split, image by image); None: one call for all.
+    chunk_rows: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,7 +72,12 @@ class Request:
     @property
     def rows(self) -> int:
         """Rows this request adds to the UNet batch."""
-        return self.latents.shape[0] * (2 if self.cfg else 1)
+        return self.latents.shape[0] * self.image_rows
+
+    @property
+    def image_rows(self) -> int:
+        """UNet rows per image: two with guidance (negative and positive)."""
+        return 2 if self.cfg else 1
 
 
 def _rowwise(module: Any, vectors_only: bool = False) -> Any:
@@ -329,8 +337,15 @@ class BatchEngine:
                 embeds.append(r.embeds)
                 # 2. One timestep per row (float32 holds every integer timestep exactly).
                 times.append(t.to(torch.float32).expand(x.shape[0]))
-            # 3. One UNet forward for every row of every request.
-            out = self._unet(torch.cat(inputs), torch.cat(times), torch.cat(embeds))
+            # 3. One UNet forward for every row of every request (in chunks while a request that
+            #    ran out of memory takes part: rows are computed independently, so the same values).
+            x, t, e = torch.cat(inputs), torch.cat(times), torch.cat(embeds)
+            chunk = min((r.chunk_rows for r in live if r.chunk_rows), default=x.shape[0])
+            if chunk >= x.shape[0]:
+                out = self._unet(x, t, e)
+            else:
+                parts = range(0, x.shape[0], chunk)
+                out = torch.cat([self._unet(x[i : i + chunk], t[i : i + chunk], e[i : i + chunk]) for i in parts])
             # 4. Guidance and the scheduler step on each request's own slice.
             offset = 0
             for r in live:

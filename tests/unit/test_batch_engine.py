@@ -59,6 +59,37 @@ def test_alone_and_batched_give_the_same_bits(engine) -> None:
     assert type(pooled).__name__ == "Rowwise" and 0 < len(pooled.results) <= 5
 
 
+def test_a_request_split_after_running_out_of_memory_gives_the_same_bits(engine) -> None:
+    """A job of several images that ran out of memory alone runs one image's UNet rows per call,
+    in every tick it takes part in; its images and its batch-mates' are those of one call."""
+    import torch
+
+    def run(chunk_rows: int | None) -> list[torch.Tensor]:
+        big = engine.start(params(engine, "a red circle on a blue background", 4, num_images=3))
+        other = engine.start(params(engine, "a green square on a black background", 8))
+        big.chunk_rows = chunk_rows
+        calls = 0
+        unet = engine.pipe.unet.forward
+
+        def counted(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return unet(*args, **kwargs)
+
+        engine.pipe.unet.forward = counted
+        try:
+            engine.tick([big])
+            while not big.done:
+                engine.tick([big, other])
+        finally:
+            del engine.pipe.unet.forward
+        assert calls == (8 if chunk_rows is None else 3 + 7 * 4)  # 3 images alone, then 3 + 1 (2 rows each)
+        return [big.latents, other.latents]
+
+    whole, split = run(None), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(whole, split, strict=True))
+
+
 def test_without_invariance_nothing_is_switched_or_wrapped() -> None:
     import torch
 

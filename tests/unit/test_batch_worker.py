@@ -95,14 +95,15 @@ def test_a_batched_step_out_of_memory_frees_it_then_runs_each_job_alone() -> Non
     engine = SimpleNamespace(tick=tick, runtime=SimpleNamespace(free_memory=lambda: freed.append(1) or gc.collect()))
     slots = [_slot("a"), _slot("b")]
     for slot in slots:
-        slot.request = SimpleNamespace(step=0)  # type: ignore[assignment]
+        slot.request = SimpleNamespace(step=0, chunk_rows=None, params=SimpleNamespace(num_images=1))  # type: ignore[assignment]
     ended: list[str] = []
     worker = SimpleNamespace(
         engine=engine,
         _batch_jobs=Counter(),
         _end_failed=lambda slot, exc: ended.append(slot.job.id),
     )
-    worker._freed_if_oom = lambda exc: BatchingWorker._freed_if_oom(worker, exc)  # type: ignore[arg-type]
+    for name in ("_freed_if_oom", "_step_alone", "_fail_step"):
+        setattr(worker, name, getattr(BatchingWorker, name).__get__(worker))
     import logging
 
     logging.disable(logging.CRITICAL)  # pytest keeps each log record, its traceback with it

@@ -21,7 +21,7 @@ from app.core import events, metrics
 from app.core.config import Settings
 from app.core.jobs import TASK_GENERATE, TASK_VARIATIONS, GenerationParams, cancel_key, image_seed
 from app.core.storage import LocalImageStore
-from tests.unit.test_worker import FakeRuntime
+from tests.unit.test_worker import FakeRuntime, OutOfMemoryError
 from worker import tasks
 from worker.batch_worker import BatchingWorker
 from worker.events import EventSink
@@ -33,10 +33,19 @@ class FakeRequest:
     total: int
     step: int = 0
     work_s: float = 0.0
+    chunk_rows: int | None = None
 
     @property
     def done(self) -> bool:
         return self.step >= self.total
+
+    @property
+    def image_rows(self) -> int:
+        return 1
+
+    @property
+    def rows(self) -> int:
+        return self.params.num_images
 
 
 @dataclass
@@ -47,6 +56,7 @@ class FakeEngine:
     ticks: list[list[str]] = field(default_factory=list)
     decodes: list[list[str]] = field(default_factory=list)  # prompts decoded together by decode_many
     on_tick: Callable[[int, list[FakeRequest]], None] | None = None
+    memory_rows: int | None = None  # a UNet call of more rows runs out of memory
 
     def shape(self, params: GenerationParams) -> tuple[int | None, int | None]:
         return params.width, params.height
@@ -60,6 +70,9 @@ class FakeEngine:
             self.on_tick(len(self.ticks), requests)
         if any(r.params.prompt == "explode" for r in requests):
             raise RuntimeError("the UNet fell over")
+        per_call = min((r.chunk_rows for r in requests if r.chunk_rows), default=sum(r.rows for r in requests))
+        if self.memory_rows is not None and per_call > self.memory_rows:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         for r in requests:
             r.step += 1
             r.work_s += 0.001
@@ -287,6 +300,32 @@ def test_a_failing_job_fails_alone(env, redis_db) -> None:
     for job in good:
         job.refresh()
         assert job.get_status() == "finished"
+
+
+def test_a_multi_image_job_out_of_memory_alone_is_split_image_by_image(env, redis_db) -> None:
+    """As the one-job path splits a job that runs out of memory into its images: on the batch
+    path it failed `out_of_memory` once its retry alone ran out too, where `MAX_BATCH=1` made it."""
+    engine, store, queue, _, make = env
+    engine.memory_rows = 2  # a UNet call of more than two rows runs out of (GPU) memory
+    big = enqueue(queue, prompt="big", num_images=3, num_inference_steps=3, seed=5)
+    small = enqueue(queue, prompt="small", num_inference_steps=3, seed=9)
+    alone = enqueue(queue, prompt="alone", num_images=3, num_inference_steps=3, seed=1, width=32)
+    make().work(burst=True)
+    big.refresh(), small.refresh(), alone.refresh()
+    assert big.get_status() == small.get_status() == "finished"
+    assert [i["seed"] for i in big.result["images"]] == [5, 6, 7]
+    assert all(store.get(big.id, i) for i in range(3))
+    # The batch ran out, each alone: `big` ran out again and went on one image per call.
+    assert engine.ticks[:4] == [["big", "small"], ["big"], ["big"], ["small"]]
+    assert engine.ticks[4:6] == [["big", "small"]] * 2  # still in one tick, in calls of one row
+    # Another size, in a batch of its own: it ran out alone on its first step and was split there.
+    assert engine.ticks[6:] == [["alone"]] * 4
+    assert alone.get_status() == "finished" and kinds(redis_db, alone.id)[-1] == "succeeded"
+    engine.memory_rows = 0  # not even one image fits: that job fails, as the one-job path's would
+    doomed = enqueue(queue, prompt="doomed", num_images=2, num_inference_steps=3, seed=3)
+    make().work(burst=True)
+    doomed.refresh()
+    assert doomed.get_status() == "failed" and doomed.meta["error"]["code"] == "out_of_memory"
 
 
 def test_cancel_of_one_job_leaves_the_others(env, redis_db) -> None:
