@@ -36,8 +36,16 @@ def vary(params: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("worker.variations.vary runs only inside `python -m worker`")
     job = get_current_job()
     assert job is not None
-    prepared = time.perf_counter()
+    try:
+        result = _vary(ctx, job, params, time.perf_counter())
+    except tasks.JobFailedError:
+        ctx.connection.delete(input_key(job.id))  # final (refused, invalid, failed, canceled): nothing runs it again
+        raise
+    ctx.connection.delete(input_key(job.id))
+    return result
 
+
+def _vary(ctx: tasks.WorkerContext, job: Any, params: dict[str, Any], prepared: float) -> dict[str, Any]:
     # 1. Validate again (the queue may hold jobs from other producers), then load the input image.
     try:
         request = VariationParams.model_validate(params)
@@ -65,13 +73,7 @@ def vary(params: dict[str, Any]) -> dict[str, Any]:
 
     # 2-4. The shared job flow, sampling with this image.
     sampler = VariationSampler(ctx.runtime, image, embeds)
-    try:
-        result = tasks.run_job(dataclasses.replace(ctx, runtime=sampler), job, request, prepared)
-    except tasks.JobFailedError:
-        ctx.connection.delete(input_key(job.id))  # final: nothing will run it again
-        raise
-    ctx.connection.delete(input_key(job.id))
-    return result
+    return tasks.run_job(dataclasses.replace(ctx, runtime=sampler), job, request, prepared)
 
 
 def _is_unclip(pipe: Any) -> bool:

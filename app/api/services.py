@@ -59,6 +59,7 @@ from app.core.jobs import (
     wake_key,
 )
 from app.core.queue import SERIALIZER, fetch_job, get_queues
+from app.core.variations import input_key
 
 SEEN_PREFIX = "imagegen:seen:"  # marks ids we issued, so an expired job answers 410, not 404
 SEEN_GRACE = 7 * 86400
@@ -652,6 +653,7 @@ class JobService:
         job.save_meta()
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.expire(job.key, self.settings.failure_ttl)
+            pipe.delete(input_key(job.id))  # a variations job's upload (megabytes), kept for its worker
             metrics.record_job(pipe, JobStatus.canceled.value, 0, {})  # no worker will count it
             # RQ's canceled registry (one entry per job canceled while queued, scored by the time)
             # is cleaned by nothing in RQ: drop the entries whose jobs have expired since.

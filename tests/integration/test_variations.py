@@ -213,6 +213,15 @@ def test_planted_job_without_an_input_fails_cleanly(vstack: Stack) -> None:
         done = vstack.wait(http, job.id)
     assert done["status"] == "failed" and done["error"]["code"] == "invalid_params"
     assert "input image" in done["error"]["message"]
+    # With an input but parameters the worker refuses: the input goes with the job, as when it runs.
+    redis = vstack.redis.client(DB)
+    refused = str(uuid.uuid4())
+    redis.set(input_key(refused), SOURCE, ex=600)
+    queue.enqueue(TASK_VARIATIONS, kwargs={"params": {"seed": 1, "width": 12345}}, job_id=refused)
+    with vstack.client() as http:
+        done = vstack.wait(http, refused)
+    assert done["status"] == "failed" and done["error"]["code"] == "invalid_params"
+    assert not redis.exists(input_key(refused))
 
 
 def test_openai_sdk_create_variation(vstack: Stack) -> None:

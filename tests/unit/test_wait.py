@@ -155,6 +155,22 @@ def test_rqs_canceled_registry_keeps_only_jobs_that_still_exist(redis_db, redis_
     assert redis_db.zrange(registry.key, 0, -1) == [second.id.encode()]
 
 
+def test_canceling_a_queued_variations_job_deletes_its_upload(redis_db, redis_server) -> None:
+    """Only the worker deleted a variations job's input image: canceled while queued, its
+    megabytes stayed in Redis for a day, and cancel-and-resubmit filled Redis past any bound."""
+    from app.api.routes.variations import store_input
+    from app.core.jobs import TASK_VARIATIONS
+    from app.core.variations import VariationParams, input_key
+
+    service = make_service(redis_db, redis_server)
+    params = VariationParams(prompt="like this", strength=0.5, seed=1, width=32, height=32, num_inference_steps=4)
+    placed = service.submit(params, task=TASK_VARIATIONS, before=store_input(b"png bytes" * 1000, 86400))
+    assert redis_db.exists(input_key(placed.id))
+    _, event = service.cancel(service.get(placed.id))
+    assert event is not None and event.type is EventType.canceled
+    assert not redis_db.exists(input_key(placed.id))
+
+
 def test_a_job_a_worker_has_just_taken_is_not_also_canceled_here(redis_db, redis_server) -> None:
     """A worker moves a job from its queue to its own list before starting it, the job still
     `queued`: a cancel then ended it here (event, webhook, metric) and again in the worker, which
