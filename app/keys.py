@@ -13,8 +13,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from typing import Any
 
-from app.core.auth import digest, list_keys, revoke, set_webhook_secrets, store_key, update_grants
+from app.core.auth import (
+    AmbiguousKeyName,
+    digest,
+    keys_named,
+    list_keys,
+    revoke,
+    set_webhook_secrets,
+    store_key,
+    update_grants,
+)
 from app.core.config import Settings
 from app.core.queue import connect
 
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         help="give it a webhook secret of its own (printed once, after the key)",
     )
     sub.add_parser("list", help="list keys: digest prefix, name, creation time, grants")
-    update = sub.add_parser("update", help="change the grants of keys by name or digest prefix (8+ hex digits)")
+    update = sub.add_parser("update", help="change the grants of a key, by name or digest prefix (8+ hex digits)")
     update.add_argument("name_or_prefix")
     _grant_options(update)
     hooks = update.add_mutually_exclusive_group()
@@ -79,16 +89,31 @@ def main(argv: list[str] | None = None) -> int:
     hooks.add_argument(
         "--no-webhook-secret", action="store_true", help="sign its jobs' webhooks with the server's secret again"
     )
-    rm = sub.add_parser("revoke", help="revoke keys by name or digest prefix (8+ hex digits)")
+    rm = sub.add_parser("revoke", help="revoke a key, by name or digest prefix (8+ hex digits)")
     rm.add_argument("name_or_prefix")
     args = parser.parse_args(argv)
     settings = Settings()
     redis = connect(settings.redis_url)
+    try:
+        return _run(parser, args, settings, redis)
+    except AmbiguousKeyName as exc:
+        print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings, redis: Any) -> int:
     if args.command == "create":
+        others = keys_named(redis, args.name)
         key = store_key(
             redis, args.name, high_priority=bool(args.high_priority), max_queued=getattr(args, "max_queued", None)
         )
         print(key)
+        if others:  # a rotation, say: the old key stays until revoked by its prefix
+            print(
+                f"note: {len(others)} other key(s) named {args.name!r} ({', '.join(others)}); this one is "
+                f"{digest(key)[:12]}: update and revoke now need a digest prefix",
+                file=sys.stderr,
+            )
         if args.webhook_secret:
             [(_, secret)] = set_webhook_secrets(redis, digest(key)[:12], new=True)
             print(secret)

@@ -161,11 +161,27 @@ def set_webhook_secrets(redis: Redis, name_or_prefix: str, *, new: bool) -> list
 MIN_PREFIX = 8  # hex digits of a digest prefix that `update`/`revoke` accept (`list` shows 12)
 
 
+class AmbiguousKeyName(ValueError):
+    """A name that several stored keys carry: `update`/`revoke` then need a digest prefix."""
+
+
 def _named(redis: Redis, name_or_prefix: str) -> list[tuple[bytes, dict]]:
-    """The stored keys (full digest, record) that `name_or_prefix` names (see `_names`)."""
+    """The stored key (full digest, record) that `name_or_prefix` names (see `_names`): none or
+    one. A name several keys share (a key made again to rotate it) names none of them, since
+    acting on all of them (revoking the new key with the old) is rarely what was meant."""
     stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
     records = ((full, json.loads(raw)) for full, raw in stored.items())
-    return [(full, record) for full, record in records if _names(full, record, name_or_prefix)]
+    named = [(full, record) for full, record in records if _names(full, record, name_or_prefix)]
+    if len(named) > 1:
+        prefixes = ", ".join(sorted(full.decode()[:12] for full, _ in named))
+        raise AmbiguousKeyName(f"{name_or_prefix!r} names {len(named)} keys ({prefixes}): give a digest prefix")
+    return named
+
+
+def keys_named(redis: Redis, name: str) -> list[str]:
+    """The digest prefixes (as `list` shows them) of the stored keys called `name`."""
+    stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
+    return sorted(full.decode()[:12] for full, raw in stored.items() if json.loads(raw)["name"] == name)
 
 
 def _names(full: bytes, record: dict, name_or_prefix: str) -> bool:
@@ -185,7 +201,7 @@ def list_keys(redis: Redis) -> list[tuple[str, dict]]:
 
 
 def revoke(redis: Redis, name_or_prefix: str) -> int:
-    """Delete the keys named (and their webhook secrets); returns how many."""
+    """Delete the key named (and its webhook secret); returns how many (0 or 1)."""
     removed = 0
     for full, _ in _named(redis, name_or_prefix):
         removed += int(redis.hdel(KEYS_HASH, full))  # type: ignore[arg-type]
