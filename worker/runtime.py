@@ -152,7 +152,7 @@ class DiffusersRuntime:
         self.use_scheduler(params.scheduler)
 
         def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step + 1, steps)
+            on_step(min(step + 1, steps), steps)  # some samplers run a step more than asked (pndm)
             return tensors
 
         # 3. CLIP text encoding, guided denoising over the UNet and VAE decode, in the pipeline.

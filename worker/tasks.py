@@ -155,10 +155,15 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
     last_write = last_check = time.monotonic()
     redis_away = False  # said once per outage, not at every step
 
+    last_step = -1
+
     def on_step(step: int, steps: int) -> None:
-        nonlocal last_write, last_check, redis_away
+        nonlocal last_write, last_check, redis_away, last_step
         if ctx.should_requeue():
             raise RequeueError
+        if step == last_step == steps:  # a sampler's step beyond those asked for (pndm): said already
+            return
+        last_step = step
         now = time.monotonic()
         check = step < steps and now - last_check >= CANCEL_INTERVAL  # after the last step: nothing to stop
         report = step == steps or now - last_write >= PROGRESS_INTERVAL

@@ -131,10 +131,14 @@ class VariationSampler:
         pixels = prior.image_processor(self.image, return_tensors="pt").pixel_values
         embeds = encoder(pixels.to(device=self.runtime.device, dtype=encoder.dtype)).image_embeds
         # ... and the embedding of a blank image as the unconditional side of guidance, as the prior does.
-        negative = prior.get_zero_embed(1, device=self.runtime.device)
+        # One row per image, repeated here: the decoder repeats them itself only with guidance on
+        # (without, several images met one embedding and the job failed).
+        n = request.num_images
+        embeds = embeds.repeat_interleave(n, dim=0)
+        negative = prior.get_zero_embed(n, device=self.runtime.device)
 
         def callback(p: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step + 1, steps)
+            on_step(min(step + 1, steps), steps)  # some samplers run a step more than asked (pndm)
             return tensors
 
         out = decoder(
@@ -144,7 +148,7 @@ class VariationSampler:
             height=request.height,
             num_inference_steps=steps,
             guidance_scale=request.guidance_scale,
-            num_images_per_prompt=request.num_images,
+            num_images_per_prompt=1,
             generator=generators,
             callback_on_step_end=callback,
             output_type="pil",

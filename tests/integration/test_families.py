@@ -143,19 +143,21 @@ def test_cancel_stops_a_running_job(families: Stack, model: str) -> None:
 def test_variations_on_each_family(families: Stack, model: str) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (48, 40), (220, 30, 30)).save(buf, format="PNG")
-    with families.client() as http:
-        r = http.post(
-            "/variations",
-            files={"image": ("in.png", buf.getvalue(), "image/png")},
-            data={"model": model, "num_images": "2", "seed": "5", "num_inference_steps": "4"},
-        )
-        assert r.status_code == 202, r.text
-        job = families.wait(http, r.json()["id"])
-        assert job["status"] == "succeeded", job
-        assert job["progress"] == {"step": 4, "total": 4}
-        assert [i["seed"] for i in job["images"]] == [5, 6]
-        blobs = [http.get(i["url"]).content for i in job["images"]]
-        assert all(png(b).size == (32, 32) for b in blobs) and blobs[0] != blobs[1]
+    # Without guidance too (scale 1): Kandinsky's decoder then met two images with one embedding.
+    for guidance in ({}, {"guidance_scale": "1"}):
+        with families.client() as http:
+            r = http.post(
+                "/variations",
+                files={"image": ("in.png", buf.getvalue(), "image/png")},
+                data={"model": model, "num_images": "2", "seed": "5", "num_inference_steps": "4", **guidance},
+            )
+            assert r.status_code == 202, r.text
+            job = families.wait(http, r.json()["id"])
+            assert job["status"] == "succeeded", job
+            assert job["progress"] == {"step": 4, "total": 4}
+            assert [i["seed"] for i in job["images"]] == [5, 6]
+            blobs = [http.get(i["url"]).content for i in job["images"]]
+            assert all(png(b).size == (32, 32) for b in blobs) and blobs[0] != blobs[1]
 
 
 def test_kandinsky_sizes_follow_its_multiple(families: Stack) -> None:

@@ -107,3 +107,14 @@ def test_pndm_samples_any_number_of_steps(steps: int) -> None:
     for t in scheduler.timesteps:
         x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
     assert len(scheduler.timesteps) >= steps and torch.isfinite(x).all()
+
+
+def test_pndm_progress_never_passes_its_total() -> None:
+    # PNDM runs one timestep more than the steps asked for: progress went (6, 5).
+    from worker.runtime import DiffusersRuntime
+
+    runtime = DiffusersRuntime.load(Settings(model="tiny-random"))
+    params = runtime.info.fill(GenerationParams(prompt="a red circle", seed=5, num_inference_steps=5, scheduler="pndm"))
+    seen: list[tuple[int, int]] = []
+    runtime.generate(params, lambda step, total: seen.append((step, total)))
+    assert len(seen) == 6 and seen[:5] == [(s, 5) for s in range(1, 6)] and seen[5] == (5, 5)
