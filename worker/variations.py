@@ -66,7 +66,10 @@ def _vary(ctx: tasks.WorkerContext, job: Any, params: dict[str, Any], prepared: 
     if raw is None:
         raise tasks._fail(job, ErrorCode.invalid_params, "the input image is missing or has expired")
     try:
-        image = Image.open(io.BytesIO(normalize_image(cast(bytes, raw))))
+        # The API wrote it (a PNG of at most the largest size allowed, which can pass the upload limit
+        # in bytes): its pixels and format are checked again, not its length.
+        data = cast(bytes, raw)
+        image = Image.open(io.BytesIO(normalize_image(data, max_bytes=len(data))))
         image.load()
     except InputImageError as exc:  # only the API writes the key, but never trust it
         raise tasks._fail(job, ErrorCode.invalid_params, exc.message) from None

@@ -224,6 +224,26 @@ def test_planted_job_without_an_input_fails_cleanly(vstack: Stack) -> None:
     assert not redis.exists(input_key(refused))
 
 
+def test_an_input_over_the_upload_limit_as_png_still_runs(vstack: Stack) -> None:
+    """The API stores uploads as PNGs of up to the largest size allowed: a photo at 1536 px takes
+    more bytes as PNG than the 4 MiB upload limit, and the worker refused its own API's PNG."""
+    import random
+
+    rng = random.Random(0)
+    noise = Image.frombytes("RGB", (1300, 1300), rng.randbytes(1300 * 1300 * 3))
+    data = encode(noise)
+    assert len(data) > 4 * 1024 * 1024
+    redis = vstack.redis.client(DB)
+    queue = Queue(queue_name("tiny-random"), connection=redis, serializer=JSONSerializer)
+    job_id = str(uuid.uuid4())
+    redis.set(input_key(job_id), data, ex=600)
+    params = {"seed": 1, "num_inference_steps": 4, "width": 32, "height": 32}
+    queue.enqueue(TASK_VARIATIONS, kwargs={"params": params}, job_id=job_id)
+    with vstack.client() as http:
+        done = vstack.wait(http, job_id)
+    assert done["status"] == "succeeded", done
+
+
 def test_openai_sdk_create_variation(vstack: Stack) -> None:
     client = openai.OpenAI(base_url=vstack.base_url + "/v1", api_key="sk-test", max_retries=0, timeout=60)
     result = client.images.create_variation(
