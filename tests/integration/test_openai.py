@@ -72,9 +72,14 @@ def test_the_current_sdks_other_arguments_are_taken_or_refused_by_name(stack: St
         assert info.value.response.json()["error"]["param"] == name
     served = client.models.retrieve("tiny-random")
     assert served.id == "tiny-random" and served.object == "model"
-    with pytest.raises(openai.NotFoundError) as missing:
-        client.models.retrieve("dall-e-3")
-    assert missing.value.response.json()["error"]["code"] == "model_not_found"
+    for name in ("dall-e-3", "stabilityai/sdxl-turbo"):  # hub ids (IMAGEGEN_MODEL may be one) have a slash
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve(name)
+        assert missing.value.response.json()["error"]["code"] == "model_not_found", name
+    with httpx.Client(base_url=stack.base_url) as http:
+        r = http.get("/v1/models/stabilityai%2Fsdxl-turbo")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "stabilityai/sdxl-turbo" in r.json()["error"]["message"]
 
 
 def test_url_format_points_at_our_image_endpoint(stack: Stack) -> None:

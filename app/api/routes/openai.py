@@ -351,7 +351,7 @@ def list_models(settings: SettingsDep, redis: RedisDep) -> ModelList:
 
 
 @router.get(
-    "/models/{model}",
+    "/models/{model:path}",  # hub ids and folders have slashes: `org/name`, `org%2Fname` alike
     response_model=ModelCard,
     responses={404: {"model": OpenAIErrorEnvelope}},
     summary="One served model (OpenAI-compatible)",
