@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("IMAGEGEN_MODEL_CACHE", ROOT.parent / ".data" / "models"))
+CACHE = Path(os.environ.get("IMAGEGEN_MODEL_CACHE") or ROOT.parent / ".data" / "models")  # empty: unset
 
 
 @dataclass(frozen=True)
@@ -172,9 +172,12 @@ def resolve(name: str) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename, so two processes starting at once never see half a folder.
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
-        getattr(importlib.import_module(module), func)(tmp)
         try:
+            getattr(importlib.import_module(module), func)(tmp)
             tmp.rename(out)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as exc:
+            if not (out / "model_index.json").exists():  # not a lost race: a failed build, or a stray folder
+                raise OSError(f"model {name!r}: could not build it into {out}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else a half-built or losing copy
     return str(out)

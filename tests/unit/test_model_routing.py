@@ -3,6 +3,7 @@ model it names (JobService on a real redis-server; no worker process)."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,6 +66,50 @@ def test_registry_entries_are_consistent() -> None:
     assert resolve("/some/folder") == "/some/folder" and lookup("/some/folder") is None
     # Real Kandinsky's MoVQ needs sizes in multiples of 64.
     assert REGISTRY["kandinsky-2.2"].width % 64 == 0  # type: ignore[operator]
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
+    """A builder that failed left its hidden half-built folder for good, one per try (2 GB each
+    for sd15-random); a folder in the way without a pipeline was taken for a lost race."""
+    import sys
+    import types
+
+    from models import registry
+
+    calls: list[str] = []
+
+    def build(out) -> None:
+        calls.append(str(out))
+        (out / "half-written.bin").write_bytes(b"x" * 10)
+        if len(calls) == 1:
+            raise RuntimeError("out of disk")
+        (out / "model_index.json").write_text("{}")
+
+    monkeypatch.setitem(sys.modules, "fake_builder", types.SimpleNamespace(build=build))
+    monkeypatch.setattr(registry, "CACHE", tmp_path)
+    monkeypatch.setitem(registry.REGISTRY, "fake", registry.ModelEntry("fake", "test", builder="fake_builder:build"))
+    with pytest.raises(RuntimeError, match="out of disk"):
+        resolve("fake")
+    assert list(tmp_path.iterdir()) == []
+    assert resolve("fake") == str(tmp_path / "fake") and (tmp_path / "fake" / "model_index.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["fake"]
+    # A stray folder where the model goes: a clear error naming it, and again nothing left over.
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("not a pipeline")
+    monkeypatch.setitem(registry.REGISTRY, "stray", registry.ModelEntry("stray", "test", builder="fake_builder:build"))
+    with pytest.raises(OSError, match="could not build it into"):
+        resolve("stray")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake", "stray"]
+
+
+def test_an_empty_model_cache_setting_counts_as_unset(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    code = "from models.registry import CACHE, ROOT; print(CACHE == ROOT.parent / '.data' / 'models')"
+    env = {**os.environ, "IMAGEGEN_MODEL_CACHE": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr
 
 
 def test_only_models_with_a_live_worker_are_served(redis_db) -> None:
