@@ -43,7 +43,7 @@ def load_pipeline(model: Path, scheduler: str | None = None):
 
     pipe = DiffusionPipeline.from_pretrained(str(model))
     pipe.set_progress_bar_config(disable=True)
-    if scheduler:
+    if scheduler and scheduler != "native":  # native: the sampler saved with the model
         from models.train import make_scheduler
 
         pipe.scheduler = make_scheduler(scheduler)

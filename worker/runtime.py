@@ -66,7 +66,7 @@ class DiffusersRuntime:
         self.info = info
         self.device = device
         self.options = options or {}  # family settings beyond ModelInfo (the unCLIP prior's steps, guidance)
-        self._schedulers: dict[Scheduler, Any] = {}
+        self._schedulers: dict[Scheduler, Any] = {Scheduler.native: pipe.scheduler}
         self._base_scheduler_config = pipe.scheduler.config
 
     @classmethod
@@ -252,8 +252,10 @@ def _model_info(name: str, pipe: Any, defaults: dict[str, Any]) -> ModelInfo:
         native = unet.config.sample_size * scale
     # Kandinsky rounds sizes up to multiples of the MoVQ factor squared (64 on real checkpoints).
     multiple = max(8, scale * scale) if decoder is not None else 8
+    # The model's own sampler by its name where it is one of ours; else kept as it is (`native`):
+    # replaced by Euler, an LCM-distilled model drew noise at its few steps.
     by_class = {cls_name: enum for enum, (cls_name, _) in SCHEDULER_CLASSES.items()}
-    scheduler = by_class.get(type(pipe.scheduler).__name__, Scheduler.euler)
+    scheduler = by_class.get(type(pipe.scheduler).__name__, Scheduler.native)
     tokenizer = _tokenizer(pipe)
     width, height = defaults.get("width", native), defaults.get("height", native)
     return ModelInfo(

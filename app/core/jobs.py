@@ -29,6 +29,7 @@ class Scheduler(enum.StrEnum):
     dpmpp_2m = "dpmpp_2m"
     unipc = "unipc"
     pndm = "pndm"
+    native = "native"  # the sampler the model was saved with, whatever its class (LCM, LMS, Heun, DDPM, …)
 
 
 class JobStatus(enum.StrEnum):

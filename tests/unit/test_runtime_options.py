@@ -118,3 +118,31 @@ def test_pndm_progress_never_passes_its_total() -> None:
     seen: list[tuple[int, int]] = []
     runtime.generate(params, lambda step, total: seen.append((step, total)))
     assert len(seen) == 6 and seen[:5] == [(s, 5) for s in range(1, 6)] and seen[5] == (5, 5)
+
+
+def test_a_model_saved_with_a_sampler_we_do_not_name_keeps_it(tmp_path) -> None:
+    # It was published as `euler` and every job ran Euler: an LCM-distilled model drew noise.
+    # (DDPM here: LMS would need scipy.)
+    import diffusers
+
+    from models.registry import resolve
+    from worker.batching import BatchEngine
+    from worker.runtime import DiffusersRuntime
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(resolve("tiny-random"))
+    pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path)
+    runtime = DiffusersRuntime.load(Settings(model=str(tmp_path)))
+    assert runtime.info.scheduler == "native"
+    params = runtime.info.fill(GenerationParams(prompt="a red circle", seed=5, num_inference_steps=2))
+    (native,) = runtime.generate(params, lambda step, total: None)
+    assert type(runtime.pipe.scheduler).__name__ == "DDPMScheduler"
+    runtime.generate(params.model_copy(update={"scheduler": "euler"}), lambda step, total: None)
+    assert type(runtime.pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    # The batching engine runs it too, each request on its own copy, to the same image.
+    engine = BatchEngine.create(runtime, invariant=False)
+    assert engine is not None
+    request = engine.start(params)
+    assert type(request.scheduler).__name__ == "DDPMScheduler" and request.scheduler is not runtime.pipe.scheduler
+    (batched,) = engine.generate(params)
+    assert np.abs(np.asarray(batched, dtype=np.int16) - np.asarray(native, dtype=np.int16)).max() <= 2

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, dest="num_inference_steps", metavar="N", help="denoising steps")
     gen.add_argument("--guidance", type=_finite, dest="guidance_scale", metavar="G", help="guidance scale")
     gen.add_argument("--size", type=_size, metavar="WxH", help="image size, multiples of 8 (default: native)")
-    gen.add_argument("--scheduler", help="sampler: ddim, euler, euler_a, dpmpp_2m, unipc, pndm")
+    gen.add_argument("--scheduler", help="sampler: ddim, euler, euler_a, dpmpp_2m, unipc, pndm, native")
     gen.add_argument("--priority", choices=["high", "normal", "low"], help="queue priority")
     gen.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR", help="folder for the PNGs")
     gen.add_argument("--timeout", type=_seconds, default=600.0, metavar="S", help="give up waiting after S seconds")
