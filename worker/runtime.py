@@ -5,7 +5,6 @@ implementation. Owns torch; the API never imports this module.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import time
 import warnings
@@ -13,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import MethodType
 from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.core.jobs import GenerationParams, ModelInfo, Scheduler, image_seed
 
@@ -220,10 +221,35 @@ def check_size(info: ModelInfo, params: GenerationParams) -> None:
         raise ValueError(f"{problem[0]}: {problem[1]}")
 
 
+class ModelDefaults(BaseModel):
+    """What an `imagegen.json` may say (the registry entries' keys, plus the size bounds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: str | None = None
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    scheduler: Scheduler | None = None
+    prior_num_inference_steps: int | None = Field(None, ge=1)
+    prior_guidance_scale: float | None = Field(None, ge=0)
+    max_width: int | None = Field(None, ge=8)
+    max_height: int | None = Field(None, ge=8)
+
+
 def _read_defaults(source: str) -> dict[str, Any]:
-    """`imagegen.json` next to model_index.json, if the model is a folder that has one."""
+    """`imagegen.json` next to model_index.json, if the model is a folder that has one; a file that
+    is not such an object (a misspelt key, a size given as text) stops the worker, naming it."""
     path = Path(source) / DEFAULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return ModelDefaults.model_validate_json(path.read_bytes()).model_dump(exclude_none=True, mode="json")
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "the file"
+        raise ValueError(f"{path}: {where}: {err['msg']}") from None
 
 
 def _tokenizer(pipe: Any) -> Any:

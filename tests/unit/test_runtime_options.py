@@ -146,3 +146,30 @@ def test_a_model_saved_with_a_sampler_we_do_not_name_keeps_it(tmp_path) -> None:
     assert type(request.scheduler).__name__ == "DDPMScheduler" and request.scheduler is not runtime.pipe.scheduler
     (batched,) = engine.generate(params)
     assert np.abs(np.asarray(batched, dtype=np.int16) - np.asarray(native, dtype=np.int16)).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('{"width": "wide"}', "width"),
+        ('{"widht": 64}', "widht"),  # misspelt: it was ignored without a word
+        ('{"scheduler": "karras"}', "scheduler"),
+        ('["width", 64]', "the file"),  # not an object: a TypeError at start-up
+        ("{width: 64", "the file"),
+    ],
+)
+def test_imagegen_json_is_checked(tmp_path, text: str, where: str) -> None:
+    from worker.runtime import _read_defaults
+
+    (tmp_path / "imagegen.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"imagegen\.json: {where}"):
+        _read_defaults(str(tmp_path))
+
+
+def test_imagegen_json_sizes_given_as_text_are_numbers(tmp_path) -> None:
+    # "512" * 8 made the size bound a 24-digit number: no bound at all.
+    from worker.runtime import _read_defaults
+
+    (tmp_path / "imagegen.json").write_text('{"width": "512", "height": 512, "scheduler": "euler"}')
+    assert _read_defaults(str(tmp_path)) == {"width": 512, "height": 512, "scheduler": "euler"}
+    assert _read_defaults(str(tmp_path / "nowhere")) == {}
