@@ -615,7 +615,9 @@ class JobService:
         if job is not None and owner is not None and (job.meta or {}).get("owner") != owner:
             raise NotFoundError(f"no job {job_id}")
         if job is None:
-            if self.redis.exists(SEEN_PREFIX + job_id):
+            # The marker holds the owner: another key's expired job is a 404, as when it existed.
+            seen: Any = self.redis.get(SEEN_PREFIX + job_id)
+            if seen is not None and (owner is None or seen.decode() == owner):
                 raise GoneError(f"job {job_id} has expired and its results were deleted")
             raise NotFoundError(f"no job {job_id}")
         return job

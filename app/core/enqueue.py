@@ -34,7 +34,8 @@ from app.core.queue import SERIALIZER, enqueue_task
 # ARGV: job id, seen TTL, index score, `queued` event JSON, event TTL, event stream length bound,
 #       wake stream length bound, the owner's bound on waiting jobs (0: none), RQ's job key prefix,
 #       the hash fields every job of the queue shares (a JSON list of field/value pairs, packed
-#       once per queue), then the job's own field/value pairs
+#       once per queue), the owner ("" without keys: the seen marker's value), then the job's own
+#       field/value pairs
 # Listing entries older than the seen marker's TTL name jobs that are gone for certain: each
 # submission drops them from its index (listing drops expired ones too, but only for a caller who
 # lists; an owner who never does kept every entry for ever). A job that exists already is not
@@ -66,9 +67,9 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   end
   redis.call('SADD', KEYS[1], KEYS[2])
   redis.call('HSET', KEYS[3], unpack(cjson.decode(ARGV[10])))
-  redis.call('HSET', KEYS[3], unpack(ARGV, 11))
+  redis.call('HSET', KEYS[3], unpack(ARGV, 12))
   redis.call('RPUSH', KEYS[2], ARGV[1])
-  redis.call('SET', KEYS[4], 1, 'EX', ARGV[2])
+  redis.call('SET', KEYS[4], ARGV[11], 'EX', ARGV[2])
   redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[2])))
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', 'data', ARGV[4])
@@ -153,5 +154,5 @@ def script_args(
     ]
     bound = max_queued if owner is not None else 0
     argv = [job_id, seen_ttl, created.timestamp(), queued_event, event_ttl, events.STREAM_MAXLEN, WAKE_MAXLEN]
-    argv += [bound, queue.job_class.redis_job_namespace_prefix, job_hash.fixed]
+    argv += [bound, queue.job_class.redis_job_namespace_prefix, job_hash.fixed, owner or ""]
     return [len(keys), *keys, *argv, *job_hash.fields(params, meta, created)]

@@ -79,6 +79,32 @@ def test_a_submission_writes_what_rqs_own_enqueue_writes(redis_db, redis_server:
     assert service.view_placed(placed) == service.view(fetched, url).model_copy(update={"eta_seconds": placed.eta})
 
 
+@pytest.mark.parametrize("submit", ["sync", "async"])
+def test_an_expired_job_is_gone_for_its_owner_and_unknown_to_other_keys(redis_db, redis_server, submit) -> None:
+    """Another key got 410 for an expired job (404 while it existed): it learnt the job had been."""
+    from app.core.errors import GoneError, NotFoundError
+
+    service = make_service(redis_db, redis_server)
+    params = GenerationParams(prompt="x")
+    if submit == "sync":
+        placed = service.submit(params, owner="alice")
+        anonymous = service.submit(params)
+    else:
+        placed = asyncio.run(submit_async(service, params, owner="alice"))
+        anonymous = asyncio.run(submit_async(make_service(redis_db, redis_server), params))
+    redis_db.delete(Job.key_for(placed.id), Job.key_for(anonymous.id))  # as once they expire
+    with pytest.raises(GoneError):
+        service.get(placed.id, owner="alice")
+    with pytest.raises(NotFoundError):
+        service.get(placed.id, owner="bob")
+    with pytest.raises(GoneError):
+        service.get(placed.id)  # keys off: every job is everyone's
+    with pytest.raises(NotFoundError):
+        service.get(anonymous.id, owner="bob")  # made with keys off, asked for with one
+    with pytest.raises(GoneError):
+        service.get(anonymous.id)
+
+
 def test_a_variations_submission_writes_its_input_then_rqs_hash(redis_db, redis_server: RedisServer) -> None:
     from app.api.routes.variations import store_input
     from app.core.variations import VariationParams, input_key
