@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
@@ -92,6 +92,19 @@ POLL_MS = 500  # between non-blocking stream reads, once `max_streams` reads blo
 ETA_LOOKAHEAD = 100  # jobs ahead whose parameters are read for an ETA; the rest are extrapolated
 
 ImageUrl = Callable[[str, int], str]
+
+
+@dataclass
+class QueueReads:
+    """What the queued jobs of one answer (a listing's page) read of the queues, read once: a page
+    of 100 queued jobs read each queue's head, the jobs in it and the workers 100 times."""
+
+    heads: dict[str, list[str]] = field(default_factory=dict)  # queue key -> its first ids
+    lengths: dict[str, int] = field(default_factory=dict)  # queue key -> its length
+    running: dict[tuple[str, ...], list[str]] = field(default_factory=dict)  # a model's queues -> started ids
+    work: dict[str, float | None] = field(default_factory=dict)  # job id -> seconds of sampling left (None: gone)
+    live: dict[str, int] = field(default_factory=dict)  # first queue -> live workers
+    times: dict[str, float] | None = None  # measured seconds per step, by size
 
 
 def _stream_order(ident: str) -> tuple[int, int]:
@@ -775,6 +788,7 @@ class JobService:
         across pages. A bare `<score>` (the cursors of earlier versions) resumes below that time."""
         key = index_key(owner)
         position = _parse_cursor(cursor)
+        queues = QueueReads()  # the page's queued jobs share their reads of the queues (ETAs)
         found: list[JobView] = []
         scanned = 0
         while len(found) < limit and scanned < limit * 20:
@@ -789,7 +803,7 @@ class JobService:
                 if job is None:
                     self.redis.zrem(key, member)  # expired
                     continue
-                view = self.view(job, image_url)
+                view = self.view(job, image_url, queues)
                 if status is None or view.status is status:
                     found.append(view)
                     if len(found) == limit:
@@ -817,7 +831,9 @@ class JobService:
             error=None,
         )
 
-    def view(self, job: Job, image_url: ImageUrl) -> JobView:
+    def view(self, job: Job, image_url: ImageUrl, queues: QueueReads | None = None) -> JobView:
+        """The job as GET /jobs/{id} shows it; `queues` carries reads of the queues shared with
+        other views (a listing's page), else they are read for this job alone."""
         meta = job.meta or {}
         status = status_from_rq(job.get_status(refresh=False), meta)
         params = _job_params(job)
@@ -833,8 +849,9 @@ class JobService:
         elif status in (JobStatus.failed, JobStatus.canceled):
             error = JobErrorInfo(**meta["error"]) if meta.get("error") else self._rq_failure(job)
         elif status is JobStatus.queued:
-            position = self.queue_position(job)
-            eta = self._eta_queued(job, params, position)
+            reads = queues or QueueReads()
+            position = self.queue_position(job, reads)
+            eta = self._eta_queued(job, params, position, reads)
             progress = {"step": 0, "total": progress.get("total", total)}  # re-queued: it starts over
         else:
             eta = self._remaining(params, progress.get("step", 0))
@@ -875,15 +892,28 @@ class JobService:
         model = model_of_queue(job.origin)
         return self.queues if model in (None, self.settings.model) else get_queues(self.redis, model)
 
-    def queue_position(self, job: Job) -> int | None:
+    def queue_position(self, job: Job, reads: QueueReads | None = None) -> int | None:
         """0 = next to run: every job in higher-priority queues, then those ahead in its own."""
+        reads = reads or QueueReads()
         ahead = 0
         for queue in self._queues_of(job):
             if queue.name == job.origin:
+                head = self._head(queue, reads)
+                if job.id in head:
+                    return ahead + head.index(job.id)
                 index = self.redis.lpos(queue.key, job.id)
                 return None if index is None else ahead + int(index)  # type: ignore[arg-type]
-            ahead += int(self.redis.llen(queue.key))  # type: ignore[arg-type]
+            if queue.key not in reads.lengths:
+                reads.lengths[queue.key] = int(self.redis.llen(queue.key))  # type: ignore[arg-type]
+            ahead += reads.lengths[queue.key]
         return None
+
+    def _head(self, queue: Queue, reads: QueueReads) -> list[str]:
+        """The first ETA_LOOKAHEAD + 1 ids of a queue, read once per `reads`."""
+        if queue.key not in reads.heads:
+            ids: Any = self.redis.lrange(queue.key, 0, ETA_LOOKAHEAD)
+            reads.heads[queue.key] = [i.decode() for i in ids]
+        return reads.heads[queue.key]
 
     def _steptimes(self) -> dict[str, float]:
         raw = self.redis.hgetall(steptime_key(self.settings.model)) or {}
@@ -904,34 +934,51 @@ class JobService:
         total = _int(params.get("num_inference_steps"))
         return self._work(params, max(0, total - step), self._steptimes())
 
-    def _eta_queued(self, job: Job, params: dict[str, Any], position: int | None) -> float | None:
-        times = self._steptimes()
+    def _eta_queued(
+        self, job: Job, params: dict[str, Any], position: int | None, reads: QueueReads | None = None
+    ) -> float | None:
+        reads = reads or QueueReads()
+        if reads.times is None:
+            reads.times = self._steptimes()
+        times = reads.times
         own = self._work(params, _int(params.get("num_inference_steps")), times)
         if own is None or position is None:
             return None
         ahead_ids: list[str] = []
         queues = self._queues_of(job)
         for queue in queues:
-            ids = [i.decode() for i in self.redis.lrange(queue.key, 0, ETA_LOOKAHEAD)]  # type: ignore[union-attr]
+            ids = self._head(queue, reads)
             if queue.name == job.origin:
                 ahead_ids += ids[: ids.index(job.id)] if job.id in ids else ids
                 break
             ahead_ids += ids
         ahead_ids = ahead_ids[:ETA_LOOKAHEAD]
-        running = [jid for q in queues for jid in q.started_job_registry.get_job_ids(cleanup=False)]
+        group = tuple(q.name for q in queues)
+        if group not in reads.running:
+            reads.running[group] = [jid for q in queues for jid in q.started_job_registry.get_job_ids(cleanup=False)]
+        running = reads.running[group]
+        # Each job's remaining work is read once per `reads` (a page lists jobs of the same queues).
+        unread = [jid for jid in dict.fromkeys(ahead_ids + running) if jid not in reads.work]
+        fetched = Job.fetch_many(unread, connection=self.redis, serializer=SERIALIZER)
+        for jid, other in zip(unread, fetched, strict=True):
+            if other is None:
+                reads.work[jid] = None
+                continue
+            p = _job_params(other)
+            step = ((other.meta or {}).get("progress") or {}).get("step", 0)
+            reads.work[jid] = self._work(p, _int(p.get("num_inference_steps")) - step, times) or 0.0
         total = own
         seen = 0
-        for other in Job.fetch_many(ahead_ids + running, connection=self.redis, serializer=SERIALIZER):
-            if other is None:
-                continue
-            meta = other.meta or {}
-            p = _job_params(other)
-            step = (meta.get("progress") or {}).get("step", 0)
-            total += self._work(p, _int(p.get("num_inference_steps")) - step, times) or 0.0
-            seen += 1
+        for jid in ahead_ids + running:
+            work = reads.work.get(jid)
+            if work is not None:
+                total += work
+                seen += 1
         if position > seen and seen:  # more waiting than we read: extrapolate their average
             total += (total - own) / seen * (position - seen)
-        live = live_on_queue(self.redis, queues[0].name, self.settings.worker_heartbeat)
+        if queues[0].name not in reads.live:
+            reads.live[queues[0].name] = live_on_queue(self.redis, queues[0].name, self.settings.worker_heartbeat)
+        live = reads.live[queues[0].name]
         return total / live if live else None  # no live worker: no honest estimate
 
     @staticmethod
