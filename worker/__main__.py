@@ -48,7 +48,11 @@ def main() -> int:
     from worker.worker import ImagegenWorker
 
     started = time.perf_counter()
-    runtime = DiffusersRuntime.load(settings)
+    try:
+        runtime = DiffusersRuntime.load(settings)
+    except (OSError, ValueError) as exc:  # no such folder or hub id, weights missing, a bad imagegen.json
+        log.error("cannot load model %r: %s", settings.model, str(exc).splitlines()[0] if str(exc) else exc)
+        return 1
     engine = None
     if settings.max_batch > 1:
         from worker.batching import BatchEngine

@@ -248,3 +248,24 @@ def test_job_timeout_and_full_queue(env) -> None:
         assert [r.status_code for r in answers] == [202, 202, 202, 429, 429]
         full = answers[-1]
         assert full.json()["error"]["code"] == "rate_limited" and int(full.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("problem", ["no such model", "bad imagegen.json"])
+def test_a_model_that_cannot_load_stops_the_worker_with_one_line(env, problem: str) -> None:
+    """No such folder or hub id, missing weights or a bad imagegen.json ended in a traceback."""
+    import shutil
+
+    from models.registry import resolve
+
+    server, env, procs, tmp = env
+    folder = tmp / "model"
+    if problem == "bad imagegen.json":
+        shutil.copytree(resolve("tiny-random"), folder)
+        (folder / "imagegen.json").write_text('{"widht": 64}')
+    proc = start_worker(env | {"IMAGEGEN_MODEL": str(folder), "HF_HUB_OFFLINE": "1"}, tmp / "w.log")
+    procs.append(proc)
+    wait_for(lambda: not proc.alive(), 120, "the worker to exit")
+    output = proc.output()
+    assert proc.popen.returncode == 1, output[-2000:]
+    assert "Traceback" not in output and f"cannot load model '{folder}'" in output, output[-2000:]
+    assert "widht" in output if problem == "bad imagegen.json" else "model_index.json" in output
