@@ -436,3 +436,21 @@ def test_an_outage_mid_job_is_logged_once_not_at_every_step(env, redis_db, monke
     assert job.get_status(refresh=True) == "finished" and Flaky.failures == 0
     said = [r.getMessage() for r in caplog.records if r.name == "worker.tasks"]
     assert sum("not recorded" in m for m in said) == 1 and sum("recorded again" in m for m in said) == 1, said
+
+
+def test_an_idle_worker_stops_listening_for_commands_within_seconds(env) -> None:
+    """RQ joins its command listener without a limit at shutdown; a listener that had read its
+    unsubscribe reply then waited out 60 s for a subscription (an idle worker's SIGTERM took 64 s)."""
+    import threading
+
+    _, _, _, worker = env
+    worker.subscribe()
+    time.sleep(0.2)
+    worker.pubsub.unsubscribe()  # the reply is read: the listener now waits for a subscription
+    deadline = time.monotonic() + 5
+    while worker.pubsub.subscribed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker.pubsub.subscribed
+    done = threading.Event()
+    threading.Thread(target=lambda: (worker.unsubscribe(), done.set()), daemon=True).start()
+    assert done.wait(5), "the listener held the worker's shutdown"
