@@ -25,7 +25,7 @@ from app.core.auth import (
     store_key,
     update_grants,
 )
-from app.core.config import Settings
+from app.core.config import Settings, load_settings
 from app.core.queue import connect
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     rm = sub.add_parser("revoke", help="revoke a key, by name or digest prefix (8+ hex digits)")
     rm.add_argument("name_or_prefix")
     args = parser.parse_args(argv)
-    settings = Settings()
+    settings = load_settings("keys")
     redis = connect(settings.redis_url)
     try:
         return _run(parser, args, settings, redis)

@@ -25,7 +25,7 @@ from app.api.services import JobService
 from app.api.uploads import UploadAwareBodySizeLimit
 from app.core import logs
 from app.core.auth import KEYS_HASH, ImageLinks
-from app.core.config import Settings
+from app.core.config import Settings, load_settings
 from app.core.process import tune_gc
 from app.core.queue import connect, connect_async
 from app.core.storage import make_store
@@ -39,7 +39,7 @@ download `GET /jobs/{id}/images/{index}`."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or load_settings("api")
     logs.configure(settings.log_level, settings.log_format, "api")
 
     @asynccontextmanager

@@ -11,17 +11,11 @@ import threading
 import time
 from typing import Any
 
-from pydantic import ValidationError
-
 
 def main() -> int:
-    from app.core.config import Settings
+    from app.core.config import load_settings
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"imagegen worker: bad settings:\n{exc}", file=sys.stderr)
-        return 2
+    settings = load_settings("worker")
     from app.core import logs
 
     logs.configure(settings.log_level, settings.log_format, "worker")
@@ -32,6 +26,9 @@ def main() -> int:
     pin_threads(settings.pin_threads, os.environ)
     import torch
 
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        log.error("IMAGEGEN_DEVICE=cuda, but this torch (%s) sees no CUDA device", torch.__version__)
+        return 1
     if settings.threads:
         torch.set_num_threads(settings.threads)
 

@@ -6,10 +6,11 @@ Nothing here reads the environment at import time; call `Settings()` (or `get_se
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "tiny-shapes"
@@ -122,8 +123,36 @@ class Settings(BaseSettings):
             raise ValueError("IMAGEGEN_PUBLIC_URL must start with http:// or https://")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("IMAGEGEN_REDIS_URL must start with redis://, rediss:// or unix://")
+        from redis.connection import parse_url
+
+        try:
+            parse_url(self.redis_url)
+        except ValueError as exc:  # a port or database that is not a number, say (the URL is not shown)
+            raise ValueError(f"IMAGEGEN_REDIS_URL is not a valid Redis URL ({type(exc).__name__})") from None
         if any(len(k) < 16 for k in self.api_key_list):
             raise ValueError("IMAGEGEN_API_KEYS: every key must be at least 16 characters")
         if self.dtype != "float32" and self.device == "cpu":
             raise ValueError("IMAGEGEN_DTYPE=float16/bfloat16 needs IMAGEGEN_DEVICE=cuda")
         return self
+
+
+def settings_problems(exc: ValidationError) -> list[str]:
+    """One line per problem, naming the variable; never the values, which may hold secrets
+    (pydantic's own message quotes every setting read, the Redis password and API keys among them)."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        where = "IMAGEGEN_" + str(err["loc"][0]).upper() if err["loc"] else ""
+        lines.append(f"{where}: {msg}" if where else msg)
+    return lines
+
+
+def load_settings(process: str) -> Settings:
+    """The settings from the environment; nonsense stops the process with the problems listed
+    (exit code 2), never a traceback or a value."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "\n".join(f"  {line}" for line in settings_problems(exc))
+        print(f"imagegen {process}: bad settings:\n{problems}", file=sys.stderr)
+        raise SystemExit(2) from None
