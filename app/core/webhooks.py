@@ -112,6 +112,19 @@ def _blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
+def shown(url: str) -> str:
+    """A webhook URL as logs show it: scheme and host only. Receivers often carry a token in the
+    path or query, which would otherwise land in the operator's logs."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<malformed URL>"
+    rest = "/…" if parts.path.strip("/") or parts.query or parts.fragment else ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}{rest}"
+
+
 def _parts(url: str) -> SplitResult:
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
         raise WebhookTargetError("webhook URLs must not contain spaces or control characters")
@@ -181,7 +194,7 @@ def attempt(
         parts = _parts(url)
         address = _addresses(parts, allow_private, resolve)[0]
     except WebhookTargetError as exc:
-        log.warning("webhook %r refused: %s", url, exc)
+        log.warning("webhook %s refused: %s", shown(url), exc)
         return False
     host = f"[{address}]" if ":" in address else address
     pinned = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
@@ -201,13 +214,13 @@ def attempt(
     try:
         response = http.post(pinned, content=body, headers=headers, extensions=extensions)
     except Exception as exc:  # httpx's errors, and whatever a client closed under a request raises
-        log.info("webhook %r failed: %s", url, type(exc).__name__)
+        log.info("webhook %s failed: %s", shown(url), type(exc).__name__)
         return None
     finally:
         timer.cancel()
         http.close()
     if response.status_code in RETRY_STATUSES:
-        log.info("webhook %r failed: HTTP %d", url, response.status_code)
+        log.info("webhook %s failed: HTTP %d", shown(url), response.status_code)
         return None
     return response.status_code < 400
 
@@ -273,7 +286,7 @@ class WebhookSender:
             if len(pending) > self.MAX_PENDING:
                 drop = next((i for i in range(first, len(pending)) if pending[i].progress), first)
                 del pending[drop]
-                log.warning("webhook %r: %d events waiting; one dropped", url, self.MAX_PENDING)
+                log.warning("webhook %s: %d events waiting; one dropped", shown(url), self.MAX_PENDING)
             self._ready.notify()
 
     def close(self, timeout: float = 10) -> None:
@@ -316,7 +329,7 @@ class WebhookSender:
                     allow_private=self.settings.webhook_allow_private,
                 )
             except Exception:
-                log.exception("webhook delivery to %r crashed", url)
+                log.exception("webhook delivery to %s crashed", shown(url))
                 outcome = False
             with self._ready:
                 target.busy = False
@@ -326,7 +339,7 @@ class WebhookSender:
                         target.not_before = time.monotonic() + backoff(target.failures)
                         self._ready.notify_all()
                         continue
-                    log.warning("webhook %r gave up after %d attempts", url, target.failures)
+                    log.warning("webhook %s gave up after %d attempts", shown(url), target.failures)
                 target.pending.popleft()
                 target.failures, target.not_before = 0, 0.0
                 if not target.pending:

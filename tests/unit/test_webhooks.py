@@ -71,20 +71,35 @@ def test_delivery_retries_with_backoff_then_succeeds() -> None:
     assert verify("k", headers["x-imagegen-timestamp"], got, headers["x-imagegen-signature"])
 
 
-def test_delivery_gives_up_and_never_reaches_refused_targets() -> None:
+def test_delivery_gives_up_and_never_reaches_refused_targets(caplog) -> None:
     from app.core.config import Settings
     from app.core.webhooks import WebhookSender, attempt
 
     receiver = WebhookReceiver(fail=99)
     sender = WebhookSender(Settings(webhook_secret="k", webhook_allow_private=True, webhook_max_attempts=3))
+    url = receiver.url + "?token=receiver-secret-123"  # receivers often carry their token so
+    caplog.set_level("INFO", logger="app.core.webhooks")
     try:
-        sender.submit(receiver.url, _event("succeeded", "job-a"))
+        sender.submit(url, _event("succeeded", "job-a"))
         sender.close(timeout=10)
         assert receiver.attempts == 3
-        assert attempt(receiver.url, b"{}", secret="k", allow_private=False) is False
+        assert attempt(url, b"{}", secret="k", allow_private=False) is False
         assert receiver.attempts == 3  # loopback refused: nothing was sent
     finally:
         receiver.close()
+    # Every failure and the refusal were logged with the host only: no path, no token.
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("http://127.0.0.1:" in line for line in lines) >= 4, lines
+    assert not any("receiver-secret" in line or "/hook" in line for line in lines), lines
+
+
+def test_webhook_urls_are_shown_without_their_path() -> None:
+    from app.core.webhooks import shown
+
+    assert shown("https://hooks.example.com/t/abc?sig=1") == "https://hooks.example.com/…"
+    assert shown("https://hooks.example.com") == "https://hooks.example.com"
+    assert shown("http://[::1]:8080/x") == "http://[::1]:8080/…"
+    assert shown("https://example.com:99999/x") == "<malformed URL>"
 
 
 @pytest.mark.parametrize(
