@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,12 +18,20 @@ from tests.procs import ROOT, free_port, wait_for
 pytestmark = pytest.mark.integration
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _started_by(data: Path) -> list[int]:
+    """Processes `make run` started for this data folder (each runs in a session of its own):
+    found by the folder in their command line (Redis) or environment (worker, API)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            text = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(data).encode() in text:
+            found.append(int(proc.name))
+    return found
 
 
 def assert_red_blob_on_blue(image: Image.Image) -> None:
@@ -47,7 +56,7 @@ def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
     # The data folder given relative to the checkout, as README's `.data` default reads: it made a
     # socket URL (`unix://../x/redis.sock`) that named no socket, and the worker never connected.
     data = os.path.relpath(tmp_path / "data", ROOT)
-    env.update(IMAGEGEN_PORT=str(port), IMAGEGEN_DATA_DIR=data, IMAGEGEN_THREADS="1")
+    env.update(IMAGEGEN_PORT=str(port), IMAGEGEN_DATA_DIR=data, IMAGEGEN_THREADS="1", IMAGEGEN_SHUTDOWN_GRACE="2")
     log = open(tmp_path / "make-run.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         ["make", "-s", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -84,16 +93,32 @@ def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
         assert followed.returncode == 0, followed.stderr
         kinds = [line.split(":", 1)[1].strip() for line in followed.stdout.splitlines() if line.startswith("event:")]
         assert kinds[0] == "queued" and kinds[-1] == "succeeded", followed.stdout
+        # A second one on the same data folder refuses to start (it took over the first's Redis).
+        second = subprocess.run(
+            ["make", "-s", "run"], cwd=ROOT, env=env | {"IMAGEGEN_PORT": str(free_port())},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert second.returncode != 0 and "another `make run` is using" in second.stderr, second.stderr
+        assert httpx.get(base + "/readyz", timeout=5).status_code == 200
+        # Ctrl-C while a job samples: the worker hands it back to the queue, Redis still up.
+        long = httpx.post(base + "/generate", json={"prompt": "long", "num_inference_steps": 150, "width": 128,
+                                                    "height": 128}, timeout=10).json()  # fmt: skip
+        wait_for(lambda: httpx.get(f"{base}/jobs/{long['id']}", timeout=5).json()["status"] == "running", 60, "it")
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         try:
-            proc.wait(30)
+            proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            for pid in _started_by(tmp_path / "data"):
+                os.kill(pid, signal.SIGKILL)
             raise
         deadline = time.monotonic() + 30
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
+        while _started_by(tmp_path / "data") and time.monotonic() < deadline:
             time.sleep(0.1)
         log.close()
-    assert not _group_alive(proc.pid), "Ctrl-C left processes running"
+    assert not _started_by(tmp_path / "data"), "Ctrl-C left processes running"
     assert list((tmp_path / "data").glob("appendonlydir/*.aof")) or (tmp_path / "data" / "appendonly.aof").exists()
+    output = (tmp_path / "make-run.log").read_text()
+    assert f"job {long['id']}: shutting down, handing the job back to the queue" in output, output[-3000:]
+    assert "Traceback" not in output and "ConnectionError" not in output, output[-3000:]
