@@ -64,6 +64,11 @@ def main() -> int:
     sender = WebhookSender(settings) if settings.webhook_secret else None
     sink = EventSink(connection, settings, sender)
     if isinstance(store, LocalImageStore):
+        try:
+            store.check_writable()
+        except OSError as exc:
+            log.error("cannot write images to IMAGEGEN_RESULTS_DIR=%s: %s", store.root, exc.strerror or exc)
+            return 1
         start_sweeper(store, connection, settings.sweep_interval)
 
     def new_worker() -> ImagegenWorker:

@@ -47,6 +47,14 @@ class LocalImageStore:
         job_id, index = _check(job_id, index)
         return self.root / job_id / f"{index}.png"
 
+    def check_writable(self) -> None:
+        """Raise OSError unless a file can be written here (a worker checks before it takes jobs:
+        otherwise each job sampled, failed to store, and ran again on every retry)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=self.root, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+
     def put(self, job_id: str, index: int, png: bytes, ttl: int) -> None:
         path = self._path(job_id, index)
         path.parent.mkdir(parents=True, exist_ok=True)

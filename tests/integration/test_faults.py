@@ -269,3 +269,17 @@ def test_a_model_that_cannot_load_stops_the_worker_with_one_line(env, problem: s
     assert proc.popen.returncode == 1, output[-2000:]
     assert "Traceback" not in output and f"cannot load model '{folder}'" in output, output[-2000:]
     assert "widht" in output if problem == "bad imagegen.json" else "model_index.json" in output
+
+
+def test_a_results_dir_that_cannot_be_written_stops_the_worker(env) -> None:
+    """The worker started and reported ready; every job then sampled, failed to store its PNGs and
+    ran again on each retry."""
+    server, env, procs, tmp = env
+    blocked = tmp / "not-a-folder"
+    blocked.write_text("a file where the results folder should be")
+    proc = start_worker(env | {"IMAGEGEN_RESULTS_DIR": str(blocked)}, tmp / "w.log")
+    procs.append(proc)
+    wait_for(lambda: not proc.alive(), 120, "the worker to exit")
+    output = proc.output()
+    assert proc.popen.returncode == 1, output[-2000:]
+    assert f"cannot write images to IMAGEGEN_RESULTS_DIR={blocked}" in output and "Traceback" not in output
