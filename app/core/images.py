@@ -9,7 +9,7 @@ import io
 import threading
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 MAX_INPUT_BYTES = 4 * 1024 * 1024
 MAX_INPUT_SIDE = 4096
@@ -110,6 +110,20 @@ def _signed_as_ours(data: bytes) -> bool:
     return data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
+def _grey16(image: Image.Image) -> Image.Image:
+    """16-bit grey as 8-bit ("L"), or with its transparent value (PNG's tRNS) as alpha ("LA"):
+    its transparent pixels came out black instead of white."""
+    grey = image.point(lambda v: v / 256).convert("L")
+    key = image.info.get("transparency")
+    if not isinstance(key, int):
+        return grey
+    # Alpha 0 exactly where the value is the key: |v - key| scaled up, clipped to 0..255 as 8-bit.
+    wide = image.convert("I")
+    above = wide.point(lambda v: (v - key) * 255).convert("L")
+    below = wide.point(lambda v: (key - v) * 255).convert("L")
+    return Image.merge("LA", (grey, ImageChops.lighter(above, below)))
+
+
 def _to_rgb(image: Image.Image, fit: int | None = None) -> Image.Image:
     """RGB pixels; transparent areas become white rather than whatever colour they hide. An image
     of more than twice `fit` on a side is first shrunk by a whole factor (box averaging), so the
@@ -122,7 +136,7 @@ def _to_rgb(image: Image.Image, fit: int | None = None) -> Image.Image:
         if image.mode == "1":
             image = image.convert("L")
         if image.mode.startswith("I;16"):
-            image = image.point(lambda v: v / 256).convert("L")  # 16-bit grey has no direct RGB conversion
+            image = _grey16(image)  # 16-bit grey has no direct RGB conversion
         if factor >= 2:
             image = image.reduce(factor)
     if image.mode in ("RGBA", "LA", "PA"):

@@ -58,14 +58,17 @@ def test_metadata_is_dropped_and_transparency_becomes_white() -> None:
     assert "secret" not in out.info and out.getpixel((0, 0)) == (255, 255, 255)
 
 
-@pytest.mark.parametrize(("mode", "key"), [("RGB", (0, 0, 255)), ("L", 29)])
+@pytest.mark.parametrize(("mode", "key"), [("RGB", (0, 0, 255)), ("L", 29), ("I;16", 300)])
 def test_a_colour_marked_transparent_becomes_white(mode: str, key: object) -> None:
-    # PNG's tRNS chunk on RGB or grey images: one colour is transparent (it kept its colour before).
+    # PNG's tRNS chunk on RGB or grey images: one colour is transparent (it kept its colour before;
+    # 16-bit grey came out black).
     source = Image.new(mode, (6, 6), key)  # type: ignore[arg-type]
-    source.putpixel((0, 0), (200, 40, 20) if mode == "RGB" else 200)
+    source.putpixel((0, 0), {"RGB": (200, 40, 20), "L": 200, "I;16": 200 * 256}[mode])
+    source.putpixel((0, 1), {"RGB": (0, 0, 254), "L": 28, "I;16": 301}[mode])  # next to the key: opaque
     out = decode(normalize_image(encode(source, "PNG", transparency=key)))
     assert out.getpixel((3, 3)) == (255, 255, 255)
     assert out.getpixel((0, 0)) == ((200, 40, 20) if mode == "RGB" else (200, 200, 200))
+    assert out.getpixel((0, 1)) != (255, 255, 255)
 
 
 def test_palette_grey_and_16_bit_inputs_are_converted() -> None:
