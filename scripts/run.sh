@@ -15,13 +15,6 @@ export IMAGEGEN_MODEL_CACHE=${IMAGEGEN_MODEL_CACHE:-$DATA/models}
 # One worker on this machine: its torch threads may each keep a core (see IMAGEGEN_PIN_THREADS).
 export IMAGEGEN_PIN_THREADS=${IMAGEGEN_PIN_THREADS:-true}
 
-# One `make run` per data folder: a second one took over the first's Redis socket, then removed it.
-exec 9>"$DATA/run.lock"
-if ! flock -n 9; then
-  echo "another \`make run\` is using $DATA; stop it first, or give this one IMAGEGEN_DATA_DIR" >&2
-  exit 1
-fi
-
 # Each process runs in a session of its own, so Ctrl-C reaches only this script, which stops
 # them in order: the worker and the API first (the worker finishes its job or hands it back to
 # the queue within IMAGEGEN_SHUTDOWN_GRACE, and needs Redis for that), then Redis. Ctrl-C used to
@@ -29,6 +22,7 @@ fi
 services=()
 redis_pid=""
 stop() {
+  set +e  # every step runs: a write to a terminal that hung up (SIGHUP) must not end the stopping
   trap - INT TERM HUP EXIT
   trap 'kill -KILL "${services[@]}" 2>/dev/null || true' INT  # a second Ctrl-C: no more waiting
   if [ ${#services[@]} -gt 0 ]; then
@@ -44,6 +38,12 @@ stop() {
 trap stop INT TERM HUP EXIT
 
 if [ -z "${IMAGEGEN_REDIS_URL:-}" ]; then
+  # One private Redis per data folder: a second `make run` took over the first's socket, then removed it.
+  exec 9>"$DATA/run.lock"
+  if ! flock -n 9; then
+    echo "another \`make run\` is using $DATA; stop it first, or give this one IMAGEGEN_DATA_DIR" >&2
+    exit 1
+  fi
   scripts/ensure-redis-server.sh
   sock="$DATA/redis.sock"
   # AOF with fsync every second: accepted jobs survive a crash of Redis itself.
@@ -63,9 +63,9 @@ if [ -z "${IMAGEGEN_REDIS_URL:-}" ]; then
   echo "redis: $IMAGEGEN_REDIS_URL (data in $DATA)"
 fi
 
-setsid "$BIN/python" -m worker &
+setsid "$BIN/python" -m worker 9>&- &
 services+=($!)
-setsid "$BIN/uvicorn" app.main:app --host "$HOST" --port "$PORT" --no-access-log &
+setsid "$BIN/uvicorn" app.main:app --host "$HOST" --port "$PORT" --no-access-log 9>&- &
 services+=($!)
 echo "imagegen: http://$HOST:$PORT (model ${IMAGEGEN_MODEL:-tiny-shapes}); Ctrl-C stops everything"
 # Stop all when any one of them exits.
