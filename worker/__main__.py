@@ -47,16 +47,17 @@ def main() -> int:
     started = time.perf_counter()
     try:
         runtime = DiffusersRuntime.load(settings)
-    except (OSError, ValueError) as exc:  # no such folder or hub id, weights missing, a bad imagegen.json
+        engine = None
+        if settings.max_batch > 1:
+            from worker.batching import BatchEngine
+
+            engine = BatchEngine.create(runtime, settings.invariant_batches, max_rows=2 * settings.max_batch)
+        # Generation jobs run through the engine when there is one, else through the pipeline.
+        (engine or runtime).warm_up()
+    except (OSError, ValueError) as exc:
+        # No such folder or hub id, weights missing, a bad imagegen.json, defaults the model refuses.
         log.error("cannot load model %r: %s", settings.model, str(exc).splitlines()[0] if str(exc) else exc)
         return 1
-    engine = None
-    if settings.max_batch > 1:
-        from worker.batching import BatchEngine
-
-        engine = BatchEngine.create(runtime, settings.invariant_batches, max_rows=2 * settings.max_batch)  # or None
-    # Generation jobs run through the engine when there is one, else through the pipeline.
-    (engine or runtime).warm_up()
     log.info("model %s ready in %.2fs (load + warm-up)", settings.model, time.perf_counter() - started)
 
     connection = connect(settings.redis_url)

@@ -226,16 +226,18 @@ class ModelDefaults(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # The bounds requests have (a default beyond them would be every request's, unchecked); the
+    # model's own size multiple (Kandinsky's 64) is checked by the warm-up.
     family: str | None = None
-    width: int | None = Field(None, ge=8)
-    height: int | None = Field(None, ge=8)
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0)
+    width: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    num_inference_steps: int | None = Field(None, ge=1, le=150)
+    guidance_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False)
     scheduler: Scheduler | None = None
-    prior_num_inference_steps: int | None = Field(None, ge=1)
-    prior_guidance_scale: float | None = Field(None, ge=0)
-    max_width: int | None = Field(None, ge=8)
-    max_height: int | None = Field(None, ge=8)
+    prior_num_inference_steps: int | None = Field(None, ge=1, le=150)
+    prior_guidance_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False)
+    max_width: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    max_height: int | None = Field(None, ge=8, le=8192, multiple_of=8)
 
 
 def _read_defaults(source: str) -> dict[str, Any]:

@@ -154,6 +154,9 @@ def test_a_model_saved_with_a_sampler_we_do_not_name_keeps_it(tmp_path) -> None:
         ('{"width": "wide"}', "width"),
         ('{"widht": 64}', "widht"),  # misspelt: it was ignored without a word
         ('{"scheduler": "karras"}', "scheduler"),
+        ('{"width": 36}', "width"),  # not a multiple of 8: every job (and the warm-up) refused
+        ('{"num_inference_steps": 1000}', "num_inference_steps"),  # beyond what a request may ask
+        ('{"guidance_scale": 1e999}', "guidance_scale"),
         ('["width", 64]', "the file"),  # not an object: a TypeError at start-up
         ("{width: 64", "the file"),
     ],
