@@ -630,7 +630,8 @@ class JobService:
         if job is None:
             # The marker holds the owner: another key's expired job is a 404, as when it existed.
             seen: Any = self.redis.get(SEEN_PREFIX + job_id)
-            if seen is not None and (owner is None or seen.decode() == owner):
+            # "1": a marker written before markers held the owner (they expire within a week).
+            if seen is not None and (owner is None or seen.decode() in (owner, "1")):
                 raise GoneError(f"job {job_id} has expired and its results were deleted")
             raise NotFoundError(f"no job {job_id}")
         return job
