@@ -103,6 +103,10 @@ def test_an_expired_job_is_gone_for_its_owner_and_unknown_to_other_keys(redis_db
         service.get(anonymous.id, owner="bob")  # made with keys off, asked for with one
     with pytest.raises(GoneError):
         service.get(anonymous.id)
+    legacy = "0b0e4c1e-3f4a-4b8e-9a3c-2d6f1e7a9b10"  # a marker from before markers held the owner
+    redis_db.set(f"imagegen:seen:{legacy}", 1)
+    with pytest.raises(GoneError):
+        service.get(legacy, owner="alice")
 
 
 def test_a_variations_submission_writes_its_input_then_rqs_hash(redis_db, redis_server: RedisServer) -> None:
