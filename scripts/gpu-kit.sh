@@ -14,7 +14,7 @@ PACKAGES=(
   diffusers importlib-metadata lazy-importer
   fastapi starlette opentelemetry-api python-multipart sse-starlette uvicorn
   pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection typing-extensions
-  redis hiredis rq croniter httpx-sse
+  redis hiredis rq croniter
 )
 specs=()
 for name in "${PACKAGES[@]}"; do

@@ -361,7 +361,7 @@ def test_cli_generate_writes_pngs_and_shows_progress(stack: Stack, tmp_path: Pat
 
 
 def test_console_script_generate_status_cancel(stack: Stack, tmp_path: Path) -> None:
-    assert CONSOLE_SCRIPT.exists(), "the `imagegen` console script is missing: run `make venv` (pip install -e .)"
+    assert CONSOLE_SCRIPT.exists(), "no `imagegen` console script: run `make venv` (pip install -e ./clients/python)"
     args = ["generate", "a blue square", "--steps", "2", "--size", "32x32", "-q", "-o", str(tmp_path)]
     r = cli(args, stack.base_url, script=True)
     assert r.returncode == 0 and r.stderr == "", r.stderr
