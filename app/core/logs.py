@@ -79,3 +79,7 @@ def configure(level: str, fmt: str, process: str) -> None:
             logger.filters = [f for f in logger.filters if not isinstance(f, RedactSignatures)] + [RedactSignatures()]
         logger.propagate = True
         logger.setLevel(logging.NOTSET)  # IMAGEGEN_LOG_LEVEL decides, not uvicorn's own INFO
+    # httpx logs every request at INFO with its full URL: webhook targets, tokens in their query
+    # included. Our own lines say what happened to each delivery (scheme and host only).
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -127,6 +127,24 @@ def test_logging_keeps_uvicorns_access_log_off_when_asked(monkeypatch) -> None:
     assert access.propagate and access.handlers == [] and access.getEffectiveLevel() == logging.WARNING
 
 
+def test_logging_leaves_out_httpxs_request_lines(monkeypatch) -> None:
+    """httpx logs each request at INFO with its whole URL: a webhook target's token went into the
+    logs with it. Its warnings still come through, at any level."""
+    import logging
+
+    from app.core import logs
+
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "rq.worker")]
+    for logger in [*loggers, logging.getLogger("httpx"), logging.getLogger("httpcore")]:
+        for attr in ("handlers", "level", "propagate", "filters"):  # restored after the test
+            monkeypatch.setattr(logger, attr, getattr(logger, attr))
+    logs.configure("INFO", "text", "worker")
+    httpx = logging.getLogger("httpx")
+    assert not httpx.isEnabledFor(logging.INFO) and httpx.isEnabledFor(logging.WARNING)
+    logs.configure("DEBUG", "text", "worker")
+    assert not httpx.isEnabledFor(logging.INFO)
+
+
 def test_job_progress_is_never_missing() -> None:
     from types import SimpleNamespace
 
