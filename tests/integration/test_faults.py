@@ -209,7 +209,7 @@ def test_worker_sigterm_finishes_its_job_or_requeues_it_after_the_grace(env) -> 
 
         assert [e.type.value for _, e in events.read(server.client(), long_job["id"])][-1] == "queued"
         _worker(server, env, procs, tmp, "finisher")
-        assert _wait(http, long_job["id"], 120)["status"] == "succeeded"
+        assert _wait(http, long_job["id"], 300)["status"] == "succeeded"  # 150 steps again, on a slow machine 2 min
 
 
 def test_worker_sigterm_while_redis_is_away_stops_it(env) -> None:
