@@ -28,6 +28,7 @@ from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job
 from sse_starlette.sse import AppStatus
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -350,8 +351,24 @@ def list_models(settings: SettingsDep, redis: RedisDep) -> ModelList:
     return ModelList(data=[ModelCard(id=name) for name in [settings.model, *others]])
 
 
+class _AnyText(Convertor[str]):
+    """A path parameter that takes any text, slashes and newlines included (Starlette's `path`
+    stops at a newline, and the request then missed the route: a 404 in the wrong shape)."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anytext", _AnyText())
+
+
 @router.get(
-    "/models/{model:path}",  # hub ids and folders have slashes: `org/name`, `org%2Fname` alike
+    "/models/{model:anytext}",  # hub ids and folders have slashes: `org/name`, `org%2Fname` alike
     response_model=ModelCard,
     responses={404: {"model": OpenAIErrorEnvelope}},
     summary="One served model (OpenAI-compatible)",
