@@ -412,44 +412,41 @@ class BatchingWorker(ImagegenWorker):
 
     def _step(self, slots: list[Slot]) -> None:
         """One batched step; if it fails, retry each job alone so only the culprit fails."""
-        before = [s.request.step for s in slots]
         self._batch_jobs[len(slots)] += 1
+        if len(slots) == 1:
+            self._step_alone(slots[0])
+            return
+        before = [s.request.step for s in slots]
         try:
             self.engine.tick([s.request for s in slots])
             return
         except Exception as exc:
+            log.warning("batched step of %d jobs failed; retrying them one by one", len(slots), exc_info=exc)
             oom = tasks._is_oom(exc)
-            if len(slots) == 1 and not (oom and _splittable(slots[0].request)):
-                self._fail_step(slots[0], exc)
-                return
-            if len(slots) > 1:
-                log.warning("batched step of %d jobs failed; retrying them one by one", len(slots), exc_info=exc)
             # Nothing of the failed step is kept (the exception's traceback holds its activations).
         if oom:
             self.engine.runtime.free_memory()  # before the retries, which need that memory
         for slot, step in zip(slots, before, strict=True):
-            if slot.request.step != step:
-                continue  # it advanced before the failure
-            self._step_alone(slot, split=len(slots) == 1)  # a lone job that ran out is split at once
+            if slot.request.step == step:  # else it advanced before the failure
+                self._step_alone(slot)
 
-    def _step_alone(self, slot: Slot, split: bool = False) -> None:
+    def _step_alone(self, slot: Slot) -> None:
         """One step of this job alone. A job of several images that runs out of memory alone runs
         one image's UNet rows per call from then on, as the one-job path splits it image by image
         (its images are the same: each row is computed as in the full batch)."""
         request = slot.request
-        if split:
+        while True:
+            try:
+                self.engine.tick([request])
+                return
+            except Exception as exc:
+                if not (tasks._is_oom(exc) and _splittable(request)):
+                    self._fail_step(slot, exc)
+                    return
+            self.engine.runtime.free_memory()
             images = slot.params.num_images
             log.warning("job %s: out of memory with %d images; one image at a time", slot.job.id, images)
             request.chunk_rows = request.image_rows
-        try:
-            self.engine.tick([request])
-            return
-        except Exception as exc:
-            if not (tasks._is_oom(exc) and _splittable(request)):
-                self._fail_step(slot, exc)
-                return
-        self.engine.runtime.free_memory()
-        self._step_alone(slot, split=True)
 
     def _fail_step(self, slot: Slot, exc: BaseException) -> None:
         log.error("job %s: sampling failed", slot.job.id, exc_info=exc)

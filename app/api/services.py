@@ -893,9 +893,8 @@ class JobService:
         model = model_of_queue(job.origin)
         return self.queues if model in (None, self.settings.model) else get_queues(self.redis, model)
 
-    def queue_position(self, job: Job, reads: QueueReads | None = None) -> int | None:
+    def queue_position(self, job: Job, reads: QueueReads) -> int | None:
         """0 = next to run: every job in higher-priority queues, then those ahead in its own."""
-        reads = reads or QueueReads()
         ahead = 0
         for queue in self._queues_of(job):
             if queue.name == job.origin:
@@ -935,10 +934,7 @@ class JobService:
         total = _int(params.get("num_inference_steps"))
         return self._work(params, max(0, total - step), self._steptimes())
 
-    def _eta_queued(
-        self, job: Job, params: dict[str, Any], position: int | None, reads: QueueReads | None = None
-    ) -> float | None:
-        reads = reads or QueueReads()
+    def _eta_queued(self, job: Job, params: dict[str, Any], position: int | None, reads: QueueReads) -> float | None:
         if reads.times is None:
             reads.times = self._steptimes()
         times = reads.times

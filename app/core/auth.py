@@ -180,8 +180,7 @@ def _named(redis: Redis, name_or_prefix: str) -> list[tuple[bytes, dict]]:
 
 def keys_named(redis: Redis, name: str) -> list[str]:
     """The digest prefixes (as `list` shows them) of the stored keys called `name`."""
-    stored: dict[bytes, bytes] = redis.hgetall(KEYS_HASH) or {}  # type: ignore[assignment]
-    return sorted(full.decode()[:12] for full, raw in stored.items() if json.loads(raw)["name"] == name)
+    return [prefix for prefix, record in list_keys(redis) if record["name"] == name]
 
 
 def _names(full: bytes, record: dict, name_or_prefix: str) -> bool:

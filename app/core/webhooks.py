@@ -122,7 +122,12 @@ def shown(url: str) -> str:
     except ValueError:
         return "<malformed URL>"
     rest = "/…" if parts.path.strip("/") or parts.query or parts.fragment else ""
-    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}{rest}"
+    return f"{parts.scheme}://{_bracketed(host)}{port}{rest}"
+
+
+def _bracketed(host: str) -> str:
+    """A host as a URL names it: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _parts(url: str) -> SplitResult:
@@ -196,7 +201,7 @@ def attempt(
     except WebhookTargetError as exc:
         log.warning("webhook %s refused: %s", shown(url), exc)
         return False
-    host = f"[{address}]" if ":" in address else address
+    host = _bracketed(address)
     pinned = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
     ts = str(int(time.time()))
     headers = {
