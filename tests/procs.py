@@ -201,18 +201,21 @@ class Stack:
 
 class WebhookReceiver:
     """A real HTTP server on loopback that answers the first `fail` deliveries with 503 and keeps
-    (headers, body) of every delivery it accepts, in arrival order."""
+    (headers, body) of every delivery it accepts, in arrival order (`tried`: the headers of every
+    attempt, refused ones too)."""
 
     def __init__(self, fail: int = 0) -> None:
         self.fail = fail
         self.attempts = 0
         self.accepted: list[tuple[dict[str, str], bytes]] = []
+        self.tried: list[dict[str, str]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers["content-length"]))
                 outer.attempts += 1
+                outer.tried.append({k.lower(): v for k, v in self.headers.items()})
                 if outer.attempts <= outer.fail:
                     self.send_response(503)
                 else:

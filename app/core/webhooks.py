@@ -2,7 +2,8 @@
 
 Signature scheme: header `X-Imagegen-Timestamp: <unix seconds>` and
 `X-Imagegen-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + raw body)>`.
-Receivers recompute it over the raw body and reject stale timestamps.
+Receivers recompute it over the raw body and reject stale timestamps. `X-Imagegen-Delivery` is
+the same on each retry of one event, so receivers drop repeats by it.
 
 The secret is the server's `IMAGEGEN_WEBHOOK_SECRET`, or the one of the API key that made the
 job when that key has its own (`python -m app.keys create NAME --webhook-secret`): with one
@@ -210,6 +211,7 @@ def attempt(
         "user-agent": "imagegen-webhook/1",
         "x-imagegen-timestamp": ts,
         "x-imagegen-signature": sign(secret, ts, body),
+        "x-imagegen-delivery": delivery_id(body),
     }
     extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
     http = httpx.Client(timeout=min(10.0, deadline), follow_redirects=False, verify=_tls())
@@ -228,6 +230,13 @@ def attempt(
         log.info("webhook %s failed: HTTP %d", shown(url), response.status_code)
         return None
     return response.status_code < 400
+
+
+def delivery_id(body: bytes) -> str:
+    """The event's delivery id: the same on every retry of one event (its body does not change),
+    different for any other event (each body holds its job, type and timestamp), so a receiver can
+    drop repeats by this one header."""
+    return hashlib.sha256(body).hexdigest()[:32]
 
 
 def backoff(attempts: int) -> float:

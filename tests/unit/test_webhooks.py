@@ -71,6 +71,24 @@ def test_delivery_retries_with_backoff_then_succeeds() -> None:
     assert verify("k", headers["x-imagegen-timestamp"], got, headers["x-imagegen-signature"])
 
 
+def test_every_retry_of_an_event_carries_its_delivery_id_and_other_events_differ() -> None:
+    from app.core.webhooks import WebhookSender
+
+    receiver = WebhookReceiver(fail=2)
+    sender = WebhookSender(_sender_settings())
+    try:
+        sender.submit(receiver.url, _event("started", "job-a"))
+        sender.submit(receiver.url, _event("succeeded", "job-a"))
+        sender.submit(receiver.url, _event("succeeded", "job-b"))
+        sender.close(timeout=10)
+    finally:
+        receiver.close()
+    ids = [headers.get("x-imagegen-delivery") for headers in receiver.tried]
+    assert len(ids) == 5 and all(ids), ids
+    assert ids[0] == ids[1] == ids[2]  # the first event, refused twice, then delivered
+    assert len(set(ids[2:])) == 3  # three events, three ids
+
+
 def test_delivery_gives_up_and_never_reaches_refused_targets(caplog) -> None:
     from app.core.config import Settings
     from app.core.webhooks import WebhookSender, attempt
