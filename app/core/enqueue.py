@@ -38,9 +38,10 @@ from app.core.queue import SERIALIZER, enqueue_task
 #       field/value pairs
 # Listing entries older than the seen marker's TTL name jobs that are gone for certain: each
 # submission drops them from its index (listing drops expired ones too, but only for a caller who
-# lists; an owner who never does kept every entry for ever). A job that exists already is not
-# written again: a call resent after a lost connection (see `app.core.queue.connect`) must not
-# queue the job twice.
+# lists; an owner who never does kept every entry for ever), and the index itself expires with
+# its newest job's marker (a key no longer used kept its last week of entries for ever). A job
+# that exists already is not written again: a call resent after a lost connection (see
+# `app.core.queue.connect`) must not queue the job twice.
 # An owner's waiting set holds the ids of its jobs that may still be waiting; nothing else takes
 # them out. Only when it is full are they checked, oldest first, and those no longer `queued`
 # (started, ended, canceled, expired) dropped until there is room; if there is none, the script
@@ -72,6 +73,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('SET', KEYS[4], ARGV[11], 'EX', ARGV[2])
   redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[2])))
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[6], '*', 'data', ARGV[4])
   redis.call('EXPIRE', KEYS[6], ARGV[5])
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[7], '*', 'job', ARGV[1])

@@ -70,6 +70,7 @@ def test_a_submission_writes_what_rqs_own_enqueue_writes(redis_db, redis_server:
     assert 0 < redis_db.ttl(f"imagegen:seen:{placed.id}") <= service._seen_ttl
     index = "imagegen:index" if owner is None else f"imagegen:index:{owner}"
     assert redis_db.zscore(index, placed.id) is not None
+    assert 0 < redis_db.ttl(index) <= service._seen_ttl  # a key no longer used leaves no index behind
     stream = f"imagegen:events:{placed.id}"
     assert redis_db.xlen(stream) == 1 and 0 < redis_db.ttl(stream) <= service.event_ttl
     assert redis_db.xlen("imagegen:wake:main") == 1  # an idle worker's wake-up
