@@ -42,12 +42,11 @@ from app.core.jobs import (
     wake_key,
 )
 from worker import tasks
-from worker.events import record_start
+from worker.events import record_progress, record_start
 from worker.worker import UNREADABLE, ImagegenWorker, task_of
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-    from redis.client import Pipeline
     from rq.queue import Queue
 
     from worker.batching import BatchEngine, Request
@@ -504,7 +503,8 @@ class BatchingWorker(ImagegenWorker):
                 slot.last_write = now
                 progress = {"step": slot.reported, "total": slot.steps}
                 slot.job.meta["progress"] = progress
-                due.append((slot.job, slot.job._serialize_meta(), progress))  # as of this step
+                claim = (slot.queue.started_job_registry.key, slot.execution.composite_key)
+                due.append((slot.job, claim, slot.job._serialize_meta(), progress))  # as of this step
         if due:
             self._finisher.submit(self._write_progress, due, ctx.events.ttl, self._take_batch_tally())
 
@@ -512,15 +512,24 @@ class BatchingWorker(ImagegenWorker):
         tally, self._batch_jobs = self._batch_jobs, Counter()
         return tally
 
-    def _write_progress(self, due: list[tuple[Job, bytes, dict[str, int]]], ttl: int, tally: Counter[int]) -> None:
+    def _write_progress(
+        self, due: list[tuple[Job, tuple[str, str], bytes, dict[str, int]]], ttl: int, tally: Counter[int]
+    ) -> None:
+        """Each job's progress, written only while its run owns the job (a job run again elsewhere
+        while this worker stalled leaves the batch at the next check, having written nothing)."""
         try:
             with self.connection.pipeline(transaction=False) as pipe:
-                for job, meta, progress in due:
-                    pipe.hset(job.key, "meta", meta)
-                    self._emit(pipe, job, EventType.progress, progress, ttl)
+                sent = []
+                for job, claim, meta, progress in due:
+                    event = events.make_event(EventType.progress, job.id, "running", progress=progress)
+                    record_progress(pipe, claim, job, meta, event, ttl)
+                    sent.append((job, event))
                 if tally:
                     metrics.observe_counts(pipe, metrics.BATCH_JOBS, tally, metrics.BATCH_BUCKETS)
-                pipe.execute()
+                written = pipe.execute()
+            for (job, event), owned in zip(sent, written, strict=False):
+                if owned:
+                    self._announce(job, event)
             if self._redis_away:
                 self._redis_away = False
                 log.info("progress recorded again (Redis is back)")
@@ -528,12 +537,6 @@ class BatchingWorker(ImagegenWorker):
             if not self._redis_away:  # once per outage, not at every step
                 self._redis_away = True
                 log.warning("progress not recorded while Redis is unavailable")
-
-    def _emit(self, pipe: Pipeline, job: Job, type_: EventType, progress: dict[str, int], ttl: int) -> None:
-        # EventSink.emit, with the stream write on the shared pipeline.
-        event = events.make_event(type_, job.id, "running", progress=progress)
-        events.publish(pipe, event, ttl)
-        self._announce(job, event)
 
     def _announce(self, job: Job, event: events.JobEvent) -> None:
         if self.events is not None:
@@ -570,9 +573,9 @@ class BatchingWorker(ImagegenWorker):
     def _end_failed(self, slot: Slot, exc: BaseException, *, on_finisher: bool = False) -> None:
         self._remove(slot)
         if not on_finisher:
-            # Progress writes queued on the finisher thread carry the meta as of their step: after
-            # them, the job's own meta (with its error) is saved again, before its end is recorded.
-            self._finisher.submit(slot.job.save_meta).result()
+            # Progress writes queued on the finisher thread carry the meta as of their step: they
+            # land first, then the job's own meta (with its error) is saved with its failure.
+            self._finisher.submit(lambda: None).result()
         try:
             raise exc
         except BaseException:

@@ -62,6 +62,32 @@ def record_start(conn: Any, job: Job, event: JobEvent, ttl: int) -> Any:
     return conn.eval(START_SCRIPT, 3, *keys, job._serialize_meta(), events.STREAM_MAXLEN, data, ttl)
 
 
+# A running job's progress, written only while this run still owns the job: its execution (ARGV[1])
+# is still in the started registry (KEYS[1]). A worker that stalled past its heartbeats lost the job
+# to a run elsewhere, whose meta and stream its late progress would take back in time. Then the
+# job's meta (KEYS[2]) and the event on its stream (KEYS[3]), as `events.publish` writes a progress
+# event (ARGV: meta, stream length, event JSON, stream TTL). Answers 1 when written, 0 when the run
+# lost the job (nothing written).
+PROGRESS_SCRIPT = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[2], 'meta', ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+return 1
+"""
+
+
+def record_progress(pipe: Any, claim: tuple[str, str], job: Job, meta: Any, event: JobEvent, ttl: int) -> None:
+    """Queue PROGRESS_SCRIPT on `pipe` for the run `claim` (started registry key, execution's
+    composite key) of `job`, with `meta` (serialized) and a progress `event`; its answer (1: written,
+    0: the run lost the job) comes with the pipeline's."""
+    keys = (claim[0], job.key, events.stream_key(job.id))
+    data = event.model_dump_json(exclude_none=True)
+    pipe.eval(PROGRESS_SCRIPT, 3, *keys, claim[1], meta, events.STREAM_MAXLEN, data, ttl)
+
+
 class EventSink:
     """Writes an event to the job's stream and hands it to the webhook sender if subscribed."""
 

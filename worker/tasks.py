@@ -21,7 +21,7 @@ from rq.timeouts import JobTimeoutException
 
 from app.core.events import EventType, make_event, publish, result_ttl
 from app.core.jobs import MAX_SEED, ErrorCode, GenerationParams, cancel_key, image_seed, steptime_key
-from worker.events import record_start
+from worker.events import record_progress, record_start
 from worker.png import encode_png
 
 if TYPE_CHECKING:
@@ -88,9 +88,10 @@ class CanceledError(Exception):
 
 
 def _fail(job: Job, code: ErrorCode, message: str, **extra: Any) -> JobFailedError:
+    """The error that ends `job`, noted in its meta; the meta is saved with the failure, in RQ's
+    transaction (`ImagegenWorker.handle_job_failure`), and only if this run still owns the job."""
     job.meta["error"] = {"code": code.value, "message": message}
     job.meta.update(extra)
-    job.save_meta()
     return JobFailedError(code, message)
 
 
@@ -169,25 +170,28 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
         report = step == steps or now - last_write >= PROGRESS_INTERVAL
         if not (check or report):
             return
-        claim = ctx.claim() if check else None
+        claim = ctx.claim()
         try:
             with ctx.connection.pipeline(transaction=False) as pipe:
-                if claim is not None:  # first, though the answer comes with the others'
-                    pipe.zscore(*claim)
                 if check:
                     last_check = now
                     pipe.exists(flag)
                 if report:
                     last_write = now
                     job.meta["progress"] = {"step": step, "total": steps}
-                    pipe.hset(job.key, "meta", job._serialize_meta())
                     event = make_event(EventType.progress, job.id, "running", progress={"step": step, "total": steps})
-                    publish(pipe, event, ctx.events.ttl)
+                    if claim is not None:  # written only while this run owns the job
+                        record_progress(pipe, claim, job, job._serialize_meta(), event, ctx.events.ttl)
+                    else:
+                        pipe.hset(job.key, "meta", job._serialize_meta())
+                        publish(pipe, event, ctx.events.ttl)
+                elif claim is not None:
+                    pipe.zscore(*claim)
                 replies = pipe.execute()
             if redis_away:
                 redis_away = False
                 log.info("job %s: progress recorded again (Redis is back)", job.id)
-            if claim is not None and replies.pop(0) is None:
+            if claim is not None and not replies[1 if check else 0]:  # the run's score, or the script's 0
                 raise LostRunError
             if check and replies[0]:
                 raise CanceledError(step, steps)

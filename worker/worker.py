@@ -142,6 +142,7 @@ class ImagegenWorker(SimpleWorker):
         # task checks it is still registered (see `tasks.LostRunError`).
         self.claim: tuple[str, str] | None = None
         self._succeeding: dict[str, _Success] = {}  # jobs whose success RQ is recording
+        self._failing: set[str] = set()  # jobs whose failure RQ is recording
         # Jobs of dead workers that RQ's maintenance re-queues or fails (see `_note_abandoned`).
         self._lost: list[Job] = []
         self.push_exc_handler(self._note_abandoned)
@@ -298,6 +299,8 @@ class ImagegenWorker(SimpleWorker):
         success = self._succeeding.get(job.id)
         if success is not None:  # inside RQ's success transaction (again, if RQ retries it)
             self._write_success(pipeline, job, success)
+        if job.id in self._failing:  # the error the task noted (`tasks._fail`), with the failure
+            pipeline.hset(job.key, "meta", job._serialize_meta())
 
     def _write_success(self, pipe: Any, job: Job, success: _Success) -> None:
         # RQ's success leaves the job's meta alone; its timings (set by the task or the batch) go here.
@@ -324,7 +327,13 @@ class ImagegenWorker(SimpleWorker):
             job.enqueue_at_front_on_retry = True
         elif job.meta.get("error"):
             job.retries_left = 0  # a failure the task reported itself: retrying cannot help
-        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        # The meta goes in RQ's failure transaction (`cleanup_execution`): saved when the task
+        # failed, it was written even by a run that had lost the job, over the other run's.
+        self._failing.add(job.id)
+        try:
+            super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        finally:
+            self._failing.discard(job.id)
         status_now = job.get_status(refresh=True)
         if status_now == JobStatus.QUEUED:  # a retry (or a hand-back) re-queued it
             self._announce_requeued(job)

@@ -350,9 +350,11 @@ def test_cancel_of_one_job_leaves_the_others(env, redis_db) -> None:
     assert [t for t in engine.ticks if "drop" in t] == [["keep", "drop"]] * 3
 
 
-def test_a_job_run_again_elsewhere_leaves_the_batch_and_records_nothing(env, redis_db) -> None:
+def test_a_job_run_again_elsewhere_leaves_the_batch_and_records_nothing(env, redis_db, monkeypatch) -> None:
     """This worker stalled past its heartbeats and one job was re-queued and run by another: at the
-    next check it leaves the batch with nothing saved (no meta, no event, no outcome); the others go on."""
+    next check it leaves the batch with nothing saved (no meta, no event, no outcome); the others go on.
+    Its progress is written only while it owns the job: it went back in time in the other run's."""
+    monkeypatch.setattr(tasks, "PROGRESS_INTERVAL", 0.0)  # every step reports
     engine, store, queue, _, make = env
     keep = enqueue(queue, prompt="keep", num_inference_steps=8)
     lost = enqueue(queue, prompt="lost", num_inference_steps=8)
@@ -371,6 +373,12 @@ def test_a_job_run_again_elsewhere_leaves_the_batch_and_records_nothing(env, red
     assert [t for t in engine.ticks if "lost" in t] == [["keep", "lost"]] * 3  # was 8: to its end
     assert lost.get_status() == "started" and "error" not in lost.meta
     assert kinds(redis_db, lost.id)[-1] in ("started", "progress") and store.get(lost.id, 0) is None
+    progress = [e.progress["step"] for _, e in events.read(redis_db, lost.id) if e.type.value == "progress"]
+    # Steps 1 and 2 were due before the loss (their writes, on the finisher thread, may land after it).
+    assert progress in ([], [1], [1, 2]) and lost.meta["progress"]["step"] <= 2, (progress, lost.meta)
+    assert [e.progress["step"] for _, e in events.read(redis_db, keep.id) if e.type.value == "progress"] == list(
+        range(1, 9)
+    )
     assert keep.get_status() == "finished" and store.get(keep.id, 0) is not None
 
 

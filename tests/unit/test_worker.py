@@ -121,8 +121,39 @@ def test_a_run_that_lost_its_job_while_stalled_records_no_outcome(env, redis_db,
     worker.work(burst=True)
     job.refresh()
     assert job.get_status() == "started"  # as this run left it: the other run records the end
+    assert "error" not in job.meta  # its failure's meta, too, would overwrite the other run's
     assert redis_db.hgetall(metrics.JOBS) == {}
     assert [e.type.value for _, e in events.read(redis_db, job.id)][-1] in ("started", "progress")
+
+
+def test_a_run_that_lost_its_job_writes_no_progress_after(env, redis_db, monkeypatch) -> None:
+    """Its progress went out with the check that found the job lost, in one round trip: a worker
+    resuming from a stall wrote a step older than the other run's into that run's meta and stream
+    (clients saw progress go backwards). The write now happens only while the run owns the job."""
+    from app.core import events
+
+    monkeypatch.setattr(tasks, "PROGRESS_INTERVAL", 0.0)  # every step reports
+    runtime, store, queue, worker = env
+    runtime.step_delay = tasks.CANCEL_INTERVAL * 1.5  # every step is checked too
+    job = enqueue(queue, prompt="long", seed=1, num_inference_steps=20)
+    original = runtime.generate
+
+    def lose_the_job_before_step_5(params, on_step):
+        def watched(step: int, total: int) -> None:
+            if step == 5:
+                registry = queue.started_job_registry
+                for member in redis_db.zrange(registry.key, 0, -1):
+                    redis_db.zrem(registry.key, member)
+            on_step(step, total)
+
+        return original(params, watched)
+
+    runtime.generate = lose_the_job_before_step_5
+    worker.work(burst=True)
+    job.refresh()
+    progress = [e.progress["step"] for _, e in events.read(redis_db, job.id) if e.type.value == "progress"]
+    assert progress == [1, 2, 3, 4], progress
+    assert job.meta["progress"] == {"step": 4, "total": 20} and "error" not in job.meta
 
 
 def test_a_run_that_lost_its_job_stops_sampling_at_its_next_check(env, redis_db) -> None:
