@@ -88,9 +88,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Prefer"],
-            # What a browser page may read of our answers besides the body.
-            expose_headers=["Location", "Content-Location", "Preference-Applied", "Retry-After", "X-Imagegen-Job-Id"],
+            # OpenAI's JS SDK sends its x-stainless-* headers with every request from a page too.
+            allow_headers=[
+                *("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Prefer"),
+                *openai.SDK_HEADERS,
+            ],
+            # What a browser page may read of our answers besides the body (x-should-retry: that
+            # SDK obeys it only if it can read it, else it retries a 504 and queues the job again).
+            expose_headers=[
+                *("Location", "Content-Location", "Preference-Applied", "Retry-After", "X-Imagegen-Job-Id"),
+                *openai.NO_RETRY,
+            ],
         )
     app.state.metrics = Metrics(app)
     app.include_router(metrics_route_router)

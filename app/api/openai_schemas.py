@@ -9,11 +9,24 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.core.jobs import MAX_SEED, GenerationParams, Scheduler, not_bool
 
 SIZE_RE = re.compile(r"^\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*$")  # ASCII digits only (\d takes "６")
+SIZE_AUTO = "auto"  # OpenAI's own value (gpt-image-1's default): the model's native size, as no size
+
+
+def null_is_default(*fields: str) -> Any:
+    """A validator that takes JSON `null` for these fields as their default: OpenAI's spec marks
+    them nullable with a default, and its SDKs send `null` when a wrapper passes `None`."""
+
+    def default_for_null(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].get_default(call_default_factory=True)
+        return value
+
+    return field_validator(*fields, mode="before")(default_for_null)
 
 
 class ImagesGenerationRequest(BaseModel):
@@ -33,7 +46,9 @@ class ImagesGenerationRequest(BaseModel):
     prompt: str = Field(..., min_length=1, max_length=1000, description="What to draw.")
     model: str | None = Field(None, max_length=200, description="A model a live worker serves (GET /v1/models).")
     n: int = Field(1, ge=1, le=10, description="Images to make; image i uses seed + i.")
-    size: str | None = Field(None, description='"WxH", multiples of 8 within the server\'s bounds; default native.')
+    size: str | None = Field(
+        None, description='"WxH", multiples of 8 within the server\'s bounds; "auto" or none: the model\'s native size.'
+    )
     response_format: Literal["url", "b64_json"] = "url"
     user: str | None = Field(None, max_length=256, description="End-user id; accepted and not stored.")
     safety_identifier: str | None = Field(None, max_length=256, description="As `user`: accepted and not stored.")
@@ -57,6 +72,7 @@ class ImagesGenerationRequest(BaseModel):
     _numbers_not_bool = field_validator("n", "seed", "num_inference_steps", "guidance_scale", mode="before")(
         lambda v: not_bool(v)
     )
+    _null_is_default = null_is_default("n", "response_format")
 
 
 class ImageDatum(BaseModel):
@@ -103,7 +119,7 @@ def parse_size(size: str, *, min_size: int, max_width: int, max_height: int) -> 
     """ "WxH" -> (width, height), checked against the server's bounds and the multiple-of-8 rule."""
     match = SIZE_RE.match(size)
     if match is None:
-        raise SizeError(f"size {size!r} is not of the form WIDTHxHEIGHT, e.g. '512x512'")
+        raise SizeError(f"size {size!r} is not of the form WIDTHxHEIGHT, e.g. '512x512' (or 'auto')")
     width, height = int(match[1]), int(match[2])
     for name, value, limit in (("width", width, max_width), ("height", height, max_height)):
         if not min_size <= value <= limit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import signal
 import threading
 import time
@@ -142,6 +143,26 @@ def test_bad_requests_raise_bad_request_error(stack: Stack, kwargs: dict, param:
     error = info.value.response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    if param == "size":  # one code whichever check refused it (the model's bound was `validation_error`)
+        assert error["code"] == "invalid_size", error
+
+
+def test_null_n_and_response_format_and_size_auto_mean_the_defaults(stack: Stack) -> None:
+    """OpenAI's spec has `n` and `response_format` nullable with defaults, and its SDK sends `null`
+    for a None; `size="auto"` is in the SDK's type (gpt-image-1's default). All three were 400s."""
+    raw = sdk(stack.base_url).images.with_raw_response.generate(
+        prompt="x", n=None, response_format=None, size="auto", extra_body=FAST
+    )
+    sent = json.loads(raw.http_request.content)
+    assert sent["n"] is None and sent["response_format"] is None and sent["size"] == "auto"
+    result = raw.parse()
+    assert result.data is not None
+    [datum] = result.data  # n: 1
+    assert datum.url and datum.b64_json is None  # response_format: url
+    with stack.client() as http:
+        [native] = [m for m in http.get("/models").json()["models"] if m["default"]]
+        image = http.get(datum.url)
+    assert image.status_code == 200 and png(image.content).size == (native["width"], native["height"])
 
 
 def test_error_shapes_on_v1_and_elsewhere(stack: Stack) -> None:

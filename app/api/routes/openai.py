@@ -12,7 +12,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, MutableMapping
 from datetime import UTC
 from functools import partial
 from typing import Any
@@ -37,6 +37,7 @@ from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep,
 from app.api.errors import HTTP_CODES, STATUS, client_gone, redis_full
 from app.api.middleware import BodyTooLarge
 from app.api.openai_schemas import (
+    SIZE_AUTO,
     ImageDatum,
     ImagesGenerationRequest,
     ImagesResponse,
@@ -60,6 +61,19 @@ NO_WORKER_RETRY = 5  # Retry-After (s) when no worker serves the model
 # Sent with every answer given after the job was queued: OpenAI's SDKs retry a 5xx by default,
 # and a retry queues a second job while the first goes on (they honour this header).
 NO_RETRY = {"x-should-retry": "false"}
+# What OpenAI's SDKs send with every request besides the key and body: the JS SDK does from a
+# browser page too, so CORS must allow them (a preflight naming one not allowed is refused).
+SDK_HEADERS = (
+    "x-stainless-arch",
+    "x-stainless-lang",
+    "x-stainless-os",
+    "x-stainless-package-version",
+    "x-stainless-runtime",
+    "x-stainless-runtime-version",
+    "x-stainless-retry-count",
+    "x-stainless-timeout",
+    "x-stainless-helper-method",  # the SDK's helpers (streaming, polling) add it
+)
 
 
 class OpenAIError(Exception):
@@ -114,11 +128,13 @@ def _from_domain(exc: errors.ImagegenError) -> OpenAIError:
     if isinstance(exc.details, list) and exc.details and isinstance(exc.details[0], dict):
         loc = [str(p) for p in exc.details[0].get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
-        param = {"width": "size", "height": "size"}.get(param or "", param)  # /v1 asks for both as `size`
+    code = exc.code
+    if param in ("width", "height"):  # /v1 asks for both as `size`, and a size we cannot make is one
+        param, code = "size", "invalid_size"  # code whichever check refused it (ours or the model's)
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, errors.RetryLaterError) else None
     if isinstance(exc, errors.UnauthorizedError):
         headers = {"WWW-Authenticate": "Bearer"}
-    return OpenAIError(status, exc.message, param=param, code=exc.code, headers=headers)
+    return OpenAIError(status, exc.message, param=param, code=code, headers=headers)
 
 
 class OpenAIRoute(APIRoute):
@@ -245,7 +261,8 @@ async def check_model_and_size(
     model: str | None, size: str | None, settings: Settings, redis: Any
 ) -> tuple[int | None, int | None]:
     """OpenAI-style 400s for a model no live worker serves and for a size outside our bounds;
-    returns the requested (width, height), or (None, None) for the model's native size."""
+    returns the requested (width, height), or (None, None) for the model's native size (no size,
+    or OpenAI's "auto")."""
     if model is not None and model != settings.model:
         # Another model a live worker serves.
         served = await run_in_threadpool(served_models, redis, settings.worker_heartbeat)
@@ -253,7 +270,7 @@ async def check_model_and_size(
             names = ", ".join(sorted({settings.model, *served}))
             message = f"The model `{model}` does not exist; this server serves {names}."
             raise OpenAIError(400, message, param="model", code="model_not_found")
-    if size is None:
+    if size is None or size.strip().lower() == SIZE_AUTO:
         return None, None
     try:
         return parse_size(
@@ -380,6 +397,15 @@ def retrieve_model(model: str, settings: SettingsDep, redis: RedisDep) -> ModelC
     return ModelCard(id=model)
 
 
+def _below_root(scope: MutableMapping[str, Any]) -> str:
+    """The request's path below the prefix the server is mounted at (`--root-path`), which the
+    routes match (Starlette's router does the same)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
+
+
 @router.api_route(
     "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False, name="openai_unknown"
 )
@@ -388,10 +414,12 @@ def unknown(path: str, request: Request) -> Response:
     # path asked with another method is a 405 naming the methods it takes.
     from app.api.routes import openai_variations  # it builds on this module
 
+    # The messages show the path the client asked for, prefix included.
+    route_path = _below_root(request.scope)
     allowed = sorted(
         method
         for route in (*router.routes, *openai_variations.router.routes)
-        if isinstance(route, APIRoute) and route.name != "openai_unknown" and route.path_regex.match(request.url.path)
+        if isinstance(route, APIRoute) and route.name != "openai_unknown" and route.path_regex.match(route_path)
         for method in route.methods or ()
     )
     if allowed:

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from app.api.bodies import validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep, images_charged
 from app.api.errors import HTTP_CODES
-from app.api.openai_schemas import ImagesResponse
+from app.api.openai_schemas import ImagesResponse, null_is_default
 from app.api.routes.openai import (
     OPENAI_ERRORS,
     OpenAIError,
@@ -54,6 +54,8 @@ class ImagesVariationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=30)
     scheduler: Scheduler | None = None
 
+    _null_is_default = null_is_default("n", "response_format")  # as on /v1/images/generations
+
 
 _FORM = {
     "type": "object",
@@ -62,7 +64,7 @@ _FORM = {
         "image": {"type": "string", "format": "binary", "description": f"PNG, JPEG or WebP, ≤ {MAX_INPUT_BYTES} bytes"},
         "model": {"type": "string"},
         "n": {"type": "integer", "minimum": 1, "maximum": 10},
-        "size": {"type": "string", "description": '"WxH"'},
+        "size": {"type": "string", "description": '"WxH", or "auto" (the model\'s native size, as when left out)'},
         "response_format": {"type": "string", "enum": ["url", "b64_json"]},
         "user": {"type": "string"},
         "prompt": {"type": "string"},
