@@ -20,6 +20,7 @@ const ui = {
   cancel: $("cancel"),
   job: $("job"),
   status: $("status"),
+  steps: $("steps"),
   link: $("job-link"),
   bar: $("bar-fill"),
   error: $("error"),
@@ -28,6 +29,7 @@ const ui = {
 };
 
 let active = null; // {id, prompt, source, timer, done}
+let submitting = false; // a POST /generate is out: a second submit (double click, Enter) waits for it
 
 form.api_key.value = localStorage.getItem(KEY_STORE) || "";
 form.api_key.addEventListener("change", () => {
@@ -81,14 +83,20 @@ function readParams() {
   return params;
 }
 
-function showStatus(status, progress) {
+// #status is the page's live region (role="status"): its text changes only when the job's state
+// does (or `text` says more about it), so a screen reader announces "running" once, not every
+// step; the step count (#steps) and the bar follow each progress event without being announced.
+function showStatus(status, progress, text) {
   ui.job.hidden = false;
-  ui.status.dataset.status = status;
-  let text = status;
+  if (ui.status.dataset.status !== status) {
+    ui.status.dataset.status = status;
+    text = text || status;
+  }
+  if (text && ui.status.textContent !== text) ui.status.textContent = text;
   const total = progress ? progress.total : 0;
   const step = progress ? progress.step : 0;
-  if (status === "running" && total) text = `running — step ${step} of ${total}`;
-  ui.status.textContent = text;
+  const steps = status === "running" && total ? ` — step ${step} of ${total}` : "";
+  if (ui.steps.textContent !== steps) ui.steps.textContent = steps;
   const pct = status === "succeeded" ? 100 : total ? Math.round((100 * step) / total) : 0;
   ui.bar.style.width = `${pct}%`;
   ui.bar.parentElement.setAttribute("aria-valuenow", String(pct));
@@ -128,8 +136,9 @@ function follow(job) {
     } catch (_) {
       return;
     }
-    showStatus(event.status, event.progress);
+    // An ended job is shown once it has been read (render), with its time or its reason.
     if (TERMINAL.has(event.status)) finish(job);
+    else showStatus(event.status, event.progress);
   };
   for (const type of EVENT_TYPES) source.addEventListener(type, onEvent);
   source.onmessage = onEvent;
@@ -155,8 +164,8 @@ async function poll(job) {
       job.failures = 0;
       showError("");
     }
-    showStatus(data.status, data.progress);
     if (TERMINAL.has(data.status)) return render(job, data);
+    showStatus(data.status, data.progress);
   } catch (err) {
     return pollLater(job, err);
   }
@@ -199,37 +208,37 @@ function end(job, message) {
 }
 
 function render(job, view) {
-  showStatus(view.status, view.progress);
   if (view.status !== "succeeded") {
+    showStatus(view.status, view.progress);
     const reason = view.error ? view.error.message : view.status;
     return end(job, reason);
   }
   const seconds = view.started_at && view.finished_at
     ? (Date.parse(view.finished_at) - Date.parse(view.started_at)) / 1000
     : null;
-  ui.status.textContent = seconds === null ? "succeeded" : `succeeded in ${seconds.toFixed(1)} s`;
+  showStatus(view.status, view.progress, seconds === null ? "succeeded" : `succeeded in ${seconds.toFixed(1)} s`);
   for (const image of [...view.images].sort((a, b) => b.index - a.index)) {
-    ui.gallery.prepend(card(job.prompt, image));
+    ui.gallery.prepend(card(job, image));
   }
   end(job, view.warnings && view.warnings.length ? view.warnings.join("; ") : "");
 }
 
-// An image needs the key too when the server requires one: then it is fetched and shown from a blob.
-async function showImage(url, img, link) {
-  if (!form.api_key.value.trim()) {
-    img.src = link.href = url;
-    return;
-  }
+// The server's image links are absolute (under IMAGEGEN_PUBLIC_URL, which may name another host
+// than the one this page was opened at, and the page's CSP allows only its own origin): the page
+// asks for the same image relative to itself, keeping the link's query. With API keys on, that
+// query signs the link (`?exp=&sig=`), so an <img> loads it without the key.
+function imagePath(jobId, image) {
+  let query = "";
   try {
-    const res = await fetch(url, { headers: authorized({}) });
-    if (!res.ok) throw new Error(`HTTP ${res.status}`);
-    img.src = link.href = URL.createObjectURL(await res.blob());
-  } catch (err) {
-    showError(`image ${url}: ${err.message}`);
+    query = new URL(image.url, document.baseURI).search;
+  } catch (_) {
+    // not a URL: the image without a query
   }
+  return `jobs/${encodeURIComponent(jobId)}/images/${encodeURIComponent(image.index)}${query}`;
 }
 
-function card(prompt, image) {
+function card(job, image) {
+  const prompt = job.prompt;
   const figure = document.createElement("figure");
   figure.className = "card";
   const img = document.createElement("img");
@@ -250,7 +259,7 @@ function card(prompt, image) {
   size.textContent = `${image.width}×${image.height}`;
   const save = document.createElement("a");
   save.download = `imagegen-${image.seed}.png`;
-  showImage(image.url, img, save);
+  img.src = save.href = imagePath(job.id, image);
   save.textContent = "download";
   meta.append(seed, size, save);
   caption.append(text, meta);
@@ -260,7 +269,8 @@ function card(prompt, image) {
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
-  if (active) return;
+  if (active || submitting) return;
+  submitting = true;
   const params = readParams();
   showError("");
   setBusy(true);
@@ -269,15 +279,24 @@ form.addEventListener("submit", async (event) => {
     const job = { id: data.id, prompt: params.prompt, source: null, timer: null, done: false };
     active = job;
     ui.link.textContent = data.id.slice(0, 8);
-    ui.link.href = `jobs/${data.id}`;
+    // A link opens without the page's key: with one in use it would only answer 401, so the id
+    // is shown as text, not as a link.
+    if (form.api_key.value.trim()) {
+      ui.link.removeAttribute("href");
+      ui.link.title = `job ${data.id}`;
+    } else {
+      ui.link.href = `jobs/${encodeURIComponent(data.id)}`;
+      ui.link.removeAttribute("title");
+    }
     showStatus(data.status, data.progress);
     follow(job);
   } catch (err) {
     setBusy(false);
-    showStatus("failed", null);
-    ui.status.textContent = "not queued";
+    showStatus("failed", null, "not queued");
     const retry = err.retryAfter !== undefined ? ` (try again in ${Math.ceil(err.retryAfter)} s)` : "";
     showError(err.message + retry);
+  } finally {
+    submitting = false;
   }
 });
 
@@ -298,8 +317,10 @@ ui.cancel.addEventListener("click", async () => {
   }
 });
 
-// Enter submits; Shift+Enter adds a line.
+// Enter submits; Shift+Enter adds a line. An Enter that confirms an input method's composition
+// (Japanese, Chinese, Korean…) only ends the composition (keyCode 229: browsers that report it so).
 form.prompt.addEventListener("keydown", (event) => {
+  if (event.isComposing || event.keyCode === 229) return;
   if (event.key === "Enter" && !event.shiftKey) {
     event.preventDefault();
     form.requestSubmit();

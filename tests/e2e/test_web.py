@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import ROOT, Stack, start_api
+from tests.procs import ROOT, Stack, free_port, start_api
 
 pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
@@ -226,7 +227,12 @@ def test_with_api_keys_the_page_sends_the_key(browser: Any, stack: Stack, tmp_pa
             timeout=90_000,
         )
         assert page.locator("#gallery .seed").all_inner_texts() == ["seed 5"]
-        assert page.get_attribute("#gallery a[download]", "href").startswith("blob:")
+        # The image comes from its signed link, relative to the page (no key, so no blob: URL that
+        # would never be revoked); the job's id is no link, as a link opens without the key (401).
+        src = page.get_attribute("#gallery img", "src")
+        assert re.fullmatch(r"jobs/[0-9a-f-]+/images/0\?exp=\d+&sig=[\w-]+", src), src
+        assert page.get_attribute("#gallery a[download]", "href") == src
+        assert page.get_attribute("#job-link", "href") is None and page.inner_text("#job-link")
         # Followed by long-polls (a key's rate limit counts each request): 400 ms polls before.
         job_reads = [u for u in polls if "/images/" not in u]
         assert job_reads and all(u.endswith("?wait=5") for u in job_reads), polls
@@ -269,4 +275,90 @@ def test_a_poll_answered_after_the_job_ended_changes_nothing(page: Any) -> None:
     assert page.inner_text("#error") == "canceled by request"
     assert page.get_attribute("#status", "data-status") == "canceled"
     assert len(held) == 1 and page.is_enabled("#generate")
+    assert page.errors == []
+
+
+def test_images_load_when_the_page_is_opened_at_another_address_than_the_public_url(
+    browser: Any, stack: Stack, tmp_path: Any
+) -> None:
+    """The server builds image links under IMAGEGEN_PUBLIC_URL (here http://localhost:PORT); a page
+    opened at http://127.0.0.1:PORT loaded them as they were, and its CSP ('self') blocked them."""
+    port = free_port()
+    api, base = start_api(stack.env | {"IMAGEGEN_PUBLIC_URL": f"http://localhost:{port}"}, tmp_path / "api.log", port)
+    context = browser.new_context(viewport={"width": 1100, "height": 760}, base_url=base)  # the CSP applies
+    try:
+        page = context.new_page()
+        blocked: list[str] = []
+        page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
+        page.on("pageerror", lambda exc: blocked.append(str(exc)))
+        page.goto("/")
+        fill(page, prompt="another address", seed=9, num_inference_steps=3, width=32, height=32)
+        with page.expect_response(lambda r: "/images/" in r.url, timeout=90_000) as image:
+            page.click("#generate")
+        assert image.value.status == 200 and image.value.url.startswith(base + "/jobs/")
+        page.wait_for_selector("#status:text-matches('^succeeded')", timeout=30_000)
+        assert page.get_attribute("#gallery img", "src").startswith("jobs/")
+        assert blocked == []
+    finally:
+        context.close()
+        api.stop()
+
+
+def test_enter_that_ends_an_ime_composition_does_not_submit(page: Any) -> None:
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.goto("/")
+    fill(page, prompt="日本語", num_inference_steps=2, width=32, height=32)
+    page.dispatch_event("#prompt", "keydown", {"key": "Enter", "isComposing": True, "bubbles": True})
+    page.dispatch_event("#prompt", "keydown", {"key": "Enter", "keyCode": 229, "bubbles": True})
+    page.wait_for_timeout(500)
+    assert posts == [] and page.is_hidden("#job")
+    page.press("#prompt", "Enter")  # a plain Enter still submits
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('succeeded')", timeout=90_000)
+    assert len(posts) == 1
+    assert page.errors == []
+
+
+def test_a_double_submit_sends_one_job(page: Any) -> None:
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.goto("/")
+    fill(page, prompt="submitted twice", num_inference_steps=2, width=32, height=32)
+    page.evaluate("() => { const f = document.getElementById('form'); f.requestSubmit(); f.requestSubmit(); }")
+    page.wait_for_function(ONE_IMAGE_SHOWN, timeout=90_000)
+    page.wait_for_timeout(300)
+    assert len(posts) == 1, posts
+    assert page.locator("#gallery img").count() == 1
+    assert page.errors == []
+
+
+def test_only_state_changes_are_announced(page: Any) -> None:
+    """The live region is the status line, whose text changes with the job's state; the step count
+    and the bar follow every progress event unannounced. The whole job section was live, and its
+    text changed on every step."""
+    page.goto("/")
+    assert page.get_attribute("#job", "aria-live") is None
+    assert page.get_attribute("#status", "role") == "status"
+    assert page.get_attribute("#error", "role") == "alert"
+    bar = page.locator("[role=progressbar]")
+    assert bar.get_attribute("aria-label") and bar.get_attribute("aria-valuenow") == "0"
+    page.evaluate(
+        """() => {
+            window.said = [];
+            window.steps = new Set();
+            const status = document.getElementById('status');
+            const steps = document.getElementById('steps');
+            new MutationObserver(() => window.said.push(status.textContent))
+                .observe(status, {childList: true, characterData: true, subtree: true});
+            new MutationObserver(() => window.steps.add(steps.textContent))
+                .observe(steps, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    fill(page, prompt="announced", num_inference_steps=12, width=32, height=32)
+    page.click("#generate")
+    page.wait_for_function(ONE_IMAGE_SHOWN, timeout=90_000)
+    said = page.evaluate("window.said")
+    assert said[0] == "queued" and said[-1].startswith("succeeded in"), said
+    assert len(said) <= 3 and not any("step" in text for text in said), said
+    assert len(page.evaluate("[...window.steps]")) > 2  # the progress was shown all the same
     assert page.errors == []

@@ -16,10 +16,11 @@ WEB_DIR = Path(__file__).resolve().parent.parent.parent / "web"
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css", "favicon.svg": "image/svg+xml"}
 # The page is tiny; revalidating on every load keeps a deployed change from hiding behind a cache.
 NO_CACHE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
-# The page loads only its own files and talks only to this server (images arrive as blob: URLs when
-# a key is needed); it may not be framed by other sites (clickjacking) nor leak its URL onwards.
+# The page loads only its own files and talks only to this server (images by paths relative to the
+# page, signed when keys are on); it may not be framed by other sites (clickjacking) nor leak its
+# URL onwards.
 PAGE = NO_CACHE | {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
