@@ -104,6 +104,7 @@ class _Success:
     written: bool = False
 
 
+STUCK_AFTER = 60.0  # seconds a job may sit taken but not started before it counts as its worker's loss
 LISTEN_WAIT = 1.0  # seconds the command listener waits per read (see `ImagegenWorker.subscribe`)
 UNREADABLE = "<unreadable>"  # what `task_of` answers for a job whose data our serializer cannot read
 
@@ -375,7 +376,7 @@ class ImagegenWorker(SimpleWorker):
                     clean_registries(queue, self._exc_handlers)
                     self._announce_lost()
                     worker_registration.clean_worker_registry(queue)
-                    queue.intermediate_queue.cleanup(self, queue)
+                    self._recover_taken(queue)
                 finally:
                     queue.release_maintenance_lock()
         self.last_cleaned_at = utcnow()  # type: ignore[assignment]
@@ -450,6 +451,37 @@ class ImagegenWorker(SimpleWorker):
                     pipe.lrem(queue.intermediate_queue_key, 0, job_id)
                     queue._enqueue_job(job, pipeline=pipe, at_front=True)
                     pipe.execute()
+
+    def _recover_taken(self, queue: Queue) -> None:
+        """Jobs a worker took (each waits in its queue's intermediate list until it starts) and died
+        before starting: put back at the front of their queue, as `_recover_orphans` does, once seen
+        there for STUCK_AFTER seconds. RQ's own clean-up of that list failed them instead: a retry
+        spent on a job that never ran, then `internal_error` rather than `worker_lost`. Its marker
+        of a first sighting (kept a day) also outlived the claim it was set for, so a job taken
+        again within the day could be failed and re-queued in the milliseconds between its next
+        claim and its start, and run twice; a marker older than the job's last queueing is
+        taken for a first sighting here."""
+        waiting = queue.intermediate_queue
+        for job_id in waiting.get_job_ids():
+            if job_id in queue.started_job_registry:
+                continue  # started: heartbeats and the started registry look after it
+            job = queue.fetch_job(job_id)
+            if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+                waiting.remove(job_id)  # gone, or ended without starting (canceled)
+                continue
+            seen = waiting.get_first_seen(job_id)
+            queued = job.enqueued_at
+            if seen is None or (queued is not None and seen < queued):
+                self.connection.set(waiting.get_first_seen_key(job_id), time.time(), ex=int(STUCK_AFTER * 10))
+                continue
+            if (utcnow() - seen).total_seconds() < STUCK_AFTER:
+                continue
+            log.warning("job %s was taken by a worker that died before starting it; requeued", job_id)
+            with self.connection.pipeline() as pipe:
+                pipe.lrem(waiting.key, 0, job_id)
+                pipe.delete(waiting.get_first_seen_key(job_id))
+                queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                pipe.execute()
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         # A SimpleWorker runs the job on its main thread and would send no heartbeat until it ends,

@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+import worker.worker as worker_module
 from app.core import events, metrics
 from app.core.config import Settings
 from app.core.jobs import TASK_GENERATE, TASK_VARIATIONS, GenerationParams, cancel_key, image_seed
@@ -177,8 +178,8 @@ def test_every_batched_step_is_counted_by_how_many_jobs_it_held(env, redis_db) -
 
 
 def test_a_claimed_job_waits_in_the_intermediate_list_until_it_starts(env, redis_db, monkeypatch) -> None:
-    """If the worker or Redis dies between the claim and RQ's registration, RQ's maintenance still
-    finds the job there and retries it; a bare pop would leave it `queued` in no list at all."""
+    """If the worker or Redis dies between the claim and RQ's registration, maintenance still
+    finds the job there and puts it back; a bare pop would leave it `queued` in no list at all."""
     engine, store, queue, _, make = env
     params = {"prompt": "p", "num_inference_steps": 2}
     job = queue.enqueue(TASK_GENERATE, kwargs={"params": params}, job_id=str(uuid.uuid4()), retry=Retry(max=1))
@@ -187,10 +188,9 @@ def test_a_claimed_job_waits_in_the_intermediate_list_until_it_starts(env, redis
     worker._fill([[], [job.id.encode()]], room=8)
     assert queue.get_job_ids() == []
     assert redis_db.lrange(queue.intermediate_queue_key, 0, -1) == [job.id.encode()]
-    waiting = queue.intermediate_queue
-    waiting.cleanup(worker, queue)  # RQ's maintenance: the first sighting
-    redis_db.set(waiting.get_first_seen_key(job.id), time.time() - 120)  # ...and a later one
-    waiting.cleanup(worker, queue)
+    worker.clean_registries()  # the first sighting
+    monkeypatch.setattr(worker_module, "STUCK_AFTER", 0.0)  # ...and one a minute later
+    worker.clean_registries()
     assert queue.get_job_ids() == [job.id] and redis_db.llen(queue.intermediate_queue_key) == 0
 
 

@@ -9,7 +9,7 @@ import time
 import uuid
 
 import pytest
-from rq import Queue, Retry
+from rq import Queue
 from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -94,13 +94,33 @@ def test_jobs_queued_without_a_wake_up_are_found_at_the_next_look(redis_db, monk
     assert got and got[0] is not None and got[0][0].id == job.id  # type: ignore[index]
 
 
-def test_a_job_whose_worker_died_after_taking_it_is_retried_by_maintenance(redis_db) -> None:
+def test_a_job_whose_worker_died_after_taking_it_is_requeued_by_maintenance(redis_db, monkeypatch) -> None:
+    """Put back at the front of its queue once seen there for a minute, with no retry spent: RQ's
+    own clean-up failed it (a retry spent on a job that never ran, then `internal_error`)."""
     queues = get_queues(redis_db, "m")
-    job = enqueue(queues[1], "orphan", retry=Retry(max=1))
+    job = enqueue(queues[1], "orphan")  # no retries
+    enqueue(queues[1], "queued after it")
     assert dequeue(queues, timeout=None) is not None  # ...and the worker dies here
     worker = ImagegenWorker(queues, connection=redis_db, serializer=JSONSerializer)
-    waiting = queues[1].intermediate_queue
-    worker.clean_registries()  # RQ's maintenance sees it in the intermediate list
-    redis_db.set(waiting.get_first_seen_key(job.id), time.time() - 120)  # a minute later, still there
+    for _ in range(2):  # the first sighting, then one within the minute: its worker may yet start it
+        worker.clean_registries()
+        assert redis_db.lrange(queues[1].intermediate_queue_key, 0, -1) == [job.id.encode()]
+    monkeypatch.setattr(worker_module, "STUCK_AFTER", 0.0)  # a minute later, still there
     worker.clean_registries()
-    assert queues[1].get_job_ids() == [job.id] and redis_db.llen(queues[1].intermediate_queue_key) == 0
+    assert queues[1].get_job_ids()[0] == job.id and redis_db.llen(queues[1].intermediate_queue_key) == 0
+    job.refresh()
+    assert job.get_status() == "queued" and job.retries_left is None
+
+
+def test_a_sighting_from_an_earlier_claim_does_not_count_for_this_one(redis_db, monkeypatch) -> None:
+    """RQ's marker of a first sighting is kept a day: a job taken again (after a retry) within it
+    was failed or re-queued by the next clean-up in the moment between its claim and its start,
+    while its worker went on to run it."""
+    queues = get_queues(redis_db, "m")
+    job = enqueue(queues[1], "taken again")
+    waiting = queues[1].intermediate_queue
+    redis_db.set(waiting.get_first_seen_key(job.id), time.time() - 3600)  # its earlier claim, an hour ago
+    assert dequeue(queues, timeout=None) is not None  # taken again; about to start
+    ImagegenWorker(queues, connection=redis_db, serializer=JSONSerializer).clean_registries()
+    assert redis_db.lrange(queues[1].intermediate_queue_key, 0, -1) == [job.id.encode()]
+    assert queues[1].get_job_ids() == [] and job.get_status(refresh=True) == "queued"
