@@ -311,9 +311,19 @@ class WebhookSender:
         end = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, end - time.monotonic()))
-        with self._ready:  # past the timeout: what still waits is dropped
+        with self._ready:  # past the timeout: what still waits is dropped, and said so
             self._stopped = True
             self._ready.notify_all()
+            dropped = [(url, p.job_id) for url, target in self._targets.items() for p in target.pending]
+        if dropped:
+            jobs = sorted({job_id for _, job_id in dropped})
+            log.warning(
+                "webhooks: %d event(s) for %d receiver(s) not delivered before shutdown (jobs %s%s)",
+                len(dropped),
+                len({url for url, _ in dropped}),
+                ", ".join(jobs[:10]),
+                ", …" if len(jobs) > 10 else "",
+            )
 
     def _next(self) -> tuple[str, _Target] | None:
         """The next URL whose head delivery is due (marked busy), waiting for one; None to stop."""

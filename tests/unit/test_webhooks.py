@@ -89,6 +89,22 @@ def test_every_retry_of_an_event_carries_its_delivery_id_and_other_events_differ
     assert len(set(ids[2:])) == 3  # three events, three ids
 
 
+def test_events_still_waiting_at_shutdown_are_logged_not_dropped_silently(caplog) -> None:
+    from app.core.webhooks import WebhookSender
+
+    receiver = WebhookReceiver(fail=1000)  # down for the whole shutdown
+    sender = WebhookSender(_sender_settings())
+    try:
+        sender.submit(receiver.url, _event("succeeded", "job-late"))
+        with caplog.at_level("WARNING", logger="app.core.webhooks"):
+            sender.close(timeout=0.3)
+    finally:
+        receiver.close()
+    said = [r.getMessage() for r in caplog.records if "not delivered before shutdown" in r.getMessage()]
+    assert len(said) == 1 and "1 event(s) for 1 receiver(s)" in said[0] and "job-late" in said[0], said
+    assert "127.0.0.1" not in said[0]  # receivers' URLs stay out of the logs (tokens in paths)
+
+
 def test_delivery_gives_up_and_never_reaches_refused_targets(caplog) -> None:
     from app.core.config import Settings
     from app.core.webhooks import WebhookSender, attempt
