@@ -43,6 +43,7 @@ def test_the_wheel_holds_the_client_alone(tmp_path: Path) -> None:
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert {t for t in tops if not t.endswith(".dist-info")} == {"imagegen_client"}
     assert {"imagegen_client/client.py", "imagegen_client/cli.py", "imagegen_client/__main__.py"} <= set(names)
+    assert "imagegen_client/py.typed" in names  # PEP 561: type checkers read the client's annotations
     assert {canonicalize_name(Requirement(r).name) for r in requires} == {"httpx", "httpx-sse", "tqdm"}
     assert "imagegen = imagegen_client.cli:main" in entry_points
 

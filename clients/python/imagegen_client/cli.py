@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from imagegen_client.client import DEFAULT_URL, KEY_ENV, URL_ENV, Client, ImagegenError, JobEvent, resolve_url
+from imagegen_client.client import DEFAULT_URL, KEY_ENV, URL_ENV, Client, ImagegenError, Job, JobEvent, resolve_url
 
 PROG = "imagegen"
 EXIT_FAILED = 1  # the server refused, the job failed, or the files could not be written
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=_size, metavar="WxH", help="image size, multiples of 8 (default: native)")
     gen.add_argument("--scheduler", help="sampler: ddim, euler, euler_a, dpmpp_2m, unipc, pndm, native")
     gen.add_argument("--priority", choices=["high", "normal", "low"], help="queue priority")
-    gen.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR", help="folder for the PNGs")
+    gen.add_argument(
+        "-o", "--output", type=Path, default=Path("."), metavar="DIR", help="folder for the PNGs (not -: no stdout)"
+    )
     gen.add_argument("--timeout", type=_seconds, default=600.0, metavar="S", help="give up waiting after S seconds")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -128,15 +130,41 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         done = client.wait(job.id, timeout=args.timeout, on_progress=bar)
     except KeyboardInterrupt:
         bar.close()
-        # Nobody is waiting for the result any more: free the worker.
-        try:
-            client.cancel(job.id)
-            print(f"{PROG}: interrupted; canceled job {job.id}", file=sys.stderr)
-        except ImagegenError:
-            print(f"{PROG}: interrupted; job {job.id} goes on running", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(client, job.id, args)
     finally:
         bar.close()
+    return _save(client, done, args)
+
+
+def _interrupted(client: Client, job_id: str, args: argparse.Namespace) -> int:
+    """Ctrl-C while waiting: nobody wants the result any more, so free the worker, and say what
+    the server did. A job that had already ended is reported as such (its images are saved: the
+    command's work is done after all)."""
+    try:
+        job = client.cancel(job_id)
+    except ImagegenError as exc:
+        ended = _ended(client, job_id) if exc.status == 409 else None  # 409: it ended before the cancel
+        if ended is None:
+            print(f"{PROG}: interrupted; job {job_id} may go on running (cancel failed: {exc})", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(f"{PROG}: interrupted, but job {job_id} had already {ended.status}", file=sys.stderr)
+        return _save(client, ended, args) if ended.succeeded else EXIT_INTERRUPTED
+    if job.status == "canceled":
+        print(f"{PROG}: interrupted; canceled job {job_id}", file=sys.stderr)
+    else:  # 202: it was running and stops at its next denoising step
+        print(f"{PROG}: interrupted; asked job {job_id} to cancel (it stops at its next step)", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _ended(client: Client, job_id: str) -> Job | None:
+    try:
+        job = client.get(job_id)
+    except ImagegenError:
+        return None
+    return job if job.done else None
+
+
+def _save(client: Client, done: Job, args: argparse.Namespace) -> int:
     done.raise_for_status()
     args.output.mkdir(parents=True, exist_ok=True)
     for image in done.images:
@@ -170,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve_url(args.url)
     except ValueError as exc:
         parser.error(str(exc))  # exits 2
+    if args.command == "generate" and str(args.output) == "-":  # not a folder named "-"
+        parser.error("-o -: PNGs cannot go to stdout; give a folder (the PNGs' paths are printed)")
     if args.command == "generate" and args.output.exists() and not args.output.is_dir():
         parser.error(f"-o {args.output}: exists and is not a folder")  # before any job is submitted
     try:

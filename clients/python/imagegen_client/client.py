@@ -9,8 +9,10 @@ else plain polling, chosen by what the server answers. Must not import the serve
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,21 +21,26 @@ from typing import Any, Literal, Self
 from urllib.parse import quote
 
 import httpx
-from httpx_sse import aconnect_sse, connect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "IMAGEGEN_URL"
 KEY_ENV = "IMAGEGEN_API_KEY"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 REQUEST_TIMEOUT = 30.0  # seconds for one ordinary request
-SSE_READ_TIMEOUT = 30.0  # the server pings idle streams well within this; silence longer means a dead link
-KEEPALIVE_GAP = 10.0  # seconds between the server's keep-alives on a quiet event stream
+KEEPALIVE_GAP = 10.0  # seconds between the server's keep-alives (`keepalive` events) on a quiet event stream
+# A stream that sends nothing, not even a keep-alive, for this long is buffered by a proxy or dead:
+# the wait goes on with long-polls.
+SSE_SILENCE = 2 * KEEPALIVE_GAP
+EMPTY_STREAMS = 3  # streams in a row that end without an event before the wait long-polls instead
 LONGPOLL_MAX = 25.0  # seconds per long-poll request (the server allows up to 60)
 LONGPOLL_PROGRESS = 1.0  # shorter long-polls when a progress callback wants to see each step
 POLL_INTERVAL = 0.25  # seconds between plain polls
 RETRY_PAUSE = 0.2  # after a dropped event stream, before reconnecting
 RECONNECT_PAUSE = 0.5  # between tries while a wait cannot reach the server
 RECONNECT_WINDOW = 60.0  # seconds a wait keeps trying an unreachable server before it raises
+RETRY_STATUSES = frozenset({429, 502, 503, 504})  # answers a wait rides out like an unreachable server
+RETRY_AFTER_MAX = 30.0  # the longest a wait sleeps for one Retry-After
 
 WaitMode = Literal["sse", "longpoll", "poll"]
 
@@ -192,25 +199,39 @@ ProgressCallback = Callable[[JobEvent], None]
 
 
 class _Outage:
-    """How a wait rides out a server it cannot reach (an API restart, a proxy reloading): it tries
-    again every RECONNECT_PAUSE seconds until the deadline, and gives up (raising the connection
-    error) once the server has stayed unreachable for RECONNECT_WINDOW seconds. A server this wait
-    never reached (a wrong URL), and any other error, end the wait at once."""
+    """How a wait rides out a server it cannot reach or that is briefly unavailable (an API restart,
+    a proxy reloading, a full queue): refused connections, requests cut mid-way (a long-poll or
+    stream dropped by a restart) and 429, 502, 503 and 504 answers are tried again, after the
+    answer's Retry-After (at most RETRY_AFTER_MAX s) or else every RECONNECT_PAUSE seconds, until
+    the deadline; the wait gives up (raising the last error) once they have gone on for
+    RECONNECT_WINDOW seconds. A server this wait never reached (a wrong URL), and any other error,
+    end the wait at once."""
 
     def __init__(self, report: _Reporter) -> None:
         self.report = report
-        self.since: float | None = None  # when the current run of failed connections began
+        self.since: float | None = None  # when the current run of failures began
+
+    def retryable(self, exc: ImagegenError) -> bool:
+        if isinstance(exc, WaitTimeout):
+            return False
+        if exc.status in RETRY_STATUSES:
+            return True
+        if exc.code == "connection_error":
+            return self.report.heard
+        return exc.code == "transport_error"  # it connected, then the request was cut
 
     def pause(self, exc: ImagegenError, attempt_started: float, deadline: float | None) -> float:
         """Seconds to sleep before trying again; raises `exc` when the wait should end."""
-        if exc.code != "connection_error" or not self.report.heard:
+        if not self.retryable(exc):
             raise exc
         now = time.monotonic()
         if self.since is None or now - attempt_started > RECONNECT_PAUSE * 2:  # it had got through
             self.since = now
-        if now - self.since >= RECONNECT_WINDOW or _remaining(deadline) <= 0:
+        left = min(RECONNECT_WINDOW - (now - self.since), _remaining(deadline))
+        if left <= 0:
             raise exc
-        return min(RECONNECT_PAUSE, _remaining(deadline))
+        wanted = RECONNECT_PAUSE if exc.retry_after is None else max(RETRY_PAUSE, exc.retry_after)
+        return min(wanted, RETRY_AFTER_MAX, left)
 
 
 class _Reporter:
@@ -220,6 +241,7 @@ class _Reporter:
         self.callback = callback
         self.last: tuple[str, int, int] | None = None
         self.heard = False  # the server answered this wait at least once
+        self.last_id: str | None = None  # the last event stream id seen: reconnects resume after it
 
     def __call__(self, event: JobEvent) -> None:
         self.heard = True
@@ -271,11 +293,13 @@ def _held(wait: float | None) -> dict[str, Any]:
     return {"headers": {"Prefer": f"wait={wait:.3g}"}, "timeout": wait + REQUEST_TIMEOUT}
 
 
-def _image_request(prompt: str, params: Mapping[str, Any], deadline: float | None) -> dict[str, Any]:
+def _image_request(
+    prompt: str, params: Mapping[str, Any], deadline: float | None, wait: float | None
+) -> dict[str, Any]:
     """`image()`'s POST: held until the job ends, asking for the PNG itself before the job."""
     if params.get("num_images") not in (None, 1):
         raise ValueError("image() makes one image; use generate() and download() for several")
-    held = _held(_post_wait(deadline, None))
+    held = _held(_post_wait(deadline, None, wait))
     headers = {**held.pop("headers", {}), "Accept": "image/png, application/json;q=0.5"}
     return {"json": _submit_body(prompt, params), "headers": headers, **held}
 
@@ -287,11 +311,14 @@ def _png_or_job(response: httpx.Response) -> bytes | Job:
     return Job.from_json(_job_json(response))
 
 
-def _post_wait(deadline: float | None, callback: ProgressCallback | None) -> float | None:
-    """How long `generate` lets the POST wait: not at all when progress is wanted (events do that)."""
-    if callback is not None:
-        return None
-    return min(LONGPOLL_MAX, _remaining(deadline)) if deadline is not None else LONGPOLL_MAX
+def _post_wait(deadline: float | None, callback: ProgressCallback | None, wait: float | None = None) -> float | None:
+    """How long `generate` lets the POST wait: the caller's `wait` if given, else not at all when
+    progress is wanted (events do that), else up to LONGPOLL_MAX; never past the deadline."""
+    if wait is None:
+        if callback is not None:
+            return None
+        wait = LONGPOLL_MAX
+    return min(wait, _remaining(deadline)) if deadline is not None else wait
 
 
 def error_from_response(response: httpx.Response) -> ImagegenError:
@@ -305,10 +332,23 @@ def error_from_response(response: httpx.Response) -> ImagegenError:
     if isinstance(err, dict) and err.get("message"):
         code = err.get("code") or err.get("type") or f"http_{response.status_code}"
         return ImagegenError(response.status_code, str(code), str(err["message"]), err.get("details"), retry_after)
-    text = response.text.strip().splitlines()[0][:200] if response.text.strip() else response.reason_phrase
     return ImagegenError(
-        response.status_code, f"http_{response.status_code}", text or "request failed", None, retry_after
+        response.status_code, f"http_{response.status_code}", _plain_message(response), None, retry_after
     )
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
+
+
+def _plain_message(response: httpx.Response) -> str:
+    """What an answer without our envelope (a proxy's HTML error page, say) says: its reason phrase,
+    and the page's <title> where it adds to that."""
+    reason = response.reason_phrase or "request failed"
+    match = _TITLE.search(response.text[:4096]) if "html" in response.headers.get("content-type", "") else None
+    title = " ".join(html.unescape(match.group(1)).split())[:200] if match else ""
+    if not title or title.lower() in (reason.lower(), f"{response.status_code} {reason}".lower()):
+        return reason
+    return f"{reason}: {title}"
 
 
 def _seconds(value: str | None) -> float | None:
@@ -358,6 +398,19 @@ def _job_or_none(response: httpx.Response) -> Job | None:
 
 def _job_from(response: httpx.Response) -> Job:
     return Job.from_json(_job_json(_checked(response)))
+
+
+def _event_from_sse(sse: ServerSentEvent, url: httpx.URL) -> JobEvent:
+    """The JobEvent an event's data carries; ImagegenError (`protocol_error`) for data that is not a
+    JSON object (something other than an imagegen server on the stream's URL)."""
+    try:
+        data = json.loads(sse.data)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        message = f"{url} sent an event whose data is not a JSON object ({sse.data[:80]!r}): is it an imagegen server?"
+        raise ImagegenError(None, "protocol_error", message)
+    return JobEvent.from_json(data, sse.event, sse.id)
 
 
 def _is_event_stream(response: httpx.Response) -> bool:
@@ -462,25 +515,32 @@ class Client:
         return _job_or_none(response) or self.get(job_id)
 
     def generate(
-        self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        wait: float | None = None,
+        **params: Any,
     ) -> Job:
         """Submit, wait, and return the succeeded job (raises `ImagegenError` if it failed).
 
-        Without a progress callback the POST itself waits for the end (one request fewer)."""
+        Without a progress callback the POST itself waits for the end (one request fewer); `wait`
+        sets how long it may (seconds, 0: not at all; default up to 25 s, none with `on_progress`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = self.submit(prompt, wait=_post_wait(deadline, on_progress), **params)
+        job = self.submit(prompt, wait=_post_wait(deadline, on_progress, wait), **params)
         if job.done:
             return job.raise_for_status()
         return self._wait_until(job.id, deadline, timeout, on_progress).raise_for_status()
 
-    def image(self, prompt: str, *, timeout: float | None = None, **params: Any) -> bytes:
+    def image(self, prompt: str, *, timeout: float | None = None, wait: float | None = None, **params: Any) -> bytes:
         """Make one image and return its PNG bytes (raises `ImagegenError` if the job failed).
 
         The POST asks for the PNG itself (`Prefer: wait`, `Accept: image/png`): where the server
         answers with it, prompt to image is one request; otherwise (an older server, a job still
         running when the server's wait ends) the job is waited for and its image downloaded."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = _png_or_job(self._request("POST", "/generate", **_image_request(prompt, params, deadline)))
+        job = _png_or_job(self._request("POST", "/generate", **_image_request(prompt, params, deadline, wait)))
         if isinstance(job, bytes):
             return job
         if not job.done:
@@ -521,20 +581,36 @@ class Client:
         return self._wait_poll(job_id, deadline, report, timeout)
 
     # -- ways to wait ---------------------------------------------------------------------------
-    def _timed_out(self, job_id: str, deadline: float | None, timeout: float | None) -> None:
-        if _remaining(deadline) <= 0:
-            raise WaitTimeout(job_id, timeout or 0, self.get(job_id))
+    def _past_deadline(
+        self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter
+    ) -> Job | None:
+        """Past the deadline: the job if it has ended after all, else WaitTimeout. None before it."""
+        if _remaining(deadline) > 0:
+            return None
+        job = self.get(job_id)
+        if not job.done:
+            raise WaitTimeout(job_id, timeout or 0, job)
+        report(JobEvent.from_job(job))
+        return job
 
     def _wait_sse(self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter) -> Job | None:
-        """None when the server has no event stream (the mode is lowered and the caller goes on)."""
-        last_id: str | None = None
+        """None when the server has no event stream (the mode is lowered and the caller goes on).
+        A stream silent for SSE_SILENCE (not even a keep-alive: a buffering proxy, a dead link), or
+        EMPTY_STREAMS in a row that end without an event, hand the rest of the wait to long-polls."""
+        empty = 0
         while True:
-            self._timed_out(job_id, deadline, timeout)
-            headers = {"Last-Event-ID": last_id} if last_id else {}
-            limits = httpx.Timeout(REQUEST_TIMEOUT, read=min(SSE_READ_TIMEOUT, max(0.1, _remaining(deadline))))
+            if (job := self._past_deadline(job_id, deadline, timeout, report)) is not None:
+                return job
+            headers = {"Last-Event-ID": report.last_id} if report.last_id else {}
+            silence = max(0.1, min(SSE_SILENCE, _remaining(deadline)))
+            heard = False
             try:
                 with connect_sse(
-                    self._http, "GET", f"{_job_path(job_id)}/events", headers=headers, timeout=limits
+                    self._http,
+                    "GET",
+                    f"{_job_path(job_id)}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(REQUEST_TIMEOUT, read=silence),
                 ) as source:
                     response = source.response
                     if response.status_code == 204:  # resumed after the terminal event: it has ended
@@ -547,21 +623,30 @@ class Client:
                         response.read()
                         raise error_from_response(response)
                     for sse in source.iter_sse():
-                        last_id = sse.id or last_id
+                        heard = True
+                        report.last_id = sse.id or report.last_id
                         if sse.data:
-                            event = JobEvent.from_json(json.loads(sse.data), sse.event, sse.id)
+                            event = _event_from_sse(sse, response.url)
                             report(event)
                             if event.status in TERMINAL:
                                 return self.get(job_id)
                         # Keep-alives count too: a queued job sends nothing else, and each one
                         # restarts the read timeout.
-                        self._timed_out(job_id, deadline, timeout)
+                        if (job := self._past_deadline(job_id, deadline, timeout, report)) is not None:
+                            return job
                         if _remaining(deadline) < KEEPALIVE_GAP:  # the next may come after the deadline
                             return self._wait_longpoll(job_id, deadline, timeout, report)
             except httpx.ConnectError as exc:
                 raise _transport_error(self.base_url, exc) from None
+            except httpx.ReadTimeout:
+                if not heard and silence >= SSE_SILENCE:  # nothing ever comes through: don't try again
+                    self.mode = "longpoll"
+                return self._wait_longpoll(job_id, deadline, timeout, report)
             except httpx.TransportError:
-                pass  # read timeout or a dropped stream: reconnect below, resuming after `last_id`
+                pass  # a dropped stream: reconnect below, resuming after `report.last_id`
+            empty = 0 if heard else empty + 1
+            if empty >= EMPTY_STREAMS:
+                return self._wait_longpoll(job_id, deadline, timeout, report)
             time.sleep(min(RETRY_PAUSE, max(0.0, _remaining(deadline))))
 
     def _no_stream(self, job_id: str, response: httpx.Response, mode: WaitMode) -> None:
@@ -574,7 +659,8 @@ class Client:
         self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter
     ) -> Job | None:
         while True:
-            self._timed_out(job_id, deadline, timeout)
+            if (job := self._past_deadline(job_id, deadline, timeout, report)) is not None:
+                return job
             seconds = _longpoll_seconds(deadline, report.callback)
             started = time.monotonic()
             response = self._request(
@@ -677,17 +763,25 @@ class AsyncClient:
         return _job_or_none(response) or await self.get(job_id)
 
     async def generate(
-        self, prompt: str, *, timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        wait: float | None = None,
+        **params: Any,
     ) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = await self.submit(prompt, wait=_post_wait(deadline, on_progress), **params)
+        job = await self.submit(prompt, wait=_post_wait(deadline, on_progress, wait), **params)
         if job.done:
             return job.raise_for_status()
         return (await self._wait_until(job.id, deadline, timeout, on_progress)).raise_for_status()
 
-    async def image(self, prompt: str, *, timeout: float | None = None, **params: Any) -> bytes:
+    async def image(
+        self, prompt: str, *, timeout: float | None = None, wait: float | None = None, **params: Any
+    ) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = _png_or_job(await self._request("POST", "/generate", **_image_request(prompt, params, deadline)))
+        job = _png_or_job(await self._request("POST", "/generate", **_image_request(prompt, params, deadline, wait)))
         if isinstance(job, bytes):
             return job
         if not job.done:
@@ -721,21 +815,34 @@ class AsyncClient:
                 return job
         return await self._wait_poll(job_id, deadline, report, timeout)
 
-    async def _timed_out(self, job_id: str, deadline: float | None, timeout: float | None) -> None:
-        if _remaining(deadline) <= 0:
-            raise WaitTimeout(job_id, timeout or 0, await self.get(job_id))
+    async def _past_deadline(
+        self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter
+    ) -> Job | None:
+        if _remaining(deadline) > 0:
+            return None
+        job = await self.get(job_id)
+        if not job.done:
+            raise WaitTimeout(job_id, timeout or 0, job)
+        report(JobEvent.from_job(job))
+        return job
 
     async def _wait_sse(
         self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter
     ) -> Job | None:
-        last_id: str | None = None
+        empty = 0  # (see Client._wait_sse)
         while True:
-            await self._timed_out(job_id, deadline, timeout)
-            headers = {"Last-Event-ID": last_id} if last_id else {}
-            limits = httpx.Timeout(REQUEST_TIMEOUT, read=min(SSE_READ_TIMEOUT, max(0.1, _remaining(deadline))))
+            if (job := await self._past_deadline(job_id, deadline, timeout, report)) is not None:
+                return job
+            headers = {"Last-Event-ID": report.last_id} if report.last_id else {}
+            silence = max(0.1, min(SSE_SILENCE, _remaining(deadline)))
+            heard = False
             try:
                 async with aconnect_sse(
-                    self._http, "GET", f"{_job_path(job_id)}/events", headers=headers, timeout=limits
+                    self._http,
+                    "GET",
+                    f"{_job_path(job_id)}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(REQUEST_TIMEOUT, read=silence),
                 ) as source:
                     response = source.response
                     if response.status_code == 204:  # resumed after the terminal event: it has ended
@@ -748,19 +855,28 @@ class AsyncClient:
                         await response.aread()
                         raise error_from_response(response)
                     async for sse in source.aiter_sse():
-                        last_id = sse.id or last_id
+                        heard = True
+                        report.last_id = sse.id or report.last_id
                         if sse.data:
-                            event = JobEvent.from_json(json.loads(sse.data), sse.event, sse.id)
+                            event = _event_from_sse(sse, response.url)
                             report(event)
                             if event.status in TERMINAL:
                                 return await self.get(job_id)
-                        await self._timed_out(job_id, deadline, timeout)  # keep-alives too (see Client)
+                        if (job := await self._past_deadline(job_id, deadline, timeout, report)) is not None:
+                            return job
                         if _remaining(deadline) < KEEPALIVE_GAP:
                             return await self._wait_longpoll(job_id, deadline, timeout, report)
             except httpx.ConnectError as exc:
                 raise _transport_error(self.base_url, exc) from None
+            except httpx.ReadTimeout:
+                if not heard and silence >= SSE_SILENCE:
+                    self.mode = "longpoll"
+                return await self._wait_longpoll(job_id, deadline, timeout, report)
             except httpx.TransportError:
                 pass
+            empty = 0 if heard else empty + 1
+            if empty >= EMPTY_STREAMS:
+                return await self._wait_longpoll(job_id, deadline, timeout, report)
             await asyncio.sleep(min(RETRY_PAUSE, max(0.0, _remaining(deadline))))
 
     async def _no_stream(self, job_id: str, response: httpx.Response, mode: WaitMode) -> None:
@@ -772,7 +888,8 @@ class AsyncClient:
         self, job_id: str, deadline: float | None, timeout: float | None, report: _Reporter
     ) -> Job | None:
         while True:
-            await self._timed_out(job_id, deadline, timeout)
+            if (job := await self._past_deadline(job_id, deadline, timeout, report)) is not None:
+                return job
             seconds = _longpoll_seconds(deadline, report.callback)
             started = time.monotonic()
             response = await self._request(
