@@ -104,7 +104,7 @@ class QueueReads:
     running: dict[tuple[str, ...], list[str]] = field(default_factory=dict)  # a model's queues -> started ids
     work: dict[str, float | None] = field(default_factory=dict)  # job id -> seconds of sampling left (None: gone)
     live: dict[str, int] = field(default_factory=dict)  # first queue -> live workers
-    times: dict[str, float] | None = None  # measured seconds per step, by size
+    times: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> measured seconds per step, by size
 
 
 def _stream_order(ident: str) -> tuple[int, int]:
@@ -183,7 +183,8 @@ class _Admitted:
         self.state.lengths = [int(x) for x in lengths]
         position = sum(self.state.lengths[: self.rank + 1]) - 1
         workers = self.state.workers
-        eta = None if self.own_work is None or not workers else self.own_work * (position + 1) / workers
+        # The jobs ahead share the live workers; this one then runs on one of them.
+        eta = None if self.own_work is None or not workers else self.own_work * (1 + position / workers)
         return position, eta
 
 
@@ -855,7 +856,7 @@ class JobService:
             eta = self._eta_queued(job, params, position, reads)
             progress = {"step": 0, "total": progress.get("total", total)}  # re-queued: it starts over
         else:
-            eta = self._remaining(params, progress.get("step", 0))
+            eta = self._remaining(job, params, progress.get("step", 0))
         # A job re-queued (its worker lost, or handed back at shutdown) keeps RQ's time stamps of
         # the earlier run: shown only where they belong to the current one.
         started = None if status is JobStatus.queued else job.started_at
@@ -915,9 +916,17 @@ class JobService:
             reads.heads[queue.key] = [i.decode() for i in ids]
         return reads.heads[queue.key]
 
-    def _steptimes(self) -> dict[str, float]:
-        raw = self.redis.hgetall(steptime_key(self.settings.model)) or {}
-        return {k.decode(): float(v) for k, v in raw.items()}  # type: ignore[union-attr]
+    def _steptimes(self, job: Job, reads: QueueReads | None = None) -> dict[str, float]:
+        """Measured seconds per step of the model the job was routed to (each model's own: another
+        model's ETAs came from the default model's times), read once per `reads`."""
+        model = model_of_queue(job.origin) or self.settings.model
+        if reads is not None and model in reads.times:
+            return reads.times[model]
+        raw = self.redis.hgetall(steptime_key(model)) or {}
+        times = {k.decode(): float(v) for k, v in raw.items()}  # type: ignore[union-attr]
+        if reads is not None:
+            reads.times[model] = times
+        return times
 
     def _work(self, params: dict[str, Any], steps_left: int, times: dict[str, float]) -> float | None:
         """Seconds of sampling for `steps_left` steps of a job, from measured per-step times."""
@@ -930,14 +939,12 @@ class JobService:
             per_step = value * (w * h) / max(1, _pixels(size))
         return per_step * steps_left * (_int(params.get("num_images")) or 1)
 
-    def _remaining(self, params: dict[str, Any], step: int) -> float | None:
+    def _remaining(self, job: Job, params: dict[str, Any], step: int) -> float | None:
         total = _int(params.get("num_inference_steps"))
-        return self._work(params, max(0, total - step), self._steptimes())
+        return self._work(params, max(0, total - step), self._steptimes(job))
 
     def _eta_queued(self, job: Job, params: dict[str, Any], position: int | None, reads: QueueReads) -> float | None:
-        if reads.times is None:
-            reads.times = self._steptimes()
-        times = reads.times
+        times = self._steptimes(job, reads)
         own = self._work(params, _int(params.get("num_inference_steps")), times)
         if own is None or position is None:
             return None
@@ -964,19 +971,20 @@ class JobService:
             p = _job_params(other)
             step = ((other.meta or {}).get("progress") or {}).get("step", 0)
             reads.work[jid] = self._work(p, _int(p.get("num_inference_steps")) - step, times) or 0.0
-        total = own
+        before = 0.0  # the work of the jobs running and waiting ahead, which the live workers share
         seen = 0
         for jid in ahead_ids + running:
             work = reads.work.get(jid)
             if work is not None:
-                total += work
+                before += work
                 seen += 1
         if position > seen and seen:  # more waiting than we read: extrapolate their average
-            total += (total - own) / seen * (position - seen)
+            before += before / seen * (position - seen)
         if queues[0].name not in reads.live:
             reads.live[queues[0].name] = live_on_queue(self.redis, queues[0].name, self.settings.worker_heartbeat)
         live = reads.live[queues[0].name]
-        return total / live if live else None  # no live worker: no honest estimate
+        # This job then runs on one worker: its own work is not shared.
+        return own + before / live if live else None  # no live worker: no honest estimate
 
     @staticmethod
     def _rq_failure(job: Job) -> JobErrorInfo:

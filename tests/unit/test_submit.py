@@ -297,12 +297,45 @@ def test_the_async_client_packs_commands_as_redis_py_does() -> None:
     assert connect_async("redis://127.0.0.1:1/0").connection_pool.connection_class is PackingConnection
 
 
-def _register_worker(redis_db, name: str, beat: datetime.datetime) -> None:
+def _register_worker(redis_db, name: str, beat: datetime.datetime, model: str = "main") -> None:
     """A worker as RQ registers it on the model's queues, last heard from at `beat`."""
     key = f"rq:worker:{name}"
     redis_db.hset(key, "last_heartbeat", utcformat(beat))
     for priority in Priority:
-        redis_db.sadd(f"rq:workers:imagegen:main:{priority.value}", key)
+        redis_db.sadd(f"rq:workers:imagegen:{model}:{priority.value}", key)
+
+
+def test_etas_share_the_work_ahead_among_workers_but_not_the_jobs_own(redis_db, redis_server: RedisServer) -> None:
+    """A job runs on one worker: its own sampling was divided by the live workers too, so with two
+    idle workers the next job's ETA was half its sampling time."""
+    service = make_service(redis_db, redis_server, worker_heartbeat=1.0)
+    redis_db.hset("imagegen:steptime:main", "64x64", 0.1)
+    now = datetime.datetime.now(datetime.UTC)
+    for name in ("w1", "w2"):
+        _register_worker(redis_db, name, now)
+    params = GenerationParams(prompt="p", width=64, height=64, num_inference_steps=10)
+    first, second = service.submit(params), service.submit(params)
+    assert (first.eta, second.eta) == (pytest.approx(1.0), pytest.approx(1.5))  # were 0.5 and 1.0
+    url = lambda i, n: ""  # noqa: E731
+    assert [service.view(service.get(p.id), url).eta_seconds for p in (first, second)] == [1.0, 1.5]
+
+
+def test_a_job_of_another_model_gets_its_eta_from_that_models_step_times(redis_db, redis_server) -> None:
+    """They came from the default model's times, though the 202 at submission used the right ones."""
+    service = make_service(redis_db, redis_server, worker_heartbeat=1.0)
+    redis_db.hset("imagegen:steptime:main", "64x64", 0.1)
+    redis_db.hset("imagegen:steptime:other", "64x64", 0.3)
+    _register_worker(redis_db, "other-worker", datetime.datetime.now(datetime.UTC), model="other")
+    from app.core.queue import get_queues
+
+    params = GenerationParams(prompt="p", width=64, height=64, num_inference_steps=10)
+    job = enqueue_task(get_queues(redis_db, "other")[1], params, service.settings)
+    view = service.view(service.get(job.id), lambda i, n: "")
+    assert view.queue_position == 0 and view.eta_seconds == pytest.approx(3.0)  # was 1.0
+    job.set_status(JobStatus.STARTED)
+    job.meta["progress"] = {"step": 4, "total": 10}
+    job.save_meta()
+    assert service.view(service.get(job.id), lambda i, n: "").eta_seconds == pytest.approx(1.8)  # 6 steps left
 
 
 def test_etas_count_only_live_workers(redis_db, redis_server: RedisServer) -> None:
