@@ -216,7 +216,9 @@ def _parse_cursor(cursor: str | None) -> Position | None:
         score = math.nan
     job_id = parse_job_id(member) if member else None  # canonical: members compare as bytes
     if math.isnan(score) or (member and job_id is None):
-        raise InvalidRequestError("cursor: not a cursor returned by this endpoint", code="validation_error")
+        msg = "not a cursor returned by this endpoint"
+        details = [{"loc": ["query", "cursor"], "msg": msg, "type": "value_error"}]  # as every other 422 has
+        raise InvalidRequestError(f"cursor: {msg}", code="validation_error", details=details)
     return score, job_id.encode() if job_id else None
 
 

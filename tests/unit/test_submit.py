@@ -491,3 +491,14 @@ def test_a_claim_its_request_never_used_is_taken_over(redis_db, redis_server: Re
     service.submit(GenerationParams(prompt="p"), job_id=new_id)
     again_id, job = service.claim_idempotency_key("k", "body-hash")
     assert again_id == new_id and job is not None and job.id == new_id
+
+
+def test_a_bad_cursor_is_a_422_that_names_the_parameter(redis_db, redis_server: RedisServer) -> None:
+    from app.core.errors import InvalidRequestError
+
+    service = make_service(redis_db, redis_server)
+    with pytest.raises(InvalidRequestError) as refused:
+        service.list_jobs(lambda i, n: "", None, 10, "not-a-cursor")
+    assert refused.value.details == [
+        {"loc": ["query", "cursor"], "msg": "not a cursor returned by this endpoint", "type": "value_error"}
+    ]
