@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from app import __version__
 from app.api import errors
+from app.api import openapi as openapi_doc
 from app.api.deps import get_principal
 from app.api.metrics import Metrics, RequestCounter
 from app.api.metrics import router as metrics_route_router
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(app)
     app.include_router(metrics_route_router)
     app.add_middleware(RequestCounter, metrics=app.state.metrics, fastapi_app=app)
+    openapi_doc.install(app, settings)  # the server's own size bounds, and its keys when they are on
     return app
 
 
