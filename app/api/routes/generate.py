@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
+import time
 
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -13,7 +15,7 @@ from app.api.deps import get_principal, images_charged
 from app.api.schemas import SUBMIT_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
 from app.api.services import JobService
 from app.core.errors import ConflictError, GoneError, InvalidRequestError
-from app.core.events import EventType
+from app.core.events import EventType, result_ttl
 from app.core.jobs import JobStatus
 from app.core.storage import ImageStore
 from app.core.webhooks import WebhookTargetError, check_target
@@ -107,8 +109,8 @@ async def generate(request: Request) -> Response:
     body_hash = lambda: hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # noqa: E731
     async with jobs.idempotent(idempotency_key, body_hash, principal.owner) as (job_id, existing):
         if existing is not None:
-            if wait:
-                return await finished_response(jobs, existing.id, wait, request, status.HTTP_200_OK)
+            if wait:  # 200 once it has ended (as any replay), else 202 as for any slow job
+                return await finished_response(jobs, existing.id, wait, request)
             view = await run_in_threadpool(jobs.view, existing, image_url(request))
             return job_response(view, status.HTTP_200_OK, jobs=jobs_url(request))
         async with images_charged(redis, principal, body.num_images, settings):
@@ -129,38 +131,91 @@ async def generate(request: Request) -> Response:
 
 def prefer_wait(prefer: str | None) -> float:
     """Seconds asked for by a `wait=N` preference (capped at MAX_WAIT); 0 when there is none. Like
-    any preference (RFC 7240) one that cannot be understood is ignored."""
-    for preference in (prefer or "").replace(";", ",").split(","):
-        name, _, value = preference.strip().partition("=")
+    any preference (RFC 7240) one that cannot be understood is ignored.
+
+    Preferences are comma-separated, each `token[=value]` followed by `;`-parameters: in
+    `foo; wait=5`, `wait` is a parameter of `foo`, not a preference. The first `wait` counts."""
+    for preference in _split_quoted(prefer or "", ","):
+        head = _split_quoted(preference, ";")[0]
+        name, _, value = head.partition("=")
         if name.strip().lower() == "wait":
             try:
-                seconds = float(value.strip().strip('"'))
+                seconds = float(_unquote(value.strip()))
             except ValueError:
                 return 0.0
             return min(seconds, MAX_WAIT) if seconds > 0 and math.isfinite(seconds) else 0.0
     return 0.0
 
 
-async def finished_response(
-    jobs: JobService, job_id: str, wait: float, request: Request, status_code: int | None = None
-) -> Response:
+def _split_quoted(text: str, separator: str) -> list[str]:
+    """`text` split at `separator`, except inside quoted strings (with their `\\` escapes)."""
+    parts, start, quoted, escaped = [], 0, False, False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _unquote(word: str) -> str:
+    if len(word) >= 2 and word[0] == word[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", word[1:-1])
+    return word
+
+
+async def finished_response(jobs: JobService, job_id: str, wait: float, request: Request) -> Response:
     """The job once it has ended, or after `wait` seconds: 200 when it ended, else 202. A client
     that asks for `image/png` (and made one image) gets the PNG itself when the job succeeded."""
     store = request.app.state.store if wants_png(request.headers.get("accept")) else None
     ended = await while_connected(request, jobs.wait_async(job_id, wait))
     applied = {"Preference-Applied": f"wait={wait:g}"}
+    settings = jobs.settings
     if store is not None and ended is not None and ended.type is EventType.succeeded and len(ended.images or []) == 1:
         # The `succeeded` event follows RQ's success record and the stored PNG: the bytes need no
         # read of the job itself.
         png = await run_in_threadpool(store.get, job_id, 0)
         if png is not None:
-            return png_bytes(job_id, png, applied, jobs_url(request))
+            cache = image_headers(job_id, 0, ended.timestamp, result_ttl(None, settings))
+            return png_bytes(job_id, png, {**applied, **cache}, jobs_url(request))
     view, png = await read_view(jobs, job_id, request, store)
     if store is not None and view.status.is_terminal() and int(view.params.get("num_images") or 1) == 1:
-        return png_response(view, png, applied, jobs_url(request))
-    if status_code is None:
-        status_code = status.HTTP_200_OK if view.status.is_terminal() else status.HTTP_202_ACCEPTED
+        ended_at = view.finished_at.timestamp() if view.finished_at is not None else None
+        cache = image_headers(view.id, 0, ended_at, result_ttl(None, settings))
+        return png_response(view, png, {**applied, **cache}, jobs_url(request))
+    status_code = status.HTTP_200_OK if view.status.is_terminal() else status.HTTP_202_ACCEPTED
     return job_response(view, status_code, applied, jobs_url(request))
+
+
+def image_headers(job_id: str, index: int, ended_at: float | None, ttl: int) -> dict[str, str]:
+    """Headers of a job's PNG wherever it is sent: its bytes never change, so it is `immutable`
+    with a strong `ETag`, fresh (in the client's own cache only) for as long as the job is kept
+    (`ttl` seconds from its end, Unix time `ended_at`)."""
+    left = ttl if ended_at is None else int(ended_at + ttl - time.time())
+    return {
+        "ETag": image_etag(job_id, index),
+        "Cache-Control": f"private, max-age={max(0, min(left, ttl))}, immutable",
+        "Content-Disposition": f'inline; filename="{job_id}-{index}.png"',
+        "X-Content-Type-Options": "nosniff",
+    }
+
+
+def image_etag(job_id: str, index: int) -> str:
+    return f'"{job_id}-{index}"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether `If-None-Match` names `etag` (or is `*`), by the weak comparison RFC 9110 asks for."""
+    if not if_none_match:
+        return False
+    tags = (tag.strip() for tag in _split_quoted(if_none_match, ","))
+    return any(tag == "*" or tag.removeprefix("W/") == etag for tag in tags)
 
 
 async def view_after_wait(jobs: JobService, job_id: str, wait: float, request: Request) -> JobView:
@@ -185,9 +240,11 @@ async def read_view(
 
 
 def wants_png(accept: str | None) -> bool:
-    """Whether `Accept` ranks `image/png` above JSON (by q-value, then by order); wildcards never
-    select the PNG: only a client that names it gets bytes instead of the job."""
-    ranks: dict[str, tuple[float, int]] = {}
+    """Whether `Accept` ranks `image/png` above JSON. JSON takes the q of `application/json`, else
+    `application/*`, else `*/*`; the PNG that of `image/png`, which must be named (wildcards never
+    select bytes: only a client that names the PNG gets them instead of the job). At equal q the
+    PNG wins over JSON reached by a wildcard, and over a named JSON when listed first."""
+    ranges: dict[str, tuple[float, int]] = {}  # media range -> (q, position); the first of each counts
     for position, media_range in enumerate((accept or "").split(",")):
         media, *parameters = (part.strip() for part in media_range.split(";"))
         q = 1.0
@@ -198,9 +255,17 @@ def wants_png(accept: str | None) -> bool:
                     q = float(value)
                 except ValueError:
                     q = 0.0
-        ranks.setdefault(media.lower(), (q, -position))
-    png = ranks.get("image/png")
-    return png is not None and png[0] > 0 and png > ranks.get("application/json", (0.0, 0))
+                q = q if math.isfinite(q) else 0.0
+                break  # what follows q are extensions, not media type parameters
+        ranges.setdefault(media.lower(), (q, position))
+    png = ranges.get("image/png")
+    if png is None or png[0] <= 0:
+        return False
+    json = ranges.get("application/json")
+    if json is None:  # only a wildcard can give JSON a q: it wins on a higher one alone
+        wildcard = ranges.get("application/*", ranges.get("*/*"))
+        return wildcard is None or png[0] >= wildcard[0]
+    return png[0] > json[0] or (png[0] == json[0] and png[1] < json[1])
 
 
 def png_response(view: JobView, png: bytes | None, headers: dict[str, str], jobs: str = "/jobs") -> Response:

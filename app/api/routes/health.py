@@ -13,11 +13,13 @@ from app.core.errors import UnavailableError
 router = APIRouter(tags=["health"])
 
 
+@router.api_route("/healthz", methods=["HEAD"], include_in_schema=False)
 @router.get("/healthz", response_model=Health, summary="Liveness")
-def healthz() -> Health:
+async def healthz() -> Health:
     return Health(status="ok")
 
 
+@router.api_route("/readyz", methods=["HEAD"], include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=Readiness,

@@ -10,19 +10,19 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import JobsDep, PrincipalDep, SettingsDep, StoreDep, check_key
-from app.api.routes.generate import MAX_WAIT, image_url, view_after_wait
+from app.api.routes.generate import MAX_WAIT, etag_matches, image_headers, image_url, view_after_wait
 from app.api.schemas import ERROR_RESPONSES, ErrorEnvelope, JobList, JobView
 from app.api.services import BLOCK_MS
 from app.core.errors import ConflictError, GoneError, InvalidRequestError, NotFoundError, UnauthorizedError
-from app.core.events import JobEvent
+from app.core.events import JobEvent, result_ttl
 from app.core.jobs import JobStatus
 from app.core.webhooks import WebhookSender, secret_for
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 images = APIRouter(prefix="/jobs", tags=["jobs"])
-IMAGE_HEADERS = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
 
 
+@router.api_route("", methods=["HEAD"], include_in_schema=False)
 @router.get("", response_model=JobList, responses=ERROR_RESPONSES, summary="Recent jobs, newest first")
 def list_jobs(
     request: Request,
@@ -35,6 +35,7 @@ def list_jobs(
     return jobs.list_jobs(image_url(request), status_filter, limit, cursor, principal.owner)
 
 
+@router.api_route("/{job_id}", methods=["HEAD"], include_in_schema=False)
 @router.get("/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="Job status and results")
 async def get_job(
     job_id: str,
@@ -148,11 +149,13 @@ def _u64(part: str) -> bool:
     return 0 < len(part) <= 20 and part.isascii() and part.isdigit() and int(part) < 2**64
 
 
+@images.api_route("/{job_id}/images/{index}", methods=["HEAD"], include_in_schema=False)
 @images.get(
     "/{job_id}/images/{index}",
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}}, "description": "The PNG"},
+        304: {"description": "`If-None-Match` names its `ETag`: the copy the client has is current"},
         401: {"model": ErrorEnvelope, "description": "API keys on: no valid key, and no valid signed link"},
         **ERROR_RESPONSES,
     },
@@ -187,7 +190,7 @@ def get_image(
     number = int(index) if index.isascii() and index.isdigit() and len(index) <= 3 else None  # never a path part
     succeeded = jobs.status(job) is JobStatus.succeeded
     png = store.get(job.id, number) if succeeded and number is not None else None  # no result read
-    if png is None:  # say why there is no image
+    if png is None or number is None:  # say why there is no image
         view = jobs.view(job, image_url(request))
         if view.status is not JobStatus.succeeded:
             if view.status.is_terminal():
@@ -200,4 +203,8 @@ def get_image(
         if number is None or number >= len(view.images):
             raise NotFoundError(f"job {job.id} has {len(view.images)} image(s); no index {index[:20]!r}")
         raise GoneError(f"image {index} of job {job.id} has expired")
-    return Response(png, media_type="image/png", headers=IMAGE_HEADERS)
+    ended_at = job.ended_at.timestamp() if job.ended_at is not None else None
+    headers = image_headers(job.id, number, ended_at, result_ttl(job.result_ttl, jobs.settings))
+    if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(png, media_type="image/png", headers=headers)

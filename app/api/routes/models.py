@@ -26,6 +26,7 @@ class ModelList(BaseModel):
     models: list[ServedModel]
 
 
+@router.api_route("/models", methods=["HEAD"], include_in_schema=False)
 @router.get(
     "/models",
     response_model=ModelList,
