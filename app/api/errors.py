@@ -72,8 +72,11 @@ def _validation(request: Request, exc: Exception) -> JSONResponse:
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
         details.append({"loc": loc, "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))})
-    if any(d["type"] == "json_invalid" for d in details):
-        return envelope(400, "malformed_json", "request body is not valid JSON", details)
+    invalid = next((d for d in details if d["type"] == "json_invalid"), None)
+    if invalid is not None:  # what and where: "number out of range at line 1 column 4400", say
+        why = invalid["msg"].removeprefix("Invalid JSON: ").removeprefix("Invalid JSON")
+        message = "request body is not valid JSON" + (f": {why}" if why and why != invalid["msg"] else "")
+        return envelope(400, "malformed_json", message, details)
     first: dict[str, Any] = details[0] if details else {"loc": [], "msg": "invalid request"}
     where = ".".join(p for p in first["loc"] if p != "body")
     message = f"{where}: {first['msg']}" if where else str(first["msg"])

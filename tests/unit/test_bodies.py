@@ -60,6 +60,14 @@ def test_errors_keep_fastapis_locations_and_codes() -> None:
     assert r.status_code == 422 and r.json()["error"]["details"][0]["type"] == "extra_forbidden"
     r = http.post("/echo", content=b'{"name": ', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json"
+    assert (
+        r.json()["error"]["message"] == "request body is not valid JSON: EOF while parsing a value at line 1 column 9"
+    )
+    # Valid JSON a parser cannot hold: the message says why, not just "not valid JSON".
+    r = http.post(
+        "/echo", content=b'{"name": "a", "n": 1' + b"0" * 5000 + b"}", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "number out of range" in r.json()["error"]["message"], r.json()
     for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
         r = http.post("/echo", content=b'{"name": "a"}', headers=headers)
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", headers
