@@ -23,7 +23,8 @@ def main() -> int:
 
     # transformers warns at import about optional image backends this text-to-image worker never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    pin_threads(settings.pin_threads, os.environ)
+    pin_threads(settings.pin_threads, os.environ)  # before torch is imported (its OpenMP reads them)
+    quiet_progress_bars(os.environ)  # imports diffusers and transformers, and so torch
     import torch
 
     if settings.device == "cuda" and not torch.cuda.is_available():
@@ -127,6 +128,18 @@ def main() -> int:
         if sender is not None:
             sender.close()  # deliver what is pending before exiting
     return 0
+
+
+def quiet_progress_bars(environ: Any) -> None:
+    """No tqdm bars on stderr (the hub's downloads, diffusers' and transformers' loading and saving
+    of weights): they are not log lines, and they broke `IMAGEGEN_LOG_FORMAT=json`'s one JSON
+    object per line."""
+    environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 PIN_VARIABLES = {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}  # read by torch's OpenMP runtime

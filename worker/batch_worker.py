@@ -30,7 +30,7 @@ from rq.job import Job
 from rq.utils import now as utcnow
 from rq.worker import WorkerStatus
 
-from app.core import events, metrics
+from app.core import events, logs, metrics
 from app.core.catalog import model_of_queue
 from app.core.events import EventType
 from app.core.jobs import (
@@ -117,6 +117,7 @@ class BatchingWorker(ImagegenWorker):
         self.clock = time.monotonic
         self.slots: list[Slot] = []
         self._finishing: set[Slot] = set()  # out of the batch, their images being stored: still beaten
+        self._hung: set[Slot] = set()  # past their timeout and grace: no more heartbeats (`beats_due`)
         # Guards `slots` against the heartbeat thread; held while a slot's heartbeat is written so
         # a job never gets a heartbeat after its execution was cleaned up.
         self._lock = threading.Lock()
@@ -132,6 +133,16 @@ class BatchingWorker(ImagegenWorker):
         if _runs_alone(job):
             super().execute_job(job, queue)  # e.g. variations: the one-job path (which refuses the unreadable)
             return
+        try:
+            # Lines of the session are about several jobs: each operation on one job names it
+            # (`logs.job_context`), not the job the session began with (set since its dequeue).
+            logs.current_job_id.set(None)
+            self._run_session(job, queue)
+        finally:
+            logs.current_job_id.set(None)
+
+    def _run_session(self, job: Job, queue: Queue) -> None:
+        self._hung = set()
         stop = threading.Event()
         beat = threading.Thread(target=self._beat_all, args=(stop,), name="heartbeat", daemon=True)
         beat.start()
@@ -180,9 +191,10 @@ class BatchingWorker(ImagegenWorker):
         # 2. Hand everything back past the shutdown grace.
         if ctx.should_requeue():
             for slot in list(self.slots):
-                log.info("job %s: shutting down, handing the job back to the queue", slot.job.id)
-                slot.job.meta["requeue"] = True
-                self._end_failed(slot, tasks.RequeueError())
+                with logs.job_context(slot.job.id):
+                    log.info("job %s: shutting down, handing the job back to the queue", slot.job.id)
+                    slot.job.meta["requeue"] = True
+                    self._end_failed(slot, tasks.RequeueError())
             return
         # 3. One round trip: the heads of the queues (while there is room and no stop was asked
         #    for) and the cancel flags of the active jobs; at most every `check_interval` seconds,
@@ -243,8 +255,9 @@ class BatchingWorker(ImagegenWorker):
                 try:
                     images = self.engine.decode(slot.request)
                 except Exception as exc:
-                    log.exception("job %s: decoding failed", slot.job.id)
-                    self._end_failed(slot, _sampling_failure(slot.job, exc))
+                    with logs.job_context(slot.job.id):
+                        log.exception("job %s: decoding failed", slot.job.id)
+                        self._end_failed(slot, _sampling_failure(slot.job, exc))
                     continue
             with self._lock:
                 self._finishing.add(slot)
@@ -327,7 +340,7 @@ class BatchingWorker(ImagegenWorker):
         claimed = [(job, q) for (q, job), got in zip(chosen, taken, strict=True) if got]
         for job, _ in claimed:
             job.redis_server_version = self.get_redis_server_version()
-            log.info("job %s: joins the batch", job.id)
+            log.info("job %s: joins the batch", job.id, extra={"job_id": job.id})
         if claimed:
             self._admit(claimed)
 
@@ -352,20 +365,21 @@ class BatchingWorker(ImagegenWorker):
         taken_at = time.perf_counter()
         ready: list[tuple[Job, Queue, GenerationParams]] = []
         for job, queue in taken:
-            reason = self.refusal_reason(job)
-            if reason is not None:
-                self.refuse(job, queue, reason)
-                continue
-            try:
-                params = tasks.resolve(ctx, job, (job.kwargs or {}).get("params"))
-            except tasks.JobFailedError:
-                failure = sys.exc_info()
-                execution = self.prepare_execution(job)
-                self.prepare_job_execution(job)
-                self._finalize_failure(job, queue, execution, failure)
-                continue
-            tasks.note_params(ctx, job, params)  # into `job.meta`, written with the registration below
-            ready.append((job, queue, params))
+            with logs.job_context(job.id):
+                reason = self.refusal_reason(job)
+                if reason is not None:
+                    self.refuse(job, queue, reason)
+                    continue
+                try:
+                    params = tasks.resolve(ctx, job, (job.kwargs or {}).get("params"))
+                except tasks.JobFailedError:
+                    failure = sys.exc_info()
+                    execution = self.prepare_execution(job)
+                    self.prepare_job_execution(job)
+                    self._finalize_failure(job, queue, execution, failure)
+                    continue
+                tasks.note_params(ctx, job, params)  # into `job.meta`, written with the registration below
+                ready.append((job, queue, params))
         if not ready:
             return
         ttl = self.get_heartbeat_ttl(ready[0][0])
@@ -394,14 +408,15 @@ class BatchingWorker(ImagegenWorker):
         self.procline(f"Processing {len(self.slots) + len(started)} jobs")
         for job, queue, params, execution, event, reply in started:
             try:
-                if replies[reply]:
-                    raise tasks._fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)
-                self._announce(job, event)
-                began = time.perf_counter()
-                try:
-                    request = self.engine.start(params)
-                except Exception as exc:
-                    raise _sampling_failure(job, exc) from None
+                with logs.job_context(job.id):
+                    if replies[reply]:
+                        raise tasks._fail(job, ErrorCode.canceled, "canceled before it started", canceled_at_step=0)
+                    self._announce(job, event)
+                    began = time.perf_counter()
+                    try:
+                        request = self.engine.start(params)
+                    except Exception as exc:
+                        raise _sampling_failure(job, exc) from None
             except Exception:
                 self._finalize_failure(job, queue, execution, sys.exc_info())
                 continue
@@ -444,13 +459,15 @@ class BatchingWorker(ImagegenWorker):
                     return
             self.engine.runtime.free_memory()
             images = slot.params.num_images
-            log.warning("job %s: out of memory with %d images; one image at a time", slot.job.id, images)
+            log.warning("job %s: out of memory with %d images; one image at a time", slot.job.id, images,
+                        extra={"job_id": slot.job.id})  # fmt: skip
             request.chunk_rows = request.image_rows
 
     def _fail_step(self, slot: Slot, exc: BaseException) -> None:
-        log.error("job %s: sampling failed", slot.job.id, exc_info=exc)
-        self._freed_if_oom(exc)
-        self._end_failed(slot, _sampling_failure(slot.job, exc))
+        with logs.job_context(slot.job.id):
+            log.error("job %s: sampling failed", slot.job.id, exc_info=exc)
+            self._freed_if_oom(exc)
+            self._end_failed(slot, _sampling_failure(slot.job, exc))
 
     def _freed_if_oom(self, exc: BaseException) -> None:
         """After an out-of-memory error, cached memory is released for the jobs that go on."""
@@ -466,7 +483,8 @@ class BatchingWorker(ImagegenWorker):
             if score is not None:
                 kept.append(slot)
                 continue
-            log.warning("job %s: run again elsewhere while this worker stalled; this run stops", slot.job.id)
+            log.warning("job %s: run again elsewhere while this worker stalled; this run stops", slot.job.id,
+                        extra={"job_id": slot.job.id})  # fmt: skip
             self._remove(slot)
             try:
                 raise tasks.LostRunError
@@ -480,7 +498,7 @@ class BatchingWorker(ImagegenWorker):
             job = slot.job
             if flag:
                 canceled = tasks.CanceledError(slot.reported, slot.steps)
-                log.info("job %s: canceled at step %d/%d", job.id, slot.reported, slot.steps)
+                log.info("job %s: canceled at step %d/%d", job.id, slot.reported, slot.steps, extra={"job_id": job.id})
                 job.meta["progress"] = {"step": slot.reported, "total": slot.steps}  # the last write may be older
                 error = tasks._fail(job, ErrorCode.canceled, str(canceled), canceled_at_step=slot.reported)
                 self._end_failed(slot, error)
@@ -547,6 +565,10 @@ class BatchingWorker(ImagegenWorker):
 
         Its timings are wall time, as on the one-job path: sampling from its text encoding to its
         decoded images (steps shared with other jobs count in full)."""
+        with logs.job_context(slot.job.id):  # a thread of its own: its lines name the job here
+            self._finish_one(slot, ctx, images, sampling_s)
+
+    def _finish_one(self, slot: Slot, ctx: tasks.WorkerContext, images: list[Image], sampling_s: float) -> None:
         job = slot.job
         try:
             try:
@@ -571,6 +593,10 @@ class BatchingWorker(ImagegenWorker):
             self._remove(slot)  # its heartbeats end here whatever happened
 
     def _end_failed(self, slot: Slot, exc: BaseException, *, on_finisher: bool = False) -> None:
+        with logs.job_context(slot.job.id):
+            self._end_failed_now(slot, exc, on_finisher)
+
+    def _end_failed_now(self, slot: Slot, exc: BaseException, on_finisher: bool) -> None:
         self._remove(slot)
         if not on_finisher:
             # Progress writes queued on the finisher thread carry the meta as of their step: they
@@ -597,7 +623,8 @@ class BatchingWorker(ImagegenWorker):
             try:
                 self._end_failed(slot, _sampling_failure(slot.job, exc_info[1]))
             except Exception:
-                log.warning("job %s: could not record the failure; left for recovery", slot.job.id)
+                log.warning("job %s: could not record the failure; left for recovery", slot.job.id,
+                            extra={"job_id": slot.job.id})  # fmt: skip
         with self._lock:
             self.slots.clear()
 
@@ -606,15 +633,23 @@ class BatchingWorker(ImagegenWorker):
         # detection see each of them exactly as for a single job.
         # Jobs whose images the finisher is still storing count too: behind other jobs' PNGs on a
         # busy machine that can outlast the registry entry, and the job would be run again.
+        # A job stuck past its timeout and grace (the sampling loop or the finisher hung in C code)
+        # gets no more: it is recovered as abandoned (see `ImagegenWorker.beats_due`).
         while not stop.wait(self.heartbeat_interval):
             for slot in [*self.slots, *self._finishing]:
+                if slot in self._hung:
+                    continue
+                if not self.beats_due(slot.job, time.perf_counter() - (slot.began - slot.load_s)):
+                    self._hung.add(slot)
+                    continue
                 with self._lock:
                     if slot not in self.slots and slot not in self._finishing:
                         continue
                     try:
                         self.maintain_heartbeats(slot.job, slot.execution)
                     except Exception:  # Redis blips must not kill the session; the next beat retries
-                        log.warning("heartbeat for job %s failed", slot.job.id, exc_info=True)
+                        log.warning("heartbeat for job %s failed", slot.job.id, exc_info=True,
+                                    extra={"job_id": slot.job.id})  # fmt: skip
 
 
 def _context() -> tasks.WorkerContext:

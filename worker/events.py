@@ -109,7 +109,7 @@ class EventSink:
         try:
             events.publish(self.connection, event, events.stream_ttl(self.settings, event))
         except Exception:  # losing one event must not fail the job; status still lives in RQ
-            log.warning("job %s: could not publish %s event", job.id, type_, exc_info=True)
+            log.warning("job %s: could not publish %s event", job.id, type_, exc_info=True, extra={"job_id": job.id})
         self.deliver(job, event)
         return event
 
@@ -121,6 +121,7 @@ class EventSink:
             try:
                 secret = self.secrets.for_owner(meta.get("owner"))
             except Exception:  # Redis unreachable: this event is not delivered (as its publish failed)
-                log.warning("job %s: no webhook secret could be read; %s not delivered", job.id, event.type)
+                log.warning("job %s: no webhook secret could be read; %s not delivered", job.id, event.type,
+                            extra={"job_id": job.id})  # fmt: skip
                 return
             self.sender.submit(url, event, secret)

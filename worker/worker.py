@@ -26,7 +26,7 @@ from rq.utils import as_text, utcformat
 from rq.utils import now as utcnow
 from rq.worker import SimpleWorker, WorkerStatus
 
-from app.core import events, metrics
+from app.core import events, logs, metrics
 from app.core.catalog import model_of_queue
 from app.core.events import EventType, JobEvent
 from app.core.jobs import ALLOWED_TASKS, MODELS_KEY, ErrorCode, ModelInfo, status_from_rq, wake_key
@@ -87,6 +87,9 @@ class ClaimingQueue(Queue):
                 except Exception as exc:  # as RQ's dequeue: the failure names the job and its queue
                     exc.job_id, exc.queue = job.id, queue  # type: ignore[attr-defined]
                     raise
+                # Every line about it from here (RQ's "dequeued" line included) carries its id; the
+                # worker clears it when the job is done (`ImagegenWorker.execute_job`).
+                logs.current_job_id.set(job.id)
                 return job, queue
             if deadline is None:
                 return None
@@ -104,6 +107,7 @@ class _Success:
     written: bool = False
 
 
+HUNG_GRACE = 60.0  # seconds past its timeout after which a job's heartbeats stop (see `beats_due`)
 STUCK_AFTER = 60.0  # seconds a job may sit taken but not started before it counts as its worker's loss
 LISTEN_WAIT = 1.0  # seconds the command listener waits per read (see `ImagegenWorker.subscribe`)
 UNREADABLE = "<unreadable>"  # what `task_of` answers for a job whose data our serializer cannot read
@@ -249,7 +253,18 @@ class ImagegenWorker(SimpleWorker):
         # Every job we take waits in its queue's intermediate list until this transaction.
         super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        logs.current_job_id.set(None)  # no job yet: the dequeue sets it (`ClaimingQueue.dequeue_any`)
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
+        try:
+            with logs.job_context(job.id):  # RQ's own lines about it ("Job OK", its result's TTL) too
+                self._execute_one(job, queue)
+        finally:
+            logs.current_job_id.set(None)  # set since its dequeue
+
+    def _execute_one(self, job: Job, queue: Queue) -> None:
         reason = self.refusal_reason(job)
         if reason is not None:
             self.refuse(job, queue, reason)
@@ -267,6 +282,14 @@ class ImagegenWorker(SimpleWorker):
             stop.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)
+
+    def _finalize_success(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        with logs.job_context(job.id):  # on a batching worker's finisher thread too
+            super()._finalize_success(job, *args, **kwargs)
+
+    def _finalize_failure(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        with logs.job_context(job.id):
+            super()._finalize_failure(job, *args, **kwargs)
 
     # Terminal events go out only after RQ has stored the outcome, so a client that reacts to
     # `succeeded` by downloading the image never races the job's own status. On success they go out
@@ -486,11 +509,28 @@ class ImagegenWorker(SimpleWorker):
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         # A SimpleWorker runs the job on its main thread and would send no heartbeat until it ends,
         # so a killed worker's job would look alive for job_timeout + 60 s.
+        began = time.monotonic()
         while not stop.wait(self.heartbeat_interval):
+            if not self.beats_due(job, time.monotonic() - began):
+                return
             try:
                 self.maintain_heartbeats(job, execution)
             except Exception:  # Redis blips must not kill the job; the next beat retries
-                log.warning("heartbeat for job %s failed", job.id, exc_info=True)
+                log.warning("heartbeat for job %s failed", job.id, exc_info=True, extra={"job_id": job.id})
+
+    def beats_due(self, job: Job, running_s: float) -> bool:
+        """Whether a job that has been running `running_s` seconds still gets heartbeats. Not once
+        it is HUNG_GRACE past its timeout: its run is stuck where RQ's timeout cannot interrupt it
+        (a CUDA hang, a write to a dead NFS server: the signal waits for the C call to return) and
+        would hold the job, and keep this worker "live", forever. Without beats the job is
+        recovered as abandoned (re-queued or failed with `worker_lost`), and the worker's own
+        registration expires with them. A run that wakes up later finds the job no longer its own."""
+        limit = job.timeout or self.queue_class.DEFAULT_TIMEOUT
+        if limit < 0 or running_s <= limit + HUNG_GRACE:  # RQ's -1: no limit
+            return True
+        log.error("job %s: still running %.0f s after its %s s timeout; its heartbeats stop, so that it is "
+                  "recovered as abandoned", job.id, running_s - limit, limit, extra={"job_id": job.id})  # fmt: skip
+        return False
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # Short TTL: the job counts as abandoned a few missed beats after the worker dies.

@@ -7,17 +7,40 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# `color_message`: uvicorn's copy of its message with ANSI colour codes, noise in a JSON line.
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
+
+# The job a worker thread is handling now (set by the worker around each job, or each operation on
+# one job of a batch); read by `JobContextFilter`. Each thread has its own (threads start empty).
+current_job_id: ContextVar[str | None] = ContextVar("imagegen_job_id", default=None)
+
+
+@contextmanager
+def job_context(job_id: str | None) -> Iterator[None]:
+    """Lines logged by this thread inside the block carry `job_id` (unless they pass their own)."""
+    token = current_job_id.set(job_id)
+    try:
+        yield
+    finally:
+        current_job_id.reset(token)
 
 
 class JobContextFilter(logging.Filter):
-    """Adds `job_id` from RQ's current job (worker side) unless the call passed one in `extra`."""
+    """Adds `job_id` unless the call passed one in `extra`: the job this thread is handling
+    (`current_job_id`), else RQ's current job (set only while the task function runs)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "job_id"):
+            job_id = current_job_id.get()
+            if job_id is not None:
+                record.job_id = job_id
+                return True
             try:
                 from rq import get_current_job
 
@@ -69,6 +92,7 @@ def configure(level: str, fmt: str, process: str) -> None:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {process} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers = [handler]
+    logging.captureWarnings(True)  # `warnings.warn` goes through the handler too (one JSON line)
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "rq.worker"):
         logger = logging.getLogger(name)

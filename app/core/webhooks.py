@@ -31,6 +31,7 @@ from urllib.parse import SplitResult, urlsplit
 import httpx
 
 from app.core.events import EventType, JobEvent
+from app.core.logs import job_context
 
 if TYPE_CHECKING:
     from app.core.config import Settings
@@ -299,8 +300,10 @@ class WebhookSender:
             pending.append(_Pending(event.job_id, progress, body, secret or self.settings.webhook_secret))
             if len(pending) > self.MAX_PENDING:
                 drop = next((i for i in range(first, len(pending)) if pending[i].progress), first)
+                dropped = pending[drop].job_id
                 del pending[drop]
-                log.warning("webhook %s: %d events waiting; one dropped", shown(url), self.MAX_PENDING)
+                log.warning("webhook %s: %d events waiting; one dropped", shown(url), self.MAX_PENDING,
+                            extra={"job_id": dropped})  # fmt: skip
             self._ready.notify()
 
     def close(self, timeout: float = 10) -> None:
@@ -346,14 +349,15 @@ class WebhookSender:
             url, target = item
             head = target.pending[0]
             try:
-                outcome = attempt(
-                    url,
-                    head.body,
-                    secret=head.secret,
-                    allow_private=self.settings.webhook_allow_private,
-                )
+                with job_context(head.job_id):  # `attempt`'s lines name the delivery's job
+                    outcome = attempt(
+                        url,
+                        head.body,
+                        secret=head.secret,
+                        allow_private=self.settings.webhook_allow_private,
+                    )
             except Exception:
-                log.exception("webhook delivery to %s crashed", shown(url))
+                log.exception("webhook delivery to %s crashed", shown(url), extra={"job_id": head.job_id})
                 outcome = False
             with self._ready:
                 target.busy = False
@@ -363,7 +367,8 @@ class WebhookSender:
                         target.not_before = time.monotonic() + backoff(target.failures)
                         self._ready.notify_all()
                         continue
-                    log.warning("webhook %s gave up after %d attempts", shown(url), target.failures)
+                    log.warning("webhook %s gave up after %d attempts", shown(url), target.failures,
+                                extra={"job_id": head.job_id})  # fmt: skip
                 target.pending.popleft()
                 target.failures, target.not_before = 0, 0.0
                 if not target.pending:

@@ -33,6 +33,8 @@ def test_jobs_being_stored_keep_their_heartbeat_until_recorded() -> None:
         _lock=threading.Lock(),
         heartbeat_interval=0.01,
         maintain_heartbeats=maintain_heartbeats,
+        _hung=set(),
+        beats_due=lambda job, running_s: True,  # none is past its timeout (see test_heartbeat_hung.py)
     )
     BatchingWorker._beat_all(worker, stop)  # type: ignore[arg-type]
     assert sorted(beaten) == ["running", "storing"] and "recorded" not in beaten
