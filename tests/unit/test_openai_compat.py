@@ -78,6 +78,9 @@ def test_the_js_sdks_preflight_from_an_allowed_origin_is_accepted(http: TestClie
     assert r.status_code == 400  # other origins are still refused
     r = http.options("/v1/images/generations", headers={**preflight, "Access-Control-Request-Headers": "x-other"})
     assert r.status_code == 400  # and headers nobody sends
+    # A client made with an organization or a project sends those too.
+    both = {**preflight, "Access-Control-Request-Headers": f"{requested}, openai-organization, openai-project"}
+    assert http.options("/v1/images/generations", headers=both).status_code == 200
 
 
 def test_pages_can_read_x_should_retry(http: TestClient) -> None:

@@ -73,6 +73,8 @@ SDK_HEADERS = (
     "x-stainless-retry-count",
     "x-stainless-timeout",
     "x-stainless-helper-method",  # the SDK's helpers (streaming, polling) add it
+    "openai-organization",  # sent when a page's client names an organization or a project
+    "openai-project",
 )
 
 
