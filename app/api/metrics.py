@@ -100,6 +100,11 @@ def route_template(scope: dict[str, Any], app: Any) -> str:
     return str(getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched")
 
 
+# Methods counted by name; any other is `other`: a client may send any token as a method, and each
+# one would be a new series (httptools refuses most, h11 takes them all).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class RequestCounter:
     """Pure-ASGI middleware counting responses by route template and code."""
 
@@ -124,7 +129,8 @@ class RequestCounter:
             await self.app(scope, receive, capture)
         finally:
             route = route_template(scope, self.fastapi_app)
-            self.metrics.requests.labels(route, scope["method"], str(code)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.requests.labels(route, method, str(code)).inc()
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics")
