@@ -200,3 +200,15 @@ def test_tabs_newlines_and_visible_text_with_zero_width_characters_pass() -> Non
     assert GenerationParams(prompt="\u200bcat\u200d").prompt == "\u200bcat\u200d"
     with pytest.raises(ValidationError, match="negative_prompt"):
         GenerationParams(prompt="cat", negative_prompt="\x00")
+
+
+def test_a_replay_that_names_the_default_model_is_the_same_request(http: TestClient) -> None:
+    """`"model": "main"` on a server whose model is `main` asks for what leaving it out asks for:
+    the retry was a 409 (another body) when one of the two named it."""
+    key = {"Idempotency-Key": "replay-model"}
+    first = http.post("/generate", json=BODY, headers=key)
+    again = http.post("/generate", json={**BODY, "model": "main"}, headers=key)
+    assert (first.status_code, again.status_code) == (202, 200), again.text
+    assert again.json()["id"] == first.json()["id"]
+    other = http.post("/generate", json={**BODY, "seed": 12345}, headers=key)
+    assert other.status_code == 409  # a request that differs still does

@@ -106,7 +106,9 @@ async def generate(request: Request) -> Response:
         webhook = {"url": body.webhook, "events": [e.value for e in body.webhook_events]}
     principal.check_priority(body.priority)
     wait = prefer_wait(prefer)
-    body_hash = lambda: hashlib.sha256(body.model_dump_json().encode()).hexdigest()  # noqa: E731
+    # The request as it is served: naming the server's default model asks for what leaving it out does.
+    same = body.model_copy(update={"model": None}) if body.model == settings.model else body
+    body_hash = lambda: hashlib.sha256(same.model_dump_json().encode()).hexdigest()  # noqa: E731
     async with jobs.idempotent(idempotency_key, body_hash, principal.owner) as (job_id, existing):
         if existing is not None:
             if wait:  # 200 once it has ended (as any replay), else 202 as for any slow job

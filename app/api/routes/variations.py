@@ -139,7 +139,8 @@ async def create_variations(
 
     def body_hash() -> str:
         digest = hashlib.sha256(png)
-        digest.update(fields.model_dump_json().encode())
+        same = fields.model_copy(update={"model": None}) if fields.model == settings.model else fields  # as /generate
+        digest.update(same.model_dump_json().encode())
         return digest.hexdigest()
 
     async with jobs.idempotent(idempotency_key, body_hash, principal.owner) as (job_id, existing):
