@@ -538,12 +538,15 @@ class ImagegenWorker(SimpleWorker):
 
 
 def _timings(job: Job) -> dict[str, float]:
-    """A finished job's latencies for the metrics: queue wait, sampling, total (seconds)."""
+    """A finished job's latencies for the metrics: queue wait (of its last run), sampling, total
+    (seconds). The total runs from its submission: RQ sets `enqueued_at` anew when it re-queues a
+    job (its worker lost, a hand-back at shutdown), and the time of the earlier runs went missing."""
     timings = {}
     if job.enqueued_at and job.started_at:
         timings["queue_wait"] = (job.started_at - job.enqueued_at).total_seconds()
-    if job.enqueued_at and job.ended_at:
-        timings["total"] = (job.ended_at - job.enqueued_at).total_seconds()
+    submitted = job.created_at or job.enqueued_at
+    if submitted and job.ended_at:
+        timings["total"] = (job.ended_at - submitted).total_seconds()
     sampling_ms = (job.meta.get("timings") or {}).get("sampling_ms")
     if sampling_ms is not None:
         timings["sampling"] = sampling_ms / 1000

@@ -485,3 +485,18 @@ def test_an_idle_worker_stops_listening_for_commands_within_seconds(env) -> None
     done = threading.Event()
     threading.Thread(target=lambda: (worker.unsubscribe(), done.set()), daemon=True).start()
     assert done.wait(5), "the listener held the worker's shutdown"
+
+
+def test_a_requeued_jobs_total_latency_runs_from_its_submission(redis_db) -> None:
+    """RQ sets `enqueued_at` anew at each re-queue: the total counted only the last run."""
+    from datetime import UTC, datetime, timedelta
+
+    from rq.job import Job as RQJob
+
+    from worker.worker import _timings
+
+    job = RQJob("x", redis_db)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    job.created_at, job.enqueued_at = at, at + timedelta(seconds=40)  # submitted, then re-queued
+    job.started_at, job.ended_at = at + timedelta(seconds=45), at + timedelta(seconds=50)
+    assert _timings(job) == {"queue_wait": 5.0, "total": 50.0}
