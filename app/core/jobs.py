@@ -19,7 +19,8 @@ TASK_VARIATIONS = "worker.variations.vary"  # image variations (input image in R
 ALLOWED_TASKS = frozenset({TASK_GENERATE, TASK_VARIATIONS})
 MAX_SEED = 2**32 - 1
 MODELS_KEY = "imagegen:models"  # hash: model name -> JSON ModelInfo, written by live workers
-# Invisible characters that str.strip() keeps: a prompt of these and whitespace alone is blank.
+# Invisible characters that str.strip() keeps: a prompt of these, control characters and
+# whitespace alone is blank.
 ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff")
 
 
@@ -97,18 +98,11 @@ class GenerationParams(BaseModel):
             raise ValueError("must be a multiple of 8")
         return v
 
-    @field_validator("prompt", "negative_prompt")
-    @classmethod
-    def _printable(cls, v: str | None) -> str | None:
-        bad = next((c for c in v or "" if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
-        if bad is not None:
-            raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
-        return v
-
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, v: str) -> str:
-        if all(c.isspace() or c in ZERO_WIDTH for c in v):
+        # Control characters draw nothing either; inside visible text they are kept (and harmless).
+        if all(c.isspace() or c in ZERO_WIDTH or unicodedata.category(c) == "Cc" for c in v):
             raise ValueError("must not be blank")
         return v
 
