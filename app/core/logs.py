@@ -92,7 +92,10 @@ def configure(level: str, fmt: str, process: str) -> None:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {process} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers = [handler]
-    logging.captureWarnings(True)  # `warnings.warn` goes through the handler too (one JSON line)
+    # `warnings.warn` goes through the handler too (one JSON line). Off first: an earlier capture
+    # makes it a no-op, even where `warnings.showwarning` was put back since (as pytest does).
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "rq.worker"):
         logger = logging.getLogger(name)
