@@ -24,7 +24,7 @@ def main() -> int:
     # transformers warns at import about optional image backends this text-to-image worker never uses.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     pin_threads(settings.pin_threads, os.environ)  # before torch is imported (its OpenMP reads them)
-    quiet_progress_bars(os.environ)  # imports diffusers and transformers, and so torch
+    libraries_log_through_us(os.environ)  # imports diffusers and transformers, and so torch
     import torch
 
     if settings.device == "cuda" and not torch.cuda.is_available():
@@ -130,16 +130,20 @@ def main() -> int:
     return 0
 
 
-def quiet_progress_bars(environ: Any) -> None:
+def libraries_log_through_us(environ: Any) -> None:
     """No tqdm bars on stderr (the hub's downloads, diffusers' and transformers' loading and saving
-    of weights): they are not log lines, and they broke `IMAGEGEN_LOG_FORMAT=json`'s one JSON
-    object per line."""
+    of weights), and the libraries' warnings through our handler: bars and their plain-text lines
+    broke `IMAGEGEN_LOG_FORMAT=json`'s one JSON object per line."""
     environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import diffusers.utils.logging
     import transformers.utils.logging
 
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_progress_bar()
+        # Their warnings (deprecations, config notices) through our handler, as JSON when it is:
+        # each library's own stderr handler wrote them as plain text.
+        library.disable_default_handler()
+        library.enable_propagation()
 
 
 PIN_VARIABLES = {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}  # read by torch's OpenMP runtime

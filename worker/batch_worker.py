@@ -89,6 +89,7 @@ class Slot:
     began: float  # `time.perf_counter()` when its sampling began (text encoding, noise)
     last_write: float = 0.0
     reported: int = 0
+    storing_since: float | None = None  # `time.perf_counter()` when the finisher began storing it
 
 
 class BatchingWorker(ImagegenWorker):
@@ -259,9 +260,9 @@ class BatchingWorker(ImagegenWorker):
                         log.exception("job %s: decoding failed", slot.job.id)
                         self._end_failed(slot, _sampling_failure(slot.job, exc))
                     continue
-            with self._lock:
-                self._finishing.add(slot)
-            self._remove(slot)
+            with self._lock:  # out of the batch, still beaten until its outcome is recorded
+                self._finishing.add(slot)  # (`_remove` would take it out of both: no heartbeat while it
+                self.slots.remove(slot)  # waited for the finisher, and its job was run again)
             sampling_s = time.perf_counter() - slot.began
             self._recording = self._finisher.submit(self._finish, slot, ctx, images, sampling_s)
 
@@ -572,7 +573,7 @@ class BatchingWorker(ImagegenWorker):
         job = slot.job
         try:
             try:
-                stored = time.perf_counter()
+                stored = slot.storing_since = time.perf_counter()
                 results = tasks.store_images(ctx, job, slot.params, images)
             except Exception as exc:
                 # Not the job's fault (a full disk, Redis refusing the PNG): as on the one-job path,
@@ -639,7 +640,11 @@ class BatchingWorker(ImagegenWorker):
             for slot in [*self.slots, *self._finishing]:
                 if slot in self._hung:
                     continue
-                if not self.beats_due(slot.job, time.perf_counter() - (slot.began - slot.load_s)):
+                # Sampling counts from its start; out of the batch, only the storing of its own
+                # images counts (waiting for the finisher behind other jobs' is not being stuck).
+                since = slot.began - slot.load_s if slot.storing_since is None else slot.storing_since
+                waiting = slot not in self.slots and slot.storing_since is None
+                if not waiting and not self.beats_due(slot.job, time.perf_counter() - since):
                     self._hung.add(slot)
                     continue
                 with self._lock:

@@ -109,6 +109,9 @@ class _Success:
 
 HUNG_GRACE = 60.0  # seconds past its timeout after which a job's heartbeats stop (see `beats_due`)
 STUCK_AFTER = 60.0  # seconds a job may sit taken but not started before it counts as its worker's loss
+# A sighting's marker outlives any gap between maintenance passes (a long IMAGEGEN_MAINTENANCE_INTERVAL,
+# workers busy with long jobs); one older than the job's last queueing is not counted anyway.
+SIGHTING_TTL = 24 * 3600
 LISTEN_WAIT = 1.0  # seconds the command listener waits per read (see `ImagegenWorker.subscribe`)
 UNREADABLE = "<unreadable>"  # what `task_of` answers for a job whose data our serializer cannot read
 
@@ -495,7 +498,7 @@ class ImagegenWorker(SimpleWorker):
             seen = waiting.get_first_seen(job_id)
             queued = job.enqueued_at
             if seen is None or (queued is not None and seen < queued):
-                self.connection.set(waiting.get_first_seen_key(job_id), time.time(), ex=int(STUCK_AFTER * 10))
+                self.connection.set(waiting.get_first_seen_key(job_id), time.time(), ex=SIGHTING_TTL)
                 continue
             if (utcnow() - seen).total_seconds() < STUCK_AFTER:
                 continue

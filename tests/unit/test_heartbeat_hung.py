@@ -105,3 +105,49 @@ def test_no_limit_means_heartbeats_forever(worker_env) -> None:  # noqa: F811
     job = queue.enqueue(TASK_GENERATE, kwargs={"params": {"prompt": "x"}}, job_timeout=10)
     assert worker.beats_due(job, 10 + worker_module.HUNG_GRACE)
     assert not worker.beats_due(job, 10 + worker_module.HUNG_GRACE + 1)
+
+
+def test_a_batched_job_waiting_for_the_finisher_keeps_its_heartbeats(batching_env, monkeypatch) -> None:  # noqa: F811
+    """Out of the batch, a job waits for the finisher behind other jobs' PNG writes: that wait is
+    not being stuck. Timed from the start of its sampling, it lost its heartbeats there and was
+    run again (and the first run's finished result thrown away)."""
+    from worker import tasks
+
+    engine, store, queue, _, make = batching_env
+    worker = make()
+    monkeypatch.setattr(worker_module, "HUNG_GRACE", 0.5, raising=False)
+    monkeypatch.setattr(worker, "get_heartbeat_ttl", lambda job, working_time=0.0: 2)
+    slow, waiting = (
+        queue.enqueue(TASK_GENERATE, kwargs={"params": {"prompt": p, "num_inference_steps": 2}}, job_timeout=1)
+        for p in ("slow", "waiting")
+    )
+    real_store = tasks.store_images
+
+    def store_images(ctx: Any, job: Any, params: Any, images: Any) -> Any:
+        if job.id == slow.id:
+            time.sleep(4)  # a slow disk: the job behind it waits past its timeout and grace
+        return real_store(ctx, job, params, images)
+
+    monkeypatch.setattr(tasks, "store_images", store_images)
+    registry = StartedJobRegistry(queue=queue)
+    expired: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            expired.update(registry.get_expired_job_ids())
+            time.sleep(0.1)
+
+    handler = JsonLines()
+    logging.getLogger().addHandler(handler)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        worker.work(burst=True)
+    finally:
+        done.set()
+        watcher.join()
+        logging.getLogger().removeHandler(handler)
+    assert waiting.id not in expired, "the job waiting for the finisher lost its heartbeats"
+    assert not [line for line in handler.lines if "heartbeats stop" in line["msg"] and line.get("job_id") == waiting.id]
+    assert waiting.get_status(refresh=True) == "finished"

@@ -47,6 +47,28 @@ def test_python_warnings_are_json_lines(capsys, restore_logging) -> None:
     assert lines and lines[-1]["logger"] == "py.warnings" and "steps_offset" in lines[-1]["msg"]
 
 
+def test_the_libraries_warnings_are_json_lines(capsys, restore_logging) -> None:
+    """diffusers and transformers write their warnings with stderr handlers of their own, as plain
+    text; the worker hands them to ours."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    from worker.__main__ import libraries_log_through_us
+
+    logs.configure("INFO", "json", "test")
+    try:
+        libraries_log_through_us({})
+        diffusers.utils.logging.get_logger("diffusers.models").warning("a config attribute is ignored")
+        transformers.utils.logging.get_logger("transformers.models").error("a weight was not used")
+        err = capsys.readouterr().err
+        lines = [json.loads(line) for line in err.splitlines()]  # every line JSON
+        assert [entry["msg"] for entry in lines] == ["a config attribute is ignored", "a weight was not used"]
+    finally:
+        for library in (diffusers.utils.logging, transformers.utils.logging):
+            library.disable_propagation()
+            library.enable_default_handler()
+
+
 def test_a_starting_worker_writes_only_json_lines(tmp_path: Path) -> None:
     """Loading (and first creating) the model printed tqdm bars ("Loading weights: 100%|███…")."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEGEN_", "HF_HUB_DISABLE"))}
