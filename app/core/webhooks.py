@@ -317,7 +317,13 @@ class WebhookSender:
         with self._ready:  # past the timeout: what still waits is dropped, and said so
             self._stopped = True
             self._ready.notify_all()
-            dropped = [(url, p.job_id) for url, target in self._targets.items() for p in target.pending]
+            # A receiver's head that a thread is still sending may yet arrive: not counted as dropped.
+            dropped = [
+                (url, p.job_id)
+                for url, target in self._targets.items()
+                for i, p in enumerate(target.pending)
+                if not (i == 0 and target.busy)
+            ]
         if dropped:
             jobs = sorted({job_id for _, job_id in dropped})
             log.warning(

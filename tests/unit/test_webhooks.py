@@ -105,6 +105,23 @@ def test_events_still_waiting_at_shutdown_are_logged_not_dropped_silently(caplog
     assert "127.0.0.1" not in said[0]  # receivers' URLs stay out of the logs (tokens in paths)
 
 
+def test_an_event_still_being_sent_at_shutdown_is_not_logged_as_dropped(caplog, monkeypatch) -> None:
+    import time
+
+    from app.core import webhooks
+
+    monkeypatch.setattr(webhooks, "attempt", lambda *args, **kwargs: time.sleep(1.0) or True)  # a slow receiver
+    sender = webhooks.WebhookSender(_sender_settings())
+    sender.submit("https://hooks.example/x", _event("succeeded", "job-sending"))
+    sender.submit("https://hooks.example/x", _event("succeeded", "job-waiting"))
+    time.sleep(0.2)  # the first is being sent
+    with caplog.at_level("WARNING", logger="app.core.webhooks"):
+        sender.close(timeout=0.2)
+    said = [r.getMessage() for r in caplog.records if "not delivered before shutdown" in r.getMessage()]
+    assert len(said) == 1 and "1 event(s)" in said[0] and "job-waiting" in said[0], said
+    assert "job-sending" not in said[0]
+
+
 def test_delivery_gives_up_and_never_reaches_refused_targets(caplog) -> None:
     from app.core.config import Settings
     from app.core.webhooks import WebhookSender, attempt
