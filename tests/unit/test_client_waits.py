@@ -235,6 +235,9 @@ def test_errors_without_our_envelope_say_what_the_status_means() -> None:
     assert err.message == "Service Unavailable: Upstream & friends are down"
     assert error_from_response(httpx.Response(500, text="<html>\n<body>x")).message == "Internal Server Error"
     assert error_from_response(httpx.Response(504, content=b"")).message == "Gateway Timeout"
+    # A plain-text body says what went wrong in its first line (Envoy, a framework's plain 500).
+    plain = httpx.Response(503, text="\nno healthy upstream\nmore", headers={"content-type": "text/plain"})
+    assert error_from_response(plain).message == "Service Unavailable: no healthy upstream"
 
 
 # -- 6. smaller ones ------------------------------------------------------------------------------

@@ -341,14 +341,19 @@ _TITLE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
 
 
 def _plain_message(response: httpx.Response) -> str:
-    """What an answer without our envelope (a proxy's HTML error page, say) says: its reason phrase,
-    and the page's <title> where it adds to that."""
+    """What an answer without our envelope says: its reason phrase, and what adds to that: an HTML
+    page's <title> (a proxy's error page), else the first line of a text body ("no healthy upstream")."""
     reason = response.reason_phrase or "request failed"
-    match = _TITLE.search(response.text[:4096]) if "html" in response.headers.get("content-type", "") else None
-    title = " ".join(html.unescape(match.group(1)).split())[:200] if match else ""
-    if not title or title.lower() in (reason.lower(), f"{response.status_code} {reason}".lower()):
+    text = response.text[:4096]
+    if "html" in response.headers.get("content-type", "") or text.lstrip().startswith("<"):  # markup
+        match = _TITLE.search(text)
+        detail = html.unescape(match.group(1)) if match else ""
+    else:
+        detail = next((line for line in text.splitlines() if line.strip()), "")
+    detail = " ".join(detail.split())[:200]
+    if not detail or detail.lower() in (reason.lower(), f"{response.status_code} {reason}".lower()):
         return reason
-    return f"{reason}: {title}"
+    return f"{reason}: {detail}"
 
 
 def _seconds(value: str | None) -> float | None:
