@@ -36,7 +36,10 @@ trap on_interrupt INT TERM
 retry_after() { # the last Retry-After in $tmp/headers as seconds: 1 when absent or a date, at most 60
   local line s=
   while IFS= read -r line; do
-    case $line in [Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:*) s=${line#*:} && s=${s//[!0-9]/} ;; esac
+    case $line in [Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:*)
+      s=${line#*:} && s=${s//[[:space:]]/}
+      case $s in *[!0-9]*) s= ;; esac ;; # an HTTP date: 1, as for none
+    esac
   done <"$tmp/headers"
   if [ -z "$s" ]; then echo 1; elif [ ${#s} -gt 2 ] || [ $((10#$s)) -gt 60 ]; then echo 60; else echo $((10#$s)); fi
 }

@@ -18,7 +18,8 @@ follow_once() {  # one events request: prints the events, sets $status (HTTP), $
   local line in_headers=1 ev='' eid='' err=''
   status=
   : >"$tmp/headers"
-  set -- -sS -N -i -K "$tmp/curlrc" -H 'accept: text/event-stream'
+  # --suppress-connect-headers: through an HTTPS proxy, its "200 Connection established" is not the answer.
+  set -- -sS -N -i --suppress-connect-headers -K "$tmp/curlrc" -H 'accept: text/event-stream'
   [ -z "$last_id" ] || set -- "$@" -H "last-event-id: $last_id"
   # -N: no buffering, so each event prints as it arrives; the server closes after the last one.
   # A stream silent for 30 s (keepalives come every 10 s) is dropped, and resumed.
@@ -43,7 +44,7 @@ follow_once() {  # one events request: prints the events, sets $status (HTTP), $
         case $ev in '' | keepalive) ;; *) last_event=$ev ;; esac
         ev='' eid='' ;;
     esac
-  done < <(curl "$@" -y 30 -Y 1 "$url/jobs/$id/events"; echo "$?" >"$tmp/rc")
+  done < <(curl "$@" -y 30 -Y 1 "$url/jobs/$id/events")
   if [ -n "$status" ] && [ "$status" != 200 ]; then printf '%s' "$err" >"$tmp/body"; fi
 }
 
@@ -65,7 +66,7 @@ while :; do
     elif [ -z "$status" ]; then
       echo "cannot reach $url" >&2
     else
-      echo "job $id: event stream lost (curl exit $(cat "$tmp/rc")) after $reconnects reconnects" >&2
+      echo "job $id: event stream lost after $reconnects reconnects" >&2
     fi
     exit 1
   fi

@@ -422,6 +422,17 @@ def test_generate_waits_out_429_and_503(
         assert "HTTP 503" in r.stderr and "busy" in r.stderr
 
 
+def test_a_retry_after_given_as_a_date_waits_a_second(serve, tmp_path: Path) -> None:
+    """Its digits were run together ("Wed, 21 Oct 2015 07:28:00 GMT" → 2120150728000) and read as
+    more than 60 s: a minute's wait."""
+    date = Reply(503, "busy", {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    fake = serve(routes(polls=[date, Reply(body=job("succeeded", 4))]))
+    started = time.monotonic()
+    r = generate(fake.url, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "retrying in 1s" in r.stderr and time.monotonic() - started < 30
+
+
 def test_no_empty_array_expansion_that_bash_3_aborts_on() -> None:
     """macOS /bin/bash (3.2) with `set -u` aborts on `"${auth[@]}"` when the array is empty."""
     for script in ("_submit.sh", "generate.sh", "follow.sh"):
