@@ -28,6 +28,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from app.core import events, logs, metrics
 from app.core.catalog import model_of_queue
+from app.core.enqueue import OWNER_QUEUED_PREFIX
 from app.core.events import EventType, JobEvent
 from app.core.jobs import ALLOWED_TASKS, MODELS_KEY, ErrorCode, ModelInfo, status_from_rq, wake_key
 from worker.events import EventSink
@@ -108,6 +109,14 @@ class _Success:
 
 
 HUNG_GRACE = 60.0  # seconds past its timeout after which a job's heartbeats stop (see `beats_due`)
+# A re-queued job back in its owner's set of waiting jobs (`app.core.enqueue`), where the owner
+# has one (a bound on waiting jobs): dropped from it once it had started, it was no longer counted.
+REQUEUED_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+end
+return 0
+"""
 STUCK_AFTER = 60.0  # seconds a job may sit taken but not started before it counts as its worker's loss
 # A sighting's marker outlives any gap between maintenance passes (a long IMAGEGEN_MAINTENANCE_INTERVAL,
 # workers busy with long jobs); one older than the job's last queueing is not counted anyway.
@@ -378,6 +387,11 @@ class ImagegenWorker(SimpleWorker):
         job.meta["progress"] = {"step": 0, "total": total}
         try:
             job.save_meta()
+            owner = job.meta.get("owner")
+            if owner and job.created_at is not None:  # waiting again: it counts against its key's bound
+                self.connection.eval(
+                    REQUEUED_SCRIPT, 1, OWNER_QUEUED_PREFIX + str(owner), job.created_at.timestamp(), job.id
+                )
             if self.events is not None:
                 self.events.emit(job, EventType.queued, "queued", progress=job.meta["progress"])
         except RedisError:

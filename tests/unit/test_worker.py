@@ -500,3 +500,18 @@ def test_a_requeued_jobs_total_latency_runs_from_its_submission(redis_db) -> Non
     job.created_at, job.enqueued_at = at, at + timedelta(seconds=40)  # submitted, then re-queued
     job.started_at, job.ended_at = at + timedelta(seconds=45), at + timedelta(seconds=50)
     assert _timings(job) == {"queue_wait": 5.0, "total": 50.0}
+
+
+def test_a_requeued_job_counts_again_against_its_keys_bound_of_waiting_jobs(env, redis_db) -> None:
+    """Its key's set of waiting jobs drops a job once it has started (when the set is full); handed
+    back or re-run after a lost worker, it waited again uncounted, past the key's bound."""
+    from app.core.enqueue import OWNER_QUEUED_PREFIX
+
+    runtime, store, queue, worker = env
+    bounded, unbounded = enqueue(queue, prompt="a"), enqueue(queue, prompt="b")
+    bounded.meta["owner"], unbounded.meta["owner"] = "key-a", "key-b"
+    redis_db.zadd(OWNER_QUEUED_PREFIX + "key-a", {"another-job": 1.0})  # key-a has a bound; key-b none
+    for job in (bounded, unbounded):
+        worker._announce_requeued(job)
+    assert redis_db.zscore(OWNER_QUEUED_PREFIX + "key-a", bounded.id) == pytest.approx(bounded.created_at.timestamp())
+    assert not redis_db.exists(OWNER_QUEUED_PREFIX + "key-b")  # no set made for a key without a bound
