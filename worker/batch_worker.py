@@ -13,6 +13,7 @@ failing never fails the others.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -90,6 +91,11 @@ class Slot:
     last_write: float = 0.0
     reported: int = 0
     storing_since: float | None = None  # `time.perf_counter()` when the finisher began storing it
+
+    @functools.cached_property
+    def claim(self) -> tuple[str, str]:
+        """Its run in the started registry (key, member): what the ownership checks read."""
+        return (self.queue.started_job_registry.key, self.execution.composite_key)
 
 
 class BatchingWorker(ImagegenWorker):
@@ -216,7 +222,7 @@ class BatchingWorker(ImagegenWorker):
                         pipe.lrange(q.key, 0, room - 1)
                     for slot in slots:
                         pipe.exists(cancel_key(slot.job.id))
-                        pipe.zscore(slot.queue.started_job_registry.key, slot.execution.composite_key)
+                        pipe.zscore(*slot.claim)
                     newest, *replies = pipe.execute()
                 self._checked_through = _stream_id(newest[0][0]) if newest else (0, 0)
                 heads = replies[: len(replies) - 2 * len(slots)]
@@ -522,8 +528,7 @@ class BatchingWorker(ImagegenWorker):
                 slot.last_write = now
                 progress = {"step": slot.reported, "total": slot.steps}
                 slot.job.meta["progress"] = progress
-                claim = (slot.queue.started_job_registry.key, slot.execution.composite_key)
-                due.append((slot.job, claim, slot.job._serialize_meta(), progress))  # as of this step
+                due.append((slot.job, slot.claim, slot.job._serialize_meta(), progress))  # as of this step
         if due:
             self._finisher.submit(self._write_progress, due, ctx.events.ttl, self._take_batch_tally())
 

@@ -386,12 +386,12 @@ class ImagegenWorker(SimpleWorker):
         total = (job.meta.get("progress") or {}).get("total", 0)
         job.meta["progress"] = {"step": 0, "total": total}
         try:
-            job.save_meta()
-            owner = job.meta.get("owner")
-            if owner and job.created_at is not None:  # waiting again: it counts against its key's bound
-                self.connection.eval(
-                    REQUEUED_SCRIPT, 1, OWNER_QUEUED_PREFIX + str(owner), job.created_at.timestamp(), job.id
-                )
+            with self.connection.pipeline(transaction=False) as pipe:  # one round trip
+                pipe.hset(job.key, "meta", job._serialize_meta())
+                owner = job.meta.get("owner")
+                if owner and job.created_at is not None:  # waiting again: it counts against its key's bound
+                    pipe.eval(REQUEUED_SCRIPT, 1, OWNER_QUEUED_PREFIX + str(owner), job.created_at.timestamp(), job.id)
+                pipe.execute()
             if self.events is not None:
                 self.events.emit(job, EventType.queued, "queued", progress=job.meta["progress"])
         except RedisError:
@@ -483,14 +483,20 @@ class ImagegenWorker(SimpleWorker):
             if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
                 continue
             if self.connection.lpos(queue.key, job_id) is None:
-                log.warning("job %s was taken by a worker that died before starting it; requeued", job_id)
-                # Out of the dead worker's intermediate list too, in the same transaction: RQ's
-                # cleanup of that list would otherwise fail or re-queue it again a minute later,
-                # a second run (or a failure) of a job that may have succeeded meanwhile.
-                with self.connection.pipeline() as pipe:
-                    pipe.lrem(queue.intermediate_queue_key, 0, job_id)
-                    queue._enqueue_job(job, pipeline=pipe, at_front=True)
-                    pipe.execute()
+                self._put_back(queue, job)
+
+    def _put_back(self, queue: Queue, job: Job) -> None:
+        """A job taken by a worker that died before starting it, back at the front of its queue,
+        and out of the dead worker's intermediate list (with its sighting marker) in the same
+        transaction: that list's clean-up would otherwise re-queue it a second time later, a
+        second run of a job that may have succeeded meanwhile."""
+        log.warning("job %s was taken by a worker that died before starting it; requeued", job.id)
+        waiting = queue.intermediate_queue
+        with self.connection.pipeline() as pipe:
+            pipe.lrem(waiting.key, 0, job.id)
+            pipe.delete(waiting.get_first_seen_key(job.id))
+            queue._enqueue_job(job, pipeline=pipe, at_front=True)
+            pipe.execute()
 
     def _recover_taken(self, queue: Queue) -> None:
         """Jobs a worker took (each waits in its queue's intermediate list until it starts) and died
@@ -514,14 +520,8 @@ class ImagegenWorker(SimpleWorker):
             if seen is None or (queued is not None and seen < queued):
                 self.connection.set(waiting.get_first_seen_key(job_id), time.time(), ex=SIGHTING_TTL)
                 continue
-            if (utcnow() - seen).total_seconds() < STUCK_AFTER:
-                continue
-            log.warning("job %s was taken by a worker that died before starting it; requeued", job_id)
-            with self.connection.pipeline() as pipe:
-                pipe.lrem(waiting.key, 0, job_id)
-                pipe.delete(waiting.get_first_seen_key(job_id))
-                queue._enqueue_job(job, pipeline=pipe, at_front=True)
-                pipe.execute()
+            if (utcnow() - seen).total_seconds() >= STUCK_AFTER:
+                self._put_back(queue, job)
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         # A SimpleWorker runs the job on its main thread and would send no heartbeat until it ends,

@@ -38,6 +38,22 @@ class Hang:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
 
 
+def _work_watched(worker: Any, watch: Any, stop: Any) -> JsonLines:
+    """`worker.work(burst=True)` with `watch` running on a thread of its own until `stop()`; the
+    log lines it wrote, as JSON."""
+    handler = JsonLines()
+    logging.getLogger().addHandler(handler)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        worker.work(burst=True)
+    finally:
+        stop()
+        watcher.join()
+        logging.getLogger().removeHandler(handler)
+    return handler
+
+
 def _run_hung(worker: Any, queue: Any, hang: Hang, monkeypatch: pytest.MonkeyPatch) -> tuple[bool, list[dict]]:
     """Run one job (timeout 1 s) whose step hangs; True if its started-registry entry expired
     (what abandoned-job recovery acts on) while it hung."""
@@ -56,16 +72,7 @@ def _run_hung(worker: Any, queue: Any, hang: Hang, monkeypatch: pytest.MonkeyPat
             time.sleep(0.1)
         hang.release.set()
 
-    handler = JsonLines()
-    logging.getLogger().addHandler(handler)
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        worker.work(burst=True)
-    finally:
-        hang.release.set()
-        watcher.join()
-        logging.getLogger().removeHandler(handler)
+    handler = _work_watched(worker, watch, hang.release.set)
     stopped = [line for line in handler.lines if "heartbeats stop" in line["msg"]]
     assert all(line.get("job_id") == job.id for line in stopped)
     return bool(expired), stopped
@@ -138,16 +145,7 @@ def test_a_batched_job_waiting_for_the_finisher_keeps_its_heartbeats(batching_en
             expired.update(registry.get_expired_job_ids())
             time.sleep(0.1)
 
-    handler = JsonLines()
-    logging.getLogger().addHandler(handler)
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        worker.work(burst=True)
-    finally:
-        done.set()
-        watcher.join()
-        logging.getLogger().removeHandler(handler)
+    handler = _work_watched(worker, watch, done.set)
     assert waiting.id not in expired, "the job waiting for the finisher lost its heartbeats"
     assert not [line for line in handler.lines if "heartbeats stop" in line["msg"] and line.get("job_id") == waiting.id]
     assert waiting.get_status(refresh=True) == "finished"

@@ -126,6 +126,28 @@ def test_a_run_that_lost_its_job_while_stalled_records_no_outcome(env, redis_db,
     assert [e.type.value for _, e in events.read(redis_db, job.id)][-1] in ("started", "progress")
 
 
+def lose_the_job_at_step(at: int, runtime, queue, redis_db) -> list[int]:
+    """Have the job's run lose it just before its step `at` is reported, as RQ's maintenance does
+    to a worker it takes for dead (its runs leave the started registry); the steps seen, returned,
+    fill in as it samples."""
+    steps_seen: list[int] = []
+    original = runtime.generate
+
+    def generate(params, on_step):
+        def watched(step: int, total: int) -> None:
+            steps_seen.append(step)
+            if step == at:
+                registry = queue.started_job_registry
+                for member in redis_db.zrange(registry.key, 0, -1):
+                    redis_db.zrem(registry.key, member)
+            on_step(step, total)
+
+        return original(params, watched)
+
+    runtime.generate = generate
+    return steps_seen
+
+
 def test_a_run_that_lost_its_job_writes_no_progress_after(env, redis_db, monkeypatch) -> None:
     """Its progress went out with the check that found the job lost, in one round trip: a worker
     resuming from a stall wrote a step older than the other run's into that run's meta and stream
@@ -136,19 +158,7 @@ def test_a_run_that_lost_its_job_writes_no_progress_after(env, redis_db, monkeyp
     runtime, store, queue, worker = env
     runtime.step_delay = tasks.CANCEL_INTERVAL * 1.5  # every step is checked too
     job = enqueue(queue, prompt="long", seed=1, num_inference_steps=20)
-    original = runtime.generate
-
-    def lose_the_job_before_step_5(params, on_step):
-        def watched(step: int, total: int) -> None:
-            if step == 5:
-                registry = queue.started_job_registry
-                for member in redis_db.zrange(registry.key, 0, -1):
-                    redis_db.zrem(registry.key, member)
-            on_step(step, total)
-
-        return original(params, watched)
-
-    runtime.generate = lose_the_job_before_step_5
+    lose_the_job_at_step(5, runtime, queue, redis_db)
     worker.work(burst=True)
     job.refresh()
     progress = [e.progress["step"] for _, e in events.read(redis_db, job.id) if e.type.value == "progress"]
@@ -164,21 +174,7 @@ def test_a_run_that_lost_its_job_stops_sampling_at_its_next_check(env, redis_db)
     runtime, store, queue, worker = env
     runtime.step_delay = tasks.CANCEL_INTERVAL * 1.5  # every step is followed by a check
     job = enqueue(queue, prompt="long", seed=1, num_inference_steps=40)
-    steps_seen: list[int] = []
-    original = runtime.generate
-
-    def lose_the_job_at_step_5(params, on_step):
-        def watched(step: int, total: int) -> None:
-            steps_seen.append(step)
-            if step == 5:  # what RQ's maintenance does to a worker it takes for dead
-                registry = queue.started_job_registry
-                for member in redis_db.zrange(registry.key, 0, -1):
-                    redis_db.zrem(registry.key, member)
-            on_step(step, total)
-
-        return original(params, watched)
-
-    runtime.generate = lose_the_job_at_step_5
+    steps_seen = lose_the_job_at_step(5, runtime, queue, redis_db)
     worker.work(burst=True)
     assert max(steps_seen) <= 7, steps_seen  # was 40: the whole job
     job.refresh()
