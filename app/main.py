@@ -21,6 +21,7 @@ from app.api import openapi as openapi_doc
 from app.api.deps import get_principal
 from app.api.metrics import Metrics, RequestCounter
 from app.api.metrics import router as metrics_route_router
+from app.api.middleware import RequestGuard
 from app.api.routes import generate, health, jobs, models, openai, openai_variations, variations, web
 from app.api.services import JobService
 from app.api.uploads import UploadAwareBodySizeLimit
@@ -83,11 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web.router)
     app.add_middleware(UploadAwareBodySizeLimit, max_bytes=settings.max_body_bytes)  # image routes allow more
     # CORS outside the body limit: a page allowed to call us reads its 413 (else an opaque failure).
-    if settings.cors_origins.strip():
-        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if _csv(settings.cors_origins):
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=origins,
+            allow_origins=_csv(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
             # OpenAI's JS SDK sends its x-stainless-* headers with every request from a page too.
             allow_headers=[
@@ -101,6 +101,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 *openai.NO_RETRY,
             ],
         )
+    app.add_middleware(
+        RequestGuard,
+        cors_origins=_csv(settings.cors_origins),
+        public_url=settings.public_url,
+        allowed_hosts=_csv(settings.allowed_hosts),
+    )
     app.state.metrics = Metrics(app)
     app.include_router(metrics_route_router)
     app.add_middleware(RequestCounter, metrics=app.state.metrics, fastapi_app=app)
@@ -115,6 +121,10 @@ def __getattr__(name: str) -> FastAPI:
         globals()["app"] = application
         return application
     raise AttributeError(name)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _warn_unchecked_keys(settings: Settings, redis: Redis) -> None:

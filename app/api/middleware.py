@@ -1,11 +1,15 @@
-"""Pure-ASGI middleware: refuse request bodies over the size limit with 413 before reading them."""
+"""Pure-ASGI middleware: refuse request bodies over the size limit with 413 before reading them,
+and requests a browser was made to send from another site (or to a host name not ours)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 Scope = dict[str, Any]
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class BodyTooLarge(Exception):
@@ -55,15 +59,100 @@ class BodySizeLimit:
                 await self._reject(send, scope)
 
     async def _reject(self, send: Any, scope: Scope) -> None:
-        error: dict[str, Any] = {"code": "payload_too_large", "message": f"request body over {self.max_bytes} bytes"}
-        if scope.get("path", "").startswith("/v1/"):  # OpenAI's error shape there, as for every /v1 error
-            error |= {"type": "invalid_request_error", "param": None}
-        body = json.dumps({"error": error}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, scope, 413, "payload_too_large", f"request body over {self.max_bytes} bytes")
+
+
+async def send_error(send: Any, scope: Scope, status: int, code: str, message: str) -> None:
+    """Answer with our error envelope from outside FastAPI (OpenAI's error shape under /v1)."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    path = str(scope.get("path", "")).removeprefix(str(scope.get("root_path", "")))
+    if path.startswith("/v1/"):  # OpenAI's error shape there, as for every /v1 error
+        error |= {"type": "invalid_request_error", "param": None}
+    body = json.dumps({"error": error}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _host_name(authority: str) -> str:
+    """`Example.com:8000` -> `example.com`; `[::1]:8000` -> `::1`."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")] if "]" in authority else authority
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url.strip())
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+class RequestGuard:
+    """Two checks a browser cannot be trusted to make for a service that runs without keys.
+
+    - **Cross-site writes.** A page on another site can make a visitor's browser POST to this API
+      without asking first (a plain HTML form sends `multipart/form-data`, which `/variations`
+      takes): with keys off, that queues jobs on the visitor's machine. A write whose browser says
+      it comes from another site (`Sec-Fetch-Site`, sent by every current browser; else an `Origin`
+      that is neither this host nor `IMAGEGEN_PUBLIC_URL`'s) is refused with 403, unless that origin
+      is one `IMAGEGEN_CORS_ORIGINS` allows. Clients that are not browsers send neither header.
+    - **Host names** (`IMAGEGEN_ALLOWED_HOSTS`, off when empty). DNS rebinding points a site's name
+      at 127.0.0.1, and its pages then read this API as their own origin; a request naming a host
+      not on the list gets 400. `make run` sets it to the loopback names when it listens on loopback.
+    """
+
+    def __init__(
+        self, app: Any, cors_origins: list[str], public_url: str = "", allowed_hosts: Sequence[str] = ()
+    ) -> None:
+        self.app = app
+        self.trusted_origins = {_origin(o) for o in cors_origins if o != "*"}
+        self.any_origin = "*" in cors_origins
+        self.public_origin = _origin(public_url) if public_url else None
+        names = [h.strip().lower() for h in allowed_hosts if h.strip()]
+        self.any_host = not names or "*" in names
+        self.hosts = {_host_name(h) if not h.startswith("*.") else h for h in names}
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            problem = self._problem(scope)
+            if problem is not None:
+                await send_error(send, scope, *problem)
+                return
+        await self.app(scope, receive, send)
+
+    def _problem(self, scope: Scope) -> tuple[int, str, str] | None:
+        host = origin = fetch_site = None
+        for name, value in scope.get("headers", ()):
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"sec-fetch-site":
+                fetch_site = value.decode("latin-1").strip().lower()
+        if not self.any_host and not self._host_allowed(host):
+            return 400, "bad_request", "this server does not answer to that host name (see IMAGEGEN_ALLOWED_HOSTS)"
+        if scope.get("method") not in UNSAFE_METHODS or self.any_origin:
+            return None
+        if origin is not None and _origin(origin) in self.trusted_origins:
+            return None
+        if fetch_site is not None:
+            cross = fetch_site in ("cross-site", "same-site")
+        elif origin is not None and origin != "null":
+            mine = {f"{scope.get('scheme', 'http')}://{(host or '').strip().lower()}", self.public_origin}
+            cross = _origin(origin) not in mine
+        else:
+            cross = origin == "null"  # a sandboxed frame or a page from a file
+        if cross:
+            return 403, "forbidden", "cross-site request refused: allow its origin with IMAGEGEN_CORS_ORIGINS"
+        return None
+
+    def _host_allowed(self, host: str | None) -> bool:
+        if host is None:
+            return False
+        name = _host_name(host)
+        return name in self.hosts or any(h.startswith("*.") and name.endswith(h[1:]) for h in self.hosts)

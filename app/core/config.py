@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     rate_limit_requests: int = Field(0, ge=0, description="Requests per minute per API key (0: unlimited).")
     rate_limit_images: int = Field(0, ge=0, description="Images per minute per API key (0: unlimited).")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty: CORS off.")
+    allowed_hosts: str = Field(
+        "",
+        description="Comma-separated host names the API answers to (`*.example.com` for subdomains); empty: any. "
+        "Guards a keyless server against DNS rebinding.",
+    )
     public_url: str = Field(
         "",
         description="The URL clients reach the API at (scheme, host, any path prefix), for image links; empty: "
