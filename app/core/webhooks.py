@@ -22,8 +22,9 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import SplitResult, urlsplit
@@ -41,6 +42,8 @@ RETRY_STATUSES = {429, 500, 502, 503, 504}
 BACKOFF_BASE = 0.5  # seconds; doubles per attempt, capped at BACKOFF_CAP
 BACKOFF_CAP = 30.0
 DEADLINE = 30.0  # seconds one delivery attempt may take in all
+RESOLVE_TIMEOUT = 3.0  # seconds a submission waits for its webhook host's lookup
+MAX_LOOKUPS = 8  # submissions' lookups in flight at once (see _resolve_in_time)
 
 
 class WebhookTargetError(ValueError):
@@ -106,12 +109,18 @@ def _blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         or ip.is_multicast
         or ip.is_reserved
         or ip.is_unspecified
-        or str(ip) == "100.100.100.200"  # Alibaba metadata; 169.254.169.254 is link-local already
-        or (isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.ip_network("100.64.0.0/10"))
+        or ip in HOST_SERVICES
+        or (isinstance(ip, ipaddress.IPv4Address) and ip in SHARED)
+        or (isinstance(ip, ipaddress.IPv6Address) and ip in SITE_LOCAL)
     )
 
 
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
+SITE_LOCAL = ipaddress.ip_network("fec0::/10")  # deprecated, yet still routed inside some networks
+# Cloud hosts' own services on public-looking addresses (169.254.169.254 is link-local already):
+# Alibaba's metadata, Azure's host service (wire server: VM agent, extensions, DNS).
+HOST_SERVICES = {ipaddress.ip_address("100.100.100.200"), ipaddress.ip_address("168.63.129.16")}
 
 
 def shown(url: str) -> str:
@@ -147,31 +156,78 @@ def _parts(url: str) -> SplitResult:
     return parts
 
 
-def _addresses(parts: SplitResult, allow_private: bool, resolve: Callable[[str], list[str]] | None) -> list[str]:
-    assert parts.hostname is not None
+def _addresses(
+    parts: SplitResult, allow_private: bool, resolve: Callable[[str], list[str]] | None, *, timed: bool = False
+) -> list[str]:
+    """The addresses `parts`' host resolves to, all of them public unless `allow_private`; `timed`:
+    looked up as `_resolve_in_time` does."""
+    host = parts.hostname
+    assert host is not None
     try:
-        addresses = [a.split("%")[0] for a in (resolve or _resolve)(parts.hostname)]
+        found = _resolve_in_time(resolve or _resolve, host) if timed else (resolve or _resolve)(host)
+        addresses = [a.split("%")[0] for a in found]
     except (OSError, UnicodeError) as exc:  # UnicodeError: a label the IDNA codec refuses (empty, too long)
-        raise WebhookTargetError(f"webhook host {parts.hostname!r} does not resolve") from exc
+        raise WebhookTargetError(f"webhook host {host!r} does not resolve") from exc
     if not addresses:
-        raise WebhookTargetError(f"webhook host {parts.hostname!r} does not resolve")
+        raise WebhookTargetError(f"webhook host {host!r} does not resolve")
     for addr in addresses if not allow_private else ():
         if _blocked(ipaddress.ip_address(addr)):
-            raise WebhookTargetError(
-                f"webhook host {parts.hostname!r} resolves to an internal address ({addr}); refused"
-            )
+            # The address stays in the operator's log: told to the client, it maps the inside network.
+            log.info("webhook host %r resolves to %s, not a public address: refused", host, addr)
+            raise WebhookTargetError(f"webhook host {host!r} is not a public address; refused")
     return addresses
 
 
 def check_target(url: str, *, allow_private: bool, resolve: Callable[[str], list[str]] | None = None) -> None:
-    """Refuse non-HTTP(S) URLs and, unless allowed, hosts that resolve to internal addresses."""
+    """Refuse non-HTTP(S) URLs and, unless allowed, hosts that resolve to internal addresses.
+
+    Called from the API's shared threadpool: the lookup runs as `_resolve_in_time` says, so a host
+    whose nameserver never answers costs a request RESOLVE_TIMEOUT seconds and a refusal, not a
+    pool thread for as long as the system resolver keeps trying."""
     parts = _parts(url)
     if not allow_private:
-        _addresses(parts, allow_private, resolve)
+        _addresses(parts, allow_private, resolve, timed=True)
 
 
 def _resolve(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
+
+
+_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
+
+
+def _resolve_in_time(resolve: Callable[[str], list[str]], host: str) -> list[str]:
+    """`resolve(host)` on a thread of its own, waited for RESOLVE_TIMEOUT seconds at most.
+
+    `getaddrinfo` cannot be interrupted: a lookup that is given up on goes on, holding its slot of
+    MAX_LOOKUPS until the system resolver itself gives up. With every slot held, a lookup is refused
+    at once (a refusal the client may retry) rather than queued behind the stuck ones."""
+    slots = _lookups
+    if not slots.acquire(blocking=False):
+        raise WebhookTargetError("too many webhook host lookups in progress; try again shortly")
+    answer: Future[list[str]] = Future()
+
+    def lookup() -> None:
+        try:
+            found = resolve(host)
+        except BaseException as exc:  # handed to the waiter, which raises it
+            slots.release()
+            answer.set_exception(exc)
+        else:
+            slots.release()
+            answer.set_result(found)
+
+    try:
+        threading.Thread(target=lookup, name="webhook-lookup", daemon=True).start()
+    except BaseException:  # no thread to run it (nor to give the slot back)
+        slots.release()
+        raise
+    try:
+        return answer.result(timeout=RESOLVE_TIMEOUT)
+    except TimeoutError:  # raised by the wait, or by `resolve` (socket.timeout is one too)
+        if answer.done():
+            return answer.result()  # its answer, or its own error (the lookup's timeout: an OSError)
+        raise WebhookTargetError(f"webhook host {host!r} did not resolve in time") from None
 
 
 @functools.cache
@@ -196,7 +252,12 @@ def attempt(
     (with the URL's `Host` and TLS name): a second lookup by the HTTP client could answer an
     internal address (DNS rebinding). The whole attempt ends within about `deadline` seconds: a
     receiver dribbling its answer would otherwise hold it for as long as it likes, since the
-    client's timeout applies to each read."""
+    client's timeout applies to each read.
+
+    Only the status line and headers are read (h11 bounds those): the response body never is, and
+    the connection is dropped under it. A receiver answering an endless body, a slowly dribbled one
+    or a compressed bomb (none asked for, with `Accept-Encoding: identity`) costs no memory and no
+    time."""
     try:
         parts = _parts(url)
         address = _addresses(parts, allow_private, resolve)[0]
@@ -209,6 +270,7 @@ def attempt(
     headers = {
         "host": parts.netloc,
         "content-type": "application/json",
+        "accept-encoding": "identity",
         "user-agent": "imagegen-webhook/1",
         "x-imagegen-timestamp": ts,
         "x-imagegen-signature": sign(secret, ts, body),
@@ -220,17 +282,18 @@ def attempt(
     timer.daemon = True
     timer.start()
     try:
-        response = http.post(pinned, content=body, headers=headers, extensions=extensions)
+        with http.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as response:
+            status = response.status_code  # the body is never read: leaving closes the connection
     except Exception as exc:  # httpx's errors, and whatever a client closed under a request raises
         log.info("webhook %s failed: %s", shown(url), type(exc).__name__)
         return None
     finally:
         timer.cancel()
         http.close()
-    if response.status_code in RETRY_STATUSES:
-        log.info("webhook %s failed: HTTP %d", shown(url), response.status_code)
+    if status in RETRY_STATUSES:
+        log.info("webhook %s failed: HTTP %d", shown(url), status)
         return None
-    return response.status_code < 400
+    return status < 400
 
 
 def delivery_id(body: bytes) -> str:
@@ -256,10 +319,11 @@ class _Pending(NamedTuple):
 class _Target:
     """One webhook URL's deliveries: in order, one at a time, with its own backoff."""
 
+    host: str  # the URL's host: whose share of the threads it takes (see WebhookSender)
     pending: deque[_Pending] = field(default_factory=deque)
     busy: bool = False
     failures: int = 0  # failed tries of the delivery at the head
-    not_before: float = 0.0  # monotonic time of its next try
+    not_before: float = 0.0  # monotonic time its head is (or became) due: due ones go oldest first
 
 
 class WebhookSender:
@@ -270,13 +334,23 @@ class WebhookSender:
     other URLs' (one thread for all made every receiver wait behind one that answered 503 for a
     minute per event). A job's progress event that is still waiting when a newer one comes is
     replaced by it, and a URL keeps at most `MAX_PENDING` events, dropping the oldest progress first.
+
+    Nor may slow receivers take every thread, whichever URLs they are spread over: one host's URLs
+    take at most half the threads at once, and hosts whose last attempt took `SLOW` seconds or more
+    (remembered `SLOW_MEMORY` seconds) all the threads but one, which stays for the others. Due
+    deliveries otherwise go in order of when they became due.
     """
 
     THREADS = 4
     MAX_PENDING = 100
+    SLOW = 5.0  # seconds: an attempt this long (a receiver that hangs, dribbles or times out) is slow
+    SLOW_MEMORY = 600.0  # seconds a host stays slow unless one of its attempts is not
 
     def __init__(self, settings: Settings, threads: int = THREADS) -> None:
         self.settings = settings
+        self._per_host = max(1, threads // 2)
+        self._for_slow = max(1, threads - 1)
+        self._slow: dict[str, float] = {}  # host -> monotonic time its last slow attempt ended
         self._targets: dict[str, _Target] = {}
         self._ready = threading.Condition()
         self._closing = False
@@ -290,7 +364,9 @@ class WebhookSender:
         body = event.model_dump_json(exclude_none=True).encode()
         progress = event.type is EventType.progress
         with self._ready:
-            target = self._targets.setdefault(url, _Target())
+            target = self._targets.get(url)
+            if target is None:
+                target = self._targets[url] = _Target(_host(url), not_before=time.monotonic())
             pending = target.pending
             first = 1 if target.busy else 0  # the head is being sent: it stays
             if progress:  # the newest progress of a job replaces a waiting one
@@ -335,25 +411,50 @@ class WebhookSender:
             )
 
     def _next(self) -> tuple[str, _Target] | None:
-        """The next URL whose head delivery is due (marked busy), waiting for one; None to stop."""
+        """The next URL whose head delivery is due (marked busy), waiting for one; None to stop.
+        Due ones whose host has its share of the threads wait for one of those to end."""
         with self._ready:
             while not self._stopped:
                 now = time.monotonic()
+                busy = Counter(t.host for t in self._targets.values() if t.busy)
+                slow = sum(n for host, n in busy.items() if self._is_slow(host, now))
                 due = [(t.not_before, u) for u, t in self._targets.items() if t.pending and not t.busy]
-                ready = [u for when, u in due if when <= now]
+                ready = [u for when, u in due if when <= now and self._may_take(self._targets[u].host, busy, slow, now)]
                 if ready:
                     url = min(ready, key=lambda u: self._targets[u].not_before)
                     self._targets[url].busy = True
                     return url, self._targets[url]
                 if self._closing and not due:
                     return None
-                self._ready.wait(min((when for when, _ in due), default=now + 1.0) - now)
+                # Due ones held back by their host's share wake on the notify of an attempt's end.
+                self._ready.wait(min((when for when, _ in due if when > now), default=now + 1.0) - now)
             return None
+
+    def _is_slow(self, host: str, now: float) -> bool:
+        since = self._slow.get(host)
+        return since is not None and now - since < self.SLOW_MEMORY
+
+    def _may_take(self, host: str, busy: Counter[str], slow: int, now: float) -> bool:
+        """Whether a thread may start an attempt to `host`, with `busy` threads per host of which
+        `slow` on slow hosts."""
+        return busy[host] < self._per_host and (slow < self._for_slow or not self._is_slow(host, now))
+
+    def _timed(self, host: str, started: float) -> None:
+        """Note how long an attempt to `host` that began at `started` took (under the lock)."""
+        now = time.monotonic()
+        if now - started < self.SLOW:
+            self._slow.pop(host, None)
+            return
+        self._slow[host] = now
+        for known, since in list(self._slow.items()):  # forget those that have not been slow lately
+            if now - since >= self.SLOW_MEMORY:
+                del self._slow[known]
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
             url, target = item
             head = target.pending[0]
+            started = time.monotonic()
             try:
                 with job_context(head.job_id):  # `attempt`'s lines name the delivery's job
                     outcome = attempt(
@@ -367,6 +468,7 @@ class WebhookSender:
                 outcome = False
             with self._ready:
                 target.busy = False
+                self._timed(target.host, started)
                 if outcome is None:
                     target.failures += 1
                     if target.failures < self.settings.webhook_max_attempts:
@@ -376,7 +478,18 @@ class WebhookSender:
                     log.warning("webhook %s gave up after %d attempts", shown(url), target.failures,
                                 extra={"job_id": head.job_id})  # fmt: skip
                 target.pending.popleft()
-                target.failures, target.not_before = 0, 0.0
+                # Its next event is due now: behind those already due, so a URL with many events
+                # waiting takes its turn with the others rather than keeping a thread to itself.
+                target.failures, target.not_before = 0, time.monotonic()
                 if not target.pending:
                     del self._targets[url]
                 self._ready.notify_all()
+
+
+def _host(url: str) -> str:
+    """Whose share of the sender's threads a URL's deliveries take: its host's (one for a URL that
+    does not parse, which `attempt` refuses at once)."""
+    try:
+        return (urlsplit(url).hostname or "").rstrip(".")
+    except ValueError:
+        return ""

@@ -31,6 +31,10 @@ def test_signature_round_trip() -> None:
         "::ffff:127.0.0.1",
         "0.0.0.0",
         "100.64.0.1",
+        "168.63.129.16",  # Azure's host service (wire server)
+        "100.100.100.200",  # Alibaba's metadata
+        "fec0::1",  # deprecated IPv6 site-local
+        "::ffff:168.63.129.16",
     ],
 )
 def test_internal_targets_are_refused(addr: str) -> None:

@@ -1,0 +1,342 @@
+"""Webhook deliveries against hostile or slow receivers and nameservers: response bodies never read,
+host lookups bounded in time and number, threads shared fairly between receivers, refusals that
+do not tell the client where a name points."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable
+
+import pytest
+
+from app.core import webhooks
+from app.core.webhooks import WebhookTargetError, attempt, check_target
+from tests.procs import WebhookReceiver
+
+# --- response bodies ---------------------------------------------------------------------------
+
+
+class RawReceiver:
+    """A loopback server that takes one request and answers `head` (status line and headers),
+    then whatever `body` (run on the connection) sends; `request` holds what the client sent, `sent`
+    the body bytes it got out."""
+
+    def __init__(self, head: bytes, body: Callable[[socket.socket], int]) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        self.request = b""
+        self.sent = 0
+        self.stop = threading.Event()
+
+        def serve() -> None:
+            conn, _ = self.server.accept()
+            conn.settimeout(10)
+            try:
+                while b"\r\n\r\n" not in self.request:
+                    self.request += conn.recv(65536)
+                conn.sendall(head)
+                self.sent = body(conn)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.server.close()
+
+    def headers(self) -> dict[str, str]:
+        lines = self.request.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
+        return {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+
+def test_an_endless_response_body_is_never_read() -> None:
+    """A receiver answering 200 with a body that never ends: the attempt is delivered at once, and
+    the receiver gets out no more than the sockets' buffers hold (the old client read it until its
+    deadline, growing by hundreds of MB a second)."""
+    chunk = b"x" * 65536
+
+    def endless(conn: socket.socket) -> int:
+        sent = 0
+        while not receiver.stop.is_set():
+            try:
+                conn.sendall(chunk)
+            except OSError:  # the client dropped the connection
+                break
+            sent += len(chunk)
+        return sent
+
+    receiver = RawReceiver(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n", endless)
+    started = time.monotonic()
+    try:
+        outcome = attempt(receiver.url, b"{}", secret="k", allow_private=True, deadline=5.0)
+        took = time.monotonic() - started
+        receiver.thread.join(5)  # the connection was closed: the receiver's sending fails
+    finally:
+        receiver.close()
+    assert outcome is True
+    assert took < 2.5, took
+    assert not receiver.thread.is_alive()
+    assert receiver.sent < 64 * 2**20, receiver.sent  # socket buffers' worth, not an endless read
+    assert receiver.headers()["accept-encoding"] == "identity"
+
+
+def test_a_slowly_dribbled_body_does_not_hold_the_attempt() -> None:
+    def dribble(conn: socket.socket) -> int:
+        sent = 0
+        while not receiver.stop.wait(0.1):
+            try:
+                conn.sendall(b"x")
+            except OSError:
+                break
+            sent += 1
+        return sent
+
+    receiver = RawReceiver(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", dribble)
+    started = time.monotonic()
+    try:
+        outcome = attempt(receiver.url, b"{}", secret="k", allow_private=True, deadline=3.0)
+        took = time.monotonic() - started
+    finally:
+        receiver.close()
+    assert outcome is True and took < 1.5, (outcome, took)
+
+
+def test_a_compressed_bomb_is_not_inflated() -> None:
+    """64 MiB of zeros in 64 KiB of gzip, sent though `Accept-Encoding: identity` asked for none:
+    the body is never read, so never inflated (the old client inflated it whole into memory)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
+    zeros = bytes(2**20)
+    bomb = b"".join(packer.compress(zeros) for _ in range(64)) + packer.flush()
+    assert len(bomb) < 2**20  # small on the wire
+
+    def send(conn: socket.socket) -> int:
+        conn.sendall(bomb)
+        return len(bomb)
+
+    head = f"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n\r\n".encode()
+    receiver = RawReceiver(head, send)
+    tracemalloc.start()
+    try:
+        outcome = attempt(receiver.url, b"{}", secret="k", allow_private=True, deadline=10.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        receiver.close()
+    assert outcome is True
+    assert peak < 16 * 2**20, peak  # a 64 MiB body inflated would show here
+    assert receiver.headers()["accept-encoding"] == "identity"
+
+
+# --- host lookups at submission ------------------------------------------------------------------
+
+
+def _in_thread(fn: Callable[[], None]) -> tuple[threading.Thread, list[BaseException | None]]:
+    """Run `fn` on a daemon thread; the list gets its exception (None: it returned)."""
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            result.append(exc)
+        else:
+            result.append(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_a_host_whose_nameserver_never_answers_is_refused_in_time(monkeypatch) -> None:
+    """`check_target` runs on the API's shared threadpool: a lookup that never ends held a pool
+    thread for as long as the system resolver tried, stalling every route that needs the pool."""
+    monkeypatch.setattr(webhooks, "RESOLVE_TIMEOUT", 0.3, raising=False)
+    never = threading.Event()
+
+    def hanging(host: str) -> list[str]:
+        never.wait(30)
+        return ["93.184.215.14"]
+
+    try:
+        thread, result = _in_thread(
+            lambda: check_target("https://hangs.example/x", allow_private=False, resolve=hanging)
+        )
+        thread.join(3)
+        assert not thread.is_alive(), "check_target waited on the lookup"
+        assert isinstance(result[0], WebhookTargetError) and "did not resolve in time" in str(result[0]), result
+    finally:
+        never.set()
+
+
+def test_lookups_in_flight_are_bounded_and_the_rest_refused_at_once(monkeypatch) -> None:
+    monkeypatch.setattr(webhooks, "_lookups", threading.BoundedSemaphore(2), raising=False)
+    monkeypatch.setattr(webhooks, "RESOLVE_TIMEOUT", 0.2, raising=False)
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def hanging(host: str) -> list[str]:
+        entered.release()
+        release.wait(30)
+        return ["93.184.215.14"]
+
+    def check() -> None:
+        check_target("https://hangs.example/x", allow_private=False, resolve=hanging)
+
+    try:
+        stuck = [_in_thread(check) for _ in range(2)]
+        assert entered.acquire(timeout=3) and entered.acquire(timeout=3)  # both lookups started
+        for thread, _ in stuck:  # given up on (each goes on, holding its slot)
+            thread.join(3)
+        started = time.monotonic()
+        thread, result = _in_thread(check)
+        thread.join(3)
+        assert not thread.is_alive() and time.monotonic() - started < 1, "queued behind the stuck lookups"
+        assert isinstance(result[0], WebhookTargetError) and "too many" in str(result[0]), result
+        assert not entered.acquire(timeout=0.1)  # refused without a lookup
+    finally:
+        release.set()
+    # The stuck lookups ended: their slots are free again.
+    deadline = time.monotonic() + 3
+    while True:
+        try:
+            check_target("https://fine.example/x", allow_private=False, resolve=lambda host: ["93.184.215.14"])
+            break
+        except WebhookTargetError:
+            assert time.monotonic() < deadline, "slots never given back"
+            time.sleep(0.05)
+
+
+def test_a_lookups_own_errors_still_read_does_not_resolve() -> None:
+    def broken(host: str) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with pytest.raises(WebhookTargetError, match="does not resolve"):
+        check_target("https://nowhere.example/x", allow_private=False, resolve=broken)
+    with pytest.raises(WebhookTargetError, match="does not resolve"):
+        check_target("https://nowhere.example/x", allow_private=False, resolve=lambda host: [])
+
+
+# --- refusals --------------------------------------------------------------------------------------
+
+
+def test_a_refusal_does_not_tell_the_client_where_the_name_points(caplog) -> None:
+    caplog.set_level("INFO", logger="app.core.webhooks")
+    with pytest.raises(WebhookTargetError) as refused:
+        check_target("http://inside.example/x", allow_private=False, resolve=lambda host: ["10.20.30.40"])
+    assert "10.20.30.40" not in str(refused.value) and "not a public address" in str(refused.value)
+    assert any("10.20.30.40" in r.getMessage() and "inside.example" in r.getMessage() for r in caplog.records)
+
+
+# --- sharing the sender's threads ------------------------------------------------------------------
+
+
+def _settings():
+    from app.core.config import Settings
+
+    return Settings(webhook_secret="k", webhook_allow_private=True, webhook_max_attempts=6)
+
+
+def _event(kind: str, job: str):
+    from app.core.events import EventType, make_event
+
+    return make_event(EventType(kind), job, "running", progress={"step": 0, "total": 9})
+
+
+def test_one_hosts_never_answering_receivers_do_not_hold_up_another_host() -> None:
+    """Four URLs on one host (127.0.0.2) that accept a connection and never answer, then one
+    healthy receiver: the healthy one is delivered at once, not after the four time out (10 s each)."""
+    from app.core.webhooks import WebhookSender
+
+    silent = socket.create_server(("127.0.0.2", 0), backlog=32)  # never accepts: never answers
+    port = silent.getsockname()[1]
+    healthy = WebhookReceiver()
+    sender = WebhookSender(_settings())
+    try:
+        for i in range(4):
+            sender.submit(f"http://127.0.0.2:{port}/tenant/{i}", _event("started", f"slow-{i}"))
+        time.sleep(0.3)  # the silent ones have the threads they may take
+        submitted = time.monotonic()
+        sender.submit(healthy.url, _event("started", "job-healthy"))
+        while not healthy.accepted and time.monotonic() - submitted < 8:
+            time.sleep(0.02)
+        waited = time.monotonic() - submitted
+        assert healthy.accepted, "never delivered"
+        assert waited < 2, waited
+    finally:
+        sender.close(timeout=0)
+        silent.close()  # resets the waiting connections: the attempts end
+        for thread in sender._threads:
+            thread.join(5)
+        healthy.close()
+
+
+def test_slow_receivers_spread_over_many_hosts_leave_a_thread_for_the_others(monkeypatch) -> None:
+    """Six hosts whose every attempt takes 0.5 s, each with a backlog of events, then one healthy
+    host: once they are known to be slow they keep at most 3 of the 4 threads, so the healthy one is
+    delivered at once (before, it waited for a thread to come free from their backlogs)."""
+    from app.core.webhooks import WebhookSender
+
+    calls: dict[str, int] = {}
+    delivered: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def fake_attempt(url: str, body: bytes, **kwargs: object) -> bool:
+        host = webhooks.urlsplit(url).hostname or ""
+        if host.startswith("slow-"):
+            time.sleep(0.5)
+        with lock:
+            calls[host] = calls.get(host, 0) + 1
+            delivered.setdefault(host, time.monotonic())
+        return True
+
+    monkeypatch.setattr(webhooks, "attempt", fake_attempt)
+    monkeypatch.setattr(WebhookSender, "SLOW", 0.3, raising=False)
+    sender = WebhookSender(_settings())
+    slow_hosts = [f"slow-{i}.invalid" for i in range(6)]
+    try:
+        for i in range(10):
+            for host in slow_hosts:
+                sender.submit(f"https://{host}/hook", _event("progress" if i else "started", f"job-{host}-{i}"))
+        deadline = time.monotonic() + 3  # each has been tried (and timed) within about 1 s
+        while any(calls.get(host, 0) < 1 for host in slow_hosts) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.6)  # attempts begun before the last were timed have ended
+        submitted = time.monotonic()
+        sender.submit("https://healthy.invalid/hook", _event("started", "job-healthy"))
+        while "healthy.invalid" not in delivered and time.monotonic() - submitted < 20:
+            time.sleep(0.01)
+        assert "healthy.invalid" in delivered, "never delivered"
+        waited = delivered["healthy.invalid"] - submitted
+        assert waited < 0.3, waited
+    finally:
+        sender.close(timeout=0)
+        for thread in sender._threads:
+            thread.join(5)
+
+
+def test_each_url_still_gets_its_events_in_order_under_the_shares() -> None:
+    """Several URLs on one host (sharing its threads) each receive their events in order."""
+    from app.core.webhooks import WebhookSender
+
+    receivers = [WebhookReceiver(fail=1) for _ in range(3)]  # a retry first: it stays ahead of the rest
+    sender = WebhookSender(_settings())
+    try:
+        for n, receiver in enumerate(receivers):
+            for kind in ("started", "progress", "succeeded"):
+                sender.submit(receiver.url, _event(kind, f"job-{n}"))
+        sender.close(timeout=20)
+    finally:
+        for receiver in receivers:
+            receiver.close()
+    for receiver in receivers:
+        assert [json.loads(body)["type"] for _, body in receiver.accepted] == ["started", "progress", "succeeded"]
