@@ -32,7 +32,7 @@ from app.api.schemas import ImageRef, JobErrorInfo, JobList, JobView, Progress, 
 from app.core import events, metrics
 from app.core.catalog import count_live, live_on_queue, model_of_queue, served_models
 from app.core.config import Settings
-from app.core.enqueue import OWNER_FULL, SCRIPT, SCRIPT_SHA, JobHash, script_args
+from app.core.enqueue import OWNER_FULL, QUEUE_FULL, SCRIPT, SCRIPT_SHA, JobHash, script_args
 from app.core.errors import (
     ConflictError,
     GoneError,
@@ -148,8 +148,9 @@ def _idempotency_key(key: str, owner: str | None) -> str:
 
 @dataclass
 class _QueueState:
-    """What `submit` knows of a model's queues: re-read at most every STATE_TTL seconds (or near
-    capacity), and its lengths refreshed by every write, whose script call reads them back."""
+    """What `submit` knows of a model's queues: re-read at most every STATE_TTL seconds, and its
+    lengths refreshed by every write, whose script call reads them back. It gives ETAs and a full
+    queue's Retry-After; the bound on waiting jobs is checked in the script call itself."""
 
     read_at: float
     lengths: list[int]  # waiting jobs per priority, highest first
@@ -167,7 +168,7 @@ class _QueueState:
 
 @dataclass
 class _Admitted:
-    """A request past the capacity check and filled from its model's defaults: what a write needs."""
+    """A request filled from its model's defaults: what a write needs (its bounds are checked by the write)."""
 
     params: GenerationParams
     params_json: dict[str, Any]  # `params` as the job's arguments carry them
@@ -340,7 +341,8 @@ class JobService:
         """Queue a job of `task` (under `job_id` when an idempotency key reserved one) on the queue of
         `model` (see `route`); `before` writes what the job needs first (the input image of a
         variations job), in the same round trip. `owner` may have at most `max_queued` jobs
-        waiting (0: no bound), checked in the same script call (429 past it).
+        waiting (0: no bound), and the model's queues at most `IMAGEGEN_MAX_QUEUE`, both checked
+        in the same script call, atomically (429 past either).
 
         The write is one script call (see `app.core.enqueue`), as in `submit_async`; a read of
         the queue state (lengths, workers, step times, the model's defaults) goes first when the
@@ -428,13 +430,20 @@ class JobService:
 
     @staticmethod
     def _refused(exc: ResponseError, admitted: _Admitted) -> Exception:
-        """The error to raise for the script's error reply: a 429 when the owner has its bound of
-        jobs waiting (nothing was written), else the reply itself."""
-        full = re.search(OWNER_FULL + r" (\d+)", str(exc))  # a pipeline puts its own words first
+        """The error to raise for the script's error reply: a 429 when the model's queues or the
+        owner have their bound of jobs waiting (nothing was written), else the reply itself."""
+        state = admitted.state
+        queue_full = re.search(QUEUE_FULL + r" (\d+)", str(exc))  # a pipeline puts its own words first
+        if queue_full is not None:
+            waiting = int(queue_full.group(1))
+            # Roughly when a tenth of the backlog, and at least one job, has drained.
+            retry_after = max(1, math.ceil(max(1.0, waiting / 10) * state.per_job() / max(1, state.workers)))
+            return RateLimitedError(f"the queue is full ({waiting} jobs waiting); retry later", retry_after=retry_after)
+        full = re.search(OWNER_FULL + r" (\d+)", str(exc))
         if full is None:
             return exc
         count = full.group(1)
-        retry_after = max(1, math.ceil(admitted.state.per_job() / max(1, admitted.state.workers)))
+        retry_after = max(1, math.ceil(state.per_job() / max(1, state.workers)))
         return RateLimitedError(
             f"this API key has {count} jobs waiting, as many as it may; retry when some have started",
             retry_after=retry_after,
@@ -463,6 +472,7 @@ class JobService:
             model_queue_keys=[q.key for q in self.model_queues(model)],
             owner=admitted.meta.get("owner"),
             max_queued=max_queued,
+            max_queue=self.settings.max_queue,
         )
         return job_id, created, args
 
@@ -482,12 +492,13 @@ class JobService:
                 )
 
     def _fresh_state(self, model: str) -> _QueueState | None:
-        """The cached queue state, or None when it must be re-read: it is old, or the queue is
-        near its bound (so the bound holds even with several API processes)."""
+        """The cached queue state, or None when it is old and must be re-read. Not for the bound on
+        waiting jobs: the script call checks that against the queues as they are (a count read
+        before, even just before, let concurrent submissions past it)."""
         state = self._state.get(model)
         if state is None or time.monotonic() - state.read_at > STATE_TTL:
             return None
-        return None if sum(state.lengths) >= 0.9 * self.settings.max_queue else state
+        return state
 
     def _queue_reads(self, pipe: Any, model: str) -> None:
         queues = self.model_queues(model)
@@ -515,16 +526,10 @@ class JobService:
         webhook: dict[str, Any] | None,
         owner: str | None,
     ) -> _Admitted:
-        """Check capacity and fill the request from the model's defaults."""
-        s = self.settings
+        """Fill the request from the model's defaults. The bounds on waiting jobs (the model's
+        `max_queue`, the owner's `max_queued`) are checked by the script call that writes the job
+        (see `_refused`)."""
         info = state.info
-        # 1. A bounded queue: past `max_queue` waiting jobs, ask clients to come back later.
-        waiting = sum(state.lengths)
-        if waiting >= s.max_queue:
-            # Roughly when a tenth of the backlog, and at least one job, has drained.
-            retry_after = max(1, math.ceil(max(1.0, waiting / 10) * state.per_job() / max(1, state.workers)))
-            raise RateLimitedError(f"the queue is full ({waiting} jobs waiting); retry later", retry_after=retry_after)
-        # 2. Fill the request from the model's defaults.
         if params.seed is None:
             params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
         if info is not None:

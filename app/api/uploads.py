@@ -28,6 +28,9 @@ UPLOAD_PATHS = frozenset({"/variations", "/v1/images/variations"})
 UPLOAD_BODY_BYTES = MAX_INPUT_BYTES * 4 // 3 + 256 * 1024
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
 MAX_FORM_FIELDS = 32
+# `{`, `[` and `,` in a JSON body (strings included): its fields' values are short (prompts of at
+# most 1,000 characters) and the image's base64 has none, so a request needs a few thousand at most.
+MAX_JSON_STRUCTURE = 10_000
 
 
 class UploadAwareBodySizeLimit:
@@ -103,12 +106,28 @@ async def _read_multipart(request: Request, image_field: str) -> Upload:
 
 async def _read_json(request: Request, image_field: str) -> Upload:
     raw = await request.body()
+    # Parsed on a decoding thread (see `_decoder_threads`): a body of up to ~5.6 MB took the event
+    # loop for tens of ms (`/healthz` and every other request waited), and with a few at once
+    # the memory of as many parsed bodies.
+    return await anyio.to_thread.run_sync(_parse_json, raw, image_field, limiter=_decoder_threads())
+
+
+def _parse_json(raw: bytes, image_field: str) -> Upload:
+    """The upload in a JSON body: 400 if it is not JSON (or more than MAX_JSON_STRUCTURE), 422 if
+    it is not an object or its image is missing or not base64."""
+    # A request is one object of a few short fields and the image, whose base64 has no brackets
+    # or commas. A body of millions of tiny values (`[{},{},…]`) parsed to ~140 MiB of Python
+    # objects; one past this bound is refused before it is parsed, as a body nested too deeply is.
+    structure = len(raw) - len(raw.translate(None, b"{[,"))
+    if structure > MAX_JSON_STRUCTURE:
+        raise _malformed(f"more than {MAX_JSON_STRUCTURE} brackets and commas; a request is one object of its fields")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # nesting past the stack: invalid too
+    except RecursionError:  # nesting past the stack: invalid too
+        raise _malformed("nested too deeply") from None
+    except ValueError:  # not JSON, not UTF-8, or an integer of more digits than Python converts
         # The same answer as a malformed JSON body on any other route (400 malformed_json / invalid_json).
-        error = {"type": "json_invalid", "loc": ("body",), "msg": "request body is not valid JSON", "input": None}
-        raise RequestValidationError([error]) from None
+        raise _malformed(None) from None
     if not isinstance(body, dict):
         raise _invalid("body", "must be a JSON object")
     encoded = body.pop(image_field, None)
@@ -124,6 +143,12 @@ async def _read_json(request: Request, image_field: str) -> Upload:
     except (binascii.Error, ValueError):
         raise _invalid(image_field, "not valid base64") from None
     return Upload(data, declared, body)
+
+
+def _malformed(why: str | None) -> RequestValidationError:
+    """400 malformed_json (invalid_json on /v1), with the reason when there is one."""
+    msg = f"Invalid JSON: {why}" if why else "request body is not valid JSON"
+    return RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": msg, "input": None}])
 
 
 _decoders: weakref.WeakKeyDictionary[Any, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()

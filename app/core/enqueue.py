@@ -34,8 +34,12 @@ from app.core.queue import SERIALIZER, enqueue_task
 # ARGV: job id, seen TTL, index score, `queued` event JSON, event TTL, event stream length bound,
 #       wake stream length bound, the owner's bound on waiting jobs (0: none), RQ's job key prefix,
 #       the hash fields every job of the queue shares (a JSON list of field/value pairs, packed
-#       once per queue), the owner ("" without keys: the seen marker's value), then the job's own
-#       field/value pairs
+#       once per queue), the owner ("" without keys: the seen marker's value), the bound on the
+#       model's waiting jobs (`IMAGEGEN_MAX_QUEUE`; 0: none), then the job's own field/value pairs
+# The model's bound is checked here, against the lengths of all its queues read in the same
+# atomic call: checked by the API against a count read earlier, concurrent submissions (one
+# process's batch, or several processes) each saw room and all went in. When the queues hold the
+# bound or more, the script answers an error (IMAGEGEN_QUEUE_FULL and the count) and writes nothing.
 # Listing entries older than the seen marker's TTL name jobs that are gone for certain: each
 # submission drops them from its index (listing drops expired ones too, but only for a caller who
 # lists; an owner who never does kept every entry for ever), and the index itself expires with
@@ -47,7 +51,17 @@ from app.core.queue import SERIALIZER, enqueue_task
 # (started, ended, canceled, expired) dropped until there is room; if there is none, the script
 # answers an error (IMAGEGEN_OWNER_FULL and the count) and writes nothing.
 SCRIPT = """
+local lengths = {}
+local queued = 0
+for i = 9, #KEYS do
+  lengths[#lengths + 1] = redis.call('LLEN', KEYS[i])
+  queued = queued + lengths[#lengths]
+end
 if redis.call('EXISTS', KEYS[3]) == 0 then
+  local limit = tonumber(ARGV[12])
+  if limit > 0 and queued >= limit then
+    return redis.error_reply('IMAGEGEN_QUEUE_FULL ' .. queued)
+  end
   local bound = tonumber(ARGV[8])
   if bound > 0 then
     local waiting = redis.call('ZCARD', KEYS[8])
@@ -68,8 +82,11 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   end
   redis.call('SADD', KEYS[1], KEYS[2])
   redis.call('HSET', KEYS[3], unpack(cjson.decode(ARGV[10])))
-  redis.call('HSET', KEYS[3], unpack(ARGV, 12))
-  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('HSET', KEYS[3], unpack(ARGV, 13))
+  local length = redis.call('RPUSH', KEYS[2], ARGV[1])
+  for i = 9, #KEYS do
+    if KEYS[i] == KEYS[2] then lengths[i - 8] = length end
+  end
   redis.call('SET', KEYS[4], ARGV[11], 'EX', ARGV[2])
   redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[2])))
@@ -78,13 +95,10 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('EXPIRE', KEYS[6], ARGV[5])
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[7], '*', 'job', ARGV[1])
 end
-local lengths = {}
-for i = 9, #KEYS do
-  lengths[#lengths + 1] = redis.call('LLEN', KEYS[i])
-end
 return lengths
 """
 OWNER_FULL = "IMAGEGEN_OWNER_FULL"  # the script's error when the owner's bound is reached
+QUEUE_FULL = "IMAGEGEN_QUEUE_FULL"  # the script's error when the model's queues hold their bound
 OWNER_QUEUED_PREFIX = "imagegen:queued:"  # + owner: the owner's waiting set (see SCRIPT)
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # what EVALSHA names it by
 PER_JOB = ("created_at", "enqueued_at", "data", "meta")  # the hash fields that differ between jobs
@@ -140,8 +154,10 @@ def script_args(
     model_queue_keys: list[str],
     owner: str | None = None,
     max_queued: int = 0,
+    max_queue: int = 0,
 ) -> list[Any]:
-    """The arguments after the script's SHA1 in an EVALSHA: key count, keys, then ARGV."""
+    """The arguments after the script's SHA1 in an EVALSHA: key count, keys, then ARGV. `max_queued`
+    bounds the owner's waiting jobs, `max_queue` those of all `model_queue_keys` together (0: no bound)."""
     queue = job_hash.queue
     keys = [
         queue.redis_queues_keys,
@@ -156,5 +172,5 @@ def script_args(
     ]
     bound = max_queued if owner is not None else 0
     argv = [job_id, seen_ttl, created.timestamp(), queued_event, event_ttl, events.STREAM_MAXLEN, WAKE_MAXLEN]
-    argv += [bound, queue.job_class.redis_job_namespace_prefix, job_hash.fixed, owner or ""]
+    argv += [bound, queue.job_class.redis_job_namespace_prefix, job_hash.fixed, owner or "", max_queue]
     return [len(keys), *keys, *argv, *job_hash.fields(params, meta, created)]

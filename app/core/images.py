@@ -8,16 +8,22 @@ from __future__ import annotations
 import io
 import threading
 import warnings
+from typing import Any
 
-from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageChops, ImageOps, UnidentifiedImageError
 
 MAX_INPUT_BYTES = 4 * 1024 * 1024
 MAX_INPUT_SIDE = 4096
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-# Decodes at once per process: a small file can hold many pixels (a 2 KB PNG of 4096² pixels
-# needs ~130 MiB to decode and convert), so concurrent uploads must not multiply that.
+# Decodes at once per process: a small file can hold many pixels, so concurrent uploads must not
+# multiply what one costs. At 4096² pixels (shrunk to fit 1024) a PNG of a few KB costs 25-80 MiB
+# (its decoded pixels: 1 byte each for palette or grey, 2 for 16-bit grey, 4 for RGB(A) or grey
+# with alpha, then a strip at a time), a JPEG about 10 (decoded at a reduced scale; ~50 if
+# progressive), and a WebP of under 1 KB ~260 MiB (Pillow's decoder holds the whole canvas
+# several times over, and cannot decode at a reduced scale).
 DECODING_AT_ONCE = 2
 _DECODING = threading.BoundedSemaphore(DECODING_AT_ONCE)
+STRIP_PIXELS = 1 << 18  # converted at a time, while shrinking (see `_shrunk`)
 # Declared types that say nothing about the format; the bytes decide.
 GENERIC_TYPES = {"", "application/octet-stream"}
 
@@ -92,14 +98,18 @@ def _normalize(data: bytes, declared: str, max_side: int, fit: int | None) -> by
             if fit is not None and fmt == "JPEG":
                 image.draft("RGB", (fit, fit))  # JPEG decodes at 1/2, 1/4 or 1/8 scale, still ≥ `fit`
             image.load()  # decodes everything: truncated or corrupt data fails here
-            image = ImageOps.exif_transpose(image) or image
+            # Read once decoded (a PNG's eXIf chunk may follow its pixels); applied to the small
+            # result below: applied here, a full-size copy of the image came first even without it.
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
             rgb = _to_rgb(image, fit)
+            del image  # the decoded pixels: the rest works on the shrunk copy
+            if fit is not None and max(rgb.size) > fit:
+                rgb.thumbnail((fit, fit), Image.Resampling.LANCZOS)  # the models never use more pixels than this
+            rgb = _oriented(rgb, orientation)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InputImageError(422, "invalid_image", "image: too many pixels (decompression bomb)") from None
         except Exception as exc:
             raise InputImageError(422, "invalid_image", f"image: truncated or corrupt ({type(exc).__name__})") from None
-    if fit is not None and max(rgb.size) > fit:
-        rgb.thumbnail((fit, fit), Image.Resampling.LANCZOS)  # the models never use more pixels than this
     out = io.BytesIO()
     rgb.save(out, format="PNG")
     return out.getvalue()
@@ -124,38 +134,66 @@ def _grey16(image: Image.Image) -> Image.Image:
     return Image.merge("LA", (grey, ImageChops.lighter(above, below)))
 
 
+def _oriented(image: Image.Image, orientation: Any) -> Image.Image:
+    """`image` turned as an EXIF orientation tag (of the decoded file) says (Pillow's `exif_transpose`)."""
+    if orientation == 1:
+        return image
+    image.getexif()[ExifTags.Base.Orientation] = orientation  # the copy has no EXIF of its own
+    return ImageOps.exif_transpose(image) or image
+
+
 def _to_rgb(image: Image.Image, fit: int | None = None) -> Image.Image:
     """RGB pixels; transparent areas become white rather than whatever colour they hide. An image
     of more than twice `fit` on a side is first shrunk by a whole factor (box averaging), so the
     copies below hold a fraction of its pixels: a 2 KB palette PNG of 4096² pixels otherwise took
     about 200 MiB of the API's memory."""
-    factor = max(image.size) // fit if fit is not None else 1  # the result is still ≥ `fit`: thumbnail() ends it
-    if image.mode == "P" or (image.mode in ("1", "L", "RGB") and "transparency" in image.info):
-        image = _rgba(image, factor)  # a palette, or one colour marked transparent (PNG's tRNS)
-    else:
-        if image.mode == "1":
-            image = image.convert("L")
-        if image.mode.startswith("I;16"):
-            image = _grey16(image)  # 16-bit grey has no direct RGB conversion
-        if factor >= 2:
-            image = image.reduce(factor)
+    factor = max(1, max(image.size) // fit) if fit is not None else 1  # still ≥ `fit`: thumbnail() ends it
+    image = _shrunk(image, factor)
     if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
 
 
-def _rgba(image: Image.Image, factor: int) -> Image.Image:
-    """`image.convert("RGBA").reduce(factor)`, converted a strip at a time when it shrinks: the
-    whole RGBA copy of a palette image is four times its size."""
-    if factor < 2:
+def _needs_flattening(image: Image.Image) -> bool:
+    """Whether `_flat` converts the image (its mode is one `reduce` does not take, or it has a
+    transparent colour)."""
+    return image.mode in ("P", "1") or image.mode.startswith("I;16") or "transparency" in image.info
+
+
+def _flat(image: Image.Image) -> Image.Image:
+    """The image in a mode `reduce` takes, its transparency (a palette's, or one colour marked
+    transparent: PNG's tRNS) as an alpha channel."""
+    if image.mode == "P" or (image.mode in ("1", "L", "RGB") and "transparency" in image.info):
         return image.convert("RGBA")
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode.startswith("I;16"):
+        return _grey16(image)  # 16-bit grey has no direct RGB conversion
+    return image
+
+
+def _shrunk(image: Image.Image, factor: int) -> Image.Image:
+    """`_flat(image).reduce(factor)` (not reduced for a factor of 1), a strip at a time: whole, the
+    converted copy is up to four times the decoded image (16-bit grey with a transparent value
+    took several: +240 MiB at 4096²), and `reduce` copies RGBA or grey with alpha whole first (its
+    premultiplied alpha: +64 MiB at 4096²)."""
+    if factor < 2 and not _needs_flattening(image):
+        return image
     width, height = image.size
-    out = Image.new("RGBA", (-(-width // factor), -(-height // factor)))
-    rows = factor * 64  # a multiple of the factor: the boxes never straddle two strips
+    # Strips of about STRIP_PIXELS pixels (~1 MiB as RGBA), a whole number of boxes high: the boxes
+    # never straddle two strips. Larger ones stayed in the allocator's per-thread pools: eight
+    # uploads on eight threads (two decoding at a time) kept ~270 MiB with strips of 8 MiB.
+    rows = factor * max(1, STRIP_PIXELS // (width * factor))
+    out: Image.Image | None = None
     for top in range(0, height, rows):
-        strip = image.crop((0, top, width, min(height, top + rows))).convert("RGBA").reduce(factor)
+        strip = _flat(image.crop((0, top, width, min(height, top + rows))))  # the crop keeps `info`
+        if factor >= 2:
+            strip = strip.reduce(factor)
+        if out is None:
+            out = Image.new(strip.mode, (-(-width // factor), -(-height // factor)))
         out.paste(strip, (0, top // factor))
+    assert out is not None  # an image has at least one row
     return out

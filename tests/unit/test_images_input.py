@@ -151,8 +151,19 @@ def test_corrupt_data_after_a_valid_header_is_422() -> None:
     assert refused(bytes(data)).status == 422
 
 
-MEMORY_CHECK = """
-import io, json, resource
+# The peak resident memory of the process's own address space, in KiB. Not `ru_maxrss`: Linux
+# carries it over from the parent (the pytest process, its size depending on the tests before)
+# into the child it starts, so a child's growth past it read as less than it was, often zero.
+PEAK = """
+def peak():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+"""
+
+MEMORY_CHECK = (
+    PEAK
+    + """
+import io, json
 from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 from app.core.images import normalize_image
@@ -163,13 +174,14 @@ tiny.paste(1, (0, 0, 2048, 4096))  # left half red
 buffer = io.BytesIO()
 tiny.save(buffer, "PNG", optimize=True)
 data = buffer.getvalue()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 with ThreadPoolExecutor(8) as pool:
     outs = list(pool.map(lambda _: normalize_image(data, fit=512), range(8)))
 out = Image.open(io.BytesIO(outs[0]))
-grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+grown = (peak() - before) // 1024
 print(json.dumps([len(data), grown, out.size, out.getpixel((10, 10)), out.getpixel((500, 10))]))
 """
+)
 
 
 def test_small_files_with_many_pixels_decode_in_bounded_memory() -> None:
@@ -187,3 +199,63 @@ def test_small_files_with_many_pixels_decode_in_bounded_memory() -> None:
     size, grown, shape, left, right = json.loads(done.stdout)
     assert size < 64_000 and grown < 300, done.stdout  # bytes in; MiB of peak memory growth
     assert shape == [512, 512] and left == [255, 0, 0] and right == [0, 0, 0]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("fit", [None, 100, 20])
+def test_the_exif_orientation_is_applied(fmt: str, fit: int | None) -> None:
+    """Stored sideways (orientation 6: turn 90° clockwise to show), the left half red: shown, the
+    top half is red; also once shrunk (applied to the shrunk image, not to a full-size copy)."""
+    source = Image.new("RGB", (400, 200), (0, 0, 255))
+    source.paste((255, 0, 0), (0, 0, 200, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode(normalize_image(encode(source, fmt, exif=exif.tobytes()), fit=fit))
+    width, height = out.size
+    assert (width, height) == {None: (200, 400), 100: (50, 100), 20: (10, 20)}[fit]
+    top, bottom = out.getpixel((width // 2, height // 4)), out.getpixel((width // 2, height * 3 // 4))
+    assert isinstance(top, tuple) and isinstance(bottom, tuple)
+    assert top[0] > 200 and top[2] < 50 and bottom[0] < 50 and bottom[2] > 200, (top, bottom)
+
+
+DECODE_PEAK = (
+    PEAK
+    + """
+import io, json, sys
+from PIL import Image
+from app.core.images import normalize_image
+
+data = sys.stdin.buffer.read()  # made by the test: this process never held the whole image before
+before = peak()
+out = Image.open(io.BytesIO(normalize_image(data, fit=1024)))
+grown = (peak() - before) // 1024
+print(json.dumps([grown, out.size]))
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("mode", "key", "decoded"),
+    [("RGBA", None, 64), ("LA", None, 64), ("I;16", None, 32), ("I;16", 1000, 32)],
+    ids=["RGBA", "LA", "16-bit grey", "16-bit grey with a transparent value"],
+)
+def test_decoding_costs_little_beyond_the_decoded_pixels(mode: str, key: int | None, decoded: int) -> None:
+    """A small PNG of 4096² pixels, shrunk to fit 1024: its decoded pixels (`decoded` MiB) and
+    strips of them, no whole copies (RGBA took +134 MiB, 16-bit grey with tRNS +242 MiB)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+
+    colour: dict[str, int | tuple[int, ...]] = {"RGBA": (10, 20, 30, 100), "I;16": 1000, "LA": (3, 100)}
+    data = encode(
+        Image.new(mode, (4096, 4096), colour[mode]), "PNG", **({"transparency": key} if key is not None else {})
+    )
+    assert len(data) < 100_000
+    args = [sys.executable, "-c", DECODE_PEAK]
+    done = subprocess.run(args, cwd=ROOT, input=data, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    grown, shape = json.loads(done.stdout)
+    assert shape == [1024, 1024]
+    assert grown < decoded + 32, grown  # MiB of peak memory growth
