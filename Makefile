@@ -2,16 +2,24 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
+# The CPU build of the Dockerfile's TORCH_VERSION, and where it is when pip's find-links lack it.
+TORCH_CPU := 2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 .PHONY: run test lint bench venv redis-server browser
 
 venv: $(VENV)/.installed
 # The client (clients/python) is installed after the project: an older install of the project
 # held the `imagegen` command, and replacing it removes that file.
+# torch is the CPU build (PyPI's Linux torch is the CUDA one, with GBs of nvidia-* wheels): a
+# wheel of it in pip's find-links is taken first (--no-index asks no index, so without one this
+# fails at once), then its dependencies from the index; else it comes from PyTorch's CPU index.
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	scripts/ensure-venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-index --no-deps torch==$(TORCH_CPU) 2>/dev/null \
+	  && $(BIN)/pip install -q torch==$(TORCH_CPU) \
+	  || $(BIN)/pip install -q torch==$(TORCH_CPU) --extra-index-url $(TORCH_CPU_INDEX)
 	$(BIN)/pip install -q -e '.[worker,dev]'
 	$(BIN)/pip install -q -e ./clients/python
 	touch $@

@@ -21,17 +21,20 @@ esac
 export IMAGEGEN_PIN_THREADS=${IMAGEGEN_PIN_THREADS:-true}
 
 # Each process runs in a session of its own, so Ctrl-C reaches only this script, which stops
-# them in order: the worker and the API first (the worker finishes its job or hands it back to
-# the queue within IMAGEGEN_SHUTDOWN_GRACE, and needs Redis for that), then Redis. Ctrl-C used to
-# reach Redis at once: the job being sampled could be neither recorded nor handed back.
+# them in order: the worker and the API first (the worker's job gets IMAGEGEN_SHUTDOWN_GRACE to
+# finish, then goes back to the queue when the denoising step under way ends, and the worker
+# needs Redis for that), then Redis. Ctrl-C used to reach Redis at once: the job being sampled
+# could be neither recorded nor handed back.
 services=()
 redis_pid=""
+sock_dir=""
 stop() {
   set +e  # every step runs: a write to a terminal that hung up (SIGHUP) must not end the stopping
   trap - INT TERM HUP EXIT
   trap 'kill -KILL "${services[@]}" 2>/dev/null || true' INT  # a second Ctrl-C: no more waiting
   if [ ${#services[@]} -gt 0 ]; then
-    echo "stopping (the worker hands back an unfinished job within ${IMAGEGEN_SHUTDOWN_GRACE:-30} s; Ctrl-C again to kill)" >&2
+    echo "stopping: a job being sampled gets ${IMAGEGEN_SHUTDOWN_GRACE:-30} s to finish, then goes back to the queue" \
+      "at the end of its current denoising step (Ctrl-C again to kill)" >&2
     kill -TERM "${services[@]}" 2>/dev/null || true
     for pid in "${services[@]}"; do wait "$pid" 2>/dev/null || true; done
   fi
@@ -39,6 +42,7 @@ stop() {
     kill -TERM "$redis_pid" 2>/dev/null || true
     wait "$redis_pid" 2>/dev/null || true
   fi
+  if [ -n "$sock_dir" ]; then rm -rf "$sock_dir"; fi
 }
 trap stop INT TERM HUP EXIT
 
@@ -50,21 +54,28 @@ if [ -z "${IMAGEGEN_REDIS_URL:-}" ]; then
     exit 1
   fi
   scripts/ensure-redis-server.sh
+  # A Unix socket only (no TCP port that another Redis could hold): in the data folder, or, where
+  # that path is too long for a socket (~100 bytes), in a private folder of its own under /tmp.
   sock="$DATA/redis.sock"
-  # AOF with fsync every second: accepted jobs survive a crash of Redis itself.
-  redis_args=(--dir "$DATA" --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save "")
-  if [ ${#sock} -lt 100 ]; then
-    setsid redis-server "${redis_args[@]}" --port 0 --unixsocket "$sock" --unixsocketperm 700 >"$DATA/redis.log" 2>&1 &
-    export IMAGEGEN_REDIS_URL="unix://$sock"
-    ping=(redis-cli -s "$sock" ping)
-  else  # socket paths are limited to ~100 bytes; fall back to loopback TCP
-    setsid redis-server "${redis_args[@]}" --port 6399 --bind 127.0.0.1 >"$DATA/redis.log" 2>&1 &
-    export IMAGEGEN_REDIS_URL="redis://127.0.0.1:6399/0"
-    ping=(redis-cli -p 6399 ping)
+  if [ ${#sock} -ge 100 ]; then
+    sock_dir=$(mktemp -d /tmp/imagegen-redis.XXXXXX)  # mode 700
+    sock="$sock_dir/redis.sock"
   fi
+  # AOF with fsync every second: accepted jobs survive a crash of Redis itself.
+  setsid redis-server --dir "$DATA" --appendonly yes --appendfsync everysec --maxmemory-policy noeviction --save "" \
+    --port 0 --unixsocket "$sock" --unixsocketperm 700 >"$DATA/redis.log" 2>&1 &
   redis_pid=$!
-  for _ in $(seq 50); do "${ping[@]}" >/dev/null 2>&1 && break; sleep 0.1; done
-  "${ping[@]}" >/dev/null || { echo "redis-server did not start; see $DATA/redis.log" >&2; exit 1; }
+  export IMAGEGEN_REDIS_URL="unix://$sock"
+  for _ in $(seq 50); do
+    redis-cli -s "$sock" ping >/dev/null 2>&1 && break
+    kill -0 "$redis_pid" 2>/dev/null || break  # it exited: no use waiting
+    sleep 0.1
+  done
+  if ! kill -0 "$redis_pid" 2>/dev/null || ! redis-cli -s "$sock" ping >/dev/null 2>&1; then
+    echo "redis-server did not start; see $DATA/redis.log:" >&2
+    tail -n 5 "$DATA/redis.log" >&2
+    exit 1
+  fi
   echo "redis: $IMAGEGEN_REDIS_URL (data in $DATA)"
 fi
 

@@ -17,8 +17,8 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 SERVICES = COMPOSE["services"]
 SETTINGS = {f"IMAGEGEN_{name.upper()}" for name in Settings.model_fields}
-# Read by scripts/run.sh or the model registry rather than by Settings.
-EXTRA_ENV = {"IMAGEGEN_MODEL_CACHE", "IMAGEGEN_PORT", "IMAGEGEN_HOST", "IMAGEGEN_DATA_DIR"}
+# Read by scripts/run.sh, the model registry or the compose file itself rather than by Settings.
+EXTRA_ENV = {"IMAGEGEN_MODEL_CACHE", "IMAGEGEN_PORT", "IMAGEGEN_HOST", "IMAGEGEN_DATA_DIR", "IMAGEGEN_BIND"}
 
 
 def _env_names(text: str) -> set[str]:
@@ -60,6 +60,11 @@ def test_commands_and_ports_match_the_entry_points() -> None:
     assert 'CMD ["uvicorn", "app.main:app"' in DOCKERFILE and 'CMD ["python", "-m", "worker"]' in DOCKERFILE
 
 
+def _fill(value: object, shell: dict[str, str]) -> str:
+    """A compose value with `${NAME:-default}` substituted from `shell` (or `.env`) as compose does."""
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: shell.get(m[1]) or (m[2] or ""), str(value))
+
+
 def test_redis_is_durable_and_healthchecked() -> None:
     redis = SERVICES["redis"]
     args = redis["command"] if isinstance(redis["command"], list) else shlex.split(redis["command"])
@@ -69,6 +74,14 @@ def test_redis_is_durable_and_healthchecked() -> None:
     assert pairs["--maxmemory-policy"] == "noeviction"
     assert "--requirepass" in pairs
     assert "ping" in str(redis["healthcheck"]["test"])
+    # Without a bound, noeviction never applies (Redis grows until the kernel kills it) and the
+    # README's "Redis full: 503" cannot happen; REDIS_MAXMEMORY sets it.
+    assert _fill(pairs["--maxmemory"], {}) == "2gb"
+    assert _fill(pairs["--maxmemory"], {"REDIS_MAXMEMORY": "512mb"}) == "512mb"
+    # The health check's redis-cli takes the password from REDISCLI_AUTH, not `-a` on its argv.
+    check = " ".join(redis["healthcheck"]["test"])
+    assert " -a " not in check and "REDIS_PASSWORD" not in check
+    assert redis["environment"]["REDISCLI_AUTH"] == pairs["--requirepass"]
     for name in ("api", "worker", "worker-gpu"):
         assert SERVICES[name]["depends_on"]["redis"]["condition"] == "service_healthy"
         url = SERVICES[name]["environment"]["IMAGEGEN_REDIS_URL"]
@@ -187,7 +200,11 @@ def test_compose_passes_access_control_to_the_api(monkeypatch) -> None:
 
 def test_compose_stops_give_workers_their_shutdown_grace() -> None:
     """Docker SIGKILLs 10 s after SIGTERM unless told otherwise: a busy worker needs
-    IMAGEGEN_SHUTDOWN_GRACE to finish or hand its job back, the API its longest long-poll."""
+    IMAGEGEN_SHUTDOWN_GRACE and then the denoising step under way to hand its job back; the API
+    one blocking read for its long-polls and streams (they no longer hold it up to MAX_WAIT),
+    then its webhook drain."""
+    from app.api.services import BLOCK_MS
+    from app.main import WEBHOOK_DRAIN
 
     def seconds(value: str) -> int:
         assert value.endswith("s"), value
@@ -195,8 +212,94 @@ def test_compose_stops_give_workers_their_shutdown_grace() -> None:
 
     grace = Settings.model_fields["shutdown_grace"].default
     for name in ("worker", "worker-gpu"):
-        assert seconds(SERVICES[name]["stop_grace_period"]) >= grace + 10, name
-    assert seconds(SERVICES["api"]["stop_grace_period"]) > MAX_WAIT
+        assert seconds(SERVICES[name]["stop_grace_period"]) >= grace + 15, name
+    api_needs = BLOCK_MS / 1000 + 1 + WEBHOOK_DRAIN  # the SSE grace (jobs.py), then the drain
+    assert api_needs + 5 <= seconds(SERVICES["api"]["stop_grace_period"]) < MAX_WAIT
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert "(up to 60 s)" not in compose  # the old reason, no longer true
+
+
+def test_compose_publishes_the_api_on_loopback_unless_told() -> None:
+    """Auth is off by default and Docker's published ports bypass ufw: the API was published on
+    every address. It is on 127.0.0.1 unless IMAGEGEN_BIND says otherwise, and nothing else is."""
+    [port] = SERVICES["api"]["ports"]
+    assert _fill(port, {}) == "127.0.0.1:8000:8000"
+    assert _fill(port, {"IMAGEGEN_BIND": "0.0.0.0", "IMAGEGEN_PORT": "9000"}) == "0.0.0.0:9000:8000"
+    assert [name for name, svc in SERVICES.items() if svc.get("ports") and name != "api"] == []
+    readme = (ROOT / "README.md").read_text()
+    assert "IMAGEGEN_BIND=0.0.0.0" in readme and "IMAGEGEN_ALLOWED_HOSTS" in readme
+
+
+def test_every_service_runs_under_an_init() -> None:
+    """A Python PID 1 reaps no orphaned children (torch.compile's helper processes)."""
+    assert {name: svc.get("init") for name, svc in SERVICES.items()} == dict.fromkeys(SERVICES, True)
+
+
+def _stages() -> dict[str, str]:
+    parts = re.split(r"^FROM ", DOCKERFILE, flags=re.M)
+    return {m[2]: "FROM " + part for part in parts[1:] if (m := re.match(r"(\S+) AS (\S+)\n", part))}
+
+
+def test_every_image_installs_the_one_torch_release() -> None:
+    """The GPU image took torch 2.9.1 from a CUDA base image while the CPU image, `make` and so the
+    tests had 2.13.0. One TORCH_VERSION now feeds both workers (the CPU build in `worker`, PyPI's
+    CUDA build in `worker-gpu`, both on the same Python base), the Makefile installs its CPU build,
+    and pyproject's floor is one that the worker's other dependencies accept."""
+    import tomllib
+
+    [version] = re.findall(r"^ARG TORCH_VERSION=(\S+)$", DOCKERFILE, flags=re.M)
+    stages = _stages()
+    assert {m[1] for m in re.finditer(r"^FROM (\S+) AS", DOCKERFILE, flags=re.M)} == {"${PYTHON_IMAGE}", "base"}
+    installs = {}
+    for name, stage in stages.items():
+        lines = [line for line in stage.splitlines() if re.match(r"RUN pip install .*\btorch\b", line)]
+        if lines:
+            [installs[name]] = lines
+            assert "ARG TORCH_VERSION\n" in stage, name  # a global ARG is not seen in a stage without this
+    assert set(installs) == {"worker", "worker-gpu"}
+    assert '"torch==${TORCH_VERSION}+cpu"' in installs["worker"]
+    assert '"torch==${TORCH_VERSION}"' in installs["worker-gpu"] and "+cpu" not in installs["worker-gpu"]
+    assert "--index-url" in installs["worker-gpu"] and "TORCH_INDEX_URL" in installs["worker-gpu"]
+    assert re.findall(r"torch==\d", DOCKERFILE) == []  # no release written out anywhere else
+    assert "IMAGEGEN_DEVICE=cuda" in stages["worker-gpu"] and "USER imagegen" in stages["worker-gpu"]
+
+    make_vars = dict(re.findall(r"^(\w+) := (.*)$", (ROOT / "Makefile").read_text(), flags=re.M))
+    assert make_vars["TORCH_CPU"] == f"{version}+cpu"
+    worker = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
+    [floor] = [r for r in worker if r.startswith("torch")]
+    assert floor == "torch>=2.6"  # accelerate>=1.x requires it
+    assert tuple(map(int, version.split("."))) >= (2, 6)
+
+
+def test_make_installs_the_cpu_torch_and_prefers_a_local_wheel() -> None:
+    """PyPI's Linux torch is the CUDA build (GBs of nvidia-* wheels): `make` asks for the CPU
+    build, from pip's find-links without asking any index first (fails at once where there is no
+    such wheel, as on a fresh machine), else from PyTorch's CPU index."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        import pytest
+
+        pytest.skip("no make here")
+    venv = "/nonexistent/venv"
+    out = subprocess.run(
+        ["make", "-n", "-B", f"VENV={venv}", "PYTHON=python3", f"{venv}/.installed"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    script = out.replace("\\\n", " ")
+    torch_line = next(line for line in script.splitlines() if "torch==" in line)
+    local, rest = torch_line.split(" && ", 1)
+    then, fallback = rest.split(" || ", 1)
+    assert "--no-index" in local.split() and "--no-deps" in local.split()
+    assert re.search(r"torch==[0-9.]+\+cpu\b", local)
+    assert "--no-index" not in then and "+cpu" in then  # its dependencies, from the index
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in fallback and "+cpu" in fallback
+    lines = script.splitlines()
+    assert lines.index(torch_line) < next(i for i, line in enumerate(lines) if ".[worker,dev]" in line)
 
 
 def test_images_copy_what_exists_and_every_package_the_project_installs() -> None:
