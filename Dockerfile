@@ -13,8 +13,8 @@ WORKDIR /srv
 
 FROM base AS api
 # Dependencies first, in a layer of their own: a change to the code reinstalls only the project.
-COPY pyproject.toml scripts/deps.py ./
-RUN python deps.py > /tmp/requirements.txt && pip install -r /tmp/requirements.txt
+COPY pyproject.toml scripts/deps.py scripts/constraints.txt ./
+RUN python deps.py > /tmp/requirements.txt && pip install -r /tmp/requirements.txt -c constraints.txt
 COPY README.md ./
 COPY app ./app
 COPY worker ./worker
@@ -30,8 +30,8 @@ FROM base AS worker
 ARG TORCH_VERSION
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install "torch==${TORCH_VERSION}+cpu" --index-url "${TORCH_CPU_INDEX_URL}"
-COPY pyproject.toml scripts/deps.py ./
-RUN python deps.py worker > /tmp/requirements.txt && pip install -r /tmp/requirements.txt
+COPY pyproject.toml scripts/deps.py scripts/constraints.txt ./
+RUN python deps.py worker > /tmp/requirements.txt && pip install -r /tmp/requirements.txt -c constraints.txt
 COPY README.md ./
 COPY app ./app
 COPY worker ./worker
@@ -49,8 +49,8 @@ FROM base AS worker-gpu
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=
 RUN pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-COPY pyproject.toml scripts/deps.py ./
-RUN python deps.py worker > /tmp/requirements.txt && pip install -r /tmp/requirements.txt
+COPY pyproject.toml scripts/deps.py scripts/constraints.txt ./
+RUN python deps.py worker > /tmp/requirements.txt && pip install -r /tmp/requirements.txt -c constraints.txt
 COPY README.md ./
 COPY app ./app
 COPY worker ./worker

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := 2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: run test lint bench venv redis-server browser
+.PHONY: run test lint bench venv redis-server browser lock
 
 venv: $(VENV)/.installed
 # The client (clients/python) is installed after the project: an older install of the project
@@ -14,14 +14,16 @@ venv: $(VENV)/.installed
 # torch is the CPU build (PyPI's Linux torch is the CUDA one, with GBs of nvidia-* wheels): a
 # wheel of it in pip's find-links is taken first (--no-index asks no index, so without one this
 # fails at once), then its dependencies from the index; else it comes from PyTorch's CPU index.
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+# Every other package at the version in scripts/constraints.txt (what the tests passed with; `make lock`
+# records .venv's versions there after an upgrade).
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml scripts/constraints.txt
 	scripts/ensure-venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-index --no-deps torch==$(TORCH_CPU) 2>/dev/null \
-	  && $(BIN)/pip install -q torch==$(TORCH_CPU) \
+	  && $(BIN)/pip install -q torch==$(TORCH_CPU) -c scripts/constraints.txt \
 	  || $(BIN)/pip install -q torch==$(TORCH_CPU) --extra-index-url $(TORCH_CPU_INDEX)
-	$(BIN)/pip install -q -e '.[worker,dev]'
-	$(BIN)/pip install -q -e ./clients/python
+	$(BIN)/pip install -q -e '.[worker,dev]' -c scripts/constraints.txt
+	$(BIN)/pip install -q -e ./clients/python -c scripts/constraints.txt
 	touch $@
 
 redis-server:
@@ -45,3 +47,7 @@ lint: venv
 bench: venv redis-server
 	@command -v wrk >/dev/null || scripts/apt-install.sh wrk || true
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run
+
+# After upgrading packages in .venv (and `make test` passing): record their versions for every install.
+lock: venv
+	scripts/lock.sh
