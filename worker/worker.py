@@ -376,7 +376,7 @@ class ImagegenWorker(SimpleWorker):
         if self.events is None or status_now != JobStatus.FAILED:
             return
         status = status_from_rq("failed", job.meta)
-        self._record(job, status.value, 0)
+        self._record(job, status.value, 0, _error_code(job.meta))
         error = job.meta.get("error") or {"code": ErrorCode.internal_error.value, "message": "the job failed"}
         self.events.emit(job, EventType(status.value), status.value, error=error, progress=job.meta.get("progress"))
 
@@ -397,11 +397,11 @@ class ImagegenWorker(SimpleWorker):
         except RedisError:
             log.warning("job %s: its return to the queue could not be announced (Redis unavailable)", job.id)
 
-    def _record(self, job: Job, status: str, images: int) -> None:
+    def _record(self, job: Job, status: str, images: int, error_code: str | None = None) -> None:
         """Shared metrics (read by the API's /metrics) of a job that did not succeed."""
         try:
             with self.connection.pipeline(transaction=False) as pipe:
-                metrics.record_job(pipe, status, images, _timings(job))
+                metrics.record_job(pipe, status, images, _timings(job), error_code)
                 pipe.execute()
         except Exception:
             log.warning("could not record metrics for job %s", job.id, exc_info=True)
@@ -469,7 +469,7 @@ class ImagegenWorker(SimpleWorker):
                 job.ended_at = utcnow()
                 with self.connection.pipeline(transaction=False) as pipe:
                     pipe.hset(job.key, mapping={"meta": job._serialize_meta(), "ended_at": utcformat(job.ended_at)})
-                    metrics.record_job(pipe, JobStatus.FAILED.value, 0, _timings(job))
+                    metrics.record_job(pipe, JobStatus.FAILED.value, 0, _timings(job), ErrorCode.worker_lost.value)
                     pipe.execute()
                 log.warning("job %s: failed, its worker was lost (no retries left)", job.id, extra={"job_id": job.id})
                 if self.events is not None:
@@ -552,6 +552,12 @@ class ImagegenWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # Short TTL: the job counts as abandoned a few missed beats after the worker dies.
         return int(self.heartbeat_interval * 3) + 5
+
+
+def _error_code(meta: dict[str, Any]) -> str:
+    """A failed job's error code as a metric label: one of `ErrorCode`'s values, whatever the meta holds."""
+    code = (meta.get("error") or {}).get("code")
+    return str(code) if code in ErrorCode.__members__ else ErrorCode.internal_error.value
 
 
 def _timings(job: Job) -> dict[str, float]:

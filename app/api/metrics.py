@@ -35,6 +35,10 @@ class RedisCollector:
             for status, count in sorted((redis.hgetall(store.JOBS) or {}).items()):
                 jobs.add_metric([status.decode()], float(count))
             yield jobs
+            failures = CounterMetricFamily("imagegen_job_failures", "Failed jobs by error code", labels=["code"])
+            for code, count in sorted((redis.hgetall(store.FAILURES) or {}).items()):
+                failures.add_metric([code.decode()], float(count))
+            yield failures
             yield CounterMetricFamily("imagegen_images", "Images generated", value=float(redis.get(store.IMAGES) or 0))
             for name, doc in store.HISTOGRAMS.items():
                 buckets, total = store.read_histogram(redis, name)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 PREFIX = "imagegen:metrics:"
 JOBS = PREFIX + "jobs"  # hash: final status -> count
+FAILURES = PREFIX + "failures"  # hash: error code of a failed job -> count
 IMAGES = PREFIX + "images"  # string counter
 # Seconds; covers a tiny CPU model (tens of ms) up to large GPU batches (minutes).
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -55,9 +56,14 @@ def observe_counts(
     pipe.hincrby(key, "count", sum(counts.values()))
 
 
-def record_job(pipe: Pipeline, status: str, images: int, timings: dict[str, float]) -> None:
-    """Count a finished job on `pipe` (the caller's pipeline or transaction, executed by the caller)."""
+def record_job(
+    pipe: Pipeline, status: str, images: int, timings: dict[str, float], error_code: str | None = None
+) -> None:
+    """Count a finished job on `pipe` (the caller's pipeline or transaction, executed by the caller);
+    a failed one also by its error code (one of `ErrorCode`'s, a label with few values)."""
     pipe.hincrby(JOBS, status, 1)
+    if status == "failed" and error_code:
+        pipe.hincrby(FAILURES, error_code, 1)
     if images:
         pipe.incrby(IMAGES, images)
     for name, seconds in timings.items():

@@ -113,6 +113,8 @@ def test_worker_killed_mid_job_is_rerun_then_fails_as_worker_lost(env) -> None:
         assert kinds[-1] == "failed" and kinds.count("failed") == 1, kinds
         assert http.get(f"/jobs/{lost['id']}").json()["finished_at"]
         assert server.client().hget("imagegen:metrics:jobs", "failed") == b"1"
+        assert server.client().hgetall("imagegen:metrics:failures") == {b"worker_lost": b"1"}
+        assert 'imagegen_job_failures_total{code="worker_lost"} 1.0' in http.get("/metrics").text
 
 
 def test_redis_kill9_loses_no_accepted_job(env) -> None:

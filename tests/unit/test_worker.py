@@ -194,6 +194,9 @@ def test_sampling_error_fails_only_that_job(env) -> None:
     assert bad.get_status() == "failed"
     assert bad.meta["error"] == {"code": "sampling_error", "message": "RuntimeError: the UNet fell over"}
     assert good.get_status() == "finished"
+    # Counted by its code for /metrics (imagegen_job_failures_total{code}), the success by status only.
+    assert queue.connection.hgetall("imagegen:metrics:failures") == {b"sampling_error": b"1"}
+    assert queue.connection.hgetall("imagegen:metrics:jobs") == {b"failed": b"1", b"succeeded": b"1"}
 
 
 def test_invalid_params_from_a_rogue_producer(env) -> None:
@@ -203,6 +206,7 @@ def test_invalid_params_from_a_rogue_producer(env) -> None:
     job.refresh()
     assert job.get_status() == "failed" and job.meta["error"]["code"] == "invalid_params"
     assert runtime.calls == []
+    assert queue.connection.hgetall("imagegen:metrics:failures") == {b"invalid_params": b"1"}
 
 
 def test_jobs_naming_other_functions_are_refused_and_never_run(env, redis_db, tmp_path: Path) -> None:
