@@ -46,6 +46,7 @@ from app.core.jobs import (
     MAX_SEED,
     MODELS_KEY,
     TASK_GENERATE,
+    TASK_VARIATIONS,
     ErrorCode,
     GenerationParams,
     JobStatus,
@@ -139,6 +140,9 @@ def _int(value: Any) -> int:
         return int(value or 0)
     except (TypeError, ValueError):
         return 0
+
+
+ROUTES_OF_TASKS = {TASK_GENERATE: "POST /generate", TASK_VARIATIONS: "POST /variations"}
 
 
 def _idempotency_key(key: str, owner: str | None) -> str:
@@ -556,9 +560,12 @@ class JobService:
             self._other_queues[model] = get_queues(self.redis, model)
         return self._other_queues[model]
 
-    def claim_idempotency_key(self, key: str, body_hash: str, owner: str | None = None) -> tuple[str, Job | None]:
+    def claim_idempotency_key(
+        self, key: str, body_hash: str, owner: str | None = None, task: str = TASK_GENERATE
+    ) -> tuple[str, Job | None]:
         """Reserve a job id for `key`. Returns (id, None) when this request owns the key and should
-        submit under that id, or (id, job) with the job an earlier identical request made."""
+        submit under that id, or (id, job) with the job an earlier identical request made. `task`:
+        what this request queues (a key used for another route's request is named as such)."""
         if not key.strip():
             raise InvalidRequestError("Idempotency-Key: must not be empty", code="validation_error")
         job_id = str(uuid.uuid4())
@@ -570,6 +577,13 @@ class JobService:
         stored_hash, _, rest = stored.partition(":")
         stored_id, _, claimed_at = rest.partition(":")
         if stored_hash != body_hash:
+            earlier = fetch_job(self.redis, stored_id) if parse_job_id(stored_id) else None
+            if earlier is not None and earlier.func_name != task and earlier.func_name in ROUTES_OF_TASKS:
+                raise ConflictError(
+                    f"this Idempotency-Key was already used for a {ROUTES_OF_TASKS[earlier.func_name]} request "
+                    f"(job {stored_id}); send this request with a key of its own",
+                    code="idempotency_conflict",
+                )
             raise ConflictError(
                 "this Idempotency-Key was already used with a different request body", code="idempotency_conflict"
             )
@@ -600,7 +614,7 @@ class JobService:
 
     @contextlib.asynccontextmanager
     async def idempotent(
-        self, key: str | None, body_hash: Callable[[], str], owner: str | None = None
+        self, key: str | None, body_hash: Callable[[], str], owner: str | None = None, task: str = TASK_GENERATE
     ) -> AsyncIterator[tuple[str | None, Job | None]]:
         """Around the code that writes a request's job: claim its Idempotency-Key (when it has one)
         and yield (the job id to submit under, the job an earlier identical request made), both
@@ -610,7 +624,7 @@ class JobService:
             yield None, None
             return
         digest = body_hash()
-        job_id, existing = await asyncio.to_thread(self.claim_idempotency_key, key, digest, owner)
+        job_id, existing = await asyncio.to_thread(self.claim_idempotency_key, key, digest, owner, task)
         try:
             yield job_id, existing
         except BaseException:  # a cancelled request (client gone, shutdown) too

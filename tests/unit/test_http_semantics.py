@@ -200,3 +200,23 @@ def test_a_replay_that_names_the_default_model_is_the_same_request(http: TestCli
     assert again.json()["id"] == first.json()["id"]
     other = http.post("/generate", json={**BODY, "seed": 12345}, headers=key)
     assert other.status_code == 409  # a request that differs still does
+
+
+def test_an_idempotency_key_used_on_another_route_is_named(http: TestClient) -> None:
+    """The same key on /generate, then on /variations (and the other way round): a 409 that says
+    which request the key went with, not "a different request body"."""
+    first = http.post("/generate", json={"prompt": "a red circle"}, headers={"Idempotency-Key": "k-route"})
+    assert first.status_code == 202, first.text
+    files = {"image": ("x.png", _png(), "image/png")}
+    again = http.post("/variations", files=files, headers={"Idempotency-Key": "k-route"})
+    assert again.status_code == 409, again.text
+    error = again.json()["error"]
+    assert error["code"] == "idempotency_conflict"
+    assert "POST /generate" in error["message"] and first.json()["id"] in error["message"], error
+    varied = http.post("/variations", files=files, headers={"Idempotency-Key": "k-other"})
+    assert varied.status_code == 202, varied.text
+    back = http.post("/generate", json={"prompt": "x"}, headers={"Idempotency-Key": "k-other"})
+    assert back.status_code == 409 and "POST /variations" in back.json()["error"]["message"], back.text
+    # Same route, another body: as before.
+    body = http.post("/generate", json={"prompt": "a blue square"}, headers={"Idempotency-Key": "k-route"})
+    assert body.status_code == 409 and "different request body" in body.json()["error"]["message"]

@@ -143,7 +143,7 @@ async def create_variations(
         digest.update(same.model_dump_json().encode())
         return digest.hexdigest()
 
-    async with jobs.idempotent(idempotency_key, body_hash, principal.owner) as (job_id, existing):
+    async with jobs.idempotent(idempotency_key, body_hash, principal.owner, TASK_VARIATIONS) as (job_id, existing):
         if existing is not None:
             response.status_code = status.HTTP_200_OK
             response.headers["Location"] = f"{jobs_url(request)}/{existing.id}"
