@@ -19,8 +19,15 @@ from models import shapes
 from models.tokenizer import MAX_LENGTH, build_clip_tokenizer
 
 EMBED_DIM = 64  # text hidden size = UNet cross-attention dim
-# Captions are at most ~13 tokens; CLIP's text attention is causal, so states at these positions
-# are identical whether the sequence is padded to 16 or to the pipeline's 77.
+# CLIP-stage caption length. Known limitation, kept so the documented run rebuilds the shipped
+# model: captions are 12-20 tokens with BOS/EOS, not the ~13 this was sized for ("green",
+# "background" and "image" are several tokens each, see models.tokenizer), so 179 of the 576
+# training captions (template 3 always, template 0 when a colour is "green") lose the tail of
+# "background" (`o u n d</w>` or `d</w>`, never a colour or shape) to truncation here, and 42 of
+# the 168 template-0 captions that `retrieval_accuracy` scores do too. The decoder is not
+# affected: it conditions on full 77-token states (`train.caption_states`). Next retrain: 24.
+# CLIP's text attention is causal, so states at the kept positions are identical whether the
+# sequence is padded to 16 or to the pipeline's 77.
 TRAIN_LEN = 16
 
 
@@ -28,8 +35,10 @@ class ThreadPicker:
     """Re-picks 1 vs N intra-op threads every `period` steps by timing `probe` steps of each.
 
     On a shared 2-core machine another busy process makes 2-thread OpenMP steps stall at every
-    barrier (measured ~1.6 s/step at 1 thread vs ~2.7 s at 2 under load, 0.7 s at 2 when idle),
-    so the best setting changes with the load. Thread count only changes float summation order.
+    barrier, so the best setting changes with the load. In the shipped run's decoder probes
+    (train.log, 15 steps of batch 64 each): under load 0.67-1.17 s/step at 2 threads vs
+    0.47-0.67 s at 1; idle 0.28-0.32 s at 2 vs 0.46-0.50 s at 1. Thread count only changes
+    float summation order.
     """
 
     def __init__(self, max_threads: int, period: int = 400, probe: int = 15):
@@ -57,7 +66,7 @@ class ThreadPicker:
 
 
 def build_text_encoder(tokenizer):
-    """Tiny CLIPTextModel sized for a ~600-word vocabulary and 16-token captions."""
+    """Tiny CLIPTextModel for the 692-token vocabulary, with the pipeline's 77 positions."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(

@@ -3,10 +3,11 @@
 First checks the checker itself on ground-truth renders, then generates images for held-out
 (colour, shape, background) combos and for seen combos with the pipeline's defaults
 (imagegen.json), reads each back with `models.shapes.check`, and prints fg/bg/shape accuracy,
-seconds per image on one CPU thread, and writes a small sample grid.
+seconds per image on one CPU thread, and, with --grid, writes a small sample grid. It writes nothing
+into the model folder unless --grid or --json points there.
 
     python -m models.evaluate [--model models/weights/tiny-shapes] [--per-held 9] [--per-seen 2] [--seed 1000]
-    python -m models.evaluate --model .data/trained/tiny-shapes   # a model models.train wrote by default
+    python -m models.evaluate --model .data/trained/tiny-shapes --grid .data/trained/samples.png
 
 Every option is checked before the model is loaded (bad values exit with status 2 and a message).
 """
@@ -188,7 +189,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 1 thread by default: on a shared 2-core box, 2 OpenMP threads stall badly under other load.
     ap.add_argument("--threads", type=positive_int, default=1)
     ap.add_argument("--no-speed", action="store_true", help="skip the 1-thread timing")
-    ap.add_argument("--grid", type=Path, default=None, help="sample grid path (default MODEL/samples.png)")
+    ap.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        help="also write a PNG grid of samples here (default: no grid; the shipped model's samples.png is "
+        "only rewritten when this names it)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     ap.add_argument("--seed", type=non_negative_int, default=1000, help="first seed (image i uses seed + i)")
     args = ap.parse_args(argv)
@@ -207,7 +214,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--model {model}: cannot read imagegen.json ({e})")
     if missing:
         ap.error(f"--model {model}: imagegen.json lacks {', '.join(sorted(missing))}")
-    args.grid = args.grid or model / "samples.png"
     for option, path in (("--grid", args.grid), ("--json", args.json)):
         problem = path is not None and check_writable(path, option)
         if problem:

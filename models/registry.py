@@ -1,8 +1,9 @@
 """Model registry: names the service knows → where the pipeline comes from.
 
-A name maps to a folder in this repo, to a builder that writes one on first use, or to a hub id
-(real checkpoints, fetched into the model cache on GPU hosts; never used by tests); anything else
-given as `IMAGEGEN_MODEL` is passed to diffusers as a folder path or hub id. An entry also carries
+A name maps to a folder in this repo, to a builder that writes one on first use (and again when
+the builder's code changed), or to a hub id (real checkpoints, fetched into the model cache on GPU
+hosts; never used by tests); anything else given as `IMAGEGEN_MODEL` is passed to diffusers as a
+folder path or hub id (offline, only one that exists or is in the Hugging Face cache). An entry also carries
 the model's family and request defaults, which the worker publishes with the model.
 """
 
@@ -151,9 +152,21 @@ def lookup(name: str) -> ModelEntry | None:
 
 
 def resolve(name: str) -> str:
-    """Folder path or hub id for `name`; builds registry models that are made in code."""
+    """Folder path or hub id for `name`; builds registry models that are made in code.
+
+    Offline (`HF_HUB_OFFLINE`), a name that is no registry name, no existing path and no model in
+    the Hugging Face cache is refused here with the known names (diffusers would only say that the
+    "hub id" has no model_index.json).
+    """
     entry = REGISTRY.get(name)
     if entry is None:
+        if _offline() and _not_found_offline(name):
+            from huggingface_hub import constants
+
+            raise FileNotFoundError(
+                f"model {name!r} is not a registry name ({', '.join(REGISTRY)}), not an existing folder, and not "
+                f"in the Hugging Face cache ({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE is set, so nothing is downloaded"
+            )
         return name
     if entry.folder is not None:
         if not (entry.folder / "model_index.json").exists():
@@ -163,21 +176,86 @@ def resolve(name: str) -> str:
         return entry.hub_id
     assert entry.builder is not None
     out = CACHE / name
-    if not (out / "model_index.json").exists():
-        import importlib
-        import shutil
-        import tempfile
-
-        module, func = entry.builder.split(":")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename, so two processes starting at once never see half a folder.
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
-        try:
-            getattr(importlib.import_module(module), func)(tmp)
-            tmp.rename(out)
-        except OSError as exc:
-            if not (out / "model_index.json").exists():  # not a lost race: a failed build, or a stray folder
-                raise OSError(f"model {name!r}: could not build it into {out}: {exc}") from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else a half-built or losing copy
+    stamp = build_stamp(entry.builder)
+    if _stamp_of(out) != stamp:
+        _build(name, entry.builder, out, stamp)
     return str(out)
+
+
+# A built folder records which builder code made it: the cache is keyed by name only, so a folder
+# built before its builder (or the tokenizer) changed is rebuilt instead of served stale.
+STAMP_FILE = ".imagegen-build"
+
+
+def build_stamp(builder: str) -> str:
+    """Hash of the builder's name and of the source of its module and of models/tokenizer.py."""
+    import hashlib
+    import importlib
+
+    module = importlib.import_module(builder.split(":")[0])
+    digest = hashlib.sha256(builder.encode())
+    for source in (getattr(module, "__file__", None), ROOT / "tokenizer.py"):
+        if source:
+            digest.update(Path(source).read_bytes())
+    return digest.hexdigest()
+
+
+def _stamp_of(folder: Path) -> str | None:
+    """The stamp of a complete build in `folder` ("" for one made before stamps), else None."""
+    if not (folder / "model_index.json").exists():
+        return None
+    try:
+        return (folder / STAMP_FILE).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _build(name: str, builder: str, out: Path, stamp: str) -> None:
+    """Build into a hidden sibling folder, then rename it to `out`, so that processes starting at once
+    never see half a folder; a stale build at `out` is moved aside first and deleted afterwards."""
+    import contextlib
+    import importlib
+    import logging
+    import shutil
+    import tempfile
+
+    module, func = builder.split(":")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
+    old: Path | None = None
+    try:
+        getattr(importlib.import_module(module), func)(tmp)
+        (tmp / STAMP_FILE).write_text(stamp + "\n")
+        if _stamp_of(out) not in (None, stamp):  # made by other builder code: replace it
+            logging.getLogger(__name__).warning("model %r: %s was built by other code; rebuilt", name, out)
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-old-"))
+            with contextlib.suppress(FileNotFoundError):  # another process moved it aside first
+                out.rename(old)  # onto the empty placeholder (POSIX)
+        tmp.rename(out)
+    except OSError as exc:
+        if _stamp_of(out) != stamp:  # not a lost race: a failed build, or a stray folder in the way
+            raise OSError(f"model {name!r}: could not build it into {out}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else a half-built or losing copy
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _not_found_offline(name: str) -> bool:
+    """True for a name that diffusers can only take as a hub id (no existing path) that the cache lacks."""
+    if Path(name).expanduser().exists():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "model_index.json")
+    except HFValidationError:
+        return False  # not a hub id either: diffusers says "neither a valid local path nor a valid repo id"
+    return not isinstance(cached, str)

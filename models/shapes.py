@@ -15,7 +15,9 @@ import numpy as np
 
 SIZE = 32
 # The 8 corners of the RGB cube: as far apart as colours can be, so nearest-colour decoding is
-# unambiguous even for slightly-off generated pixels. All are single tokens in the tokenizer.
+# unambiguous even for slightly-off generated pixels. All but "green" (`g re e n</w>`) are single
+# tokens in the tokenizer; of the template words "background" and "image" split too (see
+# models.tokenizer). Captions are 12-20 tokens with BOS/EOS.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),

@@ -1,9 +1,20 @@
 """A deterministic CLIP BPE tokenizer built in code (no download, same files on every machine).
 
 CLIP's BPE works on byte-level characters with `</w>` marking the end of a word. We build the
-vocabulary from the 256 byte characters (plain and word-final) plus whole-word merges for a fixed
-word list, so known words are single tokens and anything else still encodes character by
-character. Merges are derived left to right per word, deduplicated in first-seen order.
+vocabulary from the 256 byte characters (plain and word-final) plus left-to-right merges for a
+fixed word list; anything else still encodes character by character. Merges are derived left to
+right per word, deduplicated in first-seen order.
+
+Known limitation (kept because the shipped tiny-shapes model was trained with exactly this
+tokenizer): NOT every listed word is one token. BPE applies merges by rank, and a merge that an
+earlier word added can fire before the next merge of this word's left-to-right chain, and the
+chain is then stuck: in "green", `r e` (rank 0, from "red") fires before `g r`; in
+"background", `g r` (from "green") fires before `back g`. 10 of the 49 words split:
+"green" → `g re e n</w>`, "background" → `back gr o u n d</w>`, "image" → `i mag e</w>`, and
+small, centered, bottom, squares, drawing, plain, colored ("centered" and "colored" end in the
+token `red</w>` of "red"). A rebuilt vocabulary should add, for each word, the merges that encoding it
+with the merges so far actually needs, until every word is one token (with a test that checks
+it); that changes the token ids, so it needs a retrain.
 """
 
 from __future__ import annotations

@@ -47,8 +47,18 @@ FULL = {"clip_steps": 600, "steps": 7000}
 # never an arbitrary non-empty folder (a mistyped --out . must not delete the checkout).
 MODEL_MARKERS = ("model_index.json", "train.log")
 NUM_TRAIN_TIMESTEPS = 1000
-# Service defaults written to imagegen.json; the saved scheduler matches SCHEDULER.
-DEFAULTS = {"width": 32, "height": 32, "num_inference_steps": 20, "guidance_scale": 4.0, "scheduler": "dpmpp_2m"}
+# Service defaults written to imagegen.json; the saved scheduler matches DEFAULTS["scheduler"]. Trained
+# at 32 px, the model draws one shape up to 64 px and scattered blobs at 128 px, so the service
+# refuses sizes above 64 (max_width/max_height, read by worker.runtime; a 422 at the API).
+DEFAULTS = {
+    "width": 32,
+    "height": 32,
+    "num_inference_steps": 20,
+    "guidance_scale": 4.0,
+    "scheduler": "dpmpp_2m",
+    "max_width": 64,
+    "max_height": 64,
+}
 
 
 def _number(text: str, kind: type, low: float, low_ok: bool, what: str) -> int | float:
@@ -306,14 +316,29 @@ def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, mi
     bar = tqdm(range(steps), desc="decoder", mininterval=5)
     ema_params, params = list(ema.parameters()), list(unet.parameters())
     threads = ThreadPicker(torch.get_num_threads())
+    # The decoder's own losses: `rows` also holds the CLIP stage's, which must not leak into the
+    # first decoder averages.
+    losses: list[float] = []
+    budget_led = False
     for step in bar:
         threads.tick(step)
         # Progress is by step; a --minutes cap only shortens the cosine schedule if the machine is slow.
         progress = step / steps
         if minutes > 0:
-            progress = max(progress, (time.time() - t0) / (60 * minutes))
+            by_time = (time.time() - t0) / (60 * minutes)
+            if by_time > progress + 0.01 and not budget_led:
+                budget_led = True
+                log(
+                    f"note: from decoder step {step} the --minutes budget runs ahead of the step count and sets "
+                    "the LR schedule, so this run depends on the machine's speed (--minutes 0 turns that off)"
+                )
+            progress = max(progress, by_time)
         if progress >= 1.0:
-            log(f"time budget reached at step {step}")
+            log(
+                f"WARNING: the --minutes time budget ran out at decoder step {step} of {steps} planned: this "
+                "model is trained for fewer steps than asked and the run is not reproducible "
+                "(pass --minutes 0 for a purely step-based run)"
+            )
             break
         # High LR early (fast colour/layout learning), cosine decay to 2% (shapes sharpen late).
         cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -338,19 +363,19 @@ def train_decoder(text_encoder, tokenizer, steps: int, batch: int, lr: float, mi
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
-        rows.append({"stage": "decoder", "step": step, "loss": loss.item(), "lr": cur_lr, "time_s": time.time() - t0})
+        losses.append(loss.item())
+        rows.append({"stage": "decoder", "step": step, "loss": losses[-1], "lr": cur_lr, "time_s": time.time() - t0})
+        avg = float(np.mean(losses[-50:]))
         if step % 50 == 0:
-            avg = np.mean([r["loss"] for r in rows[-50:]])
             bar.set_postfix(loss=f"{avg:.4f}", lr=f"{cur_lr:.2e}")
         if step % 250 == 0 or step == steps - 1 or step == 31:
             log(
-                f"decoder step {step} loss(avg50) {np.mean([r['loss'] for r in rows[-50:]]):.4f} lr {cur_lr:.2e} threads {torch.get_num_threads()} step-times {threads.times} elapsed {time.time() - t0:.0f}s"
+                f"decoder step {step} loss(avg50) {avg:.4f} lr {cur_lr:.2e} threads {torch.get_num_threads()} step-times {threads.times} elapsed {time.time() - t0:.0f}s"
             )
     return ema
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parsed and checked options; any bad value exits with status 2 and a message, before any work."""
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--out",
@@ -364,20 +389,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps", type=positive_int, default=None, help=f"decoder training steps (default {FULL['steps']})"
     )
     ap.add_argument("--batch", type=positive_int, default=64, help="decoder batch size")
-    ap.add_argument("--lr", type=positive_float, default=2e-3)
+    ap.add_argument(
+        "--lr",
+        type=positive_float,
+        default=2e-3,
+        help="peak learning rate of the decoder (default 2e-3; the CLIP stage always uses 2e-3)",
+    )
     ap.add_argument(
         "--minutes",
         type=non_negative_float,
         default=56.0,
-        help="wall-time budget for the whole run; decoder training gets what CLIP left (0 = no cap)",
+        help="wall-time budget in minutes for the whole run (default 56); decoder training gets what CLIP "
+        "left and, on a slow machine, stops early with a WARNING. 0 = no cap: a purely step-based, "
+        "reproducible run",
     )
-    ap.add_argument("--threads", type=positive_int, default=2)
-    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument(
+        "--threads",
+        type=positive_int,
+        default=2,
+        help="the most intra-op CPU threads the thread picker may use (default 2; it times N against 1 "
+        "thread now and then and keeps the faster; 1 = always one thread)",
+    )
+    ap.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the torch and numpy generators of both stages (default 0)",
+    )
     ap.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: {QUICK['clip_steps']} CLIP steps, {QUICK['steps']} decoder steps unless --clip-steps/--steps say otherwise",
     )
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked options; any bad value exits with status 2 and a message, before any work."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     # --quick only changes the defaults: step counts given explicitly always win.
     preset = QUICK if args.quick else FULL
@@ -434,12 +483,14 @@ def train_into(work: Path, args: argparse.Namespace) -> float:
         log(f"clip retrieval: {json.dumps(metrics)}")
         text_encoder = clip.text.requires_grad_(False)
         torch.set_num_threads(args.threads)  # the CLIP stage may have dropped to 1; let the decoder re-probe
-        # Leave ~1 minute for saving; with --minutes 0 the run is step-based and exactly reproducible.
+        # Leave ~1 minute for saving. With --minutes 0 the run is step-based, and with --threads 1 as
+        # well it is bit-for-bit reproducible on the same machine and software.
         dec_minutes = max(1.0, args.minutes - (time.time() - t_start) / 60 - 1) if args.minutes > 0 else 0
         ema = train_decoder(text_encoder, tokenizer, args.steps, args.batch, args.lr, dec_minutes, args.seed, log, rows)
         save_pipeline(work, ema, text_encoder, tokenizer, DEFAULTS["scheduler"])
         metrics["train_wall_s"] = round(time.time() - t_start, 1)
         metrics["decoder_steps_done"] = sum(r["stage"] == "decoder" for r in rows)
+        metrics["decoder_steps_planned"] = args.steps
         (work / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         with open(work / "train_log.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["stage", "step", "loss", "lr", "time_s"])
@@ -447,6 +498,11 @@ def train_into(work: Path, args: argparse.Namespace) -> float:
             for r in rows:
                 w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
         log(f"saved pipeline in {metrics['train_wall_s']:.0f}s total; moving it to {args.out}")
+        if metrics["decoder_steps_done"] < args.steps:
+            log(
+                f"WARNING: only {metrics['decoder_steps_done']} of {args.steps} decoder steps were trained (the "
+                f"--minutes {args.minutes:g} budget ran out); use --minutes 0 to train every step"
+            )
     return float(metrics["train_wall_s"])
 
 

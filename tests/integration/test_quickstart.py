@@ -101,8 +101,8 @@ def test_make_run_then_generate_script_then_ctrl_c(tmp_path) -> None:
         assert second.returncode != 0 and "another `make run` is using" in second.stderr, second.stderr
         assert httpx.get(base + "/readyz", timeout=5).status_code == 200
         # Ctrl-C while a job samples: the worker hands it back to the queue, Redis still up.
-        long = httpx.post(base + "/generate", json={"prompt": "long", "num_inference_steps": 150, "width": 128,
-                                                    "height": 128}, timeout=10).json()  # fmt: skip
+        long = httpx.post(base + "/generate", json={"prompt": "long", "num_inference_steps": 150, "width": 64,
+                                                    "height": 64}, timeout=10).json()  # fmt: skip
         wait_for(lambda: httpx.get(f"{base}/jobs/{long['id']}", timeout=5).json()["status"] == "running", 60, "it")
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does

@@ -274,3 +274,69 @@ def test_evaluate_a_tiny_model(tiny_model, tmp_path, capsys):
     assert grid.stat().st_size > 0
     assert snapshot(tiny_model) == before
     assert set(os.listdir(tmp_path)) == {"g.png", "m.json"}
+
+
+def test_evaluate_writes_no_grid_unless_asked(tmp_path, monkeypatch, capsys):
+    """`--grid` defaulted to MODEL/samples.png, so evaluating the shipped model as documented rewrote
+    the tracked models/weights/tiny-shapes/samples.png."""
+    model = fake_model(tmp_path / "model")
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: seen.update(grid=args[8]) or {})
+    evaluate.main(["--model", str(model)])
+    assert seen["grid"] is None
+    evaluate.main(["--model", str(model), "--grid", str(tmp_path / "g.png")])
+    assert seen["grid"] == tmp_path / "g.png"
+    assert evaluate.parse_args([]).grid is None  # the shipped model, as TRAINING.md runs it
+
+
+def test_every_train_option_has_help(capsys):
+    ap = getattr(train, "build_parser", None)
+    actions = ap()._actions if ap else []  # before: no parser to inspect, and --lr/--threads/--seed had no help
+    assert {a.dest for a in actions} >= {"out", "lr", "threads", "seed", "minutes"}
+    assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
+    threads = next(a.help for a in actions if a.dest == "threads")
+    assert "the most" in threads and "thread picker" in threads
+
+
+def tiny_text_encoder():
+    from models.clip import build_text_encoder
+    from models.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(0)
+    return build_text_encoder(tokenizer).requires_grad_(False), tokenizer
+
+
+def test_decoder_loss_averages_hold_decoder_losses_only():
+    """The first "loss(avg50)" lines of the decoder averaged in the CLIP stage's last losses (they
+    share `rows`, which becomes train_log.csv)."""
+    text_encoder, tokenizer = tiny_text_encoder()
+    rows = [{"stage": "clip", "step": i, "loss": 1000.0, "lr": 0.0, "time_s": 0.0} for i in range(60)]
+    lines: list[str] = []
+    torch.set_num_threads(1)
+    train.train_decoder(text_encoder, tokenizer, 2, 2, 1e-3, 0, 0, lines.append, rows)
+    decoder = [r["loss"] for r in rows if r["stage"] == "decoder"]
+    assert len(rows) == 62 and len(decoder) == 2  # train_log.csv still gets both stages
+    logged = [line for line in lines if line.startswith("decoder step")]
+    assert [line.split()[2] for line in logged] == ["0", "1"]
+    assert float(logged[0].split()[4]) == pytest.approx(decoder[0], abs=1e-4)
+    assert float(logged[1].split()[4]) == pytest.approx(sum(decoder) / 2, abs=1e-4)
+
+
+def test_a_run_cut_short_by_the_time_budget_warns(tmp_path, monkeypatch, capsys):
+    """A --minutes budget that ran out only said "time budget reached" in one log line."""
+    real = train.train_decoder
+
+    def out_of_time(text_encoder, tokenizer, steps, batch, lr, minutes, seed, log, rows):
+        return real(text_encoder, tokenizer, steps, batch, lr, 1e-9, seed, log, rows)  # ~60 ns of budget
+
+    monkeypatch.setattr(train, "train_decoder", out_of_time)
+    out = tmp_path / "short"
+    train.main(["--out", str(out), *TINY[:-2], "--steps", "3", "--minutes", "30"])
+    printed = capsys.readouterr().out
+    log = (out / "train.log").read_text()
+    for text in (printed, log):
+        assert "WARNING: the --minutes time budget ran out at decoder step 0 of 3 planned" in text
+        assert "WARNING: only 0 of 3 decoder steps were trained" in text and "--minutes 0" in text
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert (metrics["decoder_steps_done"], metrics["decoder_steps_planned"]) == (0, 3)

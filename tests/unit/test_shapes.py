@@ -87,7 +87,13 @@ def test_committed_pipeline_follows_a_prompt(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert (MODEL_DIR / "model_index.json").is_file(), f"trained pipeline missing at {MODEL_DIR}"
     defaults = json.loads((MODEL_DIR / "imagegen.json").read_text())
-    assert set(defaults) == {"width", "height", "num_inference_steps", "guidance_scale", "scheduler"}
+    assert set(defaults) == {"width", "height", "num_inference_steps", "guidance_scale", "scheduler"} | {
+        "max_width",
+        "max_height",
+    }
+    from models.train import DEFAULTS
+
+    assert defaults == DEFAULTS  # a retrain writes the same imagegen.json
     pipe = DiffusionPipeline.from_pretrained(str(MODEL_DIR))
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
