@@ -43,11 +43,17 @@ BACKOFF_BASE = 0.5  # seconds; doubles per attempt, capped at BACKOFF_CAP
 BACKOFF_CAP = 30.0
 DEADLINE = 30.0  # seconds one delivery attempt may take in all
 RESOLVE_TIMEOUT = 3.0  # seconds a submission waits for its webhook host's lookup
-MAX_LOOKUPS = 8  # submissions' lookups in flight at once (see _resolve_in_time)
+DELIVERY_RESOLVE_TIMEOUT = 10.0  # seconds a delivery waits for it (then retried later)
+MAX_LOOKUPS = 8  # lookups in flight at once, for submissions and deliveries each (see _resolve_in_time)
 
 
 class WebhookTargetError(ValueError):
     """The URL is not an acceptable webhook target."""
+
+
+class LookupUnavailableError(WebhookTargetError):
+    """The host's lookup did not end in time, or too many are in flight: nothing is wrong with the
+    URL as far as we know, so the request may be tried again (a 503, not a 422)."""
 
 
 SECRETS_KEY = "imagegen:webhook-secrets"  # owner id (see app.core.auth) -> that key's own secret
@@ -157,14 +163,19 @@ def _parts(url: str) -> SplitResult:
 
 
 def _addresses(
-    parts: SplitResult, allow_private: bool, resolve: Callable[[str], list[str]] | None, *, timed: bool = False
+    parts: SplitResult,
+    allow_private: bool,
+    resolve: Callable[[str], list[str]] | None,
+    *,
+    slots: threading.BoundedSemaphore,
+    timeout: float,
 ) -> list[str]:
-    """The addresses `parts`' host resolves to, all of them public unless `allow_private`; `timed`:
-    looked up as `_resolve_in_time` does."""
+    """The addresses `parts`' host resolves to, all of them public unless `allow_private`, looked
+    up as `_resolve_in_time` does with `slots` and `timeout`."""
     host = parts.hostname
     assert host is not None
     try:
-        found = _resolve_in_time(resolve or _resolve, host) if timed else (resolve or _resolve)(host)
+        found = _resolve_in_time(resolve or _resolve, host, slots, timeout)
         addresses = [a.split("%")[0] for a in found]
     except (OSError, UnicodeError) as exc:  # UnicodeError: a label the IDNA codec refuses (empty, too long)
         raise WebhookTargetError(f"webhook host {host!r} does not resolve") from exc
@@ -186,25 +197,27 @@ def check_target(url: str, *, allow_private: bool, resolve: Callable[[str], list
     pool thread for as long as the system resolver keeps trying."""
     parts = _parts(url)
     if not allow_private:
-        _addresses(parts, allow_private, resolve, timed=True)
+        _addresses(parts, allow_private, resolve, slots=_lookups, timeout=RESOLVE_TIMEOUT)
 
 
 def _resolve(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
 
 
-_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
+_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)  # submissions' (the API's shared threadpool)
+_delivery_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)  # deliveries' (the sender threads)
 
 
-def _resolve_in_time(resolve: Callable[[str], list[str]], host: str) -> list[str]:
-    """`resolve(host)` on a thread of its own, waited for RESOLVE_TIMEOUT seconds at most.
+def _resolve_in_time(
+    resolve: Callable[[str], list[str]], host: str, slots: threading.BoundedSemaphore, timeout: float
+) -> list[str]:
+    """`resolve(host)` on a thread of its own, waited for `timeout` seconds at most.
 
     `getaddrinfo` cannot be interrupted: a lookup that is given up on goes on, holding its slot of
-    MAX_LOOKUPS until the system resolver itself gives up. With every slot held, a lookup is refused
-    at once (a refusal the client may retry) rather than queued behind the stuck ones."""
-    slots = _lookups
+    `slots` until the system resolver itself gives up. With every slot held, a lookup is refused
+    at once (a refusal that may be retried) rather than queued behind the stuck ones."""
     if not slots.acquire(blocking=False):
-        raise WebhookTargetError("too many webhook host lookups in progress; try again shortly")
+        raise LookupUnavailableError("too many webhook host lookups in progress; try again shortly")
     answer: Future[list[str]] = Future()
 
     def lookup() -> None:
@@ -223,11 +236,11 @@ def _resolve_in_time(resolve: Callable[[str], list[str]], host: str) -> list[str
         slots.release()
         raise
     try:
-        return answer.result(timeout=RESOLVE_TIMEOUT)
+        return answer.result(timeout=timeout)
     except TimeoutError:  # raised by the wait, or by `resolve` (socket.timeout is one too)
         if answer.done():
             return answer.result()  # its answer, or its own error (the lookup's timeout: an OSError)
-        raise WebhookTargetError(f"webhook host {host!r} did not resolve in time") from None
+        raise LookupUnavailableError(f"webhook host {host!r} did not resolve in time; try again shortly") from None
 
 
 @functools.cache
@@ -260,7 +273,12 @@ def attempt(
     time."""
     try:
         parts = _parts(url)
-        address = _addresses(parts, allow_private, resolve)[0]
+        address = _addresses(
+            parts, allow_private, resolve, slots=_delivery_lookups, timeout=min(deadline, DELIVERY_RESOLVE_TIMEOUT)
+        )[0]
+    except LookupUnavailableError as exc:  # a nameserver that is slow or down: later, not never
+        log.info("webhook %s failed: %s", shown(url), exc)
+        return None
     except WebhookTargetError as exc:
         log.warning("webhook %s refused: %s", shown(url), exc)
         return False
@@ -335,22 +353,23 @@ class WebhookSender:
     minute per event). A job's progress event that is still waiting when a newer one comes is
     replaced by it, and a URL keeps at most `MAX_PENDING` events, dropping the oldest progress first.
 
-    Nor may slow receivers take every thread, whichever URLs they are spread over: one host's URLs
-    take at most half the threads at once, and hosts whose last attempt took `SLOW` seconds or more
-    (remembered `SLOW_MEMORY` seconds) all the threads but one, which stays for the others. Due
-    deliveries otherwise go in order of when they became due.
+    Nor may slow receivers take every thread, whichever URLs or host names they are spread over:
+    one host's URLs take at most half the threads at once, and hosts not known to be fast (no
+    attempt under `SLOW` seconds in the last `FAST_MEMORY` seconds: slow ones, and new ones, which a
+    caller can make up by the thousand with a wildcard DNS name) all the threads but one, which
+    stays for the known-fast receivers. Due deliveries otherwise go in order of when they became due.
     """
 
     THREADS = 4
     MAX_PENDING = 100
     SLOW = 5.0  # seconds: an attempt this long (a receiver that hangs, dribbles or times out) is slow
-    SLOW_MEMORY = 600.0  # seconds a host stays slow unless one of its attempts is not
+    FAST_MEMORY = 600.0  # seconds a host stays known-fast after an attempt that was not slow
 
     def __init__(self, settings: Settings, threads: int = THREADS) -> None:
         self.settings = settings
         self._per_host = max(1, threads // 2)
         self._for_slow = max(1, threads - 1)
-        self._slow: dict[str, float] = {}  # host -> monotonic time its last slow attempt ended
+        self._fast: dict[str, float] = {}  # host -> monotonic time its last fast attempt ended
         self._targets: dict[str, _Target] = {}
         self._ready = threading.Condition()
         self._closing = False
@@ -431,8 +450,9 @@ class WebhookSender:
             return None
 
     def _is_slow(self, host: str, now: float) -> bool:
-        since = self._slow.get(host)
-        return since is not None and now - since < self.SLOW_MEMORY
+        """Not known to be fast: slow lately, or not tried lately (a new host name counts as slow)."""
+        since = self._fast.get(host)
+        return since is None or now - since >= self.FAST_MEMORY
 
     def _may_take(self, host: str, busy: Counter[str], slow: int, now: float) -> bool:
         """Whether a thread may start an attempt to `host`, with `busy` threads per host of which
@@ -442,13 +462,13 @@ class WebhookSender:
     def _timed(self, host: str, started: float) -> None:
         """Note how long an attempt to `host` that began at `started` took (under the lock)."""
         now = time.monotonic()
-        if now - started < self.SLOW:
-            self._slow.pop(host, None)
+        if now - started >= self.SLOW:
+            self._fast.pop(host, None)
             return
-        self._slow[host] = now
-        for known, since in list(self._slow.items()):  # forget those that have not been slow lately
-            if now - since >= self.SLOW_MEMORY:
-                del self._slow[known]
+        self._fast[host] = now
+        for known, since in list(self._fast.items()):  # forget those not fast lately
+            if now - since >= self.FAST_MEMORY:
+                del self._fast[known]
 
     def _run(self) -> None:
         while (item := self._next()) is not None:

@@ -14,11 +14,11 @@ from app.api.bodies import DirectRoute, header, header_parameters, json_request_
 from app.api.deps import get_principal, images_charged
 from app.api.schemas import SUBMIT_RESPONSES, ErrorEnvelope, GenerateRequest, JobView
 from app.api.services import JobService
-from app.core.errors import ConflictError, GoneError, InvalidRequestError
+from app.core.errors import ConflictError, GoneError, InvalidRequestError, UnavailableError
 from app.core.events import EventType, result_ttl
 from app.core.jobs import JobStatus
 from app.core.storage import ImageStore
-from app.core.webhooks import WebhookTargetError, check_target
+from app.core.webhooks import LookupUnavailableError, WebhookTargetError, check_target
 
 router = APIRouter(tags=["generate"], route_class=DirectRoute)  # called with the request alone
 MAX_WAIT = 60.0  # seconds a request may be held open for a job to end (long-poll, `Prefer: wait`)
@@ -101,6 +101,8 @@ async def generate(request: Request) -> Response:
             )
         try:  # resolves the host name: blocking
             await run_in_threadpool(check_target, body.webhook, allow_private=settings.webhook_allow_private)
+        except LookupUnavailableError as exc:  # the lookup, not the URL: a retry may pass
+            raise UnavailableError(f"webhook: {exc}", retry_after=2) from None
         except WebhookTargetError as exc:
             raise InvalidRequestError(f"webhook: {exc}", code="validation_error") from None
         webhook = {"url": body.webhook, "events": [e.value for e in body.webhook_events]}

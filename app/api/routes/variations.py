@@ -23,11 +23,11 @@ from app.api.routes.generate import image_url, jobs_url
 from app.api.schemas import SUBMIT_RESPONSES, ErrorEnvelope, JobView
 from app.api.uploads import Upload, normalized_png, read_upload
 from app.core.config import Settings
-from app.core.errors import InvalidRequestError
+from app.core.errors import InvalidRequestError, UnavailableError
 from app.core.images import MAX_INPUT_BYTES, MAX_INPUT_SIDE
 from app.core.jobs import TASK_VARIATIONS, Priority, WebhookEvents
 from app.core.variations import VariationParams, input_key
-from app.core.webhooks import WebhookTargetError, check_target
+from app.core.webhooks import LookupUnavailableError, WebhookTargetError, check_target
 
 router = APIRouter(tags=["variations"])
 
@@ -100,6 +100,8 @@ def _webhook(fields: VariationRequest, settings: Settings) -> dict[str, Any] | N
         )
     try:
         check_target(fields.webhook, allow_private=settings.webhook_allow_private)
+    except LookupUnavailableError as exc:  # the lookup, not the URL: a retry may pass
+        raise UnavailableError(f"webhook: {exc}", retry_after=2) from None
     except WebhookTargetError as exc:
         raise InvalidRequestError(f"webhook: {exc}", code="validation_error") from None
     return {"url": fields.webhook, "events": [e.value for e in fields.webhook_events]}
