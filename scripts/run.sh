@@ -15,7 +15,7 @@ export IMAGEGEN_MODEL_CACHE=${IMAGEGEN_MODEL_CACHE:-$DATA/models}
 # Listening on loopback only: answer to loopback names only, so a web page whose name was pointed
 # at 127.0.0.1 (DNS rebinding) cannot read or drive this keyless API.
 case "$HOST" in
-  127.*|localhost|::1) export IMAGEGEN_ALLOWED_HOSTS=${IMAGEGEN_ALLOWED_HOSTS:-localhost,127.0.0.1,::1} ;;
+  127.*|localhost|::1) export IMAGEGEN_ALLOWED_HOSTS=${IMAGEGEN_ALLOWED_HOSTS:-localhost,127.0.0.1,::1,$HOST} ;;
 esac
 # One worker on this machine: its torch threads may each keep a core (see IMAGEGEN_PIN_THREADS).
 export IMAGEGEN_PIN_THREADS=${IMAGEGEN_PIN_THREADS:-true}

@@ -80,27 +80,57 @@ async def send_error(send: Any, scope: Scope, status: int, code: str, message: s
 
 
 def _host_name(authority: str) -> str:
-    """`Example.com:8000` -> `example.com`; `[::1]:8000` -> `::1`."""
+    """`Example.com.:8000` -> `example.com`; `[::1]:8000` -> `::1`; `*.Example.com:443` -> `*.example.com`."""
     authority = authority.strip().lower()
     if authority.startswith("["):
         return authority[1 : authority.find("]")] if "]" in authority else authority
-    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    name = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    return name.rstrip(".")
+
+
+def _authority(value: str, scheme: str | None = None) -> str:
+    """A host[:port] as an origin has it: lower case, no trailing dot, no default port (80, 443)."""
+    value = value.strip().lower()
+    host, port = value, ""
+    if value.startswith("["):
+        end = value.find("]")
+        host, port = value[: end + 1], value[end + 2 :] if value[end + 1 : end + 2] == ":" else ""
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    host = host.rstrip(".")
+    if port in ("", "80" if scheme in (None, "http") else "", "443" if scheme in (None, "https") else ""):
+        return host
+    return f"{host}:{port}"
+
+
+def _origin_authority(url: str) -> str:
+    parts = urlsplit(url.strip())
+    return _authority(parts.netloc, parts.scheme.lower())
 
 
 def _origin(url: str) -> str:
     parts = urlsplit(url.strip())
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+    return f"{parts.scheme.lower()}://{_authority(parts.netloc, parts.scheme.lower())}"
+
+
+# What a page on another site can make a browser send without asking the server first (no CORS
+# preflight): a POST with one of these types, or none. Anything else (JSON, DELETE) is preflighted,
+# and CORS, off unless IMAGEGEN_CORS_ORIGINS allows the page, refuses it before it is sent.
+SIMPLE_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded", "text/plain", ""})
 
 
 class RequestGuard:
     """Two checks a browser cannot be trusted to make for a service that runs without keys.
 
-    - **Cross-site writes.** A page on another site can make a visitor's browser POST to this API
-      without asking first (a plain HTML form sends `multipart/form-data`, which `/variations`
-      takes): with keys off, that queues jobs on the visitor's machine. A write whose browser says
-      it comes from another site (`Sec-Fetch-Site`, sent by every current browser; else an `Origin`
-      that is neither this host nor `IMAGEGEN_PUBLIC_URL`'s) is refused with 403, unless that origin
-      is one `IMAGEGEN_CORS_ORIGINS` allows. Clients that are not browsers send neither header.
+    - **Cross-site form posts.** A page on another site can make a visitor's browser POST to this
+      API without asking first, as long as the body is a form or plain text (a plain HTML form
+      sends `multipart/form-data`, which `/variations` takes): with keys off, that queues jobs on
+      the visitor's machine. Such a POST is refused with 403 when the browser says it comes from
+      another site: by `Sec-Fetch-Site` (which browsers send to HTTPS and loopback addresses), else
+      by an `Origin` that names neither this host (as the request or a proxy's `X-Forwarded-Host`
+      or `Forwarded` header gives it) nor `IMAGEGEN_PUBLIC_URL`'s; unless `IMAGEGEN_CORS_ORIGINS`
+      allows that origin. JSON bodies and DELETEs need no such check: browsers ask first (CORS).
+      Clients that are not browsers send neither header.
     - **Host names** (`IMAGEGEN_ALLOWED_HOSTS`, off when empty). DNS rebinding points a site's name
       at 127.0.0.1, and its pages then read this API as their own origin; a request naming a host
       not on the list gets 400. `make run` sets it to the loopback names when it listens on loopback.
@@ -112,10 +142,10 @@ class RequestGuard:
         self.app = app
         self.trusted_origins = {_origin(o) for o in cors_origins if o != "*"}
         self.any_origin = "*" in cors_origins
-        self.public_origin = _origin(public_url) if public_url else None
+        self.public_authority = _origin_authority(public_url) if public_url else None
         names = [h.strip().lower() for h in allowed_hosts if h.strip()]
         self.any_host = not names or "*" in names
-        self.hosts = {_host_name(h) if not h.startswith("*.") else h for h in names}
+        self.hosts = {_host_name(h) for h in names}
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -127,6 +157,8 @@ class RequestGuard:
 
     def _problem(self, scope: Scope) -> tuple[int, str, str] | None:
         host = origin = fetch_site = None
+        content_type = ""
+        forwarded: list[str] = []
         for name, value in scope.get("headers", ()):
             if name == b"host":
                 host = value.decode("latin-1")
@@ -134,17 +166,21 @@ class RequestGuard:
                 origin = value.decode("latin-1")
             elif name == b"sec-fetch-site":
                 fetch_site = value.decode("latin-1").strip().lower()
+            elif name == b"content-type":
+                content_type = value.decode("latin-1").split(";")[0].strip().lower()
+            elif name in (b"x-forwarded-host", b"forwarded"):
+                forwarded.append(value.decode("latin-1"))
         if not self.any_host and not self._host_allowed(host):
             return 400, "bad_request", "this server does not answer to that host name (see IMAGEGEN_ALLOWED_HOSTS)"
-        if scope.get("method") not in UNSAFE_METHODS or self.any_origin:
+        if scope.get("method") != "POST" or content_type not in SIMPLE_TYPES or self.any_origin:
             return None
         if origin is not None and _origin(origin) in self.trusted_origins:
             return None
         if fetch_site is not None:
             cross = fetch_site in ("cross-site", "same-site")
         elif origin is not None and origin != "null":
-            mine = {f"{scope.get('scheme', 'http')}://{(host or '').strip().lower()}", self.public_origin}
-            cross = _origin(origin) not in mine
+            mine = {self.public_authority, *(_authority(h) for h in _hosts_named(host, forwarded))}
+            cross = _origin_authority(origin) not in mine
         else:
             cross = origin == "null"  # a sandboxed frame or a page from a file
         if cross:
@@ -156,3 +192,18 @@ class RequestGuard:
             return False
         name = _host_name(host)
         return name in self.hosts or any(h.startswith("*.") and name.endswith(h[1:]) for h in self.hosts)
+
+
+def _hosts_named(host: str | None, forwarded: list[str]) -> list[str]:
+    """This request's host as the client named it: its `Host`, and what a proxy in front passed on
+    in `X-Forwarded-Host` or `Forwarded: host=` (a page cannot add those to a request without a
+    CORS preflight, so a cross-site form post cannot claim them)."""
+    names = [host] if host else []
+    for value in forwarded:
+        for part in value.replace(";", ",").split(","):
+            key, _, named = part.strip().partition("=")
+            if not _:  # X-Forwarded-Host: host[:port], a list when several proxies added theirs
+                names.append(part.strip())
+            elif key.strip().lower() == "host":
+                names.append(named.strip().strip('"'))
+    return names
