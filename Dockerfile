@@ -29,7 +29,8 @@ CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-
 FROM base AS worker
 ARG TORCH_VERSION
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install "torch==${TORCH_VERSION}+cpu" --index-url "${TORCH_CPU_INDEX_URL}"
+# Without its dependencies: the next layer installs them from PyPI at the pinned versions.
+RUN pip install --no-deps "torch==${TORCH_VERSION}+cpu" --index-url "${TORCH_CPU_INDEX_URL}"
 COPY pyproject.toml scripts/deps.py scripts/constraints.txt ./
 RUN python deps.py worker > /tmp/requirements.txt && pip install -r /tmp/requirements.txt -c constraints.txt
 COPY README.md ./

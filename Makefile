@@ -13,15 +13,16 @@ venv: $(VENV)/.installed
 # held the `imagegen` command, and replacing it removes that file.
 # torch is the CPU build (PyPI's Linux torch is the CUDA one, with GBs of nvidia-* wheels): a
 # wheel of it in pip's find-links is taken first (--no-index asks no index, so without one this
-# fails at once), then its dependencies from the index; else it comes from PyTorch's CPU index.
+# fails at once), else the one on PyTorch's CPU index; then its dependencies, from the package
+# index at the versions of scripts/constraints.txt.
 # Every other package at the version in scripts/constraints.txt (what the tests passed with; `make lock`
 # records .venv's versions there after an upgrade).
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml scripts/constraints.txt
 	scripts/ensure-venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --no-index --no-deps torch==$(TORCH_CPU) 2>/dev/null \
-	  && $(BIN)/pip install -q torch==$(TORCH_CPU) -c scripts/constraints.txt \
-	  || $(BIN)/pip install -q torch==$(TORCH_CPU) --extra-index-url $(TORCH_CPU_INDEX)
+	if $(BIN)/pip install -q --no-index --no-deps torch==$(TORCH_CPU) 2>/dev/null; then :; \
+	  else $(BIN)/pip install -q --no-deps torch==$(TORCH_CPU) --index-url $(TORCH_CPU_INDEX); fi
+	$(BIN)/pip install -q torch==$(TORCH_CPU) -c scripts/constraints.txt
 	$(BIN)/pip install -q -e '.[worker,dev]' -c scripts/constraints.txt
 	$(BIN)/pip install -q -e ./clients/python -c scripts/constraints.txt
 	touch $@

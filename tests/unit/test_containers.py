@@ -291,15 +291,16 @@ def test_make_installs_the_cpu_torch_and_prefers_a_local_wheel() -> None:
         check=True,
     ).stdout
     script = out.replace("\\\n", " ")
-    torch_line = next(line for line in script.splitlines() if "torch==" in line)
-    local, rest = torch_line.split(" && ", 1)
-    then, fallback = rest.split(" || ", 1)
+    lines = script.splitlines()
+    torch_line = next(line for line in lines if "torch==" in line)
+    local, fallback = re.fullmatch(r"\s*if (.*); then :; +else (.*); fi\s*", torch_line).groups()  # type: ignore[union-attr]
     assert "--no-index" in local.split() and "--no-deps" in local.split()
     assert re.search(r"torch==[0-9.]+\+cpu\b", local)
-    assert "--no-index" not in then and "+cpu" in then  # its dependencies, from the index
-    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in fallback and "+cpu" in fallback
-    lines = script.splitlines()
-    assert lines.index(torch_line) < next(i for i, line in enumerate(lines) if ".[worker,dev]" in line)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in fallback and "--no-deps" in fallback.split()
+    assert "+cpu" in fallback
+    deps = lines[lines.index(torch_line) + 1]  # then its dependencies, pinned, from the package index
+    assert "torch==" in deps and "+cpu" in deps and "-c scripts/constraints.txt" in deps and "index" not in deps
+    assert lines.index(deps) < next(i for i, line in enumerate(lines) if ".[worker,dev]" in line)
 
 
 def test_images_copy_what_exists_and_every_package_the_project_installs() -> None:
