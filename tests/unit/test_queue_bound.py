@@ -19,6 +19,7 @@ from app.core.errors import RateLimitedError
 from app.core.jobs import GenerationParams, Priority
 from app.core.queue import connect_async
 from tests.procs import RedisServer
+from tests.unit.test_submit import resend_every_write
 
 QUEUES = [f"rq:queue:imagegen:main:{p.value}" for p in Priority]
 
@@ -95,14 +96,7 @@ def test_a_resent_submission_is_answered_even_when_it_filled_the_queue(redis_db,
     """A call resent after a lost connection (see `app.core.queue.connect`) whose job went in the
     first time gets its placement, not a 429 for the place its own job now takes."""
     service = make_service(redis_server, redis_db, max_queue=1)
-    assert service._writes is not None
-    write = service._writes.write
-
-    async def twice(*command: Any) -> Any:
-        await write(*command)  # ran, but its reply was lost with the connection
-        return await write(*command)
-
-    service._writes.write = twice  # type: ignore[method-assign]
+    resend_every_write(service)
 
     async def run() -> Placed:
         try:

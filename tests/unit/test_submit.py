@@ -139,10 +139,9 @@ def test_async_submit_reloads_its_script_after_a_flush(redis_db, redis_server: R
     assert redis_db.lrange("rq:queue:imagegen:main:normal", 0, -1) == [j.id.encode() for j in jobs]
 
 
-def test_a_resent_submission_queues_its_job_once(redis_db, redis_server: RedisServer) -> None:
-    """The clients resend a command once when its connection fails (`app.core.queue.connect`); if
-    Redis ran the script before the connection broke, the second call must not queue it again."""
-    service = make_service(redis_db, redis_server)
+def resend_every_write(service: JobService) -> None:
+    """Make each of `service`'s submission writes run twice, as when the reply to the first was lost
+    with its connection and the client sent the command again (`app.core.queue.connect`)."""
     assert service._writes is not None
     write = service._writes.write
 
@@ -151,6 +150,13 @@ def test_a_resent_submission_queues_its_job_once(redis_db, redis_server: RedisSe
         return await write(*command)
 
     service._writes.write = twice  # type: ignore[method-assign]
+
+
+def test_a_resent_submission_queues_its_job_once(redis_db, redis_server: RedisServer) -> None:
+    """The clients resend a command once when its connection fails (`app.core.queue.connect`); if
+    Redis ran the script before the connection broke, the second call must not queue it again."""
+    service = make_service(redis_db, redis_server)
+    resend_every_write(service)
     placed = asyncio.run(submit_async(service, GenerationParams(prompt="once")))
     assert redis_db.lrange("rq:queue:imagegen:main:normal", 0, -1) == [placed.id.encode()]
     assert redis_db.xlen(f"imagegen:events:{placed.id}") == 1 and redis_db.xlen("imagegen:wake:main") == 1
