@@ -49,6 +49,9 @@ CMD ["python", "-m", "worker"]
 FROM base AS worker-gpu
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=
+# A C compiler for IMAGEGEN_COMPILE: Triton builds its kernel launcher with the host's compiler when
+# it first runs (without one, compiling fails and the worker runs the UNet uncompiled, with a warning).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 COPY pyproject.toml scripts/deps.py scripts/constraints.txt ./
 RUN python deps.py worker > /tmp/requirements.txt && pip install -r /tmp/requirements.txt -c constraints.txt

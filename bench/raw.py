@@ -66,7 +66,7 @@ def main() -> None:
     prompt = "a red circle on a blue background"
 
     def call(batch: int, steps: int = args.steps) -> None:
-        generators = [torch.Generator(args.device).manual_seed(i) for i in range(batch)]
+        generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]  # as the worker draws
         with torch.inference_mode():
             pipe(prompt=[prompt] * batch, width=args.width, height=args.height, num_inference_steps=steps,
                  guidance_scale=args.guidance, generator=generators, output_type="pil")  # fmt: skip

@@ -48,11 +48,17 @@ def main() -> int:
     started = time.perf_counter()
     try:
         runtime = DiffusersRuntime.load(settings)
+        log.info("%s", describe(settings, runtime))
+        for line in ignored_settings(settings):
+            log.warning("%s", line)
         engine = None
         if settings.max_batch > 1:
             from worker.batching import BatchEngine
 
-            engine = BatchEngine.create(runtime, settings.invariant_batches, max_rows=2 * settings.max_batch)
+            # Its start-up checks run the UNet (compiling it, with IMAGEGEN_COMPILE and invariance).
+            engine = runtime.eager_if_compiling_fails(
+                lambda: BatchEngine.create(runtime, settings.invariant_batches, max_rows=2 * settings.max_batch)
+            )
         # Generation jobs run through the engine when there is one, else through the pipeline.
         (engine or runtime).warm_up()
     except (OSError, ValueError) as exc:
@@ -128,6 +134,38 @@ def main() -> int:
         if sender is not None:
             sender.close()  # deliver what is pending before exiting
     return 0
+
+
+def describe(settings: Any, runtime: Any) -> str:
+    """What the worker runs on, for its start-up log line: device (the GPU's name on CUDA), dtype,
+    the deployment switches, the batch size and whether batches keep invariance."""
+    import torch
+
+    device = settings.device
+    if device == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name()})"
+    dtype = str(getattr(runtime.pipe, "dtype", settings.dtype)).removeprefix("torch.")
+    invariant = settings.max_batch > 1 and settings.invariant_batches
+
+    def switch(on: bool) -> str:
+        return "on" if on else "off"
+
+    return (
+        f"running on {device}, dtype {dtype}, compile {switch(settings.compile)}, "
+        f"channels_last {switch(settings.channels_last)}, max batch {settings.max_batch}, "
+        f"batch invariance {switch(invariant)}"
+    )
+
+
+def ignored_settings(settings: Any) -> list[str]:
+    """A line for each setting asked for that this worker does not apply."""
+    lines = []
+    if settings.device == "cuda" and settings.batch_invariant:
+        lines.append(
+            "IMAGEGEN_BATCH_INVARIANT=true is ignored with IMAGEGEN_DEVICE=cuda: batch invariance is kept on "
+            "the CPU only (cuBLAS and cuDNN pick kernels by batch size)"
+        )
+    return lines
 
 
 def libraries_log_through_us(environ: Any) -> None:

@@ -685,10 +685,9 @@ def _sampling_failure(job: Job, exc: BaseException | None) -> tasks.JobFailedErr
     """The task's mapping of sampling exceptions to error codes."""
     if isinstance(exc, tasks.JobFailedError):
         return exc
-    if isinstance(exc, MemoryError):
-        return tasks._fail(job, ErrorCode.out_of_memory, "the worker ran out of memory")
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-        return tasks._fail(job, ErrorCode.out_of_memory, "the GPU ran out of memory")
+    if exc is not None and tasks._is_oom(exc):
+        where = "the GPU" if tasks._is_gpu_oom(exc) else "the worker"
+        return tasks._fail(job, ErrorCode.out_of_memory, f"{where} ran out of memory")
     return tasks._fail(job, ErrorCode.sampling_error, f"{type(exc).__name__}: {exc}")
 
 

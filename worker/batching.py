@@ -15,6 +15,10 @@ that holds on the machine at hand is checked when the engine is created (`_rows_
 does not, oneDNN is turned off for the process and the native per-sample convolutions (slower on
 few channels) are used. NNPACK, which takes over from batch 16 up, is always off. With these, a
 request gives the same bits alone or in any batch.
+
+Invariance is kept on the CPU only (`create` refuses it on another device): on a GPU, cuBLAS and
+cuDNN pick kernels by batch size, which none of these switches reach, and the per-row layers would
+cost a device-to-host copy each per UNet call (their cache keys) for nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from app.core.jobs import GenerationParams, Scheduler, image_seed
+from app.core.jobs import GenerationParams, Scheduler
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -89,6 +93,8 @@ def _rowwise(module: Any, vectors_only: bool = False) -> Any:
     With `vectors_only`, inputs of any other rank (feature maps) go through unchanged. The module
     must be a pure function of its input: the last `ROW_CACHE` results are kept by the row's bytes
     (each computed alone, so reusing one changes no bit); calls with extra inputs are not cached.
+    `torch.compile` does not trace it (its byte keys made dynamo break the graph and recompile at
+    every new row until it gave up): a compiled UNet calls it as plain Python.
     """
     import torch
 
@@ -98,6 +104,7 @@ def _rowwise(module: Any, vectors_only: bool = False) -> Any:
             self.inner = inner
             self.results: OrderedDict[bytes, Any] = OrderedDict()
 
+        @torch.compiler.disable  # type: ignore[misc]
         def forward(self, sample: Any, *args: Any) -> Any:
             if vectors_only and sample.dim() != 2:
                 return self.inner(sample, *args)
@@ -106,9 +113,10 @@ def _rowwise(module: Any, vectors_only: bool = False) -> Any:
                 rows = [self.inner(sample[i : i + 1], *(a[i : i + 1] if a is not None else None for a in args))
                         for i in range(n)]  # fmt: skip
                 return torch.cat(rows)
-            # Keyed by each row's bytes (one copy of the whole batch to host memory, then slices).
-            data = sample.detach().contiguous().cpu().numpy().tobytes()
-            width, suffix = len(data) // n, str((1, *sample.shape[1:])).encode()
+            # Keyed by each row's bytes (one copy of the whole batch to host memory, then slices),
+            # read as uint8: numpy has no bfloat16.
+            data = sample.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
+            width, suffix = len(data) // n, str((1, *sample.shape[1:], sample.dtype)).encode()
             rows = []
             for i in range(n):
                 key = data[i * width : (i + 1) * width] + suffix
@@ -224,6 +232,9 @@ class BatchEngine:
             log.warning("batching disabled: %s; jobs run one at a time", reason)
             return None
         engine = cls(runtime)
+        if invariant and runtime.device != "cpu":
+            log.warning("batch invariance is kept on the CPU only; batches on %s run without it", runtime.device)
+            invariant = False
         if invariant:
             import torch
 
@@ -243,7 +254,7 @@ class BatchEngine:
                         log.warning("batched rows differ from the same rows alone; images may depend on the batch")
             # The VAE decodes one image at a time unless its rows agree in every even-sized batch.
             images = max(max_rows // 2, 2)
-            engine.batched_decode = runtime.device == "cpu" and _decoded_rows_agree(engine, images)
+            engine.batched_decode = _decoded_rows_agree(engine, images)
             engine.lone_decode = engine.batched_decode and _decoded_rows_agree(engine, images, lone=True)
         return engine
 
@@ -283,6 +294,8 @@ class BatchEngine:
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
+        from worker.runtime import cpu_generators
+
         assert params.seed is not None and params.scheduler is not None and params.guidance_scale is not None
         assert params.width is not None and params.height is not None
         pipe = self.pipe
@@ -302,8 +315,9 @@ class BatchEngine:
             # 2. This request's sampler and timesteps.
             scheduler = self._new_scheduler(params.scheduler)
             scheduler.set_timesteps(steps, device=self.device)
-            # 3. Noise: one generator per image (image i is seed + i), scaled for this sampler.
-            generators = [torch.Generator(self.device).manual_seed(image_seed(params.seed, i)) for i in range(n)]
+            # 3. Noise: one generator per image (image i is seed + i, drawn on the CPU whatever the
+            #    device: see `cpu_generators`), scaled for this sampler.
+            generators = cpu_generators(params.seed, n)
             shape = (n, pipe.unet.config.in_channels, params.height // pipe.vae_scale_factor,
                      params.width // pipe.vae_scale_factor)  # fmt: skip
             latents = randn_tensor(shape, generator=generators, device=self.device, dtype=embeds.dtype)
@@ -418,9 +432,26 @@ class BatchEngine:
         return self.decode(request)
 
     def warm_up(self) -> None:
+        """One tiny request, so the first job pays for no lazy initialisation. With a compiled UNet
+        also the batches that make dynamo compile again (see `runtime._optimize`): two requests
+        together (the batch dimension turns dynamic: every size from 2 rows on) and a lone
+        guidance-free request (1 row, specialised apart; never run with invariance, which doubles
+        it). Where compiling fails, the UNet falls back to eager (`eager_if_compiling_fails`)."""
+        self.runtime.eager_if_compiling_fails(self._warm_up)
+
+    def _warm_up(self) -> None:
         info = self.runtime.info
         params = info.fill(GenerationParams(prompt="warm up", num_inference_steps=1, seed=0))
-        self.generate(params)
+        self.generate(params)  # guided: 2 rows
+        if not self.runtime.compiled:
+            return
+        batches = [[params, params.model_copy(update={"seed": 1})]]  # 4 rows
+        if not self.invariant:
+            batches.append([params.model_copy(update={"guidance_scale": 0.0})])  # 1 row
+        for batch in batches:
+            requests = [self.start(p) for p in batch]
+            while not all(r.done for r in requests):
+                self.tick(requests)
 
 
 def _rows_agree(engine: BatchEngine, max_rows: int) -> bool:
@@ -435,7 +466,7 @@ def _rows_agree(engine: BatchEngine, max_rows: int) -> bool:
     config = unet.config
     scale = engine.pipe.vae_scale_factor
     n = max(max_rows, 4)
-    generator = torch.Generator(engine.device).manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     x = torch.randn((n, config.in_channels, info.height // scale, info.width // scale), generator=generator)
     embeds = torch.randn((n, info.max_tokens, config.cross_attention_dim), generator=generator)
     t = torch.randint(0, 1000, (n,), generator=generator).to(torch.float32)
@@ -464,7 +495,7 @@ def _decoded_rows_agree(engine: BatchEngine, max_images: int, lone: bool = False
     info, pipe = engine.runtime.info, engine.pipe
     scale = pipe.vae_scale_factor
     n = max_images + max_images % 2
-    generator = torch.Generator(engine.device).manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     shape = (n, pipe.vae.config.latent_channels, info.height // scale, info.width // scale)
     latents = torch.randn(shape, generator=generator).to(engine.device, engine.dtype)
     with torch.inference_mode():

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import MethodType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from app.core.config import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Called after every denoising step with (step, total); raising from it stops sampling at once.
 StepCallback = Callable[[int, int], None]
@@ -40,6 +41,18 @@ DEFAULTS_FILE = "imagegen.json"  # optional per-model defaults saved next to mod
 # Requests may ask for up to this many times a model's native width and height (and never more
 # than the API's IMAGEGEN_MAX_WIDTH/_HEIGHT); `max_width`/`max_height` in imagegen.json override it.
 MAX_SIZE_FACTOR = 8
+COMPILE_BACKEND = "inductor"  # torch.compile's own default, named so that tests can swap it
+
+
+def cpu_generators(seed: int, count: int) -> list[Any]:
+    """Per-image generators for a job: image i draws from `image_seed(seed, i)`, on the CPU whatever
+    the device. diffusers' `randn_tensor` draws with a CPU generator on the CPU and moves the noise to
+    the device, so a seed starts from the same noise on a CPU and a CUDA worker (a CUDA generator
+    draws other numbers for the same seed); the images still differ slightly between devices and
+    precisions. On the CPU nothing changes."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in range(count)]
 
 
 class Runtime(Protocol):
@@ -105,9 +118,43 @@ class DiffusersRuntime:
         return cls(pipe, info, settings.device, defaults)
 
     def warm_up(self) -> None:
-        """One tiny run so the first real job does not pay for lazy initialisation."""
+        """One tiny run so the first real job does not pay for lazy initialisation (nor compilation,
+        with `IMAGEGEN_COMPILE`: see `eager_if_compiling_fails`)."""
         params = self.info.fill(GenerationParams(prompt="warm up", num_inference_steps=1, seed=0))
-        self.generate(params, lambda step, total: None)
+        self.eager_if_compiling_fails(lambda: self.generate(params, lambda step, total: None))
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the UNet runs through `torch.compile` (`IMAGEGEN_COMPILE`, and it compiled)."""
+        return getattr(getattr(self.pipe, "unet", None), "_compiled_call_impl", None) is not None
+
+    def uncompile(self) -> None:
+        """Back to the eager UNet: `Module.compile` only set `_compiled_call_impl`, which every call
+        takes when it is set; dynamo's caches (what was compiled so far) are dropped."""
+        import torch
+
+        self.pipe.unet._compiled_call_impl = None
+        torch._dynamo.reset()
+
+    def eager_if_compiling_fails(self, run: Callable[[], T]) -> T:
+        """`run()` (a warm-up: compilation happens at the compiled UNet's first calls); where it
+        fails while the UNet is compiled, warn, fall back to the eager UNet and run it again.
+
+        Compiling needs a working C compiler (inductor's C++ kernels on the CPU, Triton's launcher on
+        CUDA), which a slim image may not have: that stopped the worker at every start. An error
+        that the eager UNet gives as well (a size the model refuses) is raised from the second run.
+        """
+        if not self.compiled:
+            return run()
+        try:
+            return run()
+        except Exception as exc:
+            cause = compile_failure(exc)
+            log.debug("compiled warm-up failed", exc_info=True)
+        self.uncompile()
+        result = run()
+        log.warning("IMAGEGEN_COMPILE: compiling the UNet failed (%s); it runs uncompiled", cause)
+        return result
 
     def free_memory(self) -> None:
         import gc
@@ -145,10 +192,8 @@ class DiffusersRuntime:
         assert params.seed is not None and params.scheduler is not None
         check_size(self.info, params)
         steps = params.num_inference_steps or self.info.num_inference_steps
-        # 1. Per-image generators: image i is reproducible alone from seed + i.
-        generators = [
-            torch.Generator(self.device).manual_seed(image_seed(params.seed, i)) for i in range(params.num_images)
-        ]
+        # 1. Per-image generators: image i is reproducible alone from seed + i (on the CPU, any device).
+        generators = cpu_generators(params.seed, params.num_images)
         # 2. This request's sampler (one job at a time, so swapping it on the pipeline is safe).
         self.use_scheduler(params.scheduler)
 
@@ -197,6 +242,21 @@ class DiffusersRuntime:
             "prior_guidance_scale": float(self.options.get("prior_guidance_scale", 4.0)),
             "prior_callback_on_step_end": prior_callback,
         }
+
+
+def compile_failure(exc: BaseException) -> str:
+    """What made a compiled call fail, in one line: the innermost error that dynamo's and inductor's
+    wrappers (`BackendCompilerFailed`, `InductorError`) carry, e.g. `InvalidCxxCompiler: No working
+    C++ compiler found ...`."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _taking_generator(scheduler: Any) -> Any:
@@ -306,8 +366,13 @@ def _optimize(pipe: Any, settings: Settings) -> None:
     `torch.compile` of the denoiser.
 
     Attention already goes through PyTorch's SDPA (diffusers' default processor). Compilation
-    happens at the first call (the warm-up) and again for each new batch shape, so with
-    `IMAGEGEN_MAX_BATCH` > 1 the first batches of each size are slow.
+    happens at the first call (the warm-up). Dynamo compiles again at the second batch size it sees
+    (the batch dimension then becomes dynamic, which covers every later size but one: a single
+    row is specialised apart); so a batching worker warms up at 1, 2 and more rows
+    (`BatchEngine.warm_up`), else its first batches would each wait for a compilation (tens of
+    seconds for SD 1.5 on a GPU). The first jobs at a second image size still compile again (the
+    batched graph and the lone row's), after which height and width are dynamic too. Where
+    compiling fails the runtime falls back to the eager UNet (`eager_if_compiling_fails`).
     """
     import torch
 
@@ -318,7 +383,7 @@ def _optimize(pipe: Any, settings: Settings) -> None:
             if module is not None:
                 module.to(memory_format=torch.channels_last)
     if settings.compile and denoiser is not None:
-        denoiser.compile()  # in place: the module keeps its class, so batching still recognises it
+        denoiser.compile(backend=COMPILE_BACKEND)  # in place: the module keeps its class (batching recognises it)
 
 
 def direct_attention(pipe: Any) -> int:

@@ -206,6 +206,7 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
 
     started = time.perf_counter()
     load_s = started - prepared
+    out_of_memory = False
     try:
         images = _generate_or_split(ctx, job, request, on_step)
     except RequeueError:
@@ -222,11 +223,16 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
     except JobTimeoutException:
         raise _fail(job, ErrorCode.timeout, f"job ran past its {job.timeout} s limit") from None
     except Exception as exc:
-        if _is_oom(exc):
-            ctx.runtime.free_memory()  # keep serving: drop cached blocks before the next job
-            raise _fail(job, ErrorCode.out_of_memory, "the worker ran out of memory for this request") from None
-        log.exception("job %s: sampling failed", job.id)
-        raise _fail(job, ErrorCode.sampling_error, f"{type(exc).__name__}: {exc}") from None
+        if not _is_oom(exc):
+            log.exception("job %s: sampling failed", job.id)
+            raise _fail(job, ErrorCode.sampling_error, f"{type(exc).__name__}: {exc}") from None
+        out_of_memory = True
+    if out_of_memory:
+        # Keep serving: drop cached blocks before the next job. Out of the `except` block, so that
+        # the failed run's tensors, which its traceback held, are gone by then (and the error
+        # raised here carries no context that would hold them on).
+        ctx.runtime.free_memory()
+        raise _fail(job, ErrorCode.out_of_memory, "the worker ran out of memory for this request")
     sampling_s = time.perf_counter() - started
     _record_steptime(ctx, request, sampling_s)
 
@@ -256,8 +262,25 @@ def timings(load_s: float, sampling_s: float, encode_s: float) -> dict[str, floa
             "encode_ms": round(encode_s * 1000, 3)}  # fmt: skip
 
 
+# What torch's other allocation failures say (all RuntimeErrors): the CPU allocator, and the CUDA
+# libraries failing to allocate their workspaces (`CUDA error: out of memory` among others).
+OOM_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",
+               "CUDNN_STATUS_ALLOC_FAILED", "out of memory")  # fmt: skip
+GPU_OOM_MARKERS = ("CUDA", "CUBLAS", "CUDNN")
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
+    """Whether sampling failed for want of memory (the job ends `out_of_memory`, memory is freed)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in OOM_MARKERS)
+
+
+def _is_gpu_oom(exc: BaseException) -> bool:
+    """An out-of-memory error of the GPU (else of the machine's memory)."""
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return True
+    return _is_oom(exc) and not isinstance(exc, MemoryError) and any(m in str(exc) for m in GPU_OOM_MARKERS)
 
 
 def _generate_or_split(ctx: WorkerContext, job: Job, request: GenerationParams, on_step: Any) -> list[Any]:

@@ -22,10 +22,10 @@ from pydantic import ValidationError
 from rq import get_current_job
 
 from app.core.images import InputImageError, normalize_image
-from app.core.jobs import MAX_SEED, ErrorCode, GenerationParams, image_seed
+from app.core.jobs import MAX_SEED, ErrorCode, GenerationParams
 from app.core.variations import VariationParams, input_key
 from worker import tasks
-from worker.runtime import StepCallback, check_size
+from worker.runtime import StepCallback, check_size, cpu_generators
 
 _IMG2IMG: dict[int, Any] = {}  # id(text-to-image pipeline) -> its image-to-image twin
 
@@ -114,10 +114,7 @@ class VariationSampler:
         assert request.seed is not None and request.scheduler is not None
         assert request.width is not None and request.height is not None
         steps = request.num_inference_steps or self.info.num_inference_steps
-        generators = [
-            torch.Generator(self.runtime.device).manual_seed(image_seed(request.seed, i))
-            for i in range(request.num_images)
-        ]
+        generators = cpu_generators(request.seed, request.num_images)  # on the CPU, any device
         scheduler = self.runtime.use_scheduler(request.scheduler)
         with torch.inference_mode():
             if self.embeds:

@@ -93,8 +93,8 @@ class Settings(BaseSettings):
     )
     batch_invariant: bool | None = Field(
         None,
-        description="With max_batch > 1: same PNG alone or batched (kernels checked at start; a little slower). "
-        "Default: on with the CPU, off with CUDA, where the switches cannot give it (see `invariant_batches`).",
+        description="With max_batch > 1 on the CPU: same PNG alone or batched (kernels checked at start; a little "
+        "slower). Default: on. Never with CUDA, where the switches cannot give it (see `invariant_batches`).",
     )
 
     @property
@@ -104,10 +104,12 @@ class Settings(BaseSettings):
 
     @property
     def invariant_batches(self) -> bool:
-        """Whether the batching worker keeps batch invariance: as set, else only on the CPU. On a GPU,
+        """Whether the batching worker keeps batch invariance: on the CPU unless turned off, never
+        with CUDA (the worker warns that `IMAGEGEN_BATCH_INVARIANT=true` is ignored there). On a GPU,
         cuBLAS and cuDNN pick kernels by batch size, which the CPU switches do not cover; they would
-        only cost time (images finishing together would be decoded one at a time)."""
-        return self.device == "cpu" if self.batch_invariant is None else self.batch_invariant
+        only cost time (a device-to-host copy per per-row layer and UNet call, images finishing
+        together decoded one at a time)."""
+        return self.device == "cpu" and self.batch_invariant is not False
 
     @property
     def auth_enabled(self) -> bool:

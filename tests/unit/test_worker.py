@@ -407,6 +407,91 @@ def test_out_of_memory_retries_image_by_image_then_fails_clearly(env) -> None:
     assert after.get_status() == "finished"
 
 
+def test_out_of_memory_frees_memory_once_the_failed_runs_tensors_are_gone(env) -> None:
+    """`free_memory()` (gc, then torch.cuda.empty_cache) ran inside the `except` block, while the
+    exception's traceback still held the failed run's frames and tensors: nothing was released."""
+    import dataclasses
+    import gc
+    import weakref
+
+    runtime, store, queue, worker = env
+
+    class Activations:  # stands for the UNet's intermediates, referenced from the failed frame
+        pass
+
+    class Holding(FakeRuntime):
+        def __init__(self) -> None:
+            super().__init__()
+            self.held: list[weakref.ref[Activations]] = []
+            self.alive_at_free: list[bool] = []
+
+        def generate(self, params: GenerationParams, on_step) -> list[Image.Image]:
+            activations = Activations()
+            self.held.append(weakref.ref(activations))
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def free_memory(self) -> None:
+            gc.collect()
+            self.alive_at_free.append(any(ref() is not None for ref in self.held))
+
+    holding = Holding()
+    assert tasks._context is not None
+    tasks.bind(dataclasses.replace(tasks._context, runtime=holding))
+    one = enqueue(queue, prompt="one", seed=1)  # fails in run_job
+    two = enqueue(queue, prompt="two", seed=1, num_images=2)  # split first, then fails the same way
+    worker.work(burst=True)
+    for job in (one, two):
+        job.refresh()
+        assert job.get_status() == "failed" and job.meta["error"]["code"] == "out_of_memory"
+    assert holding.alive_at_free == [False, False, False]
+
+
+@pytest.mark.parametrize(
+    ("message", "oom", "gpu"),
+    [
+        ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12", True,
+         False),
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True, True),
+        ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True, True),
+        ("CUDA error: out of memory", True, True),
+        ("the UNet fell over", False, False),
+        ("CUBLAS_STATUS_EXECUTION_FAILED", False, False),
+    ],
+)  # fmt: skip
+def test_torch_allocation_failures_count_as_out_of_memory(message: str, oom: bool, gpu: bool) -> None:
+    from types import SimpleNamespace
+
+    from worker.batch_worker import _sampling_failure
+
+    assert tasks._is_oom(RuntimeError(message)) is oom
+    assert tasks._is_oom(ValueError(message)) is False  # not one of torch's errors
+    assert tasks._is_oom(MemoryError()) and tasks._is_oom(OutOfMemoryError("CUDA out of memory"))
+    job = SimpleNamespace(meta={})
+    failure = _sampling_failure(job, RuntimeError(message))  # type: ignore[arg-type]
+    assert failure.code == ("out_of_memory" if oom else "sampling_error")
+    if oom:
+        assert failure.message == f"the {'GPU' if gpu else 'worker'} ran out of memory"
+
+
+def test_a_cpu_allocation_failure_ends_the_job_out_of_memory(env) -> None:
+    """torch's CPU allocator raises a RuntimeError, not MemoryError: the job ended `sampling_error`,
+    with a traceback, and nothing was freed."""
+    runtime, store, queue, worker = env
+    real = runtime.generate
+
+    def generate(params: GenerationParams, on_step) -> list[Image.Image]:
+        if params.num_images > 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
+        return real(params, on_step)
+
+    runtime.generate = generate  # type: ignore[method-assign]
+    job = enqueue(queue, prompt="big", num_images=2, seed=3)
+    worker.work(burst=True)
+    job.refresh()
+    assert job.get_status() == "finished"  # retried image by image, as for a GPU out-of-memory error
+    assert [img["seed"] for img in job.return_value()["images"]] == [3, 4] and runtime.freed == 1
+
+
 def test_images_are_kept_as_long_as_their_job(env, redis_db) -> None:
     """The image TTL comes from the job (the API's IMAGEGEN_RESULT_TTL when it queued it), not from
     the worker's own setting: with a shorter one there, images expired while the job linked them."""
