@@ -108,7 +108,7 @@ def test_a_slowly_dribbled_body_does_not_hold_the_attempt() -> None:
         took = time.monotonic() - started
     finally:
         receiver.close()
-    assert outcome is True and took < 1.5, (outcome, took)
+    assert outcome is True and took < 2.5, (outcome, took)  # the old code waited out the 3 s deadline
 
 
 def test_a_compressed_bomb_is_not_inflated() -> None:
@@ -200,7 +200,7 @@ def test_lookups_in_flight_are_bounded_and_the_rest_refused_at_once(monkeypatch)
         started = time.monotonic()
         thread, result = _in_thread(check)
         thread.join(3)
-        assert not thread.is_alive() and time.monotonic() - started < 1, "queued behind the stuck lookups"
+        assert not thread.is_alive() and time.monotonic() - started < 2, "queued behind the stuck lookups"
         assert isinstance(result[0], WebhookTargetError) and "too many" in str(result[0]), result
         assert not entered.acquire(timeout=0.1)  # refused without a lookup
     finally:
@@ -314,7 +314,7 @@ def test_slow_receivers_spread_over_many_hosts_leave_a_thread_for_the_others(mon
             time.sleep(0.01)
         assert "job-healthy-2" in delivered, "never delivered"
         waited = delivered["job-healthy-2"] - submitted
-        assert waited < 0.3, waited
+        assert waited < 2, waited  # the old code: 7.3 s, behind the slow names
     finally:
         sender.close(timeout=0)
         for thread in sender._threads:
