@@ -109,8 +109,7 @@ def _origin_authority(url: str) -> str:
 
 
 def _origin(url: str) -> str:
-    parts = urlsplit(url.strip())
-    return f"{parts.scheme.lower()}://{_authority(parts.netloc, parts.scheme.lower())}"
+    return f"{urlsplit(url.strip()).scheme.lower()}://{_origin_authority(url)}"
 
 
 # What a page on another site can make a browser send without asking the server first (no CORS

@@ -46,7 +46,6 @@ from app.core.jobs import (
     MAX_SEED,
     MODELS_KEY,
     TASK_GENERATE,
-    TASK_VARIATIONS,
     ErrorCode,
     GenerationParams,
     JobStatus,
@@ -59,7 +58,7 @@ from app.core.jobs import (
     wake,
     wake_key,
 )
-from app.core.queue import SERIALIZER, fetch_job, get_queues
+from app.core.queue import DESCRIPTIONS, SERIALIZER, fetch_job, get_queues
 from app.core.variations import input_key
 
 SEEN_PREFIX = "imagegen:seen:"  # marks ids we issued, so an expired job answers 410, not 404
@@ -142,7 +141,7 @@ def _int(value: Any) -> int:
         return 0
 
 
-ROUTES_OF_TASKS = {TASK_GENERATE: "POST /generate", TASK_VARIATIONS: "POST /variations"}
+ROUTES_OF_TASKS = {task: f"POST /{name}" for task, name in DESCRIPTIONS.items()}  # their submission routes
 
 
 def _idempotency_key(key: str, owner: str | None) -> str:
