@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := 2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: run test lint bench venv redis-server browser lock
+.PHONY: run test lint bench chaos venv redis-server browser lock
 
 venv: $(VENV)/.installed
 # The client (clients/python) is installed after the project: an older install of the project
@@ -48,6 +48,11 @@ lint: venv
 bench: venv redis-server
 	@command -v wrk >/dev/null || scripts/apt-install.sh wrk || true
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run
+
+# The whole service under load while its processes are killed and restarted, then a check that no
+# accepted job was lost (tests/chaos.py; e.g. `make chaos CHAOS_ARGS="--seconds 600 --redis-kill"`).
+chaos: venv redis-server
+	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 # After upgrading packages in .venv (and `make test` passing): record their versions for every install.
 lock: venv

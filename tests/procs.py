@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -200,12 +201,13 @@ class Stack:
 
 
 class WebhookReceiver:
-    """A real HTTP server on loopback that answers the first `fail` deliveries with 503 and keeps
-    (headers, body) of every delivery it accepts, in arrival order (`tried`: the headers of every
-    attempt, refused ones too)."""
+    """A real HTTP server on loopback that answers the first `fail` deliveries with 503 (and, with
+    `flaky`, that share of the others, at random) and keeps (headers, body) of every delivery it
+    accepts, in arrival order (`tried`: the headers of every attempt, refused ones too)."""
 
-    def __init__(self, fail: int = 0) -> None:
+    def __init__(self, fail: int = 0, flaky: float = 0.0) -> None:
         self.fail = fail
+        self.flaky = flaky
         self.attempts = 0
         self.accepted: list[tuple[dict[str, str], bytes]] = []
         self.tried: list[dict[str, str]] = []
@@ -216,7 +218,7 @@ class WebhookReceiver:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 outer.attempts += 1
                 outer.tried.append({k.lower(): v for k, v in self.headers.items()})
-                if outer.attempts <= outer.fail:
+                if outer.attempts <= outer.fail or random.random() < outer.flaky:
                     self.send_response(503)
                 else:
                     outer.accepted.append(({k.lower(): v for k, v in self.headers.items()}, body))
