@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.links = ImageLinks(redis, settings.result_ttl) if settings.auth_enabled else None
         # The webhooks of jobs canceled before they started (the API announces those): on threads
         # of their own, so a slow receiver holds up no request (see app.api.routes.jobs).
-        app.state.webhooks = WebhookSender(settings, threads=2) if settings.webhook_secret else None
+        app.state.webhooks = WebhookSender(settings, threads=2, connection=redis) if settings.webhook_secret else None
         _warn_unchecked_keys(settings, redis)
         tune_gc()
         try:

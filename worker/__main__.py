@@ -69,7 +69,7 @@ def main() -> int:
 
     connection = connect(settings.redis_url)
     store = make_store(settings, connection)
-    sender = WebhookSender(settings) if settings.webhook_secret else None
+    sender = WebhookSender(settings, connection=connection) if settings.webhook_secret else None
     sink = EventSink(connection, settings, sender)
     if isinstance(store, LocalImageStore):
         try:

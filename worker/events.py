@@ -2,7 +2,8 @@
 
 A worker's `WebhookSender` (app.core.webhooks) threads deliver each URL's events in order (so a
 receiver sees start → progress → completed), retrying with backoff, without ever holding up the
-denoising loop or one receiver holding up another.
+denoising loop or one receiver holding up another. Its outbox in Redis keeps the events it has not
+delivered yet (progress aside) for another sender to deliver if this worker dies or stops.
 """
 
 from __future__ import annotations
@@ -126,4 +127,4 @@ class EventSink:
                 log.warning("job %s: no webhook secret could be read; %s not delivered", job.id, event.type,
                             extra={"job_id": job.id})  # fmt: skip
                 return
-            self.sender.submit(url, event, secret)
+            self.sender.submit(url, event, secret, owner=meta.get("owner"))

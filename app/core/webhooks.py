@@ -5,6 +5,8 @@ Signature scheme: header `X-Imagegen-Timestamp: <unix seconds>` and
 Receivers recompute it over the raw body and reject stale timestamps. `X-Imagegen-Delivery` is
 the same on each retry of one event, so receivers drop repeats by it.
 
+Deliveries are at least once and, with Redis, survive their sender: see `WebhookSender`'s outbox.
+
 The secret is the server's `IMAGEGEN_WEBHOOK_SECRET`, or the one of the API key that made the
 job when that key has its own (`python -m app.keys create NAME --webhook-secret`): with one
 secret for all, any tenant able to verify its webhooks could forge them to another's receiver.
@@ -16,12 +18,15 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
+import math
 import secrets
 import socket
 import ssl
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -331,6 +336,7 @@ class _Pending(NamedTuple):
     progress: bool
     body: bytes
     secret: str  # the job's key's own, or the server's (see app.core.webhooks)
+    key: str | None = None  # its field in the sender's outbox; None: kept in memory only
 
 
 @dataclass
@@ -342,6 +348,37 @@ class _Target:
     busy: bool = False
     failures: int = 0  # failed tries of the delivery at the head
     not_before: float = 0.0  # monotonic time its head is (or became) due: due ones go oldest first
+
+
+OUTBOXES_KEY = "imagegen:webhooks:outboxes"  # set of the ids of senders that keep an outbox
+
+
+def outbox_key(sender: str) -> str:
+    """A sender's deliveries not yet ended: hash of field (order) -> entry (JSON: url, job_id, owner, body)."""
+    return f"imagegen:webhooks:outbox:{sender}"
+
+
+def alive_key(sender: str) -> str:
+    """Set (with a TTL) while its sender runs: once gone, anyone may adopt the sender's outbox."""
+    return f"imagegen:webhooks:alive:{sender}"
+
+
+# Adopt a stopped sender's outbox: unless its alive key (KEYS[1]) exists, move every entry of its
+# outbox (KEYS[2]) into the adopter's (KEYS[3]), delete it and take its id (ARGV[1]) out of the
+# set of outboxes (KEYS[4]). Answers the entries moved, as HGETALL does (none for a live sender).
+# One script: of two senders adopting the same outbox at once, the second finds it gone.
+ADOPT_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {}
+end
+local entries = redis.call('HGETALL', KEYS[2])
+for i = 1, #entries, 2 do
+  redis.call('HSET', KEYS[3], entries[i], entries[i + 1])
+end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[4], ARGV[1])
+return entries
+"""
 
 
 class WebhookSender:
@@ -358,14 +395,32 @@ class WebhookSender:
     attempt under `SLOW` seconds in the last `FAST_MEMORY` seconds: slow ones, and new ones, which a
     caller can make up by the thousand with a wildcard DNS name) all the threads but one, which
     stays for the known-fast receivers. Due deliveries otherwise go in order of when they became due.
+
+    With a Redis `connection` the deliveries outlive the process: retries wait minutes for a
+    receiver that is down, and a worker killed (or stopped for a deploy) meanwhile lost them, so a
+    client relying on webhooks never learned its job ended. Each event but progress (superseded
+    within seconds, harmless to lose) is also written to the sender's outbox in Redis until its
+    delivery ends, and the sender keeps an alive key with a short TTL. Every live sender adopts the
+    outboxes whose alive key is gone (at start, then every `ADOPT_EVERY` seconds) and delivers their
+    events in their order, with the same bodies, so receivers drop repeats by the same delivery id:
+    a crash after a delivery but before its entry is deleted sends it again. A clean `close` leaves
+    what still waits in its outbox and deletes its alive key, for the next sender to adopt at once.
+
+    All of Redis is one thread's (`_keep`): `submit` only notes the write, so neither a job nor a
+    delivery ever waits on Redis; while Redis fails, events are delivered from memory as without
+    one, and the writes are retried once it answers.
     """
 
     THREADS = 4
     MAX_PENDING = 100
     SLOW = 5.0  # seconds: an attempt this long (a receiver that hangs, dribbles or times out) is slow
     FAST_MEMORY = 600.0  # seconds a host stays known-fast after an attempt that was not slow
+    ALIVE_TTL = 30.0  # seconds a sender's alive key outlives its last refresh
+    HEARTBEAT = 10.0  # seconds between refreshes
+    ADOPT_EVERY = 10.0  # seconds between looks for stopped senders' outboxes
+    RETRY_CAP = 10.0  # seconds at most between tries while Redis fails
 
-    def __init__(self, settings: Settings, threads: int = THREADS) -> None:
+    def __init__(self, settings: Settings, threads: int = THREADS, connection: Any = None) -> None:
         self.settings = settings
         self._per_host = max(1, threads // 2)
         self._for_slow = max(1, threads - 1)
@@ -374,60 +429,224 @@ class WebhookSender:
         self._ready = threading.Condition()
         self._closing = False
         self._stopped = False
+        self.connection = connection
+        self.id = uuid.uuid4().hex
+        self._seq = 0
+        # Outbox writes not yet made: field -> entry to write, or None to delete. Under `_writing`,
+        # taken after `_ready` where both are held.
+        self._writing = threading.Lock()
+        self._writes: dict[str, bytes | None] = {}
+        self._unsure: set[str] = set()  # fields whose write failed: it may have been made all the same
+        self._beat_sent = -math.inf  # monotonic time the alive key was last sent
+        self._failing = False
+        self._orphans: dict[str, bytes] = {}  # adopted entries not yet queued (their secrets unread)
+        self._halt = threading.Event()
+        self._wake = threading.Event()
         self._threads = [threading.Thread(target=self._run, name=f"webhooks-{i}", daemon=True) for i in range(threads)]
         for thread in self._threads:
             thread.start()
+        self._keeper: threading.Thread | None = None
+        if connection is not None:
+            self._secrets = Secrets(connection, settings.webhook_secret)
+            self._adopt_script = connection.register_script(ADOPT_SCRIPT)
+            self._keeper = threading.Thread(target=self._keep, name="webhooks-outbox", daemon=True)
+            self._keeper.start()
 
-    def submit(self, url: str, event: JobEvent, secret: str | None = None) -> None:
-        """Queue `event` for `url`, signed with `secret` (default: the server's)."""
+    def submit(self, url: str, event: JobEvent, secret: str | None = None, owner: str | None = None) -> None:
+        """Queue `event` for `url`, signed with `secret` (default: the server's). `owner` is the
+        job's (see app.core.auth): a sender adopting the event reads its secret again by it."""
         body = event.model_dump_json(exclude_none=True).encode()
         progress = event.type is EventType.progress
+        key = None
+        if self.connection is not None and not progress:
+            entry = {"url": url, "job_id": event.job_id, "owner": owner, "body": body.decode()}
+            with self._writing:  # before it is queued: its delivery may end (and delete it) at once
+                self._seq = max(self._seq + 1, time.time_ns())  # orders entries across senders too
+                key = f"{self._seq:020d}-{self.id}"
+                self._writes[key] = json.dumps(entry).encode()
+            self._wake.set()
+        self._queue(url, _Pending(event.job_id, progress, body, secret or self.settings.webhook_secret, key))
+
+    def _queue(self, url: str, item: _Pending) -> None:
         with self._ready:
             target = self._targets.get(url)
             if target is None:
                 target = self._targets[url] = _Target(_host(url), not_before=time.monotonic())
             pending = target.pending
             first = 1 if target.busy else 0  # the head is being sent: it stays
-            if progress:  # the newest progress of a job replaces a waiting one
+            if item.progress:  # the newest progress of a job replaces a waiting one
                 for i in range(len(pending) - 1, first - 1, -1):
-                    if pending[i].job_id == event.job_id and pending[i].progress:
+                    if pending[i].job_id == item.job_id and pending[i].progress:
                         del pending[i]
-            pending.append(_Pending(event.job_id, progress, body, secret or self.settings.webhook_secret))
+            pending.append(item)
             if len(pending) > self.MAX_PENDING:
                 drop = next((i for i in range(first, len(pending)) if pending[i].progress), first)
-                dropped = pending[drop].job_id
+                dropped = pending[drop]
                 del pending[drop]
+                self._forget(dropped.key)
                 log.warning("webhook %s: %d events waiting; one dropped", shown(url), self.MAX_PENDING,
-                            extra={"job_id": dropped})  # fmt: skip
+                            extra={"job_id": dropped.job_id})  # fmt: skip
             self._ready.notify()
 
+    def _forget(self, key: str | None) -> None:
+        """Delete the outbox entry `key` (its delivery ended), unless it was never written."""
+        if key is None:
+            return
+        with self._writing:
+            if self._writes.get(key) is not None and key not in self._unsure:
+                del self._writes[key]  # not written yet: nothing to delete
+            else:
+                self._writes[key] = None
+        self._wake.set()
+
     def close(self, timeout: float = 10) -> None:
-        """Deliver what is waiting (tries due within `timeout`), then stop the threads."""
+        """Deliver what is waiting (tries due within `timeout`), then stop the threads. What still
+        waits then stays in the outbox, handed over to the next sender; without one, it is lost."""
         with self._ready:
             self._closing = True
             self._ready.notify_all()
         end = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, end - time.monotonic()))
-        with self._ready:  # past the timeout: what still waits is dropped, and said so
+        with self._ready:  # past the timeout: what still waits is handed over or dropped, and said so
             self._stopped = True
             self._ready.notify_all()
             # A receiver's head that a thread is still sending may yet arrive: not counted as dropped.
-            dropped = [
-                (url, p.job_id)
+            waiting = [
+                (url, p)
                 for url, target in self._targets.items()
                 for i, p in enumerate(target.pending)
                 if not (i == 0 and target.busy)
             ]
+        unwritten = self._hand_over() if self._keeper is not None else None
+        in_outbox = [unwritten is not None and p.key is not None and p.key not in unwritten for _, p in waiting]
+        kept = [(url, p.job_id) for (url, p), there in zip(waiting, in_outbox, strict=True) if there]
+        dropped = [(url, p.job_id) for (url, p), there in zip(waiting, in_outbox, strict=True) if not there]
+        if kept:
+            soon = "now" if not unwritten else "once this one's alive key expires"
+            log.warning("webhooks: %d event(s) for %d receiver(s) handed over (left in the outbox for the next "
+                        "sender to deliver %s; jobs %s)", *_count(kept), soon, _jobs(kept),
+                        extra=_about(kept))  # fmt: skip
         if dropped:
-            jobs = sorted({job_id for _, job_id in dropped})
-            log.warning(
-                "webhooks: %d event(s) for %d receiver(s) not delivered before shutdown (jobs %s%s)",
-                len(dropped),
-                len({url for url, _ in dropped}),
-                ", ".join(jobs[:10]),
-                ", …" if len(jobs) > 10 else "",
-            )
+            log.warning("webhooks: %d event(s) for %d receiver(s) not delivered before shutdown (jobs %s)",
+                        *_count(dropped), _jobs(dropped), extra=_about(dropped))  # fmt: skip
+
+    def _hand_over(self) -> set[str]:
+        """Stop the outbox thread, make the writes it had not made and delete the alive key, so
+        another sender adopts the outbox now rather than once the key expires. The fields that may
+        be missing from the outbox (none, unless Redis failed)."""
+        assert self._keeper is not None
+        self._halt.set()
+        self._wake.set()
+        # A write in flight may take Redis's timeouts; one made after ours at worst sends an event twice.
+        self._keeper.join(5)
+        with self._writing:
+            writes, self._writes = self._writes, {}
+        unwritten = {k for k, v in writes.items() if v is not None} | self._unsure
+        if self._failing:  # not tried again: a stop would wait on Redis's timeouts for nothing
+            log.warning("webhooks: Redis fails: what this sender wrote to its outbox is adopted once its alive "
+                        "key expires")  # fmt: skip
+            return unwritten
+        pipe = self.connection.pipeline(transaction=False)
+        if any(v is not None for v in writes.values()):
+            pipe.sadd(OUTBOXES_KEY, self.id)  # in case the outbox thread never got to it
+        _write(pipe, outbox_key(self.id), writes)
+        pipe.delete(alive_key(self.id))
+        try:
+            pipe.execute()
+        except Exception as exc:
+            log.warning("webhooks: could not hand the outbox over (%s): what this sender wrote to it is adopted "
+                        "once its alive key expires", exc)  # fmt: skip
+            return unwritten
+        return set()
+
+    def _keep(self) -> None:
+        """The outbox's thread: make the writes `submit` and the deliveries note, refresh the alive
+        key, adopt stopped senders' outboxes. While Redis fails, each again after a growing pause."""
+        adopt_at = 0.0  # monotonic: at once, then every ADOPT_EVERY
+        failures = 0
+        while not self._halt.is_set():
+            self._wake.clear()  # a write noted from here on wakes the wait below
+            now = time.monotonic()
+            try:
+                self._flush()
+                if now >= adopt_at:
+                    self._adopt()
+                    adopt_at = now + self.ADOPT_EVERY
+            except Exception as exc:
+                failures += 1
+                if not self._failing:
+                    log.warning("webhooks: cannot write the outbox in Redis (%s); deliveries are kept in "
+                                "memory only until it answers", exc)  # fmt: skip
+                self._failing = True
+                self._halt.wait(min(self.RETRY_CAP, 0.5 * 2 ** (failures - 1)))
+                continue
+            if self._failing:
+                log.info("webhooks: the outbox is written again")
+                self._failing, failures = False, 0
+            self._wake.wait(max(0.0, min(self._beat_sent + self.HEARTBEAT, adopt_at) - time.monotonic()))
+
+    def _flush(self) -> None:
+        """Make the writes noted, with the alive key when it is due for a refresh. Raises when Redis
+        fails, with the writes noted again (later ones for the same field win)."""
+        with self._writing:
+            writes, self._writes = self._writes, {}
+        sent = time.monotonic()
+        beat = sent - self._beat_sent >= self.HEARTBEAT
+        if not writes and not beat:
+            return
+        pipe = self.connection.pipeline(transaction=False)
+        if beat:  # first: an entry is never in an outbox whose alive key has expired
+            pipe.set(alive_key(self.id), 1, px=int(self.ALIVE_TTL * 1000))
+            pipe.sadd(OUTBOXES_KEY, self.id)
+        _write(pipe, outbox_key(self.id), writes)
+        try:
+            pipe.execute()
+        except Exception:
+            with self._writing:
+                self._unsure.update(k for k, v in writes.items() if v is not None)
+                self._writes = writes | self._writes
+            self._wake.set()
+            raise
+        if beat:
+            self._beat_sent = sent
+        if self._unsure:
+            with self._writing:
+                self._unsure.difference_update(writes)
+
+    def _adopt(self) -> None:
+        """Adopt the outboxes of senders whose alive key is gone, and queue their events in order."""
+        others = [m.decode() for m in self.connection.smembers(OUTBOXES_KEY) if m.decode() != self.id]
+        pipe = self.connection.pipeline(transaction=False)
+        for other in others:
+            pipe.exists(alive_key(other))
+        alive = pipe.execute() if others else []
+        mine = outbox_key(self.id)
+        for other, live in zip(others, alive, strict=True):
+            if not live:
+                keys = [alive_key(other), outbox_key(other), mine, OUTBOXES_KEY]
+                found = self._adopt_script(keys=keys, args=[other])
+                self._orphans.update((found[i].decode(), found[i + 1]) for i in range(0, len(found), 2))
+        if not self._orphans:
+            return
+        adopted = []
+        for key in sorted(self._orphans):  # the order they were submitted in
+            try:
+                entry = json.loads(self._orphans[key])
+                url, job_id, owner, body = entry["url"], entry["job_id"], entry.get("owner"), entry["body"].encode()
+            except (ValueError, KeyError, TypeError, AttributeError):
+                log.warning("webhooks: an unreadable outbox entry %s dropped", key)
+                self._forget(key)
+                continue
+            # Read again, not kept in Redis: a Redis error leaves them all for the next round.
+            adopted.append((url, _Pending(job_id, False, body, self._secrets.for_owner(owner), key)))
+        self._orphans.clear()
+        for url, item in adopted:
+            self._queue(url, item)
+        if adopted:
+            taken = [(url, item.job_id) for url, item in adopted]
+            log.info("webhooks: %d event(s) for %d receiver(s) adopted from stopped senders (jobs %s)",
+                     *_count(taken), _jobs(taken), extra=_about(taken))  # fmt: skip
 
     def _next(self) -> tuple[str, _Target] | None:
         """The next URL whose head delivery is due (marked busy), waiting for one; None to stop.
@@ -497,13 +716,40 @@ class WebhookSender:
                         continue
                     log.warning("webhook %s gave up after %d attempts", shown(url), target.failures,
                                 extra={"job_id": head.job_id})  # fmt: skip
-                target.pending.popleft()
+                self._forget(target.pending.popleft().key)
                 # Its next event is due now: behind those already due, so a URL with many events
                 # waiting takes its turn with the others rather than keeping a thread to itself.
                 target.failures, target.not_before = 0, time.monotonic()
                 if not target.pending:
                     del self._targets[url]
                 self._ready.notify_all()
+
+
+def _write(pipe: Any, outbox: str, writes: dict[str, bytes | None]) -> None:
+    """Queue on `pipe` the outbox writes noted in `writes` (an entry, or None to delete it)."""
+    entries = {k: v for k, v in writes.items() if v is not None}
+    gone = [k for k, v in writes.items() if v is None]
+    if entries:
+        pipe.hset(outbox, mapping=entries)
+    if gone:
+        pipe.hdel(outbox, *gone)
+
+
+def _count(waiting: list[tuple[str, str]]) -> tuple[int, int]:
+    """How many events, and for how many URLs, in (url, job id) pairs."""
+    return len(waiting), len({url for url, _ in waiting})
+
+
+def _about(waiting: list[tuple[str, str]]) -> dict[str, str]:
+    """The log record's job id, where (url, job id) pairs are about one job alone."""
+    jobs = {job_id for _, job_id in waiting}
+    return {"job_id": jobs.pop()} if len(jobs) == 1 else {}
+
+
+def _jobs(waiting: list[tuple[str, str]]) -> str:
+    """The jobs of (url, job id) pairs, for the log: the first ten."""
+    jobs = sorted({job_id for _, job_id in waiting})
+    return ", ".join(jobs[:10]) + (", …" if len(jobs) > 10 else "")
 
 
 def _host(url: str) -> str:

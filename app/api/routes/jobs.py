@@ -80,7 +80,8 @@ def _webhook_after_cancel(meta: dict, event: JobEvent, settings, sender: Webhook
     of retries: 40 such cancels to a receiver that hangs stalled `/healthz` for 75 s.)"""
     hook = meta.get("webhook") or {}
     if hook.get("url") and "completed" in hook.get("events", ()) and sender is not None:
-        sender.submit(hook["url"], event, secret_for(redis, meta.get("owner"), settings.webhook_secret))
+        owner = meta.get("owner")
+        sender.submit(hook["url"], event, secret_for(redis, owner, settings.webhook_secret), owner=owner)
 
 
 @router.get(
