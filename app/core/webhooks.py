@@ -50,6 +50,7 @@ DEADLINE = 30.0  # seconds one delivery attempt may take in all
 RESOLVE_TIMEOUT = 3.0  # seconds a submission waits for its webhook host's lookup
 DELIVERY_RESOLVE_TIMEOUT = 10.0  # seconds a delivery waits for it (then retried later)
 MAX_LOOKUPS = 8  # lookups in flight at once, for submissions and deliveries each (see _resolve_in_time)
+MAX_LOOKUPS_PER_OWNER = 2  # of the submissions' ones, held by one API key's requests at once
 
 
 class WebhookTargetError(ValueError):
@@ -174,13 +175,14 @@ def _addresses(
     *,
     slots: threading.BoundedSemaphore,
     timeout: float,
+    owner: str | None = None,
 ) -> list[str]:
     """The addresses `parts`' host resolves to, all of them public unless `allow_private`, looked
-    up as `_resolve_in_time` does with `slots` and `timeout`."""
+    up as `_resolve_in_time` does with `slots`, `timeout` and `owner`."""
     host = parts.hostname
     assert host is not None
     try:
-        found = _resolve_in_time(resolve or _resolve, host, slots, timeout)
+        found = _resolve_in_time(resolve or _resolve, host, slots, timeout, owner)
         addresses = [a.split("%")[0] for a in found]
     except (OSError, UnicodeError) as exc:  # UnicodeError: a label the IDNA codec refuses (empty, too long)
         raise WebhookTargetError(f"webhook host {host!r} does not resolve") from exc
@@ -194,15 +196,18 @@ def _addresses(
     return addresses
 
 
-def check_target(url: str, *, allow_private: bool, resolve: Callable[[str], list[str]] | None = None) -> None:
+def check_target(
+    url: str, *, allow_private: bool, resolve: Callable[[str], list[str]] | None = None, owner: str | None = None
+) -> None:
     """Refuse non-HTTP(S) URLs and, unless allowed, hosts that resolve to internal addresses.
 
     Called from the API's shared threadpool: the lookup runs as `_resolve_in_time` says, so a host
     whose nameserver never answers costs a request RESOLVE_TIMEOUT seconds and a refusal, not a
-    pool thread for as long as the system resolver keeps trying."""
+    pool thread for as long as the system resolver keeps trying. `owner` is the API key's (see
+    app.core.auth; None with keys off): one key holds at most MAX_LOOKUPS_PER_OWNER lookups."""
     parts = _parts(url)
     if not allow_private:
-        _addresses(parts, allow_private, resolve, slots=_lookups, timeout=RESOLVE_TIMEOUT)
+        _addresses(parts, allow_private, resolve, slots=_lookups, timeout=RESOLVE_TIMEOUT, owner=owner)
 
 
 def _resolve(host: str) -> list[str]:
@@ -211,17 +216,33 @@ def _resolve(host: str) -> list[str]:
 
 _lookups = threading.BoundedSemaphore(MAX_LOOKUPS)  # submissions' (the API's shared threadpool)
 _delivery_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)  # deliveries' (the sender threads)
+_owners_lookups: Counter[str] = Counter()  # API key owner -> its submissions' lookups in flight
+_owners_lock = threading.Lock()
 
 
 def _resolve_in_time(
-    resolve: Callable[[str], list[str]], host: str, slots: threading.BoundedSemaphore, timeout: float
+    resolve: Callable[[str], list[str]],
+    host: str,
+    slots: threading.BoundedSemaphore,
+    timeout: float,
+    owner: str | None = None,
 ) -> list[str]:
     """`resolve(host)` on a thread of its own, waited for `timeout` seconds at most.
 
     `getaddrinfo` cannot be interrupted: a lookup that is given up on goes on, holding its slot of
     `slots` until the system resolver itself gives up. With every slot held, a lookup is refused
-    at once (a refusal that may be retried) rather than queued behind the stuck ones."""
+    at once (a refusal that may be retried) rather than queued behind the stuck ones. So that one
+    API key whose nameserver never answers cannot hold every slot (and have everyone's webhooks
+    refused), an `owner` holds at most MAX_LOOKUPS_PER_OWNER of them at once."""
+    if owner is not None:
+        with _owners_lock:
+            if _owners_lookups[owner] >= MAX_LOOKUPS_PER_OWNER:
+                raise LookupUnavailableError(
+                    "too many of this API key's webhook host lookups in progress; try again shortly"
+                )
+            _owners_lookups[owner] += 1
     if not slots.acquire(blocking=False):
+        _release_owner(owner)
         raise LookupUnavailableError("too many webhook host lookups in progress; try again shortly")
     answer: Future[list[str]] = Future()
 
@@ -230,15 +251,18 @@ def _resolve_in_time(
             found = resolve(host)
         except BaseException as exc:  # handed to the waiter, which raises it
             slots.release()
+            _release_owner(owner)
             answer.set_exception(exc)
         else:
             slots.release()
+            _release_owner(owner)
             answer.set_result(found)
 
     try:
         threading.Thread(target=lookup, name="webhook-lookup", daemon=True).start()
     except BaseException:  # no thread to run it (nor to give the slot back)
         slots.release()
+        _release_owner(owner)
         raise
     try:
         return answer.result(timeout=timeout)
@@ -246,6 +270,16 @@ def _resolve_in_time(
         if answer.done():
             return answer.result()  # its answer, or its own error (the lookup's timeout: an OSError)
         raise LookupUnavailableError(f"webhook host {host!r} did not resolve in time; try again shortly") from None
+
+
+def _release_owner(owner: str | None) -> None:
+    """Give back one of `owner`'s lookups (see `_resolve_in_time`)."""
+    if owner is None:
+        return
+    with _owners_lock:
+        _owners_lookups[owner] -= 1
+        if _owners_lookups[owner] <= 0:
+            del _owners_lookups[owner]
 
 
 @functools.cache

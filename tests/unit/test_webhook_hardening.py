@@ -384,3 +384,62 @@ def test_a_submission_whose_lookup_cannot_run_now_is_a_503(redis_server, redis_d
     assert answer.status_code == 503, answer.text
     assert answer.headers["retry-after"] == "2"
     assert "try again" in answer.json()["error"]["message"]
+
+
+def test_one_api_keys_hanging_lookups_leave_slots_for_the_others(redis_server, redis_db, tmp_path, monkeypatch) -> None:
+    """A key whose webhook host's nameserver never answers holds at most MAX_LOOKUPS_PER_OWNER of
+    the submission lookups: before, 8 such submissions held every slot and every other key's
+    webhooks got 503 until the system resolver gave up on them."""
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.main import create_app
+
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def resolve(host: str) -> list[str]:
+        if host == "hangs.example":
+            entered.release()
+            release.wait(30)
+        return ["93.184.215.14"]
+
+    monkeypatch.setattr(webhooks, "_resolve", resolve)
+    monkeypatch.setattr(webhooks, "RESOLVE_TIMEOUT", 0.2)
+    mallory, alice = "mallory-key-0123456789abcdef", "alice-key-0123456789abcdef"
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{redis_server.port}/15",
+        model="main",
+        results_dir=str(tmp_path / "results"),
+        webhook_secret="x" * 32,
+        api_keys=f"{mallory},{alice}",
+    )
+    try:
+        with TestClient(create_app(settings)) as http:
+            refused = []
+            for _ in range(webhooks.MAX_LOOKUPS):
+                answer = http.post(
+                    "/generate",
+                    json={"prompt": "p", "webhook": "https://hangs.example/hook"},
+                    headers={"authorization": f"Bearer {mallory}"},
+                )
+                assert answer.status_code == 503, answer.text
+                refused.append(answer.json()["error"]["message"])
+            assert sum("this API key's" in m for m in refused) == webhooks.MAX_LOOKUPS - webhooks.MAX_LOOKUPS_PER_OWNER
+            lookups = 0
+            while entered.acquire(timeout=0.5):
+                lookups += 1
+            assert lookups == webhooks.MAX_LOOKUPS_PER_OWNER  # the others were refused before any lookup
+            answer = http.post(
+                "/generate",
+                json={"prompt": "p", "webhook": "https://fine.example/hook"},
+                headers={"authorization": f"Bearer {alice}"},
+            )
+            assert answer.status_code == 202, answer.text
+    finally:
+        release.set()
+    # The stuck lookups ended: mallory's count is back to none.
+    deadline = time.monotonic() + 3
+    while webhooks._owners_lookups:
+        assert time.monotonic() < deadline, f"owners' lookups never given back: {webhooks._owners_lookups}"
+        time.sleep(0.05)

@@ -100,7 +100,9 @@ async def generate(request: Request) -> Response:
                 "webhooks are disabled on this server (no IMAGEGEN_WEBHOOK_SECRET)", code="validation_error"
             )
         try:  # resolves the host name: blocking
-            await run_in_threadpool(check_target, body.webhook, allow_private=settings.webhook_allow_private)
+            await run_in_threadpool(
+                check_target, body.webhook, allow_private=settings.webhook_allow_private, owner=principal.owner
+            )
         except LookupUnavailableError as exc:  # the lookup, not the URL: a retry may pass
             raise UnavailableError(f"webhook: {exc}", retry_after=2) from None
         except WebhookTargetError as exc:

@@ -90,7 +90,7 @@ def parse_fields(upload: Upload) -> VariationRequest:
         raise validation_error(exc) from None
 
 
-def _webhook(fields: VariationRequest, settings: Settings) -> dict[str, Any] | None:
+def _webhook(fields: VariationRequest, settings: Settings, owner: str | None) -> dict[str, Any] | None:
     """The job's webhook, checked as in POST /generate (resolving the host can block: threadpool)."""
     if fields.webhook is None:
         return None
@@ -99,7 +99,7 @@ def _webhook(fields: VariationRequest, settings: Settings) -> dict[str, Any] | N
             "webhooks are disabled on this server (no IMAGEGEN_WEBHOOK_SECRET)", code="validation_error"
         )
     try:
-        check_target(fields.webhook, allow_private=settings.webhook_allow_private)
+        check_target(fields.webhook, allow_private=settings.webhook_allow_private, owner=owner)
     except LookupUnavailableError as exc:  # the lookup, not the URL: a retry may pass
         raise UnavailableError(f"webhook: {exc}", retry_after=2) from None
     except WebhookTargetError as exc:
@@ -137,7 +137,7 @@ async def create_variations(
     png = await normalized_png(upload, fit=max(settings.max_width, settings.max_height))
     params = fields.variation_params()
     principal.check_priority(fields.priority)
-    webhook = await run_in_threadpool(_webhook, fields, settings)
+    webhook = await run_in_threadpool(_webhook, fields, settings, principal.owner)
 
     def body_hash() -> str:
         digest = hashlib.sha256(png)
