@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 
 def main() -> int:
@@ -112,6 +112,7 @@ def main() -> int:
     stop_asked = threading.Event()
     between_loops = lambda: install_stop_handlers(stop_asked)  # noqa: E731
     between_loops()
+    device_failed = False
     try:
         while not stop_asked.is_set():
             worker = None
@@ -125,6 +126,14 @@ def main() -> int:
             except StopRequested:
                 pass
             between_loops()
+            if worker is not None and worker.device_fault is not None:
+                device_failed = True
+                log.error(
+                    "the GPU failed under job(s) %s (%s): this process's CUDA context cannot be trusted any "
+                    "more, so the worker exits (status %d) for its supervisor to restart it with a fresh one",
+                    ", ".join(worker.device_fault_jobs) or "(none recorded)", worker.device_fault, DEVICE_FAULT_EXIT,
+                )  # fmt: skip
+                break
             if worker is not None and worker._shutdown_requested_date is not None:
                 break
             if stop_asked.wait(1):
@@ -133,7 +142,23 @@ def main() -> int:
     finally:
         if sender is not None:
             sender.close()  # deliver what is pending before exiting
+    if device_failed:
+        exit_now(DEVICE_FAULT_EXIT)
     return 0
+
+
+# EX_TEMPFAIL: a fresh process is expected to work. Any non-zero status gets the process restarted
+# (compose's `restart: unless-stopped`, Kubernetes); this one tells a device fault apart in `docker ps`.
+DEVICE_FAULT_EXIT = 75
+
+
+def exit_now(status: int) -> NoReturn:
+    """Exit without Python's teardown, logs flushed: at exit torch frees what it cached on the
+    device, calls into the broken context that can abort the process or hang it."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def describe(settings: Any, runtime: Any) -> str:

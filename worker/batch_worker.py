@@ -8,7 +8,9 @@ kept) and reads the cancel flags; it registers each job with RQ exactly as
 `perform_job` would (execution in the started registry, status `started`, heartbeats), runs one
 batched UNet step for all of them, and finishes every job the moment its own last step is done.
 Each job keeps its own generator, progress, events, cancel flag, timeout and outcome; one job
-failing never fails the others.
+failing never fails the others. A device fault (`tasks.DeviceFaultError`) is the exception: it
+breaks the process's CUDA context for every job on it, so all of them go back to their queues and
+the worker stops; a job handed back so is sampled alone from then on.
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ for i, id in ipairs(ARGV) do
 end
 return taken
 """
+
+
+class _DeviceFault(Exception):
+    """The device failed during the session (see `tasks._is_device_fatal`): raised out of the
+    sampling loop, it ends the session with every job on the device handed back (`_hand_back_all`)."""
+
+    def __init__(self, cause: BaseException, admitted: list[tuple[Job, Queue, Execution, bool]] | None = None) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        # Jobs registered as started but not in `slots` yet (see `_admit`), each with whether it
+        # had been on the device.
+        self.admitted = admitted or []
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -147,6 +161,7 @@ class BatchingWorker(ImagegenWorker):
             self._run_session(job, queue)
         finally:
             logs.current_job_id.set(None)
+        self._stop_if_device_failed()
 
     def _run_session(self, job: Job, queue: Queue) -> None:
         self._hung = set()
@@ -169,6 +184,8 @@ class BatchingWorker(ImagegenWorker):
                     self._watcher.start()
                 if not self.slots:
                     self._linger()
+        except _DeviceFault as fault:
+            self._hand_back_all(fault)
         except Exception:
             # A cold shutdown (SystemExit) leaves the jobs to abandoned-job recovery instead.
             self._abandon_all(sys.exc_info())
@@ -208,7 +225,7 @@ class BatchingWorker(ImagegenWorker):
         #    so that short steps (a lone job on a small model) do not each wait for Redis, and
         #    only when something may have changed (see `_check_due`).
         slots = list(self.slots)
-        room = 0 if self._stop_requested else self.max_batch - self._rows()
+        room = 0 if self._stop_requested or self._alone() else self.max_batch - self._rows()
         replies: list[Any] = [0, 1] * len(slots)  # per job: its cancel flag, whether it is still ours
         now = self.clock()
         heads: list[Any] = []
@@ -255,13 +272,15 @@ class BatchingWorker(ImagegenWorker):
         if len(finished) > 1:
             try:
                 decoded = list(self.engine.decode_many([s.request for s in finished]))
-            except Exception:  # each is decoded alone below, so only a culprit fails
+            except Exception as exc:  # each is decoded alone below, so only a culprit fails
+                _raise_if_device_failed(exc)
                 log.warning("decoding %d jobs together failed; decoding them one by one", len(finished), exc_info=True)
         for slot, images in zip(finished, decoded, strict=True):
             if images is None:
                 try:
                     images = self.engine.decode(slot.request)
                 except Exception as exc:
+                    _raise_if_device_failed(exc)
                     with logs.job_context(slot.job.id):
                         log.exception("job %s: decoding failed", slot.job.id)
                         self._end_failed(slot, _sampling_failure(slot.job, exc))
@@ -319,6 +338,12 @@ class BatchingWorker(ImagegenWorker):
     def _rows(self) -> int:
         return sum(s.params.num_images for s in self.slots)
 
+    def _alone(self) -> bool:
+        """Whether the batch holds a job the device has failed under before: it is sampled alone,
+        so that a job that makes the device fault cannot take others' hand-backs with it (each
+        device fault counts against every job on the device: see `tasks.device_fault`)."""
+        return any(tasks.device_faults(s.job) for s in self.slots)
+
     def _fill(self, heads: list[list[bytes]], room: int) -> None:
         """Claim waiting jobs from the queue heads (highest priority first) while they fit."""
         shape = self.engine.shape(self.slots[0].params) if self.slots else None
@@ -330,8 +355,8 @@ class BatchingWorker(ImagegenWorker):
         for (q, _), job in zip(candidates, jobs, strict=True):
             if job is None:
                 continue  # a stale id: RQ's own dequeue skips it too
-            if _runs_alone(job):
-                break  # RQ's loop takes it alone when its turn comes
+            if _runs_alone(job) or tasks.device_faults(job):
+                break  # RQ's loop takes it alone when its turn comes (see `_alone`)
             rows, job_shape = self._shape_of(job)
             # Stop at the first job that does not fit, so nothing overtakes it: once the batch
             # drains, the next session starts with it.
@@ -413,7 +438,7 @@ class BatchingWorker(ImagegenWorker):
                     self.executions.pop(execution.id, None)
                 raise
         self.procline(f"Processing {len(self.slots) + len(started)} jobs")
-        for job, queue, params, execution, event, reply in started:
+        for i, (job, queue, params, execution, event, reply) in enumerate(started):
             try:
                 with logs.job_context(job.id):
                     if replies[reply]:
@@ -423,7 +448,12 @@ class BatchingWorker(ImagegenWorker):
                     try:
                         request = self.engine.start(params)
                     except Exception as exc:
+                        if tasks._device_broken(exc):
+                            rest = [(j, q, e, False) for j, q, _, e, _, _ in started[i + 1 :]]
+                            raise _DeviceFault(exc, [(job, queue, execution, True), *rest]) from exc
                         raise _sampling_failure(job, exc) from None
+            except _DeviceFault:
+                raise
             except Exception:
                 self._finalize_failure(job, queue, execution, sys.exc_info())
                 continue
@@ -442,6 +472,7 @@ class BatchingWorker(ImagegenWorker):
             self.engine.tick([s.request for s in slots])
             return
         except Exception as exc:
+            _raise_if_device_failed(exc)  # no retries: nothing runs on a broken device
             log.warning("batched step of %d jobs failed; retrying them one by one", len(slots), exc_info=exc)
             oom = tasks._is_oom(exc)
             # Nothing of the failed step is kept (the exception's traceback holds its activations).
@@ -461,6 +492,7 @@ class BatchingWorker(ImagegenWorker):
                 self.engine.tick([request])
                 return
             except Exception as exc:
+                _raise_if_device_failed(exc)
                 if not (tasks._is_oom(exc) and _splittable(request)):
                     self._fail_step(slot, exc)
                     return
@@ -634,6 +666,31 @@ class BatchingWorker(ImagegenWorker):
         with self._lock:
             self.slots.clear()
 
+    def _hand_back_all(self, fault: _DeviceFault) -> None:
+        """The device failed: the process's CUDA context is broken for every job on it, so each goes
+        back to its queue (or fails, past its hand-backs: `tasks.device_fault`), and the worker stops
+        after this session (`_stop_if_device_failed`). Jobs being stored go on: their images were
+        copied off the device before it failed (a copy after the fault would have raised it).
+        A job whose outcome cannot be written stays in the started registry and is recovered as
+        abandoned once its heartbeats, which end with this process, expire."""
+        log.warning("the device failed; every job on it goes back to its queue", exc_info=fault.cause)
+        self.device_fault = self.device_fault or tasks.one_line(fault.cause)  # stop, whatever is recorded
+        # Last taken first: each goes to the front of its queue, so they wait in the order they came.
+        for job, queue, execution, ran in reversed(fault.admitted):
+            error = tasks.device_fault(job, fault.cause, ran=ran)
+            try:
+                self._finalize_failure(job, queue, execution, (type(error), error, None))
+            except Exception:
+                log.warning("job %s: could not hand it back; left for recovery", job.id, extra={"job_id": job.id})
+        for slot in reversed(list(self.slots)):
+            try:
+                self._end_failed(slot, tasks.device_fault(slot.job, fault.cause))
+            except Exception:
+                log.warning("job %s: could not hand it back; left for recovery", slot.job.id,
+                            extra={"job_id": slot.job.id})  # fmt: skip
+        with self._lock:
+            self.slots.clear()
+
     def _beat_all(self, stop: threading.Event) -> None:
         # One thread keeps every active job's heartbeat fresh, so `rq info` and abandoned-job
         # detection see each of them exactly as for a single job.
@@ -674,6 +731,12 @@ def _runs_alone(job: Job) -> bool:
     (the one-job path refuses it): never part of a batch."""
     task = task_of(job)
     return task is UNREADABLE or (task in ALLOWED_TASKS and task != TASK_GENERATE)
+
+
+def _raise_if_device_failed(exc: BaseException) -> None:
+    """Out of the session with every job on the device (see `_hand_back_all`) if the device broke."""
+    if tasks._device_broken(exc):
+        raise _DeviceFault(exc) from exc
 
 
 def _splittable(request: Any) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,27 @@ class LostRunError(Exception):
     VM, swapping), was taken for dead, and the job was re-queued and run again elsewhere. The run
     stops at once and records nothing more (`ImagegenWorker._taken_from_us` drops its outcome):
     sampling on would waste the worker and mix this run's progress into the other run's."""
+
+
+class DeviceFaultError(Exception):
+    """The device failed in a way that leaves this process's CUDA context unusable (see
+    `_is_device_fatal`): every later job would fail too while the worker looked healthy. The job is
+    not at fault as far as anyone can tell: it goes back to its queue (`job.meta["requeue"]`, as at
+    shutdown) and the worker exits once that is recorded, for its supervisor to start a fresh
+    process (`ImagegenWorker.device_fault`, `worker.__main__`)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what  # the device's error, one line
+
+
+class DeviceFailedError(JobFailedError):
+    """A device fault on a job's last allowed run (`MAX_DEVICE_HANDBACKS`): the job ends failed,
+    and the worker still exits, its CUDA context broken all the same."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(ErrorCode.sampling_error, message)
+        self.what = what
 
 
 class CanceledError(Exception):
@@ -223,6 +245,9 @@ def run_job(ctx: WorkerContext, job: Job, request: GenerationParams, prepared: f
     except JobTimeoutException:
         raise _fail(job, ErrorCode.timeout, f"job ran past its {job.timeout} s limit") from None
     except Exception as exc:
+        if _device_broken(exc):
+            log.warning("job %s: the device failed while sampling", job.id, exc_info=True)
+            raise device_fault(job, exc) from exc
         if not _is_oom(exc):
             log.exception("job %s: sampling failed", job.id)
             raise _fail(job, ErrorCode.sampling_error, f"{type(exc).__name__}: {exc}") from None
@@ -281,6 +306,108 @@ def _is_gpu_oom(exc: BaseException) -> bool:
     if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
         return True
     return _is_oom(exc) and not isinstance(exc, MemoryError) and any(m in str(exc) for m in GPU_OOM_MARKERS)
+
+
+# Errors after which the process's CUDA context is unusable: the CUDA runtime documents each of
+# these as leaving "the process in an inconsistent state", every later CUDA call failing with the
+# same error until the process is terminated and relaunched (cudaError_t: cudaErrorIllegalAddress
+# 700, LaunchTimeout 702, Assert 710, HardwareStackError 714, IllegalInstruction 715,
+# MisalignedAddress 716, InvalidAddressSpace 717, InvalidPc 718, LaunchFailure 719). torch raises
+# them as RuntimeError (torch.AcceleratorError since 2.8) with the runtime's own wording.
+STICKY_CUDA_MARKERS = (
+    "an illegal memory access was encountered",
+    "the launch timed out and was terminated",
+    "device-side assert triggered",
+    "hardware stack error",
+    "an illegal instruction was encountered",
+    "misaligned address",
+    "operation not supported on global/shared address space",
+    "invalid program counter",
+    "unspecified launch failure",
+)
+# Uncorrectable memory and NVLink errors (ECCUncorrectable 214, NvlinkUncorrectable 220): not
+# documented as sticky, but data on the device may be corrupt, the model's weights included, which
+# only a fresh process loads again.
+HARDWARE_MARKERS = ("uncorrectable ECC error encountered", "uncorrectable NVLink error")
+# cuBLAS and cuDNN report a kernel that failed on the device this way, the same faults as above
+# met inside a library call (CUDA reports a kernel's fault at the next call, often a library's).
+# Not their INTERNAL_ERROR, which is mostly an allocation failure in disguise: where the context
+# really is gone, `_device_answers` finds out.
+LIBRARY_MARKERS = ("CUBLAS_STATUS_EXECUTION_FAILED", "CUDNN_STATUS_EXECUTION_FAILED")
+DEVICE_FATAL_MARKERS = STICKY_CUDA_MARKERS + HARDWARE_MARKERS + LIBRARY_MARKERS
+# Left out: "unknown error" (not documented as fatal; once a GPU fell off the bus every call fails,
+# which `_device_answers` sees), "CUDA-capable device(s) is/are busy or unavailable" and "driver
+# version is insufficient" (met where the context is created, at start-up, where the worker exits
+# anyway), out of memory (memory is freed and the worker goes on).
+MAX_DEVICE_HANDBACKS = 2  # times a job goes back to its queue after a device fault; the next fault fails it
+DEVICE_FAULTS = "device_faults"  # meta: how many runs of the job ended in a device fault
+
+
+def _is_device_fatal(exc: BaseException) -> bool:
+    """Whether an error says the device failed in a way no later job on this process survives.
+    Read through the chain of causes: a library may re-raise it as its own error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RuntimeError) and any(m in str(current) for m in DEVICE_FATAL_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _device_answers() -> bool:
+    """Whether the GPU still runs work, asked after a failure no marker names: a broken context
+    fails every call, a synchronize included, while an ordinary error leaves it working. Never
+    asked in a process that has not used CUDA (a CPU worker)."""
+    torch: Any = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return True
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:  # torch.AcceleratorError included
+        log.warning("the GPU fails every call since the last error", exc_info=True)
+        return False
+    return True
+
+
+def _device_broken(exc: BaseException) -> bool:
+    """Whether sampling failed because the device is no longer usable by this process."""
+    return _is_device_fatal(exc) or not _device_answers()
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as its type and the first line of its message (torch's CUDA errors go on for lines)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def device_faults(job: Job) -> int:
+    """How many runs of the job ended in a device fault."""
+    try:
+        return max(0, int(job.meta.get(DEVICE_FAULTS) or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def device_fault(job: Job, exc: BaseException, *, ran: bool = True) -> DeviceFaultError | DeviceFailedError:
+    """The outcome of a run of `job` that the device failed under (`ran`; else a job taken with
+    others but not yet on the device), noted in its meta: back to its queue, or failed once the
+    device failed under it more than MAX_DEVICE_HANDBACKS times. Handing it back costs none of the
+    retries kept for lost workers (IMAGEGEN_MAX_RETRIES) and is bounded on its own: a job whose
+    input itself makes the kernels fault would otherwise take every worker down in turn, forever."""
+    what = one_line(exc)
+    faults = device_faults(job) + (1 if ran else 0)
+    job.meta[DEVICE_FAULTS] = faults
+    if faults > MAX_DEVICE_HANDBACKS:
+        message = (
+            f"the GPU failed on each of this job's {faults} runs, and took its worker down each time "
+            f"({what}); the job itself may cause it, so it is not run again"
+        )
+        _fail(job, ErrorCode.sampling_error, message)
+        return DeviceFailedError(what, message)
+    job.meta["requeue"] = True
+    return DeviceFaultError(what)
 
 
 def _generate_or_split(ctx: WorkerContext, job: Job, request: GenerationParams, on_step: Any) -> list[Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from rq import worker_registration
-from rq.exceptions import AbandonedJobError, DequeueTimeout, DeserializationError
+from rq.exceptions import AbandonedJobError, DequeueTimeout, DeserializationError, StopRequested
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import call_exception_handlers
 from rq.queue import Queue
@@ -162,6 +162,10 @@ class ImagegenWorker(SimpleWorker):
         self._failing: set[str] = set()  # jobs whose failure RQ is recording
         # Jobs of dead workers that RQ's maintenance re-queues or fails (see `_note_abandoned`).
         self._lost: list[Job] = []
+        # The device's error once it failed under a job (`tasks.DeviceFaultError`), and the jobs it
+        # failed under: this worker then stops, and the process exits (see `_stop_if_device_failed`).
+        self.device_fault: str | None = None
+        self.device_fault_jobs: list[str] = []
         self.push_exc_handler(self._note_abandoned)
 
     def subscribe(self) -> None:
@@ -210,17 +214,26 @@ class ImagegenWorker(SimpleWorker):
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """RQ logs every failing job's traceback at ERROR. An outcome of ours (canceled, refused,
         invalid, timed out; a sampling error was logged with its traceback where it happened) or a
-        hand-back at shutdown is one line instead, at INFO for cancels and hand-backs."""
-        from worker.tasks import JobFailedError, LostRunError, RequeueError
+        hand-back (at shutdown, after a device fault) is one line instead, at INFO for cancels and
+        hand-backs at shutdown. A device fault is noted here, where every run's error passes on
+        both paths (one job, a batch), for the worker to stop once the job's outcome is written."""
+        from worker import tasks
+        from worker.tasks import DeviceFailedError, DeviceFaultError, JobFailedError, LostRunError, RequeueError
 
         exc = exc_info[1] if len(exc_info) > 1 else None
+        if isinstance(exc, DeviceFaultError | DeviceFailedError):
+            self.device_fault = self.device_fault or exc.what
+            self.device_fault_jobs.append(job.id)
         if isinstance(exc, LostRunError):
             return  # logged where the run stopped; nothing of it is recorded
-        if not isinstance(exc, JobFailedError | RequeueError):
+        if not isinstance(exc, JobFailedError | RequeueError | DeviceFaultError):
             super().handle_exception(job, *exc_info)
             return
         if isinstance(exc, RequeueError):
             log.info("job %s: handed back to the queue at shutdown", job.id)
+        elif isinstance(exc, DeviceFaultError):
+            log.warning("job %s: handed back to the queue after a device fault (%d under it so far; it fails past %d)",
+                        job.id, tasks.device_faults(job), tasks.MAX_DEVICE_HANDBACKS)  # fmt: skip
         elif exc.code is ErrorCode.canceled:
             log.info("job %s: %s", job.id, exc.message)
         else:
@@ -275,6 +288,14 @@ class ImagegenWorker(SimpleWorker):
                 self._execute_one(job, queue)
         finally:
             logs.current_job_id.set(None)  # set since its dequeue
+        self._stop_if_device_failed()
+
+    def _stop_if_device_failed(self) -> None:
+        """After a device fault, with its jobs handed back (or failed), RQ's loop ends as on a stop
+        request: no further job is taken, and the worker's registration goes as on any stop. The
+        process then exits (`worker.__main__`): its CUDA context cannot be repaired from inside."""
+        if self.device_fault is not None:
+            raise StopRequested
 
     def _execute_one(self, job: Job, queue: Queue) -> None:
         reason = self.refusal_reason(job)
