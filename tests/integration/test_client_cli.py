@@ -18,6 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
+import imagegen_client.client as client_module
 from imagegen_client import AsyncClient, Client, ImagegenError, Job, JobEvent, WaitTimeout
 from imagegen_client.client import error_from_response
 from tests.procs import ROOT, Stack, start_api, wait_for
@@ -419,9 +420,11 @@ def test_curl_scripts_show_the_servers_refusal(
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
-def test_a_refusal_carries_the_servers_retry_after() -> None:
-    """A key past its bound of waiting jobs (or a full queue) gets 429 with Retry-After: the client
-    hands the wait on, so a batch script can back off as the server asks."""
+def test_a_refusal_carries_the_servers_retry_after(monkeypatch) -> None:
+    """A key past its bound of waiting jobs (or a full queue) gets 429 with Retry-After: once its
+    submission's retries are over (a short window here), the client hands the wait on, so a batch
+    script can back off as the server asks."""
+    monkeypatch.setattr(client_module, "RECONNECT_WINDOW", 0.5)
 
     def server(request: httpx.Request) -> httpx.Response:
         body = {"error": {"code": "rate_limited", "message": "this API key has 100 jobs waiting"}}

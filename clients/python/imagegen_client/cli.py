@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -80,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", help="sampler: ddim, euler, euler_a, dpmpp_2m, unipc, pndm, native")
     gen.add_argument("--priority", choices=["high", "normal", "low"], help="queue priority")
     gen.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="run again with the same KEY and arguments to get the job the first run made (for 24 h), not a new one",
+    )
+    gen.add_argument(
         "-o", "--output", type=Path, default=Path("."), metavar="DIR", help="folder for the PNGs (not -: no stdout)"
     )
     gen.add_argument("--timeout", type=_seconds, default=600.0, metavar="S", help="give up waiting after S seconds")
@@ -124,6 +130,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         height=height,
         scheduler=args.scheduler,
         priority=args.priority,
+        idempotency_key=args.idempotency_key,
     )
     bar = _Bar(job.id, job.progress.total, enabled=not args.quiet)
     try:
@@ -202,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("-o -: PNGs cannot go to stdout; give a folder (the PNGs' paths are printed)")
     if args.command == "generate" and args.output.exists() and not args.output.is_dir():
         parser.error(f"-o {args.output}: exists and is not a folder")  # before any job is submitted
+    notices = logging.StreamHandler(sys.stderr)  # the client's own (a submission being retried)
+    notices.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    library = logging.getLogger("imagegen_client")
+    library.addHandler(notices)
     try:
         with Client(args.url, api_key=args.api_key) as client:
             return int(COMMANDS[args.command](client, args))
@@ -217,4 +228,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug or an odd answer: still one line, never a traceback
         print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        library.removeHandler(notices)
     return EXIT_FAILED

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -41,6 +43,19 @@ RECONNECT_PAUSE = 0.5  # between tries while a wait cannot reach the server
 RECONNECT_WINDOW = 60.0  # seconds a wait keeps trying an unreachable server before it raises
 RETRY_STATUSES = frozenset({429, 502, 503, 504})  # answers a wait rides out like an unreachable server
 RETRY_AFTER_MAX = 30.0  # the longest a wait sleeps for one Retry-After
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # a repeat with the same key and body returns the original job
+# How the system resolver says a host name does not exist (glibc, musl, macOS, Windows): a wrong
+# URL, not a server restarting, so a submission is not retried for it.
+UNKNOWN_HOST_MARKERS = (
+    "Name or service not known",
+    "No address associated with hostname",
+    "nodename nor servname provided",
+    "getaddrinfo failed",
+    "Name does not resolve",
+)
+
+log = logging.getLogger("imagegen_client")
+log.addHandler(logging.NullHandler())  # the application decides where (the CLI: stderr)
 
 WaitMode = Literal["sse", "longpoll", "poll"]
 
@@ -220,18 +235,54 @@ class _Outage:
             return self.report.heard
         return exc.code == "transport_error"  # it connected, then the request was cut
 
+    def began(self, now: float, attempt_started: float) -> float:
+        """When the current run of failures began; a try that lasted had got through and starts a new one."""
+        if self.since is None or now - attempt_started > RECONNECT_PAUSE * 2:
+            self.since = now
+        return self.since
+
     def pause(self, exc: ImagegenError, attempt_started: float, deadline: float | None) -> float:
         """Seconds to sleep before trying again; raises `exc` when the wait should end."""
         if not self.retryable(exc):
             raise exc
         now = time.monotonic()
-        if self.since is None or now - attempt_started > RECONNECT_PAUSE * 2:  # it had got through
-            self.since = now
-        left = min(RECONNECT_WINDOW - (now - self.since), _remaining(deadline))
+        left = min(RECONNECT_WINDOW - (now - self.began(now, attempt_started)), _remaining(deadline))
         if left <= 0:
             raise exc
         wanted = RECONNECT_PAUSE if exc.retry_after is None else max(RETRY_PAUSE, exc.retry_after)
         return min(wanted, RETRY_AFTER_MAX, left)
+
+
+class _Resubmission(_Outage):
+    """How a submission rides out the same trouble: its POST is sent again as it was, with the same
+    Idempotency-Key, so that when an answer was lost after the job was made (a request cut or timed
+    out, a 502 from a proxy) the repeat returns that job instead of making a second one. Unlike a
+    wait it also retries a server it never reached (an API starting up: a refused connection made
+    no job) and timeouts. The window runs from the first failure, however long each try was held
+    (`Prefer: wait`), so that the whole submission stays bounded."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(_Reporter(None))
+        self.url = url
+        self.told = False
+
+    def retryable(self, exc: ImagegenError) -> bool:
+        if exc.code == "connection_error" and any(m in exc.message for m in UNKNOWN_HOST_MARKERS):
+            return False  # a mistyped host name fails at once, not after the whole window
+        return exc.status in RETRY_STATUSES or exc.code in ("connection_error", "timeout", "transport_error")
+
+    def pause(self, exc: ImagegenError, attempt_started: float, deadline: float | None) -> float:
+        seconds = super().pause(exc, attempt_started, deadline)
+        if not self.told:  # once per submission: a wrong port otherwise looks like a hang
+            self.told = True
+            log.warning("POST %s: %s; sending it again (same Idempotency-Key) for up to %g s",
+                        self.url, exc, RECONNECT_WINDOW)  # fmt: skip
+        return seconds
+
+    def began(self, now: float, attempt_started: float) -> float:
+        if self.since is None:
+            self.since = now
+        return self.since
 
 
 class _Reporter:
@@ -286,6 +337,17 @@ def _submit_body(prompt: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
 
 
+def _submission(request: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A POST's request options with its Idempotency-Key added."""
+    return {**request, "headers": {**request.get("headers", {}), IDEMPOTENCY_HEADER: key}}
+
+
+def _job_request(prompt: str, params: Mapping[str, Any], wait: float | None, deadline: float | None) -> dict[str, Any]:
+    """`submit`'s POST, held up to `wait` seconds but never past the deadline (a retry is held for
+    what is left)."""
+    return {"json": _submit_body(prompt, params), **_held(_bounded(wait, deadline))}
+
+
 def _held(wait: float | None) -> dict[str, Any]:
     """Request options for a POST the server may hold up to `wait` seconds (`Prefer: wait`)."""
     if not wait or wait <= 0:
@@ -318,7 +380,11 @@ def _post_wait(deadline: float | None, callback: ProgressCallback | None, wait: 
         if callback is not None:
             return None
         wait = LONGPOLL_MAX
-    return min(wait, _remaining(deadline)) if deadline is not None else wait
+    return _bounded(wait, deadline)
+
+
+def _bounded(wait: float | None, deadline: float | None) -> float | None:
+    return min(wait, _remaining(deadline)) if wait is not None and deadline is not None else wait
 
 
 def error_from_response(response: httpx.Response) -> ImagegenError:
@@ -485,6 +551,7 @@ class Client:
         scheduler: str | None = None,
         priority: str | None = None,
         wait: float | None = None,
+        idempotency_key: str | None = None,
         **extra: Any,
     ) -> Job:
         """Queue a job (`POST /generate`); returns it as queued, with its seed filled in.
@@ -492,6 +559,12 @@ class Client:
         With `wait` (seconds, the server allows up to 60) the server holds the answer until the job
         ends (`Prefer: wait`): the job returned is then finished if it ended in time. Servers
         without that preference answer at once, as without `wait`.
+
+        The POST carries an `Idempotency-Key` (`idempotency_key`, else a new random one) and is
+        sent again with the same key and body through refused connections, requests cut or timed
+        out, and 429, 502, 503 and 504 answers, for up to RECONNECT_WINDOW seconds (`_Resubmission`):
+        a repeat is answered with the job the first one made, never a second job. Your own key
+        makes that hold across calls too (a script started again after a crash), for 24 h.
         """
         params = dict(
             negative_prompt=negative_prompt,
@@ -505,7 +578,7 @@ class Client:
             priority=priority,
             **extra,
         )
-        return _job_from(self._request("POST", "/generate", json=_submit_body(prompt, params), **_held(wait)))
+        return self._submit(prompt, params, wait, idempotency_key, None)
 
     def get(self, job_id: str) -> Job:
         return _job_from(self._request("GET", _job_path(job_id)))
@@ -526,26 +599,38 @@ class Client:
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
         wait: float | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> Job:
         """Submit, wait, and return the succeeded job (raises `ImagegenError` if it failed).
 
         Without a progress callback the POST itself waits for the end (one request fewer); `wait`
-        sets how long it may (seconds, 0: not at all; default up to 25 s, none with `on_progress`)."""
+        sets how long it may (seconds, 0: not at all; default up to 25 s, none with `on_progress`).
+        The POST is retried as `submit`'s is, with `idempotency_key` or a new one, within `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = self.submit(prompt, wait=_post_wait(deadline, on_progress, wait), **params)
+        job = self._submit(prompt, params, _post_wait(deadline, on_progress, wait), idempotency_key, deadline)
         if job.done:
             return job.raise_for_status()
         return self._wait_until(job.id, deadline, timeout, on_progress).raise_for_status()
 
-    def image(self, prompt: str, *, timeout: float | None = None, wait: float | None = None, **params: Any) -> bytes:
+    def image(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        wait: float | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> bytes:
         """Make one image and return its PNG bytes (raises `ImagegenError` if the job failed).
 
         The POST asks for the PNG itself (`Prefer: wait`, `Accept: image/png`): where the server
         answers with it, prompt to image is one request; otherwise (an older server, a job still
-        running when the server's wait ends) the job is waited for and its image downloaded."""
+        running when the server's wait ends) the job is waited for and its image downloaded. The
+        POST is retried as `submit`'s is, with `idempotency_key` or a new one, within `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = _png_or_job(self._request("POST", "/generate", **_image_request(prompt, params, deadline, wait)))
+        request = lambda: _image_request(prompt, params, deadline, wait)  # noqa: E731
+        job = _png_or_job(self._post("/generate", request, idempotency_key, deadline))
         if isinstance(job, bytes):
             return job
         if not job.done:
@@ -559,6 +644,26 @@ class Client:
         after `timeout` seconds (None: no limit); the job keeps running on the server.
         """
         return self._wait_until(job_id, None if timeout is None else time.monotonic() + timeout, timeout, on_progress)
+
+    def _submit(
+        self, prompt: str, params: Mapping[str, Any], wait: float | None, key: str | None, deadline: float | None
+    ) -> Job:
+        return _job_from(self._post("/generate", lambda: _job_request(prompt, params, wait, deadline), key, deadline))
+
+    def _post(
+        self, path: str, request: Callable[[], dict[str, Any]], key: str | None, deadline: float | None
+    ) -> httpx.Response:
+        """POST `path` under one Idempotency-Key (`key`, else a new one) until it is answered with
+        anything but a passing trouble (see `_Resubmission`): the answer, or the error that ended
+        the tries. `request()` gives each try's options: a held POST is held for what is left."""
+        key = str(uuid.uuid4()) if key is None else key
+        resubmission = _Resubmission(f"{self.base_url}{path}")
+        while True:
+            started = time.monotonic()
+            try:
+                return _checked(self._request("POST", path, **_submission(request(), key)))
+            except ImagegenError as exc:
+                time.sleep(resubmission.pause(exc, started, deadline))
 
     def _wait_until(
         self, job_id: str, deadline: float | None, timeout: float | None, on_progress: ProgressCallback | None
@@ -741,6 +846,7 @@ class AsyncClient:
         scheduler: str | None = None,
         priority: str | None = None,
         wait: float | None = None,
+        idempotency_key: str | None = None,
         **extra: Any,
     ) -> Job:
         params = dict(
@@ -755,7 +861,7 @@ class AsyncClient:
             priority=priority,
             **extra,
         )
-        return _job_from(await self._request("POST", "/generate", json=_submit_body(prompt, params), **_held(wait)))
+        return await self._submit(prompt, params, wait, idempotency_key, None)
 
     async def get(self, job_id: str) -> Job:
         return _job_from(await self._request("GET", _job_path(job_id)))
@@ -774,19 +880,27 @@ class AsyncClient:
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
         wait: float | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = await self.submit(prompt, wait=_post_wait(deadline, on_progress, wait), **params)
+        job = await self._submit(prompt, params, _post_wait(deadline, on_progress, wait), idempotency_key, deadline)
         if job.done:
             return job.raise_for_status()
         return (await self._wait_until(job.id, deadline, timeout, on_progress)).raise_for_status()
 
     async def image(
-        self, prompt: str, *, timeout: float | None = None, wait: float | None = None, **params: Any
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        wait: float | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
     ) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = _png_or_job(await self._request("POST", "/generate", **_image_request(prompt, params, deadline, wait)))
+        request = lambda: _image_request(prompt, params, deadline, wait)  # noqa: E731
+        job = _png_or_job(await self._post("/generate", request, idempotency_key, deadline))
         if isinstance(job, bytes):
             return job
         if not job.done:
@@ -796,6 +910,24 @@ class AsyncClient:
     async def wait(self, job_id: str, timeout: float | None = None, on_progress: ProgressCallback | None = None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         return await self._wait_until(job_id, deadline, timeout, on_progress)
+
+    async def _submit(
+        self, prompt: str, params: Mapping[str, Any], wait: float | None, key: str | None, deadline: float | None
+    ) -> Job:
+        request = lambda: _job_request(prompt, params, wait, deadline)  # noqa: E731
+        return _job_from(await self._post("/generate", request, key, deadline))
+
+    async def _post(
+        self, path: str, request: Callable[[], dict[str, Any]], key: str | None, deadline: float | None
+    ) -> httpx.Response:
+        key = str(uuid.uuid4()) if key is None else key  # (see Client._post)
+        resubmission = _Resubmission(f"{self.base_url}{path}")
+        while True:
+            started = time.monotonic()
+            try:
+                return _checked(await self._request("POST", path, **_submission(request(), key)))
+            except ImagegenError as exc:
+                await asyncio.sleep(resubmission.pause(exc, started, deadline))
 
     async def _wait_until(
         self, job_id: str, deadline: float | None, timeout: float | None, on_progress: ProgressCallback | None
