@@ -212,9 +212,10 @@ class BatchingWorker(ImagegenWorker):
                     log.warning("registry maintenance skipped (Redis unavailable)")
                 else:  # another job's or worker's record it could not handle
                     log.exception("registry maintenance failed; the batch goes on")
-        # 2. Hand everything back past the shutdown grace.
+        # 2. Hand everything back past the shutdown grace: last taken first, since each goes to
+        #    the front of its queue, so that they wait there in the order they came.
         if ctx.should_requeue():
-            for slot in list(self.slots):
+            for slot in reversed(list(self.slots)):
                 with logs.job_context(slot.job.id):
                     log.info("job %s: shutting down, handing the job back to the queue", slot.job.id)
                     slot.job.meta["requeue"] = True

@@ -387,3 +387,27 @@ def test_an_ordinary_error_in_a_batch_on_cuda_still_fails_only_its_job(batching,
     for job in good:
         job.refresh()
         assert job.get_status() == "finished"
+
+
+def test_past_the_shutdown_grace_a_batch_goes_back_in_the_order_it_came(batching, redis_db) -> None:
+    """Each job handed back goes to the front of its queue: handed back first to last, the batch
+    ended up in its queue in reverse, the last to come first to run again."""
+    queue, make = batching
+    jobs = [enqueue(queue, prompt=p, seed=i, num_inference_steps=5) for i, p in enumerate(["a", "b", "c"])]
+    later = enqueue(queue, prompt="later", seed=9, num_inference_steps=5)
+    engine = FakeEngine(FakeRuntime())
+    worker = make(engine)
+    ticks = engine.tick
+
+    def tick(requests: list[FakeRequest]) -> None:  # the grace ends after the first batched step
+        ticks(requests)
+        tasks._context.should_requeue = lambda: True  # type: ignore[union-attr]
+
+    engine.tick = tick  # type: ignore[method-assign]
+    worker.max_batch = 3
+    worker.work(burst=True, max_jobs=1)
+    for job in jobs:
+        job.refresh()
+        assert job.get_status() == "queued", job.id
+    assert queue.get_job_ids() == [j.id for j in [*jobs, later]]
+    assert nothing_started(redis_db, queue)
