@@ -51,6 +51,7 @@ RESOLVE_TIMEOUT = 3.0  # seconds a submission waits for its webhook host's looku
 DELIVERY_RESOLVE_TIMEOUT = 10.0  # seconds a delivery waits for it (then retried later)
 MAX_LOOKUPS = 8  # lookups in flight at once, for submissions and deliveries each (see _resolve_in_time)
 MAX_LOOKUPS_PER_OWNER = 2  # of the submissions' ones, held by one API key's requests at once
+OWNER_WAIT = 1.0  # seconds a key's lookup waits for one of its own to end (a burst of fast ones)
 
 
 class WebhookTargetError(ValueError):
@@ -217,7 +218,7 @@ def _resolve(host: str) -> list[str]:
 _lookups = threading.BoundedSemaphore(MAX_LOOKUPS)  # submissions' (the API's shared threadpool)
 _delivery_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)  # deliveries' (the sender threads)
 _owners_lookups: Counter[str] = Counter()  # API key owner -> its submissions' lookups in flight
-_owners_lock = threading.Lock()
+_owners_freed = threading.Condition()
 
 
 def _resolve_in_time(
@@ -233,10 +234,12 @@ def _resolve_in_time(
     `slots` until the system resolver itself gives up. With every slot held, a lookup is refused
     at once (a refusal that may be retried) rather than queued behind the stuck ones. So that one
     API key whose nameserver never answers cannot hold every slot (and have everyone's webhooks
-    refused), an `owner` holds at most MAX_LOOKUPS_PER_OWNER of them at once."""
+    refused), an `owner` holds at most MAX_LOOKUPS_PER_OWNER of them at once; its next lookup waits
+    up to OWNER_WAIT seconds for one of those to end (a burst of submissions whose lookups take
+    milliseconds passes), then is refused."""
     if owner is not None:
-        with _owners_lock:
-            if _owners_lookups[owner] >= MAX_LOOKUPS_PER_OWNER:
+        with _owners_freed:
+            if not _owners_freed.wait_for(lambda: _owners_lookups[owner] < MAX_LOOKUPS_PER_OWNER, OWNER_WAIT):
                 raise LookupUnavailableError(
                     "too many of this API key's webhook host lookups in progress; try again shortly"
                 )
@@ -276,10 +279,11 @@ def _release_owner(owner: str | None) -> None:
     """Give back one of `owner`'s lookups (see `_resolve_in_time`)."""
     if owner is None:
         return
-    with _owners_lock:
+    with _owners_freed:
         _owners_lookups[owner] -= 1
         if _owners_lookups[owner] <= 0:
             del _owners_lookups[owner]
+        _owners_freed.notify_all()
 
 
 @functools.cache
@@ -471,6 +475,9 @@ class WebhookSender:
         self._writing = threading.Lock()
         self._writes: dict[str, bytes | None] = {}
         self._unsure: set[str] = set()  # fields whose write failed: it may have been made all the same
+        self._held: set[str] = set()  # fields whose delivery this sender holds (queued, adopted, in flight)
+        self._reconcile = False  # after a Redis error: its outbox may hold entries it does not know of
+        self._others_after = 0.0  # monotonic time from which it may adopt other senders' outboxes
         self._beat_sent = -math.inf  # monotonic time the alive key was last sent
         self._failing = False
         self._orphans: dict[str, bytes] = {}  # adopted entries not yet queued (their secrets unread)
@@ -489,6 +496,10 @@ class WebhookSender:
     def submit(self, url: str, event: JobEvent, secret: str | None = None, owner: str | None = None) -> None:
         """Queue `event` for `url`, signed with `secret` (default: the server's). `owner` is the
         job's (see app.core.auth): a sender adopting the event reads its secret again by it."""
+        if self._stopped:  # closed: no thread would ever send it
+            log.warning("webhook %s: %s event after the sender stopped; not delivered", shown(url), event.type,
+                        extra={"job_id": event.job_id})  # fmt: skip
+            return
         body = event.model_dump_json(exclude_none=True).encode()
         progress = event.type is EventType.progress
         key = None
@@ -498,6 +509,7 @@ class WebhookSender:
                 self._seq = max(self._seq + 1, time.time_ns())  # orders entries across senders too
                 key = f"{self._seq:020d}-{self.id}"
                 self._writes[key] = json.dumps(entry).encode()
+                self._held.add(key)
             self._wake.set()
         self._queue(url, _Pending(event.job_id, progress, body, secret or self.settings.webhook_secret, key))
 
@@ -527,6 +539,7 @@ class WebhookSender:
         if key is None:
             return
         with self._writing:
+            self._held.discard(key)
             if self._writes.get(key) is not None and key not in self._unsure:
                 del self._writes[key]  # not written yet: nothing to delete
             else:
@@ -605,7 +618,7 @@ class WebhookSender:
             try:
                 self._flush()
                 if now >= adopt_at:
-                    self._adopt()
+                    self._adopt(others=now >= self._others_after)
                     adopt_at = now + self.ADOPT_EVERY
             except Exception as exc:
                 failures += 1
@@ -613,7 +626,14 @@ class WebhookSender:
                     log.warning("webhooks: cannot write the outbox in Redis (%s); deliveries are kept in "
                                 "memory only until it answers", exc)  # fmt: skip
                 self._failing = True
-                self._halt.wait(min(self.RETRY_CAP, 0.5 * 2 ** (failures - 1)))
+                # A reply lost after its command ran (an adoption's above all) leaves entries in
+                # this sender's outbox that it does not know of: read it again once Redis answers.
+                self._reconcile = True
+                # Other senders' alive keys may expire in the outage while they go on running:
+                # adopting their outboxes once Redis answers would send their events twice. Each
+                # refreshes its key within RETRY_CAP of Redis answering again.
+                self._others_after = time.monotonic() + self.ALIVE_TTL + self.RETRY_CAP
+                self._halt.wait(min(self.RETRY_CAP, 0.5 * 2 ** min(failures - 1, 10)))
                 continue
             if self._failing:
                 log.info("webhooks: the outbox is written again")
@@ -648,19 +668,29 @@ class WebhookSender:
             with self._writing:
                 self._unsure.difference_update(writes)
 
-    def _adopt(self) -> None:
-        """Adopt the outboxes of senders whose alive key is gone, and queue their events in order."""
-        others = [m.decode() for m in self.connection.smembers(OUTBOXES_KEY) if m.decode() != self.id]
-        pipe = self.connection.pipeline(transaction=False)
-        for other in others:
-            pipe.exists(alive_key(other))
-        alive = pipe.execute() if others else []
+    def _adopt(self, others: bool = True) -> None:
+        """Adopt the outboxes of senders whose alive key is gone (unless not `others`), and entries
+        of its own outbox it does not hold (see `_reconcile`), and queue their events in order."""
         mine = outbox_key(self.id)
-        for other, live in zip(others, alive, strict=True):
+        if self._reconcile:
+            fields = [f.decode() for f in self.connection.hkeys(mine)]
+            with self._writing:
+                unknown = [f for f in fields if f not in self._held and f not in self._writes]
+            if unknown:
+                values = self.connection.hmget(mine, unknown)
+                self._note_orphans([(f, v) for f, v in zip(unknown, values, strict=True) if v is not None])
+            self._reconcile = False
+        members = self.connection.smembers(OUTBOXES_KEY) if others else set()
+        stopped = [m.decode() for m in members if m.decode() != self.id]
+        pipe = self.connection.pipeline(transaction=False)
+        for other in stopped:
+            pipe.exists(alive_key(other))
+        alive = pipe.execute() if stopped else []
+        for other, live in zip(stopped, alive, strict=True):
             if not live:
                 keys = [alive_key(other), outbox_key(other), mine, OUTBOXES_KEY]
                 found = self._adopt_script(keys=keys, args=[other])
-                self._orphans.update((found[i].decode(), found[i + 1]) for i in range(0, len(found), 2))
+                self._note_orphans([(found[i].decode(), found[i + 1]) for i in range(0, len(found), 2)])
         if not self._orphans:
             return
         adopted = []
@@ -681,6 +711,12 @@ class WebhookSender:
             taken = [(url, item.job_id) for url, item in adopted]
             log.info("webhooks: %d event(s) for %d receiver(s) adopted from stopped senders (jobs %s)",
                      *_count(taken), _jobs(taken), extra=_about(taken))  # fmt: skip
+
+    def _note_orphans(self, entries: list[tuple[str, bytes]]) -> None:
+        """Entries now in this sender's outbox that it is to deliver (queued by `_adopt`)."""
+        with self._writing:
+            self._held.update(f for f, _ in entries)
+        self._orphans.update(entries)
 
     def _next(self) -> tuple[str, _Target] | None:
         """The next URL whose head delivery is due (marked busy), waiting for one; None to stop.

@@ -443,3 +443,19 @@ def test_one_api_keys_hanging_lookups_leave_slots_for_the_others(redis_server, r
     while webhooks._owners_lookups:
         assert time.monotonic() < deadline, f"owners' lookups never given back: {webhooks._owners_lookups}"
         time.sleep(0.05)
+
+
+def test_a_burst_of_one_keys_fast_lookups_all_pass(monkeypatch) -> None:
+    """The per-key bound is for lookups that hang: a client submitting a few at once, each resolved
+    in a tenth of a second, waits its turn rather than getting 503s."""
+    monkeypatch.setattr(webhooks, "_lookups", threading.BoundedSemaphore(8), raising=False)
+
+    def fast(host: str) -> list[str]:
+        time.sleep(0.1)
+        return ["93.184.215.14"]
+
+    results = [_in_thread(lambda: check_target("https://fine.example/x", allow_private=False, resolve=fast,
+                                               owner="k")) for _ in range(4)]  # fmt: skip
+    for thread, _ in results:
+        thread.join(10)
+    assert [r for _, r in results] == [[None]] * 4, results

@@ -23,12 +23,13 @@ def _settings() -> Settings:
 
 
 class QuickSender(WebhookSender):
-    """A sender whose alive key expires two seconds after it stops refreshing it, and that looks for
+    """A sender whose alive key expires three seconds after it stops refreshing it, and that looks for
     stopped senders' outboxes several times a second (the defaults: 30 s and 10 s)."""
 
-    ALIVE_TTL = 2.0
+    ALIVE_TTL = 3.0  # fifteen heartbeats: a loaded machine's stalls do not expire a live sender's key
     HEARTBEAT = 0.2
     ADOPT_EVERY = 0.2
+    RETRY_CAP = 1.0
 
 
 def _event(kind: str, job: str, step: int = 0):
@@ -229,3 +230,91 @@ def test_with_redis_unreachable_events_are_delivered_from_memory(caplog) -> None
     assert len(warned) == 1, warned  # once, not once per try
     assert any("adopted once its alive key expires" in r.getMessage() for r in caplog.records)
     assert not any("not delivered" in r.getMessage() for r in caplog.records)
+
+
+def test_an_adoption_whose_answer_was_lost_is_still_delivered(redis_db) -> None:
+    """The adoption script ran (the entries moved into the adopter's outbox) but its answer never
+    came (Redis restarting, a timeout): the adopter did not know of them, and they sat in its own
+    outbox, undelivered, for as long as it ran."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    receiver = WebhookReceiver(fail=DOWN)
+    dying = QuickSender(_settings(), connection=redis_db)
+    event = _event("succeeded", "job-lost-answer")
+    adopter = None
+    try:
+        dying.submit(receiver.url, event, "servers-secret")
+        wait_for(lambda: len(_outbox(redis_db, dying)) == 1 and receiver.attempts >= 1, 20, "the entry")
+        _crash(dying)
+        receiver.fail = 0
+        adopter = QuickSender(_settings(), connection=redis_db)
+        script = adopter._adopt_script
+        lost = []
+
+        def answer_lost(*args, **kwargs):
+            script(*args, **kwargs)
+            if not lost:
+                lost.append(True)
+                raise RedisConnectionError("connection reset after the script ran")
+            return []
+
+        adopter._adopt_script = answer_lost
+        wait_for(lambda: lost, 30, "the adoption")
+        wait_for(lambda: receiver.accepted, 30, "the adopted delivery")
+        wait_for(lambda: not redis_db.exists(outbox_key(adopter.id)), 20, "the entry's deletion")
+        time.sleep(1)  # nothing sent twice
+        assert [body for _, body in receiver.accepted] == [_body(event)]
+    finally:
+        if adopter is not None:
+            adopter.close(timeout=5)
+        receiver.close()
+
+
+class SlowBeat(QuickSender):
+    HEARTBEAT = 1.5
+
+
+def test_after_its_own_redis_outage_a_sender_does_not_adopt_the_live_ones(redis_db) -> None:
+    """In a Redis outage every alive key can expire while every sender runs on: the first to get
+    through again adopted the others' outboxes and their events went out twice."""
+    receiver = WebhookReceiver(fail=DOWN)
+    live = SlowBeat(_settings(), connection=redis_db)
+    other = QuickSender(_settings(), connection=redis_db)
+    event = _event("succeeded", "job-outage")
+    try:
+        live.submit(receiver.url, event, "servers-secret")
+        wait_for(lambda: len(_outbox(redis_db, live)) == 1 and receiver.attempts >= 1, 20, "the entry")
+        flush = other._flush
+        failed = []
+
+        def outage() -> None:
+            if not failed:
+                failed.append(True)
+                redis_db.delete(alive_key(live.id))  # expired in the outage; `live` refreshes it within 1.5 s
+                raise ConnectionError("Redis is away")
+            flush()
+
+        other._flush = outage  # type: ignore[method-assign]
+        other._wake.set()
+        wait_for(lambda: failed and not other._failing, 20, "the other's outage and recovery")
+        wait_for(lambda: redis_db.exists(alive_key(live.id)), 20, "the live sender's refresh")
+        time.sleep(1)
+        assert len(_outbox(redis_db, live)) == 1 and not redis_db.exists(outbox_key(other.id))
+        receiver.fail = 0
+        wait_for(lambda: receiver.accepted, 30, "the delivery")
+        time.sleep(1)
+        assert len(receiver.accepted) == 1
+    finally:
+        live.close(timeout=5)
+        other.close(timeout=5)
+        receiver.close()
+
+
+def test_an_event_submitted_after_close_is_logged(redis_db, caplog) -> None:
+    receiver = WebhookReceiver()
+    sender = QuickSender(_settings(), connection=redis_db)
+    sender.close(timeout=1)
+    sender.submit(receiver.url, _event("succeeded", "job-late"))
+    receiver.close()
+    assert any("after the sender stopped" in r.getMessage() for r in caplog.records)
+    assert not redis_db.exists(outbox_key(sender.id))
