@@ -34,20 +34,24 @@ def refusal(status: int, code: str, retry_after: str | None = None) -> httpx.Res
 
 class Script:
     """Answers each POST with the next of `answers` (an exception is raised, as a transport that
-    fails would) and keeps the Idempotency-Key, body and `Prefer` of every one; other requests get
-    JOB, succeeded."""
+    fails would) and keeps the Idempotency-Key, body, `Prefer`, httpx timeouts and send time (on
+    the monotonic clock) of every one; other requests get JOB, succeeded."""
 
     def __init__(self, *answers: httpx.Response | Exception) -> None:
         self.answers = list(answers)
         self.posts: list[tuple[str | None, bytes]] = []
         self.prefer: list[str | None] = []
+        self.timeouts: list[dict[str, float | None]] = []
+        self.sent: list[float] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.method != "POST":
             return httpx.Response(200, json=view(JOB, "succeeded"))
         assert request.url.path == "/generate"
+        self.sent.append(time.monotonic())
         self.posts.append((request.headers.get("idempotency-key"), request.content))
         self.prefer.append(request.headers.get("prefer"))
+        self.timeouts.append(dict(request.extensions["timeout"]))
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -178,17 +182,70 @@ def test_the_window_ends_with_the_last_error(monkeypatch: pytest.MonkeyPatch) ->
     assert (info.value.status, info.value.message) == (503, f"try {len(tries)}")  # the last answer, not the first
 
 
-def test_generate_retries_within_its_timeout() -> None:
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_generate_retries_within_its_timeout(kind: str) -> None:
     """A held POST (`Prefer: wait`) that is retried is held for what is left of the caller's
-    timeout, and the retries end with it, not RECONNECT_WINDOW later."""
-    busy = [refusal(503, "unavailable", retry_after="0.5") for _ in range(200)]
-    script = Script(*busy)
+    timeout, and the retries end with it, not RECONNECT_WINDOW later: no try goes out at or past
+    the deadline (it would be sent unheld, under the client's whole request timeout)."""
+    timeout = 2.0
+    script = Script(*[refusal(503, "unavailable", retry_after="0.5") for _ in range(200)])
+    started = time.monotonic()
     with pytest.raises(ImagegenError) as info:
-        call("sync", script, "generate", "x", timeout=2)
+        call(kind, script, "generate", "x", timeout=timeout)
     assert info.value.status == 503
     assert 2 <= len(script.posts) < 20 and len(set(script.keys)) == 1
-    held = [float(p.removeprefix("wait=")) for p in script.prefer if p]
-    assert held[0] <= 2 and held == sorted(held, reverse=True) and held[-1] < held[0]
+    sent = [t - started for t in script.sent]
+    assert max(sent) < timeout - client_module.RETRY_MIN_LEFT / 2, sent
+    assert all(script.prefer), script.prefer  # every try held
+    held = [float(str(p).removeprefix("wait=")) for p in script.prefer]
+    assert held[0] <= timeout and held == sorted(held, reverse=True) and held[-1] < held[0]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_no_retry_starts_too_close_to_the_deadline(kind: str) -> None:
+    """A Retry-After that leaves less than RETRY_MIN_LEFT of the caller's timeout ends the
+    submission with that answer at once, instead of sleeping into the deadline for a try that
+    could not be answered in time."""
+    script = Script(refusal(503, "unavailable", retry_after="1"), httpx.Response(200, json=view(JOB, "succeeded")))
+    started = time.monotonic()
+    with pytest.raises(ImagegenError) as info:
+        call(kind, script, "generate", "x", timeout=1.2)
+    assert info.value.status == 503 and len(script.posts) == 1
+    assert time.monotonic() - started < 0.5  # raised, not slept
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("method", "on_progress"),
+    [("generate", False), ("generate", True), ("image", False)],
+    ids=["held", "unheld", "image"],
+)
+def test_each_try_times_out_by_the_callers_deadline(kind: str, method: str, on_progress: bool) -> None:
+    """Each try's httpx timeout ends at most DEADLINE_GRACE past what is left of `timeout`, held
+    or not (with a progress callback generate's POST is not held), the first try and each retry."""
+    timeout = 3.0
+    done = httpx.Response(200, content=PNG, headers={"content-type": "image/png"})
+    if method == "generate":
+        done = httpx.Response(200, json=view(JOB, "succeeded"))
+    script = Script(refusal(503, "unavailable", retry_after="0.5"), done)
+    kwargs: dict[str, Any] = {"on_progress": lambda event: None} if on_progress else {}
+    started = time.monotonic()
+    call(kind, script, method, "x", timeout=timeout, **kwargs)
+    assert len(script.posts) == 2
+    for sent, limits in zip(script.sent, script.timeouts, strict=True):
+        cap = timeout - (sent - started) + client_module.DEADLINE_GRACE + 0.2  # what was left, the grace, slack
+        assert all(v is not None and v <= cap for v in limits.values()), (cap, limits)
+    assert max(script.timeouts[1].values()) < max(script.timeouts[0].values())  # the retry: what is left
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_submission_without_a_deadline_keeps_its_timeouts(kind: str) -> None:
+    """`submit` has no deadline: its POST keeps the client's timeout, a held one the hold plus that."""
+    script = Script(httpx.Response(202, json=view()), httpx.Response(202, json=view()))
+    call(kind, script, "submit", "x")
+    call(kind, script, "submit", "x", wait=10)
+    assert set(script.timeouts[0].values()) == {client_module.REQUEST_TIMEOUT}
+    assert set(script.timeouts[1].values()) == {10 + client_module.REQUEST_TIMEOUT}
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -274,6 +331,6 @@ def test_retries_are_logged_once_per_submission(caplog: pytest.LogCaptureFixture
         call("sync", script, "submit", "x")
     assert len(script.posts) == 3
     assert [r.getMessage() for r in caplog.records if "sending it again" in r.getMessage()] == [
-        "POST http://scripted/generate: cannot connect to http://scripted: refused (connection_error); sending it again "
-        "(same Idempotency-Key) for up to 60 s"
+        "POST http://scripted/generate: cannot connect to http://scripted: refused (connection_error); "
+        "sending it again (same Idempotency-Key) for up to 60 s"
     ]

@@ -43,6 +43,8 @@ RECONNECT_PAUSE = 0.5  # between tries while a wait cannot reach the server
 RECONNECT_WINDOW = 60.0  # seconds a wait keeps trying an unreachable server before it raises
 RETRY_STATUSES = frozenset({429, 502, 503, 504})  # answers a wait rides out like an unreachable server
 RETRY_AFTER_MAX = 30.0  # the longest a wait sleeps for one Retry-After
+RETRY_MIN_LEFT = 0.5  # seconds of the caller's timeout a resubmission needs left, else the last error is raised
+DEADLINE_GRACE = 0.5  # seconds past the caller's deadline a POST may still take to be answered
 IDEMPOTENCY_HEADER = "Idempotency-Key"  # a repeat with the same key and body returns the original job
 # How the system resolver says a host name does not exist (glibc, musl, macOS, Windows): a wrong
 # URL, not a server restarting, so a submission is not retried for it.
@@ -259,7 +261,9 @@ class _Resubmission(_Outage):
     out, a 502 from a proxy) the repeat returns that job instead of making a second one. Unlike a
     wait it also retries a server it never reached (an API starting up: a refused connection made
     no job) and timeouts. The window runs from the first failure, however long each try was held
-    (`Prefer: wait`), so that the whole submission stays bounded."""
+    (`Prefer: wait`), so that the whole submission stays bounded. Under a deadline (`generate`,
+    `image`) a try is not started with less than RETRY_MIN_LEFT s of it left: it could hardly be
+    answered, and its hold would be gone; the error that came last is raised instead."""
 
     def __init__(self, url: str) -> None:
         super().__init__(_Reporter(None))
@@ -273,6 +277,8 @@ class _Resubmission(_Outage):
 
     def pause(self, exc: ImagegenError, attempt_started: float, deadline: float | None) -> float:
         seconds = super().pause(exc, attempt_started, deadline)
+        if _remaining(deadline) - seconds < RETRY_MIN_LEFT:
+            raise exc
         if not self.told:  # once per submission: a wrong port otherwise looks like a hang
             self.told = True
             log.warning("POST %s: %s; sending it again (same Idempotency-Key) for up to %g s",
@@ -337,9 +343,19 @@ def _submit_body(prompt: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
 
 
-def _submission(request: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """A POST's request options with its Idempotency-Key added."""
-    return {**request, "headers": {**request.get("headers", {}), IDEMPOTENCY_HEADER: key}}
+def _submission(request: Mapping[str, Any], key: str, deadline: float | None, timeout: httpx.Timeout) -> dict[str, Any]:
+    """One try's request options: `request`'s with its Idempotency-Key added and, under a deadline,
+    its timeout (else the client's, `timeout`) cut to end DEADLINE_GRACE s after it at the latest,
+    so that no try keeps the caller waiting much past what it asked for."""
+    options = {**request, "headers": {**request.get("headers", {}), IDEMPOTENCY_HEADER: key}}
+    if deadline is not None:
+        cap = max(0.0, _remaining(deadline)) + DEADLINE_GRACE
+        limits = httpx.Timeout(request.get("timeout", timeout))
+        connect, read, write, pool = (
+            cap if t is None else min(t, cap) for t in (limits.connect, limits.read, limits.write, limits.pool)
+        )
+        options["timeout"] = httpx.Timeout(connect=connect, read=read, write=write, pool=pool)
+    return options
 
 
 def _job_request(prompt: str, params: Mapping[str, Any], wait: float | None, deadline: float | None) -> dict[str, Any]:
@@ -655,13 +671,15 @@ class Client:
     ) -> httpx.Response:
         """POST `path` under one Idempotency-Key (`key`, else a new one) until it is answered with
         anything but a passing trouble (see `_Resubmission`): the answer, or the error that ended
-        the tries. `request()` gives each try's options: a held POST is held for what is left."""
+        the tries. `request()` gives each try's options: a held POST is held for what is left, and
+        each try times out with the deadline (`_submission`)."""
         key = str(uuid.uuid4()) if key is None else key
         resubmission = _Resubmission(f"{self.base_url}{path}")
         while True:
             started = time.monotonic()
             try:
-                return _checked(self._request("POST", path, **_submission(request(), key)))
+                options = _submission(request(), key, deadline, self._http.timeout)
+                return _checked(self._request("POST", path, **options))
             except ImagegenError as exc:
                 time.sleep(resubmission.pause(exc, started, deadline))
 
@@ -925,7 +943,8 @@ class AsyncClient:
         while True:
             started = time.monotonic()
             try:
-                return _checked(await self._request("POST", path, **_submission(request(), key)))
+                options = _submission(request(), key, deadline, self._http.timeout)
+                return _checked(await self._request("POST", path, **options))
             except ImagegenError as exc:
                 await asyncio.sleep(resubmission.pause(exc, started, deadline))
 
