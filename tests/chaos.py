@@ -16,7 +16,8 @@ and restarted. Then everything is brought back, the jobs drain, and each accepte
   asked to be; `failed` only as `worker_lost` (a job whose runs were killed more than
   IMAGEGEN_MAX_RETRIES times: by design), never with any other code;
 * a job that subscribed got its terminal event by webhook, with the status it ended with;
-* one Idempotency-Key never named two jobs, and nothing is left in RQ's queues or registries.
+* one job per submission, however often its POST was sent again (the jobs listed by `GET /jobs`
+  name each submission's prompt once), and nothing is left in RQ's queues or registries.
 
 With `--redis-kill` Redis is killed with SIGKILL rather than stopped: writes of its last second may
 then be lost (appendfsync everysec), and jobs lost that way are counted apart, not as failures.
@@ -31,6 +32,7 @@ import contextlib
 import io
 import json
 import random
+import re
 import signal
 import tempfile
 import threading
@@ -65,6 +67,8 @@ class Submitted:
     job_id: str | None = None
     cancel_asked: bool = False
     answers: collections.Counter = field(default_factory=collections.Counter)
+    unexpected: str | None = None  # an answer no fault explains (the run fails)
+    sdk: str | None = None  # made with the Python client's `generate`: how its call ended
 
 
 class Service:
@@ -75,7 +79,15 @@ class Service:
         self.redis: RedisServer = start_redis(root / "redis")
         self.hooks = WebhookReceiver(flaky=flaky)
         self.env = service_env(
-            self.redis.url, root, maintenance_interval="1", max_retries="3", shutdown_grace="5", job_timeout="120"
+            self.redis.url,
+            root,
+            maintenance_interval="1",
+            max_retries="3",
+            shutdown_grace="5",
+            job_timeout="120",
+            # Enough tries that a receiver failing 3 in 10 at random is not given up on (0.3^10):
+            # a give-up is by design, and this run looks for events lost to faults.
+            webhook_max_attempts="10",
         )
         self.api_port = free_port()
         self.api, self.base = start_api(self.env, root / "api-0.log", port=self.api_port)
@@ -151,10 +163,10 @@ class Service:
         self.hooks.close()
 
 
-def job_body(rng: random.Random, hook: str) -> dict:
+def job_body(rng: random.Random, hook: str, key: str) -> dict:
     size = rng.choice([32, 64])
     body = {
-        "prompt": f"chaos {rng.randrange(10**6)}",
+        "prompt": f"chaos {key}",  # one per submission: a second job made for it shows in the listing
         "num_inference_steps": rng.randint(2, 12),
         "width": size,
         "height": size,
@@ -172,9 +184,10 @@ def client(service: Service, rng: random.Random, stop: threading.Event, out: lis
     http = httpx.Client(base_url=service.base, timeout=10)
     outstanding: list[Submitted] = []
     while not stop.is_set():
-        item = Submitted(str(uuid.uuid4()), job_body(rng, service.hooks.url))
+        key = str(uuid.uuid4())
+        item = Submitted(key, job_body(rng, service.hooks.url, key))
         deadline = time.monotonic() + 60
-        while item.job_id is None and time.monotonic() < deadline:
+        while item.job_id is None and item.unexpected is None and time.monotonic() < deadline:
             try:
                 r = http.post("/generate", json=item.body, headers={"Idempotency-Key": item.key})
                 item.answers[r.status_code] += 1
@@ -183,7 +196,7 @@ def client(service: Service, rng: random.Random, stop: threading.Event, out: lis
                 elif r.status_code in (429, 503):
                     time.sleep(float(r.headers.get("retry-after", "1")))
                 else:
-                    raise AssertionError(f"POST /generate: {r.status_code} {r.text[:300]}")
+                    item.unexpected = f"POST /generate answered {r.status_code}: {r.text[:300]}"
             except httpx.TransportError as exc:
                 item.answers[type(exc).__name__] += 1
                 time.sleep(0.3)
@@ -209,12 +222,64 @@ def client(service: Service, rng: random.Random, stop: threading.Event, out: lis
     http.close()
 
 
+class Patient(httpx.Client):
+    """An HTTP client that rides out a restarting API (30 s) rather than ending the check."""
+
+    def request(self, *args, **kwargs) -> httpx.Response:  # type: ignore[override]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return super().request(*args, **kwargs)
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def listed_prompts(http: httpx.Client) -> collections.Counter:
+    """How many jobs the API lists for each prompt (every page)."""
+    prompts: collections.Counter = collections.Counter()
+    cursor = None
+    while True:
+        page = http.get("/jobs", params={"limit": 100} | ({"cursor": cursor} if cursor else {})).json()
+        prompts.update(job["params"].get("prompt") for job in page["jobs"])
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return prompts
+
+
+def sdk_client(service: Service, rng: random.Random, stop: threading.Event, out: list[Submitted]) -> None:
+    """Submit and wait with the Python client (`Client.generate`, following the event stream),
+    which is to ride out the same faults on its own: its resubmissions and its waits."""
+    from imagegen_client import Client, ImagegenError
+
+    with Client(service.base) as sdk:
+        while not stop.is_set():
+            key = str(uuid.uuid4())
+            body = job_body(rng, service.hooks.url, key)
+            body.pop("webhook", None), body.pop("webhook_events", None)
+            item = Submitted(key, body)
+            params = {k: v for k, v in body.items() if k != "prompt"}
+            try:
+                job = sdk.generate(body["prompt"], timeout=300, on_progress=lambda e: None, idempotency_key=key,
+                                   **params)  # fmt: skip
+                item.job_id, item.sdk = job.id, job.status
+            except ImagegenError as exc:  # a job that failed says which; anything else is a problem
+                found = re.search(r"job ([0-9a-f-]{36}) ", exc.message)
+                item.job_id = found.group(1) if found and exc.status is None else None
+                item.sdk = f"failed: {exc.code}" if item.job_id else None
+                if item.job_id is None:
+                    item.unexpected = f"Client.generate raised {exc.code}: {exc}"
+            out.append(item)
+            time.sleep(rng.uniform(0, 0.5))
+
+
 def check(service: Service, jobs: list[Submitted], drain_s: float, redis_kill: bool) -> tuple[list[str], dict]:
     """Wait for every accepted job to end, then check each; returns (violations, tallies). With
     `redis_kill`, a job Redis no longer knows is counted apart (lost with Redis's last second)."""
-    problems: list[str] = []
+    problems: list[str] = [f"key {j.key}: {j.unexpected}" for j in jobs if j.unexpected]
     tally: collections.Counter = collections.Counter()
-    http = httpx.Client(base_url=service.base, timeout=30)
+    http = Patient(base_url=service.base, timeout=30)
     accepted = [j for j in jobs if j.job_id]
     ended: dict[str, dict] = {}
     deadline = time.monotonic() + drain_s
@@ -242,7 +307,12 @@ def check(service: Service, jobs: list[Submitted], drain_s: float, redis_kill: b
             tally[f"not ended: {state}"] += 1
             continue
         status = job["status"]
-        tally[status if status != "failed" else f"failed: {job['error']['code']}"] += 1
+        ended_as = status if status != "failed" else f"failed: {job['error']['code']}"
+        tally[ended_as] += 1
+        if item.sdk is not None:
+            tally["by Client.generate"] += 1
+            if item.sdk != ended_as:
+                problems.append(f"job {item.job_id}: Client.generate said {item.sdk}, the job {ended_as}")
         if status == "canceled" and not item.cancel_asked:
             problems.append(f"job {item.job_id}: canceled, never asked to be")
         if status == "failed" and job["error"]["code"] != "worker_lost":
@@ -259,12 +329,23 @@ def check(service: Service, jobs: list[Submitted], drain_s: float, redis_kill: b
                 if size != (item.body["width"], item.body["height"]):
                     problems.append(f"job {item.job_id}: image {ref['index']} is {size}")
     problems += [f"key {key}: named jobs {sorted(ids)}" for key, ids in by_key.items() if len(ids) > 1]
-    # Webhooks: each subscribed job's terminal event, with the status it ended with.
-    time.sleep(5)  # deliveries of the last jobs to end
-    delivered: dict[str, list[dict]] = collections.defaultdict(list)
-    for headers, body in list(service.hooks.accepted):
-        event = json.loads(body)
-        delivered[event["job_id"]].append(event | {"delivery": headers.get("x-imagegen-delivery")})
+    # One job per submission, however often its POST was sent again (its Idempotency-Key).
+    listed = listed_prompts(http)
+    problems += [f"{n} jobs for prompt {prompt!r}" for prompt, n in listed.items() if n > 1]
+    tally["jobs listed"] = sum(listed.values())
+    # Webhooks: each subscribed job's terminal event, with the status it ended with. Retries back
+    # off up to 30 s and an adopted outbox waits for its sender's alive key to expire (30 s).
+    subscribed = {item.job_id for item in accepted if "webhook" in item.body and item.job_id in ended}
+    deadline = time.monotonic() + 150
+    while True:
+        delivered: dict[str, list[dict]] = collections.defaultdict(list)
+        for headers, body in list(service.hooks.accepted):
+            event = json.loads(body)
+            delivered[event["job_id"]].append(event | {"delivery": headers.get("x-imagegen-delivery")})
+        missing = [j for j in subscribed if not any(e["type"] == ended[j]["status"] for e in delivered[j])]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     for item in accepted:
         job = ended.get(item.job_id)
         if job is None or "webhook" not in item.body:
@@ -291,6 +372,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=300, help="how long faults go on (default 300)")
     parser.add_argument("--seed", type=int, default=1, help="the faults' and the jobs' random seed")
     parser.add_argument("--clients", type=int, default=3, help="concurrent submitting clients (default 3)")
+    parser.add_argument(
+        "--sdk-clients", type=int, default=1, help="clients using the Python client's generate (default 1)"
+    )
     parser.add_argument("--gap", type=float, default=6, help="mean seconds between two faults (default 6)")
     parser.add_argument("--drain", type=float, default=240, help="seconds the jobs get to end afterwards")
     parser.add_argument(
@@ -303,9 +387,20 @@ def main() -> int:
     service = Service(root, args.seed, args.flaky_webhooks)
     stop = threading.Event()
     jobs: list[Submitted] = []
+    crashed: list[str] = []
+
+    def run_client(rng: random.Random, kind=client) -> None:
+        try:
+            kind(service, rng, stop, jobs)
+        except Exception as exc:  # counted as a failed run, not lost in a thread's traceback
+            crashed.append(f"a client stopped: {type(exc).__name__}: {exc}")
+
     clients = [
-        threading.Thread(target=client, args=(service, random.Random(args.seed * 100 + i), stop, jobs), daemon=True)
+        threading.Thread(target=run_client, args=(random.Random(args.seed * 100 + i),), daemon=True)
         for i in range(args.clients)
+    ] + [
+        threading.Thread(target=run_client, args=(random.Random(args.seed * 100 + 50 + i), sdk_client), daemon=True)
+        for i in range(args.sdk_clients)
     ]
     try:
         for thread in clients:
@@ -323,6 +418,7 @@ def main() -> int:
             thread.join(90)
         service.ensure_up()
         problems, tally = check(service, jobs, args.drain, args.redis_kill)
+        problems = crashed + problems
     finally:
         stop.set()
         service.close()
@@ -338,7 +434,7 @@ def main() -> int:
     for line in problems:
         print("PROBLEM", line)
     print(f"\n{len(problems)} problem(s); logs in {root}")
-    return 1 if problems or unanswered else 0
+    return 1 if problems or unanswered or any(thread.is_alive() for thread in clients) else 0
 
 
 if __name__ == "__main__":

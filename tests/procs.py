@@ -167,6 +167,16 @@ def start_api(env: dict[str, str], log: Path, port: int | None = None) -> tuple[
     return proc, base
 
 
+def job_ended(http: httpx.Client, job_id: str, timeout: float = 90) -> dict:
+    """`GET /jobs/{id}` once the job has ended, or as it stands after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = http.get(f"/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
 @dataclass
 class Stack:
     redis: RedisServer

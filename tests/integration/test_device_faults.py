@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import httpx
 import pytest
 from rq import Worker
 
 from tests.procs import Proc, service_env, start_api, start_redis, start_worker, wait_for
+from tests.procs import job_ended as _wait
 
 pytestmark = pytest.mark.integration
 
@@ -83,15 +83,6 @@ def _worker(env, procs, tmp, name: str, max_batch: int, device: str = "", ordina
                         tmp / f"{name}.log", ready=ready)  # fmt: skip
     procs.append(proc)
     return proc
-
-
-def _wait(http: httpx.Client, job_id: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = http.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
-            return job
-        time.sleep(0.1)
 
 
 def _holders(connection, job_id: str) -> list[str]:

@@ -12,6 +12,7 @@ import pytest
 from rq import Worker
 
 from tests.procs import Proc, service_env, start_api, start_redis, start_worker, wait_for
+from tests.procs import job_ended as _wait
 
 pytestmark = pytest.mark.integration
 LONG = {"prompt": "long", "num_inference_steps": 150, "width": 128, "height": 128}
@@ -71,15 +72,6 @@ def _running_on(server, job_id: str, timeout: float = 60) -> int:
 
     wait_for(check, timeout, f"a worker to start {job_id}")
     return found[0]
-
-
-def _wait(http: httpx.Client, job_id: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = http.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "canceled") or time.monotonic() > deadline:
-            return job
-        time.sleep(0.1)
 
 
 def test_worker_killed_mid_job_is_rerun_then_fails_as_worker_lost(env) -> None:
