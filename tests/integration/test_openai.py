@@ -333,3 +333,45 @@ def test_api_shutdown_mid_wait_is_a_503_naming_the_job(stack: Stack, tmp_path: P
         finally:
             http.delete(f"/jobs/{busy}")
             api.stop()
+
+
+def test_an_sdk_retry_with_an_idempotency_key_waits_for_the_first_job(stack: Stack, tmp_path: Path) -> None:
+    """The SDK sends a call again when its connection breaks (the API killed mid-wait): each retry
+    queued another job. With an Idempotency-Key (`extra_headers`) the retry waits for the first."""
+    from tests.procs import free_port
+
+    port = free_port()
+    api, base = start_api(stack.env, tmp_path / "api1.log", port=port)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=8, timeout=120)
+    key = f"draw-{time.monotonic_ns()}"
+    with stack.client() as http:
+        busy = _long_job(http)  # the call's job waits behind it: the API is killed while it waits
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(
+                    client.images.generate,
+                    prompt="kept once",
+                    size="32x32",
+                    response_format="b64_json",
+                    extra_headers={"Idempotency-Key": key},
+                    extra_body=FAST,
+                )
+                deadline = time.monotonic() + 30
+                while not any(j["params"]["prompt"] == "kept once" for j in http.get("/jobs").json()["jobs"]):
+                    assert time.monotonic() < deadline, "the call's job never appeared"
+                    time.sleep(0.05)
+                api.stop(signal.SIGKILL)
+                api, _ = start_api(stack.env, tmp_path / "api2.log", port=port)
+                http.delete(f"/jobs/{busy}")
+                result = pending.result(timeout=120)
+            assert result.data is not None and png(base64.b64decode(result.data[0].b64_json or "")).size == (32, 32)
+            listed = http.get("/jobs", params={"limit": 100}).json()["jobs"]
+            made = [j for j in listed if j["params"]["prompt"] == "kept once"]
+            assert len(made) == 1 and made[0]["status"] == "succeeded", made
+            # The same key with another body is refused in OpenAI's shape (and not retried).
+            r = httpx.post(base + "/v1/images/generations", json={"prompt": "another", "size": "32x32"},
+                           headers={"Idempotency-Key": key}, timeout=30)  # fmt: skip
+            assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_conflict", r.text
+        finally:
+            http.delete(f"/jobs/{busy}")
+            api.stop()

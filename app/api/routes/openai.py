@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterator, MutableMapping
@@ -32,7 +33,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from app.api.bodies import is_json, validation_error, while_connected
+from app.api.bodies import header, header_parameters, is_json, validation_error, while_connected
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep, images_charged
 from app.api.errors import HTTP_CODES, STATUS, client_gone, redis_full
 from app.api.middleware import BodyTooLarge
@@ -230,6 +231,12 @@ def _created(job: Job) -> int:
     response_model_exclude_none=True,
     responses=OPENAI_ERRORS,
     summary="OpenAI-compatible image generation (waits for the result)",
+    openapi_extra={
+        "parameters": header_parameters(
+            idempotency_key="Repeating a body with the same key waits for the original job instead of queueing "
+            "another (for 24 h)",
+        )
+    },
 )
 async def create_images(
     body: ImagesGenerationRequest,
@@ -246,17 +253,28 @@ async def create_images(
     Works with OpenAI's SDKs: point `base_url` at `<server>/v1`; any API key is accepted unless
     keys are required. Our own parameters (`seed`, `negative_prompt`, `num_inference_steps`,
     `guidance_scale`, `scheduler`) go in the SDK's `extra_body`.
+
+    With an `Idempotency-Key` header (the SDK's `extra_headers`), a repeat of the same body waits
+    for the job the first request queued: OpenAI's SDKs send a call again when its connection
+    broke (an API restarted mid-wait), which would otherwise queue a second job.
     """
+    idempotency_key = header(request, "idempotency-key")
     width, height = await check_model_and_size(body.model, body.size, settings, redis)
     try:
         params = to_params(body, width, height)
     except ValidationError as exc:  # a check of ours OpenAI's schema lacks (e.g. a blank prompt): 400, not 500
         raise validation_error(exc) from None
-    submit = partial(jobs.submit, params, owner=principal.owner, max_queued=principal.max_queued, model=body.model)
-    async with images_charged(redis, principal, params.num_images, settings):
-        await require_worker(body.model, settings, redis)
-        placed = await run_in_threadpool(submit)
-    return await answer_with_images(placed.id, body.response_format, request, response, jobs, store, settings)
+    body_hash = lambda: hashlib.sha256(b"/v1/images/generations:" + body.model_dump_json().encode()).hexdigest()  # noqa: E731
+    async with jobs.idempotent(idempotency_key, body_hash, principal.owner) as (job_id, existing):
+        if existing is not None:
+            placed_id = existing.id
+        else:
+            submit = partial(jobs.submit, params, job_id=job_id, owner=principal.owner,
+                             max_queued=principal.max_queued, model=body.model)  # fmt: skip
+            async with images_charged(redis, principal, params.num_images, settings):
+                await require_worker(body.model, settings, redis)
+                placed_id = (await run_in_threadpool(submit)).id
+    return await answer_with_images(placed_id, body.response_format, request, response, jobs, store, settings)
 
 
 async def check_model_and_size(
