@@ -244,6 +244,23 @@ def test_an_input_over_the_upload_limit_as_png_still_runs(vstack: Stack) -> None
     assert done["status"] == "succeeded", done
 
 
+def test_openai_variations_with_an_idempotency_key_make_one_job(vstack: Stack) -> None:
+    """The SDK sends a call again when its connection breaks; with an Idempotency-Key the repeat
+    waits for the job the first queued (each call queued its own)."""
+    url = vstack.base_url + "/v1/images/variations"
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    form = {"size": "32x32", "num_inference_steps": "2", "response_format": "b64_json"}
+    upload = {"image": ("in.png", SOURCE, "image/png")}
+    first = httpx.post(url, files=upload, data=form, headers=key, timeout=60)
+    again = httpx.post(url, files=upload, data=form, headers=key, timeout=60)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert first.headers["x-imagegen-job-id"] == again.headers["x-imagegen-job-id"]
+    assert first.json()["data"] == again.json()["data"]
+    other = {"image": ("in.png", encode(Image.new("RGB", (60, 40), (200, 20, 20))), "image/png")}
+    conflict = httpx.post(url, files=other, data=form, headers=key, timeout=60)
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "idempotency_conflict", conflict.text
+
+
 def test_openai_sdk_create_variation(vstack: Stack) -> None:
     client = openai.OpenAI(base_url=vstack.base_url + "/v1", api_key="sk-test", max_retries=0, timeout=60)
     result = client.images.create_variation(

@@ -6,6 +6,7 @@ like `POST /v1/images/generations` does and answers in OpenAI's shape, errors in
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from functools import partial
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from app.api.bodies import validation_error
+from app.api.bodies import header, header_parameters, validation_error
 from app.api.deps import JobsDep, PrincipalDep, RedisDep, SettingsDep, StoreDep, images_charged
 from app.api.errors import HTTP_CODES
 from app.api.openai_schemas import ImagesResponse, null_is_default
@@ -106,7 +107,13 @@ def _openai_error(exc: HTTPException | errors.ImagegenError, param: str | None) 
     response_model=ImagesResponse,
     response_model_exclude_none=True,
     responses={**OPENAI_ERRORS, 413: OPENAI_ERRORS["default"], 415: OPENAI_ERRORS["default"]},
-    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM}}}},
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM}}},
+        "parameters": header_parameters(
+            idempotency_key="Repeating an upload with the same key waits for the original job instead of queueing "
+            "another (for 24 h)",
+        ),
+    },
     summary="OpenAI-compatible image variations (waits for the result)",
 )
 async def create_variations(
@@ -119,7 +126,10 @@ async def create_variations(
     redis: RedisDep,
 ) -> ImagesResponse:
     """`client.images.create_variation(image=open("in.png", "rb"), n=2, size="512x512")` works
-    against this route; the variations are made as in `POST /variations`."""
+    against this route; the variations are made as in `POST /variations`. An `Idempotency-Key`
+    makes the SDK's retry of a call whose connection broke wait for the first job, as on
+    `/v1/images/generations`."""
+    idempotency_key = header(request, "idempotency-key")
     try:  # the body: `param` names the field at fault, if any (a body that is not an object has none)
         upload = await read_upload(request)
         fields = _fields(upload.fields)
@@ -141,17 +151,27 @@ async def create_variations(
         guidance_scale=fields.guidance_scale,
         scheduler=fields.scheduler,
     )
-    submit = partial(
-        jobs.submit,
-        params,
-        job_id=str(uuid.uuid4()),
-        owner=principal.owner,
-        max_queued=principal.max_queued,
-        model=fields.model,
-        task=TASK_VARIATIONS,
-        before=store_input(png, jobs.event_ttl),
-    )
-    async with images_charged(redis, principal, params.num_images, settings):
-        await require_worker(fields.model, settings, redis)
-        placed = await run_in_threadpool(submit)
-    return await answer_with_images(placed.id, fields.response_format, request, response, jobs, store, settings)
+
+    def body_hash() -> str:
+        digest = hashlib.sha256(b"/v1/images/variations:" + png)
+        digest.update(fields.model_dump_json().encode())
+        return digest.hexdigest()
+
+    async with jobs.idempotent(idempotency_key, body_hash, principal.owner, TASK_VARIATIONS) as (job_id, existing):
+        if existing is not None:
+            placed_id = existing.id
+        else:
+            submit = partial(
+                jobs.submit,
+                params,
+                job_id=job_id or str(uuid.uuid4()),
+                owner=principal.owner,
+                max_queued=principal.max_queued,
+                model=fields.model,
+                task=TASK_VARIATIONS,
+                before=store_input(png, jobs.event_ttl),
+            )
+            async with images_charged(redis, principal, params.num_images, settings):
+                await require_worker(fields.model, settings, redis)
+                placed_id = (await run_in_threadpool(submit)).id
+    return await answer_with_images(placed_id, fields.response_format, request, response, jobs, store, settings)
