@@ -68,7 +68,8 @@ class Submitted:
     cancel_asked: bool = False
     answers: collections.Counter = field(default_factory=collections.Counter)
     unexpected: str | None = None  # an answer no fault explains (the run fails)
-    sdk: str | None = None  # made with the Python client's `generate`: how its call ended
+    sdk: str | None = None  # made through a client library (`via`): how its call ended
+    via: str | None = None
 
 
 class Service:
@@ -258,7 +259,7 @@ def sdk_client(service: Service, rng: random.Random, stop: threading.Event, out:
             key = str(uuid.uuid4())
             body = job_body(rng, service.hooks.url, key)
             body.pop("webhook", None), body.pop("webhook_events", None)
-            item = Submitted(key, body)
+            item = Submitted(key, body, via="Client.generate")
             params = {k: v for k, v in body.items() if k != "prompt"}
             try:
                 job = sdk.generate(body["prompt"], timeout=300, on_progress=lambda e: None, idempotency_key=key,
@@ -272,6 +273,42 @@ def sdk_client(service: Service, rng: random.Random, stop: threading.Event, out:
                     item.unexpected = f"Client.generate raised {exc.code}: {exc}"
             out.append(item)
             time.sleep(rng.uniform(0, 0.5))
+
+
+def openai_client(service: Service, rng: random.Random, stop: threading.Event, out: list[Submitted]) -> None:
+    """Call `/v1/images/generations` with OpenAI's SDK, which sends a call again when its connection
+    breaks: with an Idempotency-Key each call must still make one job."""
+    import openai
+
+    sdk = openai.OpenAI(base_url=service.base + "/v1", api_key="sk-chaos", max_retries=6, timeout=150)
+    while not stop.is_set():
+        key = str(uuid.uuid4())
+        body = job_body(rng, service.hooks.url, key)
+        item = Submitted(key, {k: body[k] for k in ("prompt", "num_images", "width", "height")}, via="OpenAI's SDK")
+        try:
+            raw = sdk.images.with_raw_response.generate(
+                prompt=body["prompt"],
+                n=body["num_images"],
+                size=f"{body['width']}x{body['height']}",
+                response_format="b64_json",
+                extra_headers={"Idempotency-Key": key},
+                extra_body={"seed": body["seed"], "num_inference_steps": body["num_inference_steps"]},
+            )
+            item.job_id = raw.headers.get("x-imagegen-job-id")
+            data = raw.parse().data or []
+            item.sdk = "succeeded" if len(data) == body["num_images"] else f"{len(data)} images"
+        except openai.APIStatusError as exc:  # answered once the job was queued: it names the job
+            item.job_id = exc.response.headers.get("x-imagegen-job-id")
+            code = exc.body.get("code") if isinstance(exc.body, dict) else None
+            item.sdk = f"failed: {code}" if exc.status_code in (400, 500) else None  # a 503 or 504: it goes on
+            if item.job_id is None:
+                item.unexpected = f"the OpenAI SDK raised {exc.status_code}: {exc.message[:200]}"
+        except openai.APIConnectionError as exc:
+            item.unexpected = f"the OpenAI SDK gave up: {exc}"
+        if item.job_id is None and item.unexpected is None:
+            item.unexpected = "no X-Imagegen-Job-Id"
+        out.append(item)
+        time.sleep(rng.uniform(0, 0.5))
 
 
 def check(service: Service, jobs: list[Submitted], drain_s: float, redis_kill: bool) -> tuple[list[str], dict]:
@@ -309,10 +346,10 @@ def check(service: Service, jobs: list[Submitted], drain_s: float, redis_kill: b
         status = job["status"]
         ended_as = status if status != "failed" else f"failed: {job['error']['code']}"
         tally[ended_as] += 1
-        if item.sdk is not None:
-            tally["by Client.generate"] += 1
-            if item.sdk != ended_as:
-                problems.append(f"job {item.job_id}: Client.generate said {item.sdk}, the job {ended_as}")
+        if item.via is not None:
+            tally[f"by {item.via}"] += 1
+        if item.sdk is not None and item.sdk != ended_as:
+            problems.append(f"job {item.job_id}: {item.via} said {item.sdk}, the job {ended_as}")
         if status == "canceled" and not item.cancel_asked:
             problems.append(f"job {item.job_id}: canceled, never asked to be")
         if status == "failed" and job["error"]["code"] != "worker_lost":
@@ -375,6 +412,7 @@ def main() -> int:
     parser.add_argument(
         "--sdk-clients", type=int, default=1, help="clients using the Python client's generate (default 1)"
     )
+    parser.add_argument("--openai-clients", type=int, default=1, help="clients using OpenAI's SDK on /v1 (default 1)")
     parser.add_argument("--gap", type=float, default=6, help="mean seconds between two faults (default 6)")
     parser.add_argument("--drain", type=float, default=240, help="seconds the jobs get to end afterwards")
     parser.add_argument(
@@ -395,13 +433,22 @@ def main() -> int:
         except Exception as exc:  # counted as a failed run, not lost in a thread's traceback
             crashed.append(f"a client stopped: {type(exc).__name__}: {exc}")
 
-    clients = [
-        threading.Thread(target=run_client, args=(random.Random(args.seed * 100 + i),), daemon=True)
-        for i in range(args.clients)
-    ] + [
-        threading.Thread(target=run_client, args=(random.Random(args.seed * 100 + 50 + i), sdk_client), daemon=True)
-        for i in range(args.sdk_clients)
-    ]
+    clients = (
+        [
+            threading.Thread(target=run_client, args=(random.Random(args.seed * 100 + i),), daemon=True)
+            for i in range(args.clients)
+        ]
+        + [
+            threading.Thread(target=run_client, args=(random.Random(args.seed * 100 + 50 + i), sdk_client), daemon=True)
+            for i in range(args.sdk_clients)
+        ]
+        + [
+            threading.Thread(
+                target=run_client, args=(random.Random(args.seed * 100 + 80 + i), openai_client), daemon=True
+            )
+            for i in range(args.openai_clients)
+        ]
+    )
     try:
         for thread in clients:
             thread.start()
