@@ -58,6 +58,8 @@ from tests.procs import (
 )
 
 TERMINAL = {"succeeded", "failed", "canceled"}
+UPLOAD = io.BytesIO()
+Image.new("RGB", (48, 40), (30, 160, 220)).save(UPLOAD, "PNG")  # the input of variations jobs
 
 
 @dataclass
@@ -187,10 +189,19 @@ def client(service: Service, rng: random.Random, stop: threading.Event, out: lis
     while not stop.is_set():
         key = str(uuid.uuid4())
         item = Submitted(key, job_body(rng, service.hooks.url, key))
+        upload = rng.random() < 0.2  # a variations job: its input image waits in Redis with it
+        if upload:
+            for name in ("webhook", "webhook_events"):
+                item.body.pop(name, None)
         deadline = time.monotonic() + 60
         while item.job_id is None and item.unexpected is None and time.monotonic() < deadline:
             try:
-                r = http.post("/generate", json=item.body, headers={"Idempotency-Key": item.key})
+                if upload:
+                    form = {name: str(value) for name, value in item.body.items()}
+                    image = {"image": ("in.png", UPLOAD.getvalue(), "image/png")}
+                    r = http.post("/variations", data=form, files=image, headers={"Idempotency-Key": item.key})
+                else:
+                    r = http.post("/generate", json=item.body, headers={"Idempotency-Key": item.key})
                 item.answers[r.status_code] += 1
                 if r.status_code in (200, 202):
                     item.job_id = r.json()["id"]
