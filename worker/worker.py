@@ -121,6 +121,11 @@ STUCK_AFTER = 60.0  # seconds a job may sit taken but not started before it coun
 # A sighting's marker outlives any gap between maintenance passes (a long IMAGEGEN_MAINTENANCE_INTERVAL,
 # workers busy with long jobs); one older than the job's last queueing is not counted anyway.
 SIGHTING_TTL = 24 * 3600
+# Seconds a worker's lock on a queue's registry maintenance lasts if it is never released: RQ's own
+# lasts 899 s, and a worker killed while holding it, or a Redis that went down before its release
+# (the lock survives in the append-only file), stopped abandoned-job recovery on that queue for up
+# to 15 minutes. A pass takes milliseconds.
+MAINTENANCE_LOCK_TTL = 60
 LISTEN_WAIT = 1.0  # seconds the command listener waits per read (see `ImagegenWorker.subscribe`)
 UNREADABLE = "<unreadable>"  # what `task_of` answers for a job whose data our serializer cannot read
 
@@ -431,7 +436,7 @@ class ImagegenWorker(SimpleWorker):
         """RQ's registry maintenance, plus recovery of jobs a dead worker had dequeued but not yet
         started: RQ skips those (their status is still `queued`) and they would sit in no queue."""
         for queue in self.queues:
-            if queue.acquire_maintenance_lock():
+            if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_TTL):
                 try:
                     self._recover_orphans(queue)
                     clean_registries(queue, self._exc_handlers)
